@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m benchmarks.runner --suite NAME [-o results.json]``."""

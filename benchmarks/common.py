@@ -1,0 +1,44 @@
+"""What every suite shares: the device header of a result file, timing, rows of results."""
+
+from __future__ import annotations
+
+import platform
+from datetime import datetime, timezone
+
+import mlx.core as mx
+
+import mlx_primitives as mp
+from mlx_primitives.hardware import current_backend, detect_chip
+from mlx_primitives.tuning.timing import bench
+
+METHOD = (
+    "per-call latency: median over repeated mx.eval of a chain of calls built before the "
+    "clock starts (mlx_primitives.tuning.timing.bench), after a timed warm-up; bandwidth "
+    "counts each input read once and each output written once"
+)
+
+
+def header(suite: str) -> dict:
+    backend = current_backend()
+    chip = detect_chip(backend)
+    return {
+        "suite": suite,
+        "device": chip.name,
+        "chip": chip.to_dict(),
+        "backend": backend,
+        "mlx_version": mx.__version__,
+        "package_version": mp.__version__,
+        "python": platform.python_version(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "method": METHOD,
+    }
+
+
+def measure(fn, args, kwargs=None, *, budget_s: float = 0.3) -> dict:
+    """Median and spread of one call, as a result-row fragment."""
+    t = bench(fn, args, kwargs or {}, budget_s=budget_s, warmup_s=0.1, max_reps=200)
+    return {"median_s": t.median_s, "spread_s": t.spread_s, "reps": t.reps, "chain": t.chain}
+
+
+def nbytes(*arrays) -> int:
+    return sum(a.nbytes for a in arrays if isinstance(a, mx.array))

@@ -1,0 +1,52 @@
+"""Run a benchmark suite: ``python -m benchmarks.runner --suite norms [-o results.json]``.
+
+Timings are ratios measured in one run on one device; the result file names the device, the
+MLX version and the date, and is what the README's figures are generated from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import pkgutil
+import sys
+from pathlib import Path
+
+from . import suites
+
+
+def available() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(suites.__path__))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.runner", description=__doc__)
+    p.add_argument("--suite", required=True, choices=available())
+    p.add_argument("-o", "--output", help="write the results as JSON here")
+    p.add_argument("--op", action="append", help="only these ops")
+    p.add_argument(
+        "--sizes",
+        choices=("small", "large"),
+        help="problem sizes (default: large on a GPU, small on the CPU)",
+    )
+    p.add_argument(
+        "--tune",
+        choices=("quick", "default", "full"),
+        help="tune each benchmarked problem first, with this preset's budget",
+    )
+    p.add_argument("--budget", type=float, default=0.3, help="timing seconds per measurement")
+    args = p.parse_args(argv)
+    result = importlib.import_module(f"benchmarks.suites.{args.suite}").run(args)
+    text = json.dumps(result, indent=1, sort_keys=True)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text + "\n")
+        print(f"wrote {args.output}")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

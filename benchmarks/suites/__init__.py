@@ -1,0 +1,1 @@
+"""Benchmark suites, one module each, each with ``run(args) -> dict``."""

@@ -1,0 +1,269 @@
+"""Dispatch: route each call to the tuned variant for this chip and problem.
+
+The lookup chain for a problem not yet in the process cache: the user database, then the
+shipped (pretuned) database for this chip, each by exact problem; then the nearest tuned
+problem (same exact dims, closest buckets); then the op's default. A record is used only if
+it names a registered variant with parameters inside its declared space, was written by this
+MLX version from the same kernel sources, runs on this back-end and supports the problem.
+A tuned variant is probed once per problem and process before it serves calls; one that fails
+to build, raises or disagrees with the reference is disabled for the process, with one warning,
+and the call falls back to the default.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
+
+import mlx.core as mx
+
+from .hardware import current_backend, detect_chip
+from .problem import BUCKET, Problem, distance, parse_key
+
+if TYPE_CHECKING:
+    from .registry import Op
+
+SOURCES = ("user", "pretuned", "nearest", "default")
+# Before a tuned variant serves a problem, a probe runs it once per process on a small case of
+# that problem (at most this size in each bucketed dim) and checks it against the reference.
+PROBE_MAX_DIM = 16
+
+_cache: dict[tuple, Callable] = {}
+_entries: dict[tuple[str, str], list[tuple[Problem, dict, str]]] = {}
+_disabled: set[tuple[str, str]] = set()
+_warned: set[str] = set()
+
+
+class Decision(NamedTuple):
+    """Which variant serves a problem, and why."""
+
+    op: str
+    problem: str
+    variant: str
+    params: dict
+    source: str
+    reason: str
+    chip: str
+
+    def to_dict(self) -> dict:
+        return self._asdict()
+
+
+def reset() -> None:
+    """Forget cached decisions, loaded records and disabled variants (after tuning, say)."""
+    _cache.clear()
+    _entries.clear()
+    _disabled.clear()
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def mode() -> str:
+    """``MLXP_DISPATCH``: ``tuned`` (the default) or ``default`` (ignore tuning records)."""
+    value = os.environ.get("MLXP_DISPATCH", "tuned").strip().lower() or "tuned"
+    if value not in ("tuned", "default"):
+        warn_once(
+            f"[mlx_primitives] MLXP_DISPATCH={value!r} is not 'tuned' or 'default'; using 'tuned'"
+        )
+        return "tuned"
+    return value
+
+
+def route(op: Op, dtype: mx.Dtype, values: tuple) -> Callable:
+    """The callable serving a problem (the hot path: one dict lookup on a hit; the Problem
+    is built only on a miss)."""
+    key = (op.name, dtype, values, mx.default_device().type)
+    fn = _cache.get(key)
+    if fn is None:
+        fn = _cache[key] = _resolve(op, Problem(op.name, dtype, values))
+    return fn
+
+
+def _resolve(op: Op, problem: Problem) -> Callable:
+    decision = choose(op, problem)
+    variant = op.variant(decision.variant)
+    try:
+        fn = variant.build(**decision.params)
+        if decision.source != "default":
+            _probe(op, problem, fn)
+        return fn
+    except Exception as e:
+        if decision.source == "default":
+            raise
+        _disabled.add((op.name, variant.name))
+        warn_once(
+            f"[{op.name}] variant {variant.name!r} failed on this machine "
+            f"({type(e).__name__}: {e}); disabled for this process, using the default"
+        )
+        return _resolve(op, problem)
+
+
+def _probe(op: Op, problem: Problem, fn: Callable) -> None:
+    """Run a freshly chosen variant once on a small case of ``problem`` against the reference."""
+    from .tuning.check import run_checked
+
+    small = {
+        d.name: min(v, PROBE_MAX_DIM) if d.kind == BUCKET else v
+        for d, v in zip(op.dims, problem.values)
+    }
+    shapes, options = op.case(small)
+    args, kwargs = op.example(shapes, problem.dtype, mx.random.key(0), **options)
+    result = run_checked(op, fn, args, kwargs, problem.dtype)
+    if not result.ok:
+        raise RuntimeError(f"probe failed: {result.reason}")
+
+
+def choose(op: Op, problem: Problem) -> Decision:
+    """Decide which variant serves ``problem`` on the current back-end."""
+    backend = current_backend()
+    chip = detect_chip(backend).slug
+    key = problem.key(op.dims)
+    pdict = problem.as_dict(op.dims)
+
+    def default(reason: str) -> Decision:
+        name, params = op.default(problem, backend)
+        return Decision(op.name, key, name, params, "default", reason, chip)
+
+    if mode() == "default":
+        return default("MLXP_DISPATCH=default bypasses tuned records")
+    entries = _load_entries(op, chip)
+    skipped = []
+    for source in ("user", "pretuned"):
+        for p, rec, src in entries:
+            if src == source and p == problem:
+                why = _unusable(op, rec, pdict, backend)
+                if why is None:
+                    return Decision(
+                        op.name,
+                        key,
+                        rec["variant"],
+                        rec["params"],
+                        source,
+                        f"tuned for this problem on {chip}",
+                        chip,
+                    )
+                skipped.append(f"{source} record skipped: {why}")
+    nearest = None
+    for p, rec, src in entries:
+        d = distance(problem, p, op.dims)
+        if 0 < d < math.inf and _unusable(op, rec, pdict, backend) is None:
+            rank = (d, src != "user", rec["problem"])
+            if nearest is None or rank < nearest[0]:
+                nearest = (rank, rec, src)
+    if nearest is not None:
+        _, rec, src = nearest
+        return Decision(
+            op.name,
+            key,
+            rec["variant"],
+            rec["params"],
+            "nearest",
+            f"nearest tuned problem {rec['problem']} ({src} record)",
+            chip,
+        )
+    reason = f"no usable tuning record for {key} on {chip}"
+    return default("; ".join([reason, *skipped]))
+
+
+def _unusable(op: Op, rec: dict, pdict: dict, backend: str) -> str | None:
+    """Why a record cannot serve ``pdict`` here, or None when it can."""
+    name = rec.get("variant")
+    try:
+        variant = op.variant(name) if isinstance(name, str) else None
+    except KeyError:
+        variant = None
+    if variant is None:
+        warn_once(
+            f"[{op.name}] ignoring a tuning record naming an unknown variant {str(name)[:64]!r}"
+        )
+        return "unknown variant"
+    try:
+        variant.validate(rec.get("params"))
+    except ValueError as e:
+        warn_once(f"[{op.name}] ignoring a tuning record with invalid params: {str(e)[:200]}")
+        return "invalid params"
+    if rec.get("mlx_version") != mx.__version__:
+        return f"stale: tuned with MLX {str(rec.get('mlx_version'))[:32]}, running {mx.__version__}"
+    if rec.get("source_hash") != variant.source_hash:
+        return "stale: the kernel source changed since it was tuned"
+    if not variant.available(backend):
+        return f"variant {name} does not run on {backend}"
+    if (op.name, name) in _disabled:
+        return f"variant {name} is disabled in this process"
+    if not variant.allows(pdict, rec["params"]):
+        return f"variant {name} with these params does not support this problem"
+    return None
+
+
+def is_stale(op: Op, rec: dict) -> bool:
+    """True when a record was tuned with another MLX version or other kernel sources."""
+    try:
+        variant = op.variant(rec["variant"])
+    except KeyError:
+        return True
+    return rec.get("mlx_version") != mx.__version__ or rec.get("source_hash") != variant.source_hash
+
+
+def _load_entries(op: Op, chip: str) -> list[tuple[Problem, dict, str]]:
+    cached = _entries.get((op.name, chip))
+    if cached is not None:
+        return cached
+    from .tuning import db as tdb
+
+    entries = []
+    for source, records in (
+        ("user", _user_records(tdb, chip, op.name)),
+        ("pretuned", _shipped_records(tdb, chip, op.name)),
+    ):
+        for rec in records:
+            try:
+                entries.append((parse_key(rec["problem"], op.dims), rec, source))
+            except (ValueError, TypeError, KeyError) as e:
+                warn_once(f"[{op.name}] ignoring a {source} tuning record: {str(e)[:200]}")
+    _entries[(op.name, chip)] = entries
+    return entries
+
+
+def _user_records(tdb, chip: str, op_name: str) -> list[dict]:
+    url = tdb.default_user_url()
+    path = tdb.url_path(url)
+    if path is not None and not path.exists():
+        return []
+    try:
+        db = tdb.TuningDB(url, create=False)
+        try:
+            return db.records(chip=chip, op=op_name)
+        finally:
+            db.close()
+    except Exception as e:  # a broken user database must never break a call
+        warn_once(
+            f"[mlx_primitives] ignoring the tuning database {url}: {str(e)[:300]}. "
+            "Run `mlxp-tune doctor` for how to recover."
+        )
+        return []
+
+
+def _shipped_records(tdb, chip: str, op_name: str) -> list[dict]:
+    path = tdb.shipped_path(chip)
+    if path is None:
+        return []
+    try:
+        return [r for r in tdb.read_json(path) if r.get("chip") == chip and r.get("op") == op_name]
+    except tdb.DatabaseError as e:
+        warn_once(f"[mlx_primitives] ignoring the shipped tuning database {path}: {e}")
+        return []
+
+
+def explain(op_name: str, *args, **kwargs) -> Decision:
+    """Which variant a call ``op(*args, **kwargs)`` would get, and why."""
+    from .registry import op as get_op
+
+    op = get_op(op_name)
+    return choose(op, op.problem(*args, **kwargs))

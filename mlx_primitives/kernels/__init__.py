@@ -1,0 +1,9 @@
+"""The dispatched functional ops (the ``mx.fast`` of mlx-primitives).
+
+Each call is routed to the variant tuned for this chip and problem (``mlxp-tune``), or to the
+op's safe default where nothing is tuned.
+"""
+
+from ..ops import geglu, layer_norm, rms_norm, rope, swiglu
+
+__all__ = ["geglu", "layer_norm", "rms_norm", "rope", "swiglu"]

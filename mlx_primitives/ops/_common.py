@@ -1,0 +1,104 @@
+"""Argument checks and helpers that every op shares.
+
+Errors name the op in brackets and the offending argument, e.g.
+``ValueError: [rms_norm] weight has shape (5,), expected (4096,)``.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+
+import mlx.core as mx
+
+_FLOATING = frozenset({mx.float16, mx.bfloat16, mx.float32, mx.float64})
+
+
+def check_array(op: str, name: str, x, *, min_ndim: int = 1) -> None:
+    """``x`` is a non-empty floating mx.array with at least ``min_ndim`` dims."""
+    if not isinstance(x, mx.array):
+        raise TypeError(f"[{op}] {name} must be an mlx.core.array, got {type(x).__name__}")
+    if x.dtype not in _FLOATING:
+        raise TypeError(f"[{op}] {name} must have a floating dtype, got {x.dtype}")
+    if x.ndim < min_ndim:
+        raise ValueError(f"[{op}] {name} must have at least {min_ndim} dims, got shape {x.shape}")
+    if x.size == 0:
+        raise ValueError(f"[{op}] {name} has a zero-size dim: shape {x.shape}")
+
+
+def check_vector(op: str, name: str, v, size: int) -> None:
+    """``v`` is None or a floating vector of ``size`` elements."""
+    if v is None:
+        return
+    check_array(op, name, v)
+    if v.shape != (size,):
+        raise ValueError(f"[{op}] {name} has shape {v.shape}, expected ({size},)")
+
+
+def check_same(op: str, a_name: str, a, b_name: str, b) -> None:
+    """Two arrays of one shape and dtype (gated activations)."""
+    check_array(op, a_name, a)
+    check_array(op, b_name, b)
+    if a.shape != b.shape:
+        raise ValueError(f"[{op}] {b_name} has shape {b.shape}, expected {a.shape} like {a_name}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"[{op}] {b_name} has dtype {b.dtype}, expected {a.dtype} like {a_name}")
+
+
+def check_real(op: str, name: str, value, *, positive: bool = False) -> float:
+    """A finite real number (not a bool), >= 0 (or > 0 when ``positive``)."""
+    # float and int first: the ABC check below costs more than the rest of a call's checks.
+    if type(value) is float and 0 <= value < math.inf and (value > 0 or not positive):
+        return value
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"[{op}] {name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        kind = "positive" if positive else "non-negative"
+        raise ValueError(f"[{op}] {name} must be a finite {kind} number, got {value}")
+    return value
+
+
+def check_int(op: str, name: str, value, *, minimum: int | None = None) -> int:
+    """An integer (not a bool), at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"[{op}] {name} must be an integer, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"[{op}] {name} must be at least {minimum}, got {value}")
+    return int(value)
+
+
+def check_bool(op: str, name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"[{op}] {name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_choice(op: str, name: str, value, choices: tuple) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"[{op}] {name} must be one of {list(choices)}, got {value!r}")
+
+
+def accumulator(dtype: mx.Dtype) -> mx.Dtype:
+    """float32, or float64 for float64 inputs (the reference then runs in float64)."""
+    return mx.float64 if dtype == mx.float64 else mx.float32
+
+
+def random(shape, dtype: mx.Dtype, key: mx.array, scale: float = 1.0, shift: float = 0.0):
+    """Normal random values ``shift + scale * N(0, 1)`` of ``shape`` in ``dtype``."""
+    return (mx.random.normal(tuple(shape), key=key) * scale + shift).astype(dtype)
+
+
+def mlx_variants(composition, builtin=None, builtin_name: str = "") -> list:
+    """The variants every op has on every back-end: the MLX built-in where one exists, the
+    composition of MLX ops run eagerly, and the same composition under ``mx.compile``."""
+    from ..registry import Variant
+
+    out = []
+    if builtin is not None:
+        out.append(Variant("builtin", lambda: builtin, description=builtin_name))
+    out.append(Variant("eager", lambda: composition, description="composition of MLX ops"))
+    out.append(
+        Variant("compiled", lambda: mx.compile(composition), description="mx.compile'd composition")
+    )
+    return out

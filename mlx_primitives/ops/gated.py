@@ -1,0 +1,142 @@
+"""Gated activations of feed-forward blocks: ``swiglu = silu(gate) * up`` and
+``geglu = gelu(gate) * up``."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+from ..problem import EXACT, Dim, bucket
+from ..registry import Example, Op, register
+from ._common import accumulator, check_choice, check_same, mlx_variants, random
+
+APPROXIMATIONS = ("none", "tanh", "fast")
+DIMS = (Dim("rows"), Dim("dims", EXACT))
+GELU_DIMS = (*DIMS, Dim("approximate", EXACT))
+
+
+def _problem(name: str):
+    def problem(gate, up):
+        check_same(name, "gate", gate, "up", up)
+        return gate.dtype, (bucket(gate.size // gate.shape[-1]), gate.shape[-1])
+
+    return problem
+
+
+def _gelu_problem(gate, up, approximate="none"):
+    check_choice("geglu", "approximate", approximate, APPROXIMATIONS)
+    dtype, values = _problem("geglu")(gate, up)
+    return dtype, (*values, approximate)
+
+
+def swiglu_reference(gate: mx.array, up: mx.array) -> mx.array:
+    """``silu(gate) * up`` computed in float32 (float64 for float64 inputs)."""
+    acc = accumulator(gate.dtype)
+    g = gate.astype(acc)
+    return (g * mx.sigmoid(g) * up.astype(acc)).astype(gate.dtype)
+
+
+def gelu(g: mx.array, approximate: str = "none") -> mx.array:
+    """GELU of ``g`` in ``g``'s dtype: exact (erf), ``tanh`` or the ``fast`` sigmoid form."""
+    if approximate == "tanh":
+        return 0.5 * g * (1 + mx.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g**3)))
+    if approximate == "fast":
+        return g * mx.sigmoid(1.702 * g)
+    return 0.5 * g * (1 + mx.erf(g / math.sqrt(2)))
+
+
+def geglu_reference(gate: mx.array, up: mx.array, approximate: str = "none") -> mx.array:
+    """``gelu(gate) * up`` computed in float32 (float64 for float64 inputs)."""
+    acc = accumulator(gate.dtype)
+    return (gelu(gate.astype(acc), approximate) * up.astype(acc)).astype(gate.dtype)
+
+
+def _example(shapes, dtype, key, approximate=None):
+    k1, k2 = mx.random.split(key)
+    shape = tuple(shapes[0])
+    args = (random(shape, dtype, k1, 2.0), random(shape, dtype, k2))
+    return args, ({} if approximate is None else {"approximate": approximate})
+
+
+def _case(p):
+    options = {"approximate": p["approximate"]} if "approximate" in p else {}
+    return ((p["rows"], p["dims"]),), options
+
+
+def _default(problem, backend):
+    return "compiled", {}
+
+
+def _presets(**options):
+    opts = tuple(options.items())
+    quick = [
+        Example(((r, d),), t, opts)
+        for r, d in ((64, 1024), (512, 2048))
+        for t in ("float32", "float16")
+    ]
+    default = [
+        Example(((r, 14336),), t, opts)
+        for r in (1, 64, 1024, 16384)
+        for t in ("float16", "bfloat16")
+    ] + [Example(((256, d),), "float16", opts) for d in (4096, 11008)]
+    full = default + [
+        Example(((r, d),), t, opts)
+        for r in (8, 256, 4096)
+        for d in (2048, 5632, 8192)
+        for t in ("float32", "float16", "bfloat16")
+    ]
+    return {"quick": quick, "default": default, "full": full}
+
+
+SWIGLU = register(
+    Op(
+        "swiglu",
+        dims=DIMS,
+        problem=_problem("swiglu"),
+        reference=swiglu_reference,
+        example=_example,
+        case=_case,
+        default=_default,
+        variants=mlx_variants(swiglu_reference),
+        presets=_presets(),
+        differentiable=(0, 1),
+    )
+)
+
+GEGLU = register(
+    Op(
+        "geglu",
+        dims=GELU_DIMS,
+        problem=_gelu_problem,
+        reference=geglu_reference,
+        example=_example,
+        case=_case,
+        default=_default,
+        variants=mlx_variants(geglu_reference),
+        presets=_presets(approximate="none"),
+        differentiable=(0, 1),
+    )
+)
+
+
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """``silu(gate) * up``, the gate of SwiGLU feed-forward blocks.
+
+    Args:
+        gate: the gate projection's output.
+        up: the up projection's output, same shape and dtype as ``gate``.
+    """
+    return SWIGLU(gate, up)
+
+
+def geglu(gate: mx.array, up: mx.array, approximate: str = "none") -> mx.array:
+    """``gelu(gate) * up``, the gate of GeGLU feed-forward blocks.
+
+    Args:
+        gate: the gate projection's output.
+        up: the up projection's output, same shape and dtype as ``gate``.
+        approximate: ``"none"`` for the exact erf GELU (like ``mlx.nn.gelu``), ``"tanh"``
+            (like ``mlx.nn.gelu_approx``) or ``"fast"`` (like ``mlx.nn.gelu_fast_approx``).
+    """
+    return GEGLU(gate, up, approximate)

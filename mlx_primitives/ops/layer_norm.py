@@ -1,0 +1,107 @@
+"""Layer normalization over the last axis: ``(x - mean) / sqrt(var + eps) * weight + bias``."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from ..problem import EXACT, Dim, bucket
+from ..registry import Example, Op, register
+from ._common import accumulator, check_array, check_real, check_vector, mlx_variants, random
+
+NAME = "layer_norm"
+DIMS = (Dim("rows"), Dim("dims", EXACT), Dim("affine", EXACT))
+
+
+def _problem(x, weight, bias, eps=1e-5):
+    check_array(NAME, "x", x)
+    check_vector(NAME, "weight", weight, x.shape[-1])
+    check_vector(NAME, "bias", bias, x.shape[-1])
+    check_real(NAME, "eps", eps)
+    affine = ("w" if weight is not None else "") + ("b" if bias is not None else "")
+    return x.dtype, (bucket(x.size // x.shape[-1]), x.shape[-1], affine or "none")
+
+
+def reference(
+    x: mx.array, weight: mx.array | None, bias: mx.array | None, eps: float = 1e-5
+) -> mx.array:
+    """The composition: mean and variance in float32 (float64 for float64 inputs)."""
+    out_dtype = mx.result_type(*(a for a in (x, weight, bias) if a is not None))
+    acc = accumulator(out_dtype)
+    xf = x.astype(acc)
+    mean = mx.mean(xf, axis=-1, keepdims=True)
+    centered = xf - mean
+    y = centered * mx.rsqrt(mx.mean(mx.square(centered), axis=-1, keepdims=True) + eps)
+    if weight is not None:
+        y = y * weight.astype(acc)
+    if bias is not None:
+        y = y + bias.astype(acc)
+    return y.astype(out_dtype)
+
+
+def _example(shapes, dtype, key, affine="wb"):
+    k1, k2, k3 = mx.random.split(key, 3)
+    x_shape = tuple(shapes[0])
+    d = x_shape[-1:]
+    w_shape = tuple(shapes[1]) if len(shapes) > 1 else d
+    b_shape = tuple(shapes[2]) if len(shapes) > 2 else d
+    # A non-zero mean makes one-pass variance formulas show their cancellation error.
+    x = random(x_shape, dtype, k1, 1.0, 0.5)
+    w = random(w_shape, dtype, k2, 0.1, 1.0) if "w" in affine else None
+    b = random(b_shape, dtype, k3, 0.1) if "b" in affine else None
+    return (x, w, b, 1e-5), {}
+
+
+def _case(p):
+    return ((p["rows"], p["dims"]),), {"affine": p["affine"].replace("none", "")}
+
+
+def _default(problem, backend):
+    return "builtin", {}
+
+
+def _presets():
+    quick = [
+        Example(((r, d),), t) for r, d in ((64, 512), (512, 1024)) for t in ("float32", "float16")
+    ]
+    default = [
+        Example(((r, 4096),), t) for r in (1, 64, 1024, 16384) for t in ("float16", "bfloat16")
+    ] + [Example(((256, d),), "float16") for d in (1024, 8192)]
+    full = default + [
+        Example(((r, d),), t)
+        for r in (8, 256, 4096)
+        for d in (768, 2048, 5120)
+        for t in ("float32", "float16", "bfloat16")
+    ]
+    return {"quick": quick, "default": default, "full": full}
+
+
+OP = register(
+    Op(
+        NAME,
+        dims=DIMS,
+        problem=_problem,
+        reference=reference,
+        example=_example,
+        case=_case,
+        default=_default,
+        variants=mlx_variants(reference, mx.fast.layer_norm, "mx.fast.layer_norm"),
+        presets=_presets(),
+        differentiable=(0, 1, 2),
+    )
+)
+
+
+def layer_norm(
+    x: mx.array, weight: mx.array | None, bias: mx.array | None, eps: float = 1e-5
+) -> mx.array:
+    """Layer normalization over the last axis, like ``mx.fast.layer_norm``.
+
+    .. math:: y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}} \\cdot w + b
+
+    Args:
+        x: input of any shape; normalized over its last axis.
+        weight: scale of shape ``(x.shape[-1],)``, or None.
+        bias: shift of shape ``(x.shape[-1],)``, or None.
+        eps: added to the variance for numerical stability.
+    """
+    return OP(x, weight, bias, eps)

@@ -1,0 +1,93 @@
+"""RMS normalization over the last axis: ``x / sqrt(mean(x**2) + eps) * weight``."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from ..problem import EXACT, Dim, bucket
+from ..registry import Example, Op, register
+from ._common import accumulator, check_array, check_real, check_vector, mlx_variants, random
+
+NAME = "rms_norm"
+DIMS = (Dim("rows"), Dim("dims", EXACT))
+
+
+def _problem(x, weight, eps=1e-5):
+    check_array(NAME, "x", x)
+    check_vector(NAME, "weight", weight, x.shape[-1])
+    check_real(NAME, "eps", eps)
+    return x.dtype, (bucket(x.size // x.shape[-1]), x.shape[-1])
+
+
+def reference(x: mx.array, weight: mx.array | None, eps: float = 1e-5) -> mx.array:
+    """The composition: statistics and scaling in float32 (float64 for float64 inputs)."""
+    out_dtype = x.dtype if weight is None else mx.result_type(x, weight)
+    acc = accumulator(out_dtype)
+    xf = x.astype(acc)
+    y = xf * mx.rsqrt(mx.mean(mx.square(xf), axis=-1, keepdims=True) + eps)
+    if weight is not None:
+        y = y * weight.astype(acc)
+    return y.astype(out_dtype)
+
+
+def _example(shapes, dtype, key):
+    k1, k2 = mx.random.split(key)
+    x_shape = tuple(shapes[0])
+    w_shape = tuple(shapes[1]) if len(shapes) > 1 else x_shape[-1:]
+    return (random(x_shape, dtype, k1), random(w_shape, dtype, k2, 0.1, 1.0), 1e-5), {}
+
+
+def _case(p):
+    return ((p["rows"], p["dims"]),), {}
+
+
+def _default(problem, backend):
+    return "builtin", {}
+
+
+def _presets():
+    quick = [
+        Example(((r, d),), t) for r, d in ((64, 512), (512, 1024)) for t in ("float32", "float16")
+    ]
+    default = [
+        Example(((r, d),), t)
+        for r in (1, 64, 1024, 16384)
+        for d in (4096,)
+        for t in ("float16", "bfloat16")
+    ] + [Example(((256, d),), "float16") for d in (1024, 8192)]
+    full = default + [
+        Example(((r, d),), t)
+        for r in (8, 256, 4096)
+        for d in (768, 2048, 5120)
+        for t in ("float32", "float16", "bfloat16")
+    ]
+    return {"quick": quick, "default": default, "full": full}
+
+
+OP = register(
+    Op(
+        NAME,
+        dims=DIMS,
+        problem=_problem,
+        reference=reference,
+        example=_example,
+        case=_case,
+        default=_default,
+        variants=mlx_variants(reference, mx.fast.rms_norm, "mx.fast.rms_norm"),
+        presets=_presets(),
+        differentiable=(0, 1),
+    )
+)
+
+
+def rms_norm(x: mx.array, weight: mx.array | None, eps: float = 1e-5) -> mx.array:
+    """Root mean square normalization over the last axis, like ``mx.fast.rms_norm``.
+
+    .. math:: y = \\frac{x}{\\sqrt{\\mathrm{mean}(x^2) + \\epsilon}} \\cdot w
+
+    Args:
+        x: input of any shape; normalized over its last axis.
+        weight: scale of shape ``(x.shape[-1],)``, or None for no scaling.
+        eps: added to the mean square for numerical stability.
+    """
+    return OP(x, weight, eps)

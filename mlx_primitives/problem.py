@@ -1,0 +1,115 @@
+"""Problem keys: which tuning record serves a call.
+
+A problem is an op, a dtype and the dims that matter for speed. Dims are either *bucketed*
+(rounded up to a power of two: batch, rows, sequence length) or *exact* (head_dim, hidden
+size, flags such as the layout). The key is a plain tuple so that the dispatcher's cache hit
+costs one dict lookup; the canonical string is made only when a record is read or written.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import mlx.core as mx
+
+BUCKET = "bucket"
+EXACT = "exact"
+
+_DTYPES = {
+    "float32": mx.float32,
+    "float16": mx.float16,
+    "bfloat16": mx.bfloat16,
+    "float64": mx.float64,
+}
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    """'float16' for mx.float16."""
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def parse_dtype(name: str) -> mx.Dtype:
+    """mx.float16 for 'float16' (or 'mx.float16'); ValueError for anything else."""
+    key = name.strip().rsplit(".", 1)[-1].lower()
+    if key not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(_DTYPES)}")
+    return _DTYPES[key]
+
+
+def bucket(n: int) -> int:
+    """The power of two at or above ``n`` (``n >= 1``)."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+class Dim(NamedTuple):
+    """A dim of an op's problem key: its name and whether it is bucketed or exact."""
+
+    name: str
+    kind: str = BUCKET
+
+
+class Problem(NamedTuple):
+    """One problem of one op: ``(op, dtype, values)``, values in the op's ``dims`` order."""
+
+    op: str
+    dtype: mx.Dtype
+    values: tuple
+
+    def key(self, dims: tuple[Dim, ...]) -> str:
+        """The canonical string, e.g. ``rms_norm|float16|rows=1024,dims=4096``."""
+        fields = ",".join(f"{d.name}={_fmt(v)}" for d, v in zip(dims, self.values))
+        return f"{self.op}|{dtype_name(self.dtype)}|{fields}"
+
+    def as_dict(self, dims: tuple[Dim, ...]) -> dict:
+        """``{"dtype": "float16", dim: value, ...}``: what variants' constraints look at."""
+        return {"dtype": dtype_name(self.dtype), **{d.name: v for d, v in zip(dims, self.values)}}
+
+
+def _fmt(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _unfmt(text: str):
+    if text in ("true", "false"):
+        return text == "true"
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def parse_key(key: str, dims: tuple[Dim, ...]) -> Problem:
+    """Inverse of :meth:`Problem.key`; ValueError when the string does not fit ``dims``."""
+    parts = key.split("|")
+    if len(parts) != 3:
+        raise ValueError(f"malformed problem key {key!r}")
+    op, dtype, fields = parts
+    pairs = [f.split("=", 1) for f in fields.split(",")] if fields else []
+    if [p[0] for p in pairs] != [d.name for d in dims] or any(len(p) != 2 for p in pairs):
+        raise ValueError(f"problem key {key!r} does not name the dims {[d.name for d in dims]}")
+    values = tuple(_unfmt(v) for _, v in pairs)
+    for d, v in zip(dims, values):
+        if d.kind == BUCKET and (not isinstance(v, int) or v < 1 or v != bucket(v)):
+            raise ValueError(f"problem key {key!r}: {d.name}={v} is not a power of two")
+    return Problem(op, parse_dtype(dtype), values)
+
+
+def distance(a: Problem, b: Problem, dims: tuple[Dim, ...]) -> float:
+    """How far apart two problems are: the sum of log2 gaps over bucketed dims.
+
+    Infinite unless op, dtype and every exact dim agree: a record tuned for another hidden
+    size or layout says nothing about this one.
+    """
+    if a.op != b.op or a.dtype != b.dtype:
+        return math.inf
+    total = 0.0
+    for d, x, y in zip(dims, a.values, b.values):
+        if d.kind == EXACT:
+            if x != y:
+                return math.inf
+        else:
+            total += abs(math.log2(x) - math.log2(y))
+    return total

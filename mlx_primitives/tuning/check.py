@@ -1,0 +1,107 @@
+"""Correctness checks: a candidate against the op's reference evaluated in float64.
+
+Every check draws fresh random inputs, runs the candidate with poisoned outputs (custom kernels
+start from NaN, so an element left unwritten fails), and compares with the reference computed
+on the CPU in float64. Tolerances are per dtype; a non-finite value where the reference is
+finite never passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from ..dsl import poisoned
+from ..problem import dtype_name
+
+# (atol, rtol) per output dtype: a few units of the dtype's rounding, which is what a
+# correct float32-accumulating kernel gets wrong against float64.
+TOLERANCES = {
+    "float32": (1e-5, 1e-4),
+    "float16": (1e-3, 5e-3),
+    "bfloat16": (8e-3, 3e-2),
+}
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """Outcome of a check: ``error`` is ``|got - ref| / |ref|`` (norms) of the worst output."""
+
+    ok: bool
+    error: float
+    reason: str = ""
+
+
+def as_list(out) -> list:
+    return [out] if isinstance(out, mx.array) else list(out)
+
+
+def to_float64(value):
+    """Floating arrays upcast to float64 on the CPU; anything else unchanged."""
+    if isinstance(value, mx.array) and mx.issubdtype(value.dtype, mx.floating):
+        return value.astype(mx.float64, stream=mx.cpu)
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_float64(v) for v in value)
+    return value
+
+
+def reference_float64(reference: Callable, args: tuple, kwargs: dict) -> list[np.ndarray]:
+    """``reference(*args, **kwargs)`` computed in float64 on the CPU, as NumPy arrays."""
+    with mx.stream(mx.cpu):
+        out = reference(*to_float64(args), **{k: to_float64(v) for k, v in kwargs.items()})
+        out = as_list(out)
+        mx.eval(out)
+    return [np.array(o.astype(mx.float64, stream=mx.cpu)) for o in out]
+
+
+def compare(got: list, want: list[np.ndarray], tolerance: tuple[float, float]) -> CheckResult:
+    """Compare outputs elementwise: ``|g - w| <= atol + rtol * |w|`` everywhere."""
+    if len(got) != len(want):
+        return CheckResult(False, float("inf"), f"{len(got)} outputs, expected {len(want)}")
+    atol, rtol = tolerance
+    worst = 0.0
+    for i, (g, w) in enumerate(zip(got, want)):
+        if tuple(g.shape) != w.shape:
+            return CheckResult(
+                False, float("inf"), f"output {i} has shape {g.shape}, expected {w.shape}"
+            )
+        g = np.array(g.astype(mx.float32)).astype(np.float64)
+        if not np.isfinite(g[np.isfinite(w)]).all():
+            return CheckResult(False, float("inf"), f"output {i} has NaN or Inf values")
+        diff = np.abs(g - w)
+        norm = np.linalg.norm(w)
+        worst = max(
+            worst, float(np.linalg.norm(diff) / norm) if norm > 0 else float(diff.max(initial=0))
+        )
+        bad = diff > atol + rtol * np.abs(w)
+        if bad.any():
+            idx = np.unravel_index(int(np.argmax(diff - rtol * np.abs(w))), w.shape)
+            return CheckResult(
+                False,
+                worst,
+                f"output {i} mismatch at {tuple(int(j) for j in idx)}: got {g[idx]:.6g}, "
+                f"expected {w[idx]:.6g} ({int(bad.sum())} of {bad.size} elements off)",
+            )
+    return CheckResult(True, worst)
+
+
+def run_checked(op, fn: Callable, args: tuple, kwargs: dict, dtype) -> CheckResult:
+    """Run ``fn`` with poisoned outputs and compare with ``op``'s reference in float64."""
+    try:
+        with poisoned():
+            out = as_list(fn(*args, **kwargs))
+            mx.eval(out)
+    except Exception as e:  # any failure of a candidate is a rejection, not a crash
+        return CheckResult(False, float("inf"), f"{type(e).__name__}: {e}")
+    want = reference_float64(op.reference, args, kwargs)
+    name = dtype_name(dtype)
+    return compare(out, want, op.tolerances.get(name, TOLERANCES[name]))
+
+
+def verify(op, fn: Callable, shapes, dtype, *, seed: int = 0, **options) -> CheckResult:
+    """Check ``fn`` (with ``op``'s signature) on fresh random inputs of ``shapes``."""
+    args, kwargs = op.example(shapes, dtype, mx.random.key(seed), **options)
+    return run_checked(op, fn, args, kwargs, dtype)

@@ -1,0 +1,316 @@
+"""The tuner: one Optuna study per (chip, op, problem).
+
+Each candidate (a variant and its parameters) is first checked against the op's reference in
+float64 on fresh random inputs, then timed. The default is timed in the same run; a candidate
+wins only if it beats the default beyond noise, and candidates within noise of the fastest are
+ranked by a fixed order (registration order of variants, then of their parameter values), so
+two runs on one machine agree. Small spaces are searched exhaustively, larger ones with TPE;
+the previous winner and the default go first.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import optuna
+
+from .. import __version__, dispatch
+from ..dsl import poisoned
+from ..hardware import current_backend, detect_chip
+from ..problem import parse_dtype
+from ..registry import Example, Op
+from .check import TOLERANCES, as_list, compare, reference_float64
+from .db import TuningDB, now
+from .timing import bench
+
+# Differences below this fraction of a latency are noise, whatever the measured spread says.
+NOISE = 0.02
+# A candidate slower than this many times the default is abandoned mid-measurement.
+ABANDON_FACTOR = 100.0
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How hard a preset tunes.
+
+    Args:
+        trials: most candidates measured per problem (all of them when the space is smaller).
+        problem_s: wall-clock budget per problem.
+        bench_s: timing budget per candidate.
+    """
+
+    trials: int
+    problem_s: float
+    bench_s: float
+
+
+BUDGETS = {
+    "quick": Budget(trials=8, problem_s=8.0, bench_s=0.04),
+    "default": Budget(trials=24, problem_s=60.0, bench_s=0.15),
+    "full": Budget(trials=64, problem_s=300.0, bench_s=0.4),
+}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    variant: str
+    params: tuple
+
+    @classmethod
+    def of(cls, variant: str, params: dict) -> Candidate:
+        return cls(variant, tuple(sorted(params.items())))
+
+    @property
+    def param_dict(self) -> dict:
+        return dict(self.params)
+
+    def label(self) -> str:
+        inner = ",".join(f"{k}={v}" for k, v in self.params)
+        return f"{self.variant}({inner})" if inner else self.variant
+
+
+@dataclass
+class Result:
+    candidate: Candidate
+    status: str
+    reason: str = ""
+    median_s: float | None = None
+    spread_s: float | None = None
+    error: float | None = None
+
+    def trial(self, op: str, problem: str) -> dict:
+        return {
+            "op": op,
+            "problem": problem,
+            "variant": self.candidate.variant,
+            "params": self.candidate.param_dict,
+            "status": self.status,
+            "reason": self.reason,
+            "median_s": self.median_s,
+            "error": self.error,
+        }
+
+
+@dataclass
+class Outcome:
+    """What tuning one problem produced (``record`` is None when it was skipped or failed)."""
+
+    op: str
+    problem: str
+    example: Example
+    record: dict | None
+    results: list[Result] = field(default_factory=list)
+    note: str = ""
+
+
+def beats(a: Result, b: Result) -> bool:
+    """``a`` is faster than ``b`` beyond noise."""
+    margin = max(NOISE * b.median_s, a.spread_s + b.spread_s)
+    return a.median_s < b.median_s - margin
+
+
+def decide(results: list[Result], default: Result, order: list[Candidate]) -> Result:
+    """The winner: the default unless something beats it beyond noise; among candidates within
+    noise of the fastest, the first in ``order``."""
+    ok = [r for r in results if r.status == "ok"]
+    challengers = [r for r in ok if beats(r, default)]
+    if not challengers:
+        return default
+    best = min(challengers, key=lambda r: r.median_s)
+    tied = [r for r in challengers if not beats(best, r)]
+    rank = {c: i for i, c in enumerate(order)}
+    return min(tied, key=lambda r: rank.get(r.candidate, math.inf))
+
+
+def candidates(op: Op, pdict: dict, backend: str) -> list[Candidate]:
+    """Every configuration of every variant that runs here and supports the problem."""
+    out = []
+    for v in op.variants:
+        if not v.available(backend):
+            continue
+        out.extend(Candidate.of(v.name, cfg) for cfg in v.configs() if v.allows(pdict, cfg))
+    return out
+
+
+class Tuner:
+    """Tunes problems of ops into a database.
+
+    Args:
+        db: where records and trials go.
+        budget: how hard to search.
+        seed: seeds TPE and the timing inputs (check inputs are fresh each run).
+        force: re-tune problems that already have a current record.
+    """
+
+    def __init__(self, db: TuningDB, budget: Budget, *, seed: int = 0, force: bool = False):
+        self.db = db
+        self.budget = budget
+        self.seed = seed
+        self.force = force
+        self.backend = current_backend()
+        self.chip = detect_chip(self.backend)
+        self._fresh = int(time.time_ns() % 2**31)
+
+    def tune(self, op: Op, example: Example) -> Outcome:
+        """Tune one problem of ``op`` given by ``example``."""
+        dtype = parse_dtype(example.dtype)
+        options = dict(example.options)
+        args, kwargs = op.example(example.shapes, dtype, mx.random.key(self.seed), **options)
+        problem = op.problem(*args, **kwargs)
+        pkey = problem.key(op.dims)
+        pdict = problem.as_dict(op.dims)
+        previous = self._previous(op, pkey)
+        if previous is not None and not self.force and not dispatch.is_stale(op, previous):
+            return Outcome(op.name, pkey, example, None, note="already tuned")
+
+        order = candidates(op, pdict, self.backend)
+        default = Candidate.of(*op.default(problem, self.backend))
+        first = [default]
+        if previous is not None:
+            prev = Candidate.of(previous["variant"], previous["params"])
+            if prev in order and prev != default:
+                first.append(prev)
+        rest = [c for c in order if c not in first]
+
+        self._fresh += 1
+        check_args, check_kwargs = op.example(
+            example.shapes, dtype, mx.random.key(self._fresh), **options
+        )
+        want = reference_float64(op.reference, check_args, check_kwargs)
+        tolerance = op.tolerances.get(example.dtype, TOLERANCES[example.dtype])
+        results: dict[Candidate, Result] = {}
+
+        def evaluate(c: Candidate) -> Result:
+            if c not in results:
+                limit = None
+                if c != default and results[default].status == "ok":
+                    limit = ABANDON_FACTOR * results[default].median_s
+                results[c] = self._evaluate(
+                    op, c, args, kwargs, (check_args, check_kwargs, want, tolerance), limit
+                )
+            return results[c]
+
+        if evaluate(default).status != "ok":
+            r = results[default]
+            return Outcome(
+                op.name,
+                pkey,
+                example,
+                None,
+                list(results.values()),
+                note=f"the default failed its check: {r.reason}",
+            )
+        self._search(first, rest, evaluate)
+
+        winner = decide(list(results.values()), results[default], [default, *order])
+        variant = op.variant(winner.candidate.variant)
+        record = {
+            "chip": self.chip.slug,
+            "op": op.name,
+            "problem": pkey,
+            "variant": winner.candidate.variant,
+            "params": winner.candidate.param_dict,
+            "median_s": winner.median_s,
+            "spread_s": winner.spread_s,
+            "default_variant": default.variant,
+            "default_params": default.param_dict,
+            "default_median_s": results[default].median_s,
+            "error": winner.error,
+            "mlx_version": mx.__version__,
+            "package_version": __version__,
+            "source_hash": variant.source_hash,
+            "created_at": now(),
+        }
+        self.db.put(record)
+        self.db.add_trials(self.chip.slug, [r.trial(op.name, pkey) for r in results.values()])
+        dispatch.reset()
+        return Outcome(op.name, pkey, example, record, list(results.values()))
+
+    def _previous(self, op: Op, pkey: str) -> dict | None:
+        for rec in self.db.records(chip=self.chip.slug, op=op.name):
+            if rec["problem"] == pkey:
+                return rec
+        return None
+
+    def _search(
+        self, first: list[Candidate], rest: list[Candidate], evaluate: Callable[[Candidate], Result]
+    ) -> None:
+        deadline = time.perf_counter() + self.budget.problem_s
+        for c in first:
+            evaluate(c)
+        remaining = self.budget.trials - len(first)
+        if remaining <= 0:
+            return
+        if len(rest) <= remaining:
+            for c in rest:
+                if time.perf_counter() > deadline:
+                    return
+                evaluate(c)
+            return
+        self._tpe(rest, remaining, deadline, evaluate)
+
+    def _tpe(
+        self,
+        space: list[Candidate],
+        n: int,
+        deadline: float,
+        evaluate: Callable[[Candidate], Result],
+    ) -> None:
+        """TPE over the variant and its conditional parameters, limited to ``space``."""
+        allowed = set(space)
+        choices: dict[str, dict[str, list]] = {}
+        for c in space:
+            per = choices.setdefault(c.variant, {})
+            for k, v in c.params:
+                per.setdefault(k, [])
+                if v not in per[k]:
+                    per[k].append(v)
+        seen: set[Candidate] = set()
+
+        def objective(trial: optuna.Trial) -> float:
+            name = trial.suggest_categorical("variant", list(choices))
+            params = {
+                k: trial.suggest_categorical(f"{name}.{k}", vals)
+                for k, vals in choices[name].items()
+            }
+            c = Candidate.of(name, params)
+            if c not in allowed:
+                raise optuna.TrialPruned()
+            seen.add(c)
+            r = evaluate(c)
+            return r.median_s if r.status == "ok" else math.inf
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(
+            direction="minimize", sampler=optuna.samplers.TPESampler(seed=self.seed)
+        )
+        # Suggestions may repeat or fall outside the space: stop on new evaluations, the
+        # deadline, or when suggestions keep missing.
+        for _ in range(8 * n):
+            if len(seen) >= n or time.perf_counter() > deadline:
+                break
+            study.optimize(objective, n_trials=1)
+
+    def _evaluate(self, op: Op, c: Candidate, args, kwargs, check, limit_s) -> Result:
+        check_args, check_kwargs, want, tolerance = check
+        try:
+            fn = op.variant(c.variant).build(**c.param_dict)
+            with poisoned():
+                got = as_list(fn(*check_args, **check_kwargs))
+                mx.eval(got)
+        except Exception as e:  # a candidate that cannot build or run is rejected, not fatal
+            return Result(c, "rejected", f"{type(e).__name__}: {str(e)[:500]}")
+        verdict = compare(got, want, tolerance)
+        if not verdict.ok:
+            return Result(c, "rejected", verdict.reason, error=verdict.error)
+        try:
+            t = bench(fn, args, kwargs, budget_s=self.budget.bench_s, limit_s=limit_s)
+        except TimeoutError as e:
+            return Result(c, "rejected", f"too slow: {e}", error=verdict.error)
+        except Exception as e:
+            return Result(c, "rejected", f"{type(e).__name__} while timing: {str(e)[:500]}")
+        return Result(c, "ok", "", t.median_s, t.spread_s, verdict.error)

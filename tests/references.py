@@ -1,0 +1,93 @@
+"""Float64 NumPy references, written independently of the library's MLX references."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def f64(a) -> np.ndarray | None:
+    """An mx.array as a float64 NumPy array (None stays None)."""
+    return None if a is None else np.array(a.astype(mx.float32)).astype(np.float64)
+
+
+def rms_norm(x, w, eps):
+    x = f64(x)
+    y = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+    return y if w is None else y * f64(w)
+
+
+def layer_norm(x, w, b, eps):
+    x = f64(x)
+    mu = x.mean(axis=-1, keepdims=True)
+    y = (x - mu) / np.sqrt(((x - mu) ** 2).mean(axis=-1, keepdims=True) + eps)
+    if w is not None:
+        y = y * f64(w)
+    return y if b is None else y + f64(b)
+
+
+def rope(
+    x, dims, *, traditional=False, base=10000.0, scale=1.0, offset=0, freqs=None, layout="BHSD"
+):
+    x = f64(x)
+    if layout == "BSHD":
+        x = x.swapaxes(1, 2)
+    shape = x.shape
+    x = x.reshape(shape[0], -1, shape[-2], shape[-1])
+    half = dims // 2
+    off = np.array(offset).astype(np.float64).reshape(-1, 1, 1)  # (B or 1, 1, 1)
+    pos = (np.arange(shape[-2])[None, :, None] + off) * scale  # (B|1, S, 1)
+    inv = 1.0 / f64(freqs) if freqs is not None else base ** (-np.arange(half) * 2.0 / dims)
+    theta = (pos * inv)[:, None]  # (B|1, 1, S, half)
+    out = x.copy()
+    if traditional:
+        a, b = x[..., 0:dims:2], x[..., 1:dims:2]
+        out[..., 0:dims:2] = a * np.cos(theta) - b * np.sin(theta)
+        out[..., 1:dims:2] = a * np.sin(theta) + b * np.cos(theta)
+    else:
+        a, b = x[..., :half], x[..., half:dims]
+        out[..., :half] = a * np.cos(theta) - b * np.sin(theta)
+        out[..., half:dims] = a * np.sin(theta) + b * np.cos(theta)
+    out = out.reshape(shape)
+    return out.swapaxes(1, 2) if layout == "BSHD" else out
+
+
+def swiglu(gate, up):
+    g = f64(gate)
+    return g / (1 + np.exp(-g)) * f64(up)
+
+
+def geglu(gate, up, approximate="none"):
+    g = f64(gate)
+    if approximate == "tanh":
+        act = 0.5 * g * (1 + np.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g**3)))
+    elif approximate == "fast":
+        act = g / (1 + np.exp(-1.702 * g))
+    else:
+        act = 0.5 * g * (1 + _erf(g / math.sqrt(2)))
+    return act * f64(up)
+
+
+# Per output dtype (atol, rtol): float32-accumulating results against float64.
+TOLERANCES = {
+    mx.float32: (1e-5, 1e-4),
+    mx.float16: (2e-3, 5e-3),
+    mx.bfloat16: (2e-2, 3e-2),
+}
+
+
+def assert_close(got: mx.array, want: np.ndarray, dtype, *, atol=None, rtol=None, label=""):
+    """Elementwise ``|got - want| <= atol + rtol |want|``; NaN or Inf never passes."""
+    a, r = TOLERANCES[dtype]
+    atol = a if atol is None else atol
+    rtol = r if rtol is None else rtol
+    g = f64(got)
+    assert g.shape == want.shape, f"{label}: shape {g.shape} != {want.shape}"
+    assert np.isfinite(g).all(), f"{label}: non-finite output"
+    diff = np.abs(g - want)
+    bad = diff > atol + rtol * np.abs(want)
+    assert not bad.any(), f"{label}: {int(bad.sum())}/{bad.size} off, max abs diff {diff.max():.3g}"

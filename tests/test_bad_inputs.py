@@ -1,0 +1,151 @@
+"""Every public op rejects bad input with an error naming the op and the argument."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_primitives as mp
+
+x = mx.ones((4, 8))
+w = mx.ones((8,))
+h = mx.ones((2, 3, 5, 8))
+
+CASES = [
+    # rms_norm
+    (mp.rms_norm, (np.ones((4, 8)), w), {}, TypeError, "[rms_norm] x must be an mlx.core.array"),
+    (
+        mp.rms_norm,
+        (x, mx.ones((5,))),
+        {},
+        ValueError,
+        "[rms_norm] weight has shape (5,), expected (8,)",
+    ),
+    (mp.rms_norm, (x, mx.ones((8, 1))), {}, ValueError, "[rms_norm] weight has shape (8, 1)"),
+    (
+        mp.rms_norm,
+        (mx.ones((4, 8), mx.int32), w),
+        {},
+        TypeError,
+        "[rms_norm] x must have a floating",
+    ),
+    (
+        mp.rms_norm,
+        (x, mx.ones((8,), mx.int32)),
+        {},
+        TypeError,
+        "[rms_norm] weight must have a floating",
+    ),
+    (mp.rms_norm, (mx.ones((0, 8)), w), {}, ValueError, "[rms_norm] x has a zero-size dim"),
+    (mp.rms_norm, (mx.array(1.0), None), {}, ValueError, "[rms_norm] x must have at least 1 dims"),
+    (mp.rms_norm, (x, w, -1.0), {}, ValueError, "[rms_norm] eps must be a finite non-negative"),
+    (mp.rms_norm, (x, w, float("nan")), {}, ValueError, "[rms_norm] eps"),
+    (mp.rms_norm, (x, w, "1e-5"), {}, TypeError, "[rms_norm] eps must be a real number"),
+    (mp.rms_norm, (x, w, True), {}, TypeError, "[rms_norm] eps must be a real number"),
+    # layer_norm
+    (
+        mp.layer_norm,
+        (x, w, mx.ones((7,))),
+        {},
+        ValueError,
+        "[layer_norm] bias has shape (7,), expected (8,)",
+    ),
+    (mp.layer_norm, (x, mx.ones((9,)), None), {}, ValueError, "[layer_norm] weight has shape (9,)"),
+    (mp.layer_norm, ([1.0], None, None), {}, TypeError, "[layer_norm] x must be an mlx.core.array"),
+    (mp.layer_norm, (x, w, w, float("inf")), {}, ValueError, "[layer_norm] eps"),
+    (
+        mp.layer_norm,
+        (mx.ones((3, 0)), None, None),
+        {},
+        ValueError,
+        "[layer_norm] x has a zero-size dim",
+    ),
+    # rope
+    (mp.rope, (x, 8), {}, ValueError, "[rope] x must have at least 3 dims"),
+    (mp.rope, (h, 7), {}, ValueError, "[rope] dims must be even and at most 8, got 7"),
+    (mp.rope, (h, 10), {}, ValueError, "[rope] dims must be even and at most 8, got 10"),
+    (mp.rope, (h, 0), {}, ValueError, "[rope] dims must be at least 2"),
+    (mp.rope, (h, 8.0), {}, TypeError, "[rope] dims must be an integer"),
+    (mp.rope, (h, 8), {"layout": "SBHD"}, ValueError, "[rope] layout must be one of"),
+    (
+        mp.rope,
+        (mx.ones((2, 3, 8)), 8),
+        {"layout": "BSHD"},
+        ValueError,
+        "[rope] x must be (batch, seq, heads",
+    ),
+    (mp.rope, (h, 8), {"base": None}, ValueError, "[rope] give exactly one of base and freqs"),
+    (
+        mp.rope,
+        (h, 8),
+        {"freqs": mx.ones((4,))},
+        ValueError,
+        "[rope] give exactly one of base and freqs",
+    ),
+    (
+        mp.rope,
+        (h, 8),
+        {"base": None, "freqs": mx.ones((3,))},
+        ValueError,
+        "[rope] freqs has shape (3,)",
+    ),
+    (mp.rope, (h, 8), {"base": -1.0}, ValueError, "[rope] base must be a finite positive"),
+    (mp.rope, (h, 8), {"offset": 1.5}, TypeError, "[rope] offset must be an integer"),
+    (
+        mp.rope,
+        (h, 8),
+        {"offset": mx.array([1.0, 2.0])},
+        TypeError,
+        "[rope] offset must have an integer dtype",
+    ),
+    (
+        mp.rope,
+        (h, 8),
+        {"offset": mx.array([1, 2, 3])},
+        ValueError,
+        "[rope] offset must be a scalar or a vector of 2",
+    ),
+    (mp.rope, (h, 8), {"traditional": 1}, TypeError, "[rope] traditional must be a bool"),
+    (mp.rope, (mx.ones((2, 3, 5, 8), mx.int32), 8), {}, TypeError, "[rope] x must have a floating"),
+    # swiglu / geglu
+    (
+        mp.swiglu,
+        (x, mx.ones((4, 7))),
+        {},
+        ValueError,
+        "[swiglu] up has shape (4, 7), expected (4, 8)",
+    ),
+    (mp.swiglu, (x, x.astype(mx.float16)), {}, TypeError, "[swiglu] up has dtype mlx.core.float16"),
+    (mp.swiglu, (x, None), {}, TypeError, "[swiglu] up must be an mlx.core.array"),
+    (
+        mp.swiglu,
+        (mx.ones((0,)), mx.ones((0,))),
+        {},
+        ValueError,
+        "[swiglu] gate has a zero-size dim",
+    ),
+    (mp.geglu, (x, x, "erf"), {}, ValueError, "[geglu] approximate must be one of"),
+    (mp.geglu, (x, mx.ones((8, 4))), {}, ValueError, "[geglu] up has shape (8, 4)"),
+]
+
+
+@pytest.mark.parametrize("fn,args,kwargs,exc,message", CASES, ids=[c[-1][:40] for c in CASES])
+def test_bad_input_raises_naming_op_and_argument(fn, args, kwargs, exc, message):
+    with pytest.raises(exc) as info:
+        fn(*args, **kwargs)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "module,args",
+    [(mp.SwiGLU, (0, 4)), (mp.GeGLU, (4, -1)), (mp.SwiGLU, (4.0, 4))],
+)
+def test_bad_module_arguments(module, args):
+    with pytest.raises(ValueError, match=rf"\[{module.__name__}\]"):
+        module(*args)
+
+
+def test_rope_module_rejects_bad_layout():
+    with pytest.raises(ValueError, match=r"\[RoPE\] layout"):
+        mp.RoPE(8, layout="HSBD")

@@ -1,0 +1,176 @@
+"""``mlxp-tune``: every subcommand, --json outputs and exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mlx_primitives.tuning.cli import main
+from mlx_primitives.tuning.db import TuningDB
+
+TUNE = ["--op", "rms_norm", "--shape", "8x64", "--dtype", "float32", "--preset", "quick"]
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_json(capsys, *argv):
+    code, out, _ = run(capsys, *argv, "--json")
+    assert code == 0
+    return json.loads(out)
+
+
+def test_list(capsys):
+    rows = run_json(capsys, "list")
+    ops = {r["op"] for r in rows}
+    assert {"rms_norm", "layer_norm", "rope", "swiglu", "geglu"} <= ops
+    builtin = next(r for r in rows if r["op"] == "rms_norm" and r["variant"] == "builtin")
+    assert builtin["available"] and builtin["configs"] == 1
+
+
+def test_tune_one_problem_then_show_and_explain(capsys, user_db):
+    records = run_json(capsys, "tune", *TUNE)
+    (rec,) = records
+    for key in (
+        "chip",
+        "op",
+        "problem",
+        "variant",
+        "params",
+        "median_s",
+        "default_median_s",
+        "speedup",
+        "stale",
+    ):
+        assert key in rec
+    assert rec["problem"] == "rms_norm|float32|rows=8,dims=64" and rec["stale"] is False
+    assert rec["speedup"] == pytest.approx(rec["default_median_s"] / rec["median_s"])
+    shown = run_json(capsys, "show")
+    assert [(r["problem"], r["variant"]) for r in shown] == [(rec["problem"], rec["variant"])]
+    explained = run_json(
+        capsys, "explain", "rms_norm", "--shape", "8x64", "--shape", "64", "--dtype", "float32"
+    )
+    assert explained["source"] == "user" and explained["variant"] == rec["variant"]
+    for key in ("op", "problem", "variant", "params", "source"):
+        assert key in explained
+
+
+def test_tune_is_the_default_command_and_prints_a_table(capsys):
+    code, out, _ = run(capsys, *TUNE)
+    assert code == 0
+    assert "Winners on" in out and "rms_norm" in out and "speedup" in out
+
+
+def test_tune_resumes(capsys):
+    run(capsys, *TUNE)
+    code, out, _ = run(capsys, *TUNE)
+    assert code == 0 and "1 problems already tuned" in out
+
+
+def test_time_budget_stops_starting_problems(capsys, user_db):
+    code, out, _ = run(capsys, "tune", "--op", "swiglu", "--preset", "quick", "--time-budget", "0")
+    assert code == 0 and "not started" in out
+    assert not TuningDB(str(user_db)).records()
+
+
+def test_explain_default_text(capsys):
+    code, out, _ = run(
+        capsys,
+        "explain",
+        "rope",
+        "--shape",
+        "1x4x8x16",
+        "--dtype",
+        "float16",
+        "--option",
+        "layout=BSHD",
+    )
+    assert code == 0
+    assert (
+        "rope|float16|batch=1,heads=8,seq=4,head_dim=16,dims=16,traditional=false,layout=BSHD"
+        in out
+    )
+    assert "source: default" in out
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["tune", "--op", "nope"], "unknown op 'nope'"),
+        (["tune", "--op", "rms_norm", "--shape", "8x64"], "--shape needs --dtype"),
+        (["tune", "--op", "rms_norm", "--shape", "8by64", "--dtype", "float32"], "not of the form"),
+        (["tune", "--op", "rms_norm", "--shape", "8x0", "--dtype", "float32"], "positive sizes"),
+        (["tune", "--op", "rms_norm", "--shape", "8x64", "--dtype", "int4"], "unknown dtype"),
+        (["tune", "--shape", "8x64", "--dtype", "float32"], "one problem of one --op"),
+        (["tune", "--op", "rms_norm", "--trials", "0"], "--trials must be at least 1"),
+        (["tune", "--preset", "huge"], "invalid choice"),
+        (
+            ["explain", "rms_norm", "--shape", "8x64", "--shape", "63", "--dtype", "float32"],
+            "[rms_norm] weight has shape (63,), expected (64,)",
+        ),
+        (["explain", "rms_norm", "--dtype", "float32"], "explain needs --shape"),
+        (["frobnicate"], "unrecognized arguments: frobnicate"),
+    ],
+)
+def test_usage_errors_exit_2(capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_export_import(capsys, tmp_path):
+    run(capsys, *TUNE)
+    path = tmp_path / "out.json"
+    code, out, _ = run(capsys, "export", str(path))
+    assert code == 0 and "exported 1 records" in out
+    other = tmp_path / "other.sqlite"
+    code, out, _ = run(capsys, "import", str(path), "--db", str(other))
+    assert code == 0 and "imported 1 records" in out
+    assert len(TuningDB(str(other)).records()) == 1
+
+
+def test_import_of_a_bad_file_fails_cleanly(capsys, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{]")
+    code, _, err = run(capsys, "import", str(bad))
+    assert code == 1 and "not a readable tuning export" in err and "Traceback" not in err
+
+
+def test_doctor(capsys, user_db):
+    report = run_json(capsys, "doctor")
+    assert report["backend"] == "cpu" and "slug" in report["chip"]
+    assert report["user_db"]["status"].startswith("absent")
+    user_db.write_bytes(b"garbage" * 200)
+    code, out, err = run(capsys, "doctor", "--json")
+    assert code == 1 and "Traceback" not in err
+    assert json.loads(out)["user_db"]["status"].startswith("unusable")
+    assert user_db.read_bytes() == b"garbage" * 200
+
+
+def test_clear(capsys, user_db):
+    run(capsys, *TUNE)
+    code, out, _ = run(capsys, "clear", "--op", "layer_norm")
+    assert "cleared 0 records" in out
+    code, out, _ = run(capsys, "clear")
+    assert code == 0 and "cleared 1 records" in out
+    assert run_json(capsys, "show") == []
+
+
+def test_clear_moves_an_unusable_database_aside(capsys, user_db):
+    user_db.write_bytes(b"garbage" * 200)
+    code, out, _ = run(capsys, "clear")
+    assert code == 0 and "moved it to" in out
+    assert not user_db.exists()
+    (aside,) = user_db.parent.glob("tuning.sqlite.unusable-*")
+    assert aside.read_bytes() == b"garbage" * 200
+
+
+def test_show_reports_a_broken_database(capsys, user_db):
+    user_db.write_bytes(b"garbage" * 200)
+    code, _, err = run(capsys, "show")
+    assert code == 1 and "error:" in err and "Traceback" not in err

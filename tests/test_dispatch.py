@@ -1,0 +1,200 @@
+"""The dispatcher: lookup chain, stale and hostile records, fallbacks, the process cache."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import pytest
+
+import mlx_primitives as mp
+from mlx_primitives import dispatch
+from mlx_primitives.tuning import db as tdb
+from mlx_primitives.tuning.db import TuningDB
+
+from .toy import double, make_op, record
+
+X = mx.random.normal((4, 64))
+
+
+def _user(path, *records):
+    db = TuningDB(str(path))
+    for r in records:
+        db.put(r)
+    db.close()
+    dispatch.reset()
+
+
+@pytest.fixture
+def shipped(tmp_path, monkeypatch):
+    """Write records as this chip's shipped database."""
+    path = tmp_path / "shipped.json"
+
+    def write(*records):
+        tdb.write_json(path, list(records))
+        monkeypatch.setattr(tdb, "shipped_path", lambda chip: path)
+        dispatch.reset()
+
+    return write
+
+
+def test_default_without_records(user_db):
+    op = make_op()
+    d = dispatch.choose(op, op.problem(X))
+    assert (d.variant, d.source) == ("default", "default")
+    assert "no usable tuning record" in d.reason
+    assert not user_db.exists()  # dispatch never creates the user database
+
+
+def test_user_record_is_used(user_db):
+    op = make_op()
+    _user(user_db, record(op, X, "tiled", {"block": 64, "unroll": 2}))
+    d = dispatch.choose(op, op.problem(X))
+    assert (d.variant, d.params, d.source) == ("tiled", {"block": 64, "unroll": 2}, "user")
+    assert mx.allclose(op(X), X * 2)
+
+
+def test_pretuned_record_is_used_and_user_wins(user_db, shipped):
+    op = make_op()
+    shipped(record(op, X, "slow"))
+    assert dispatch.choose(op, op.problem(X)).source == "pretuned"
+    _user(user_db, record(op, X, "tiled", {"block": 32, "unroll": 1}))
+    d = dispatch.choose(op, op.problem(X))
+    assert (d.variant, d.source) == ("tiled", "user")
+
+
+def test_shipped_records_of_another_chip_are_ignored(shipped):
+    op = make_op()
+    shipped(record(op, X, "slow", chip="apple-m9-ultra-99c"))
+    assert dispatch.choose(op, op.problem(X)).source == "default"
+
+
+def test_nearest_bucket_with_same_exact_dims(user_db):
+    op = make_op()
+    far = mx.ones((1024, 64))
+    near = mx.ones((16, 64))
+    other_cols = mx.ones((4, 128))
+    _user(
+        user_db,
+        record(op, far, "slow"),
+        record(op, near, "tiled", {"block": 32, "unroll": 1}),
+        record(op, other_cols, "slow"),
+    )
+    d = dispatch.choose(op, op.problem(X))
+    assert (d.variant, d.source) == ("tiled", "nearest")
+    assert "rows=16" in d.reason
+    assert dispatch.choose(op, op.problem(mx.ones((4, 32)))).source == "default"
+
+
+def test_mlxp_dispatch_default_bypasses_records(user_db, monkeypatch):
+    op = make_op()
+    _user(user_db, record(op, X, "slow"))
+    monkeypatch.setenv("MLXP_DISPATCH", "default")
+    d = dispatch.choose(op, op.problem(X))
+    assert d.source == "default" and "MLXP_DISPATCH" in d.reason
+
+
+@pytest.mark.parametrize(
+    "overrides,reason",
+    [
+        ({"mlx_version": "0.0.1"}, "stale: tuned with MLX 0.0.1"),
+        ({"source_hash": "deadbeef"}, "stale: the kernel source changed"),
+    ],
+)
+def test_stale_records_are_not_dispatched(user_db, overrides, reason):
+    op = make_op()
+    _user(user_db, record(op, X, "slow", **overrides))
+    d = dispatch.choose(op, op.problem(X))
+    assert d.source == "default" and reason in d.reason
+    assert dispatch.is_stale(op, record(op, X, "slow", **overrides))
+
+
+@pytest.mark.parametrize(
+    "variant,params",
+    [
+        ("no_such_variant", {}),
+        ("__import__('os').system('echo pwned')", {}),
+        ("x" * 10000, {}),
+        ("tiled", {"block": 48, "unroll": 1}),
+        ("tiled", {"block": "64; rm -rf /", "unroll": 1}),
+        ("tiled", {"block": [64], "unroll": 1}),
+        ("tiled", {"block": 64}),
+    ],
+)
+def test_hostile_records_are_ignored_with_a_warning(user_db, variant, params):
+    op = make_op()
+    rec = record(op, X, "tiled", {"block": 64, "unroll": 1})
+    rec.update(variant=variant, params=params)
+    _user(user_db, rec)
+    with pytest.warns(RuntimeWarning, match=r"\[toy\] ignoring a tuning record"):
+        d = dispatch.choose(op, op.problem(X))
+    assert d.source == "default"
+
+
+@pytest.mark.parametrize("variant", ["broken_build", "raises", "nan", "wrong"])
+def test_failing_tuned_variant_is_disabled_and_falls_back(user_db, variant):
+    op = make_op()
+    _user(user_db, record(op, X, variant))
+    with pytest.warns(RuntimeWarning, match=f"variant '{variant}' failed on this machine"):
+        y = op(X)
+    assert mx.allclose(y, X * 2)
+    assert (op.name, variant) in dispatch._disabled
+    assert "disabled" in dispatch.choose(op, op.problem(X)).reason
+
+
+def test_variant_for_another_backend_is_skipped(user_db):
+    op = make_op()
+    _user(user_db, record(op, X, "gpu_only"))
+    d = dispatch.choose(op, op.problem(X))
+    assert d.source == "default" and "does not run on cpu" in d.reason
+
+
+def test_unsupported_params_for_the_problem_are_skipped(user_db):
+    op = make_op()
+    narrow = mx.ones((4, 16))  # tiled supports block <= max(cols, 32)
+    _user(user_db, record(op, narrow, "tiled", {"block": 128, "unroll": 1}))
+    assert dispatch.choose(op, op.problem(narrow)).source == "default"
+
+
+def test_route_caches_the_choice(user_db, monkeypatch):
+    op = make_op()
+    calls = []
+    real = dispatch.choose
+    monkeypatch.setattr(dispatch, "choose", lambda o, p: calls.append(p) or real(o, p))
+    for _ in range(3):
+        op(X)
+    assert len(calls) == 1
+    op(mx.ones((300, 64)))
+    assert len(calls) == 2
+
+
+def test_corrupt_user_database_warns_and_falls_back(user_db):
+    user_db.write_bytes(b"this is not sqlite" * 64)
+    with pytest.warns(RuntimeWarning, match="ignoring the tuning database"):
+        y = mp.rms_norm(X, None)
+    assert y.shape == X.shape
+    assert user_db.read_bytes() == b"this is not sqlite" * 64
+
+
+def test_bad_mlxp_dispatch_value_warns(monkeypatch):
+    monkeypatch.setenv("MLXP_DISPATCH", "fastest")
+    with pytest.warns(RuntimeWarning, match="MLXP_DISPATCH"):
+        assert dispatch.mode() == "tuned"
+
+
+def test_explain_real_op():
+    d = mp.explain("rms_norm", mx.ones((3, 5)), mx.ones((5,)), 1e-6)
+    assert d.op == "rms_norm" and d.problem == "rms_norm|float32|rows=4,dims=5"
+    assert d.source == "default" and d.variant == "builtin"
+    assert json.loads(json.dumps(d.to_dict()))["source"] == "default"
+
+
+def test_explain_validates_arguments():
+    with pytest.raises(ValueError, match=r"\[rms_norm\] weight"):
+        mp.explain("rms_norm", mx.ones((3, 5)), mx.ones((4,)))
+
+
+def test_dispatched_call_equals_direct_call(user_db):
+    op = make_op()
+    _user(user_db, record(op, X, "tiled", {"block": 64, "unroll": 1}))
+    assert mx.array_equal(op(X), double(X))

@@ -1,0 +1,196 @@
+"""Every variant of every op against float64 NumPy references, on odd shapes and dtypes;
+gradients of every variant against the op's reference; the modules as drop-ins."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+import mlx_primitives as mp
+from mlx_primitives.hardware import current_backend
+from mlx_primitives.registry import op as get_op
+
+from . import references as ref
+
+DTYPES = [mx.float32, mx.float16, mx.bfloat16]
+
+# (shapes, options) per op: lengths 1, 3 and 1000, non-power-of-two dims, no weights.
+CASES = {
+    "rms_norm": [
+        (((1, 1),), {}),
+        (((3, 7),), {}),
+        (((1000, 33),), {}),
+        (((2, 3, 1000),), {}),
+        (((5, 4097),), {}),
+    ],
+    "layer_norm": [
+        (((1, 1),), {}),
+        (((3, 7),), {}),
+        (((1000, 33),), {"affine": ""}),
+        (((2, 3, 1000),), {"affine": "w"}),
+        (((5, 4097),), {"affine": "b"}),
+    ],
+    "rope": [
+        (((1, 1, 1, 2),), {}),
+        (((2, 3, 5, 6),), {"traditional": True}),
+        (((1, 4, 1000, 32),), {"dims": 16}),
+        (((2, 5, 3, 64),), {"layout": "BSHD"}),
+        (((2, 7, 3, 10),), {"layout": "BSHD", "traditional": True, "dims": 6}),
+        (((1, 3, 17, 8),), {"freqs": True}),
+        (((3, 9, 16),), {}),
+        (((2, 2, 3, 5, 12),), {"offset": 7}),
+    ],
+    "swiglu": [(((1,),), {}), (((3, 7),), {}), (((1000, 33),), {}), (((2, 3, 1000),), {})],
+    "geglu": [
+        (((1,),), {}),
+        (((3, 7),), {"approximate": "none"}),
+        (((1000, 33),), {"approximate": "tanh"}),
+        (((2, 3, 1000),), {"approximate": "fast"}),
+    ],
+}
+
+REFERENCES = {
+    "rms_norm": lambda a, k: ref.rms_norm(*a),
+    "layer_norm": lambda a, k: ref.layer_norm(*a),
+    "rope": lambda a, k: ref.rope(*a, **k),
+    "swiglu": lambda a, k: ref.swiglu(*a),
+    "geglu": lambda a, k: ref.geglu(*a, **k),
+}
+
+
+def _variants(name):
+    o = get_op(name)
+    return [(v, cfg) for v in o.variants if v.available() for cfg in v.configs()]
+
+
+def _params():
+    for name, cases in CASES.items():
+        for v, cfg in _variants(name):
+            for i, (shapes, options) in enumerate(cases):
+                yield pytest.param(name, v.name, cfg, shapes, options, id=f"{name}-{v.name}-{i}")
+
+
+def _tolerance(name, dtype):
+    """An op's own tolerances where it declares them, with its reason (rope: float32 angles)."""
+    from mlx_primitives.problem import dtype_name
+
+    declared = get_op(name).tolerances.get(dtype_name(dtype))
+    return {} if declared is None else {"atol": declared[0], "rtol": declared[1]}
+
+
+@pytest.mark.parametrize("name,variant,cfg,shapes,options", list(_params()))
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16", "bf16"])
+def test_variant_matches_float64_reference(name, variant, cfg, shapes, options, dtype):
+    o = get_op(name)
+    fn = o.variant(variant).build(**cfg)
+    args, kwargs = o.example(shapes, dtype, mx.random.key(hash((name, shapes)) % 2**31), **options)
+    got = fn(*args, **kwargs)
+    want = REFERENCES[name](args, kwargs)
+    assert got.dtype == args[0].dtype
+    ref.assert_close(got, want, dtype, label=f"{name}/{variant}", **_tolerance(name, dtype))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_public_function_matches_reference(name):
+    o = get_op(name)
+    shapes, options = CASES[name][2]
+    args, kwargs = o.example(shapes, mx.float32, mx.random.key(1), **options)
+    got = getattr(mp, name)(*args, **kwargs)
+    ref.assert_close(
+        got, REFERENCES[name](args, kwargs), mx.float32, **_tolerance(name, mx.float32)
+    )
+
+
+def _grad_params():
+    for name, cases in CASES.items():
+        for v, cfg in _variants(name):
+            yield pytest.param(name, v.name, cfg, cases[1], id=f"{name}-{v.name}")
+
+
+@pytest.mark.parametrize("name,variant,cfg,case", list(_grad_params()))
+def test_variant_gradients_match_reference(name, variant, cfg, case):
+    """mx.grad flows through every variant the dispatcher may pick."""
+    o = get_op(name)
+    fn = o.variant(variant).build(**cfg)
+    shapes, options = case
+    args, kwargs = o.example(shapes, mx.float32, mx.random.key(7), **options)
+    cot = mx.random.normal(o.reference(*args, **kwargs).shape, key=mx.random.key(8))
+    positions = [i for i in o.differentiable if args[i] is not None]
+
+    def loss(f):
+        def inner(*diff):
+            full = list(args)
+            for i, d in zip(positions, diff):
+                full[i] = d
+            return (f(*full, **kwargs) * cot).sum()
+
+        return mx.grad(inner, argnums=list(range(len(positions))))
+
+    got = loss(fn)(*[args[i] for i in positions])
+    want = loss(o.reference)(*[args[i] for i in positions])
+    for g, w in zip(got, want):
+        ref.assert_close(
+            g, ref.f64(w), mx.float32, atol=1e-4, rtol=1e-3, label=f"{name}/{variant} grad"
+        )
+
+
+def test_rope_per_batch_offsets():
+    x = mx.random.normal((3, 2, 5, 8))
+    offset = mx.array([0, 4, 9])
+    got = mp.rope(x, 8, offset=offset)
+    ref.assert_close(got, ref.rope(x, 8, offset=np.array([0, 4, 9])), mx.float32, atol=1e-5)
+
+
+def test_rope_layouts_agree():
+    x = mx.random.normal((2, 6, 3, 16))  # BSHD
+    a = mp.rope(x, 16, layout="BSHD", offset=2)
+    b = mp.rope(x.swapaxes(1, 2), 16, offset=2).swapaxes(1, 2)
+    assert mx.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("dims", [7, 64])
+def test_rms_norm_module_is_a_drop_in(dims):
+    ours, theirs = mp.RMSNorm(dims, eps=1e-6), nn.RMSNorm(dims, eps=1e-6)
+    theirs.update({"weight": mx.random.normal((dims,))})
+    ours.load_weights(list(theirs.parameters().items()))
+    x = mx.random.normal((3, dims))
+    assert set(ours.parameters()) == set(theirs.parameters())
+    assert mx.allclose(ours(x), theirs(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, False)])
+def test_layer_norm_module_is_a_drop_in(affine, bias):
+    ours, theirs = (
+        mp.LayerNorm(9, affine=affine, bias=bias),
+        nn.LayerNorm(9, affine=affine, bias=bias),
+    )
+    theirs.update({k: mx.random.normal(v.shape) for k, v in theirs.parameters().items()})
+    ours.load_weights(list(theirs.parameters().items()), strict=True)
+    x = mx.random.normal((4, 9))
+    assert set(ours.parameters()) == set(theirs.parameters())
+    assert mx.allclose(ours(x), theirs(x), atol=1e-5)
+
+
+def test_rope_module_is_a_drop_in():
+    ours, theirs = mp.RoPE(8, traditional=True, base=500, scale=0.5), nn.RoPE(8, True, 500, 0.5)
+    x = mx.random.normal((2, 3, 11, 12))
+    assert mx.allclose(ours(x, offset=5), theirs(x, offset=5), atol=1e-5)
+
+
+@pytest.mark.parametrize("cls,act", [(mp.SwiGLU, nn.silu), (mp.GeGLU, nn.gelu)])
+def test_gated_feed_forward(cls, act):
+    block = cls(12, 20)
+    x = mx.random.normal((2, 5, 12))
+    want = block.down_proj(act(block.gate_proj(x)) * block.up_proj(x))
+    assert mx.allclose(block(x), want, atol=1e-5)
+    grads = nn.value_and_grad(block, lambda m, x: m(x).sum())(block, x)[1]
+    assert set(grads) == {"gate_proj", "up_proj", "down_proj"}
+
+
+def test_variants_declared_for_this_backend():
+    backend = current_backend()
+    for o in mp.registry.ops():
+        names = {v.name for v in o.variants if v.available(backend)}
+        assert {"eager", "compiled"} <= names, o.name

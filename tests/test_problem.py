@@ -1,0 +1,106 @@
+"""Problem keys: bucketing, the canonical string and nearest-problem distance."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mlx_primitives.problem import (
+    BUCKET,
+    EXACT,
+    Dim,
+    Problem,
+    bucket,
+    distance,
+    dtype_name,
+    parse_dtype,
+    parse_key,
+)
+
+DIMS = (Dim("rows"), Dim("dims", EXACT), Dim("layout", EXACT), Dim("causal", EXACT))
+
+
+@given(st.integers(min_value=1, max_value=2**40))
+def test_bucket_is_the_next_power_of_two(n):
+    b = bucket(n)
+    assert b >= n and b & (b - 1) == 0
+    assert b == 1 or b // 2 < n
+    assert bucket(b) == b
+
+
+@given(st.integers(1, 2**20), st.integers(1, 2**20))
+def test_bucket_is_monotonic(a, b):
+    if a <= b:
+        assert bucket(a) <= bucket(b)
+
+
+@pytest.mark.parametrize("n,expected", [(1, 1), (2, 2), (3, 4), (5, 8), (1000, 1024), (4097, 8192)])
+def test_bucket_examples(n, expected):
+    assert bucket(n) == expected
+
+
+problems = st.builds(
+    lambda r, d, lay, c, t: Problem("op", t, (bucket(r), d, lay, c)),
+    st.integers(1, 2**20),
+    st.integers(1, 65536),
+    st.sampled_from(["BSHD", "BHSD"]),
+    st.booleans(),
+    st.sampled_from([mx.float32, mx.float16, mx.bfloat16]),
+)
+
+
+@given(problems)
+def test_key_round_trips(p):
+    key = p.key(DIMS)
+    assert parse_key(key, DIMS) == p
+    assert key.startswith(f"op|{dtype_name(p.dtype)}|rows=")
+
+
+@given(problems, problems)
+def test_distance_is_a_metric_on_buckets(a, b):
+    d = distance(a, b, DIMS)
+    assert d == distance(b, a, DIMS)
+    assert distance(a, a, DIMS) == 0
+    same_exact = a.dtype == b.dtype and a.values[1:] == b.values[1:]
+    assert (d < math.inf) == same_exact
+    if same_exact:
+        assert d == abs(math.log2(a.values[0]) - math.log2(b.values[0]))
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "op|float16|rows=3,dims=4,layout=BSHD,causal=true",  # 3 is not a bucket
+        "op|float16|rows=4,dims=4",  # missing dims
+        "op|float16|dims=4,rows=4,layout=BSHD,causal=true",  # wrong order
+        "op|float8|rows=4,dims=4,layout=BSHD,causal=true",  # unknown dtype
+        "op|float16",
+        "rows=4",
+    ],
+)
+def test_parse_key_rejects_malformed(key):
+    with pytest.raises(ValueError):
+        parse_key(key, DIMS)
+
+
+def test_parse_dtype():
+    assert parse_dtype("bfloat16") == mx.bfloat16
+    assert parse_dtype("mx.float16") == mx.float16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        parse_dtype("int8")
+
+
+def test_as_dict_has_dtype_and_dims():
+    p = Problem("op", mx.float16, (8, 64, "BSHD", False))
+    assert p.as_dict(DIMS) == {
+        "dtype": "float16",
+        "rows": 8,
+        "dims": 64,
+        "layout": "BSHD",
+        "causal": False,
+    }
+    assert DIMS[0].kind == BUCKET

@@ -1,0 +1,139 @@
+"""The tuner: checks, rejections with reasons, the never-worse and tie rules, resume, TPE."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+
+from mlx_primitives.registry import Example, Variant
+from mlx_primitives.tuning import tuner as tuner_mod
+from mlx_primitives.tuning.db import TuningDB
+from mlx_primitives.tuning.tuner import BUDGETS, Budget, Candidate, Result, Tuner, beats, decide
+
+from .toy import double, make_op
+
+EX = Example(((64, 256),), "float32")
+FAST = Budget(trials=64, problem_s=60, bench_s=0.02)
+
+
+def _r(name, median, spread=0.0, status="ok"):
+    return Result(Candidate(name, ()), status, "", median, spread, 0.0)
+
+
+def test_decide_keeps_the_default_unless_beaten_beyond_noise():
+    default = _r("default", 1.0, 0.01)
+    slightly = _r("a", 0.99, 0.005)
+    assert decide([default, slightly], default, [default.candidate, slightly.candidate]) is default
+    clearly = _r("b", 0.5, 0.01)
+    assert (
+        decide(
+            [default, slightly, clearly],
+            default,
+            [default.candidate, slightly.candidate, clearly.candidate],
+        )
+        is clearly
+    )
+
+
+def test_decide_never_picks_a_rejected_candidate():
+    default = _r("default", 1.0)
+    bad = _r("bad", 0.1, status="rejected")
+    assert decide([default, bad], default, [default.candidate, bad.candidate]) is default
+
+
+def test_decide_breaks_near_ties_by_fixed_order():
+    default = _r("default", 1.0, 0.0)
+    first = _r("first", 0.505, 0.002)
+    second = _r("second", 0.500, 0.002)
+    order = [default.candidate, first.candidate, second.candidate]
+    assert decide([default, second, first], default, order) is first
+    # The order, not measurement noise, decides: swapping the medians changes nothing.
+    first2, second2 = _r("first", 0.500, 0.002), _r("second", 0.505, 0.002)
+    assert decide([default, first2, second2], default, order) is first2
+
+
+def test_beats_uses_spread_and_a_floor():
+    assert not beats(_r("a", 0.985), _r("b", 1.0))  # under the 2% floor
+    assert beats(_r("a", 0.9), _r("b", 1.0))
+    assert not beats(_r("a", 0.9, 0.06), _r("b", 1.0, 0.05))  # spreads overlap
+
+
+@pytest.fixture
+def db(tmp_path):
+    return TuningDB(str(tmp_path / "t.sqlite"))
+
+
+def test_tuning_rejects_faulty_candidates_with_reasons(db):
+    op = make_op()
+    outcome = Tuner(db, FAST).tune(op, EX)
+    rec = outcome.record
+    assert rec is not None and rec["variant"] != "slow"
+    assert rec["default_variant"] == "default" and rec["default_median_s"] > 0
+    assert rec["median_s"] <= rec["default_median_s"]
+    trials = {t["variant"]: t for t in db.trials()}
+    assert "gpu_only" not in trials  # not available on this back-end
+    assert trials["nan"]["status"] == "rejected" and "NaN" in trials["nan"]["reason"]
+    assert trials["wrong"]["status"] == "rejected" and "mismatch" in trials["wrong"]["reason"]
+    assert "boom at call time" in trials["raises"]["reason"]
+    assert "compiler exploded" in trials["broken_build"]["reason"]
+    # Correct but slow: measured, or abandoned for being 100x slower than the default.
+    assert trials["slow"]["status"] == "ok" or "too slow" in trials["slow"]["reason"]
+    assert db.records()[0]["problem"] == "toy|float32|rows=64,cols=256"
+
+
+def test_candidate_far_slower_than_default_is_abandoned(db, monkeypatch):
+    monkeypatch.setattr(tuner_mod, "ABANDON_FACTOR", 2.0)
+    Tuner(db, FAST).tune(make_op(), EX)
+    trials = {t["variant"]: t for t in db.trials()}
+    assert trials["slow"]["status"] == "rejected" and "too slow" in trials["slow"]["reason"]
+
+
+def test_resume_skips_finished_problems_and_force_retunes(db):
+    op = make_op()
+    t = Tuner(db, FAST)
+    assert t.tune(op, EX).record is not None
+    again = t.tune(op, EX)
+    assert again.record is None and again.note == "already tuned"
+    n = len(db.trials())
+    prev = db.records()[0]
+    forced = Tuner(db, FAST, force=True).tune(op, EX)
+    assert forced.record is not None
+    new = db.trials()[n:]
+    assert new[0]["variant"] == "default"
+    if prev["variant"] != "default":
+        assert (new[1]["variant"], new[1]["params"]) == (prev["variant"], prev["params"])
+
+
+def test_stale_record_is_retuned(db):
+    op = make_op()
+    Tuner(db, FAST).tune(op, EX)
+    rec = db.records()[0]
+    rec["mlx_version"] = "0.0.1"
+    db.put(rec)
+    outcome = Tuner(db, FAST).tune(op, EX)
+    assert outcome.record is not None and outcome.record["mlx_version"] == mx.__version__
+
+
+def test_tpe_limits_measurements_to_the_trial_budget(db):
+    big = Variant(
+        "big",
+        lambda a, b, c: double,
+        space={"a": tuple(range(6)), "b": (1, 2, 3), "c": (True, False)},
+    )
+    op = make_op([big])
+    outcome = Tuner(db, Budget(trials=10, problem_s=60, bench_s=0.01)).tune(op, EX)
+    assert outcome.record is not None
+    assert 2 <= len(outcome.results) <= 10
+
+
+def test_failing_default_is_reported_not_recorded(db):
+    op = make_op()
+    op._default = lambda p, backend: ("nan", {})
+    outcome = Tuner(db, FAST).tune(op, EX)
+    assert outcome.record is None and "default failed its check" in outcome.note
+    assert db.records() == []
+
+
+def test_presets_define_budgets():
+    assert set(BUDGETS) == {"quick", "default", "full"}
+    assert BUDGETS["quick"].trials <= BUDGETS["default"].trials <= BUDGETS["full"].trials

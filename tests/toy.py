@@ -1,0 +1,93 @@
+"""A toy op, ``y = 2 x``, with deliberately faulty and slow variants (never registered)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from mlx_primitives.problem import EXACT, Dim, bucket
+from mlx_primitives.registry import Example, Op, Variant
+
+
+def double(x):
+    return x * 2
+
+
+def _slow(x):
+    # Correct but far slower: many passes over the data.
+    y = x
+    for _ in range(3):
+        y = mx.sin(y) * 0 + y
+    return y * 2
+
+
+def _fail_build():
+    raise RuntimeError("compiler exploded")
+
+
+def _raise(x):
+    raise ValueError("boom at call time")
+
+
+def make_op(extra: list[Variant] | None = None) -> Op:
+    variants = [
+        Variant("default", lambda: double),
+        Variant("slow", lambda: _slow),
+        Variant(
+            "tiled",
+            lambda block, unroll: double,
+            space={"block": (32, 64, 128), "unroll": (1, 2)},
+            supports=lambda p, cfg: cfg["block"] <= max(p["cols"], 32),
+        ),
+        Variant("nan", lambda: lambda x: x * mx.nan),
+        Variant("wrong", lambda: lambda x: x * 3),
+        Variant("broken_build", _fail_build),
+        Variant("raises", lambda: _raise),
+        Variant("gpu_only", lambda: double, backends=frozenset({"cuda", "metal"})),
+        *(extra or []),
+    ]
+
+    def problem(x):
+        return x.dtype, (bucket(x.size // x.shape[-1]), x.shape[-1])
+
+    return Op(
+        "toy",
+        dims=(Dim("rows"), Dim("cols", EXACT)),
+        problem=problem,
+        reference=double,
+        example=lambda shapes, dtype, key: (
+            (mx.random.normal(shapes[0], key=key).astype(dtype),),
+            {},
+        ),
+        case=lambda p: (((p["rows"], p["cols"]),), {}),
+        default=lambda p, backend: ("default", {}),
+        variants=variants,
+        presets={"quick": [Example(((64, 256),), "float32")]},
+    )
+
+
+def record(toy: Op, x, variant: str, params: dict | None = None, **overrides) -> dict:
+    """A valid tuning record for ``toy(x)`` on this machine, with ``overrides`` applied."""
+    from mlx_primitives import __version__
+    from mlx_primitives.hardware import detect_chip
+
+    rec = {
+        "chip": detect_chip().slug,
+        "op": toy.name,
+        "problem": toy.problem(x).key(toy.dims),
+        "variant": variant,
+        "params": params or {},
+        "median_s": 1e-5,
+        "spread_s": 1e-7,
+        "default_variant": "default",
+        "default_params": {},
+        "default_median_s": 2e-5,
+        "error": 0.0,
+        "mlx_version": mx.__version__,
+        "package_version": __version__,
+        "source_hash": toy.variant(variant).source_hash
+        if variant in {v.name for v in toy.variants}
+        else "",
+        "created_at": "2026-11-26T00:00:00+00:00",
+    }
+    rec.update(overrides)
+    return rec
