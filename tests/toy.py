@@ -66,14 +66,15 @@ def make_op(extra: list[Variant] | None = None) -> Op:
 
 
 def record(toy: Op, x, variant: str, params: dict | None = None, **overrides) -> dict:
-    """A valid tuning record for ``toy(x)`` on this machine, with ``overrides`` applied."""
+    """A valid tuning record for ``toy(x)`` (``toy(*x)`` for a tuple) on this machine, with
+    ``overrides`` applied."""
     from mlx_primitives import __version__
     from mlx_primitives.hardware import detect_chip
 
     rec = {
         "chip": detect_chip().slug,
         "op": toy.name,
-        "problem": toy.problem(x).key(toy.dims),
+        "problem": toy.problem(*(x if isinstance(x, tuple) else (x,))).key(toy.dims),
         "variant": variant,
         "params": params or {},
         "median_s": 1e-5,

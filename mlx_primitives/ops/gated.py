@@ -7,8 +7,10 @@ import math
 
 import mlx.core as mx
 
+from ..dsl.kernel import GpuKernel, with_reference_vjp
+from ..hardware import detect_chip
 from ..problem import EXACT, Dim, bucket
-from ..registry import Example, Op, register
+from ..registry import GPU_BACKENDS, Example, Op, Variant, register
 from ._common import accumulator, check_choice, check_same, mlx_variants, random
 
 APPROXIMATIONS = ("none", "tanh", "fast")
@@ -50,6 +52,95 @@ def geglu_reference(gate: mx.array, up: mx.array, approximate: str = "none") -> 
     """``gelu(gate) * up`` computed in float32 (float64 for float64 inputs)."""
     acc = accumulator(gate.dtype)
     return (gelu(gate.astype(acc), approximate) * up.astype(acc)).astype(gate.dtype)
+
+
+_BLOCKED = GpuKernel("gated/blocked.k", ["gate", "up"], ["out"], headers=("gated/act.h",))
+_STRIDED = GpuKernel("gated/strided.k", ["gate", "up"], ["out"], headers=("gated/act.h",))
+# The kernels' ACT template constant.
+_ACT = {"silu": 0, "none": 1, "tanh": 2, "fast": 3}
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+# Multiprocessors assumed when the chip does not say (an H100 has 132).
+_DEFAULT_SMS = 128
+
+
+def _launch(kernel: GpuKernel, vec: int, threads: int, groups, fast: bool, extra: dict):
+    """``forward(gate, up, act)`` running ``kernel``; ``act`` names the activation."""
+
+    def forward(gate, up, act):
+        flat = gate.reshape(-1)
+        template = {"T": gate.dtype, "VEC": vec, **extra, "ACT": _ACT[act], "FAST": fast}
+        (out,) = kernel(
+            [flat, up.reshape(-1)],
+            template=template,
+            grid=(groups(flat.size // vec) * threads, 1, 1),
+            threadgroup=(threads, 1, 1),
+            output_shapes=[flat.shape],
+            output_dtypes=[gate.dtype],
+        )
+        return out.reshape(gate.shape)
+
+    return forward
+
+
+def _kernel_variants(op: str, reference) -> list[Variant]:
+    def public(forward):
+        """The op's own signature around ``forward``, differentiated through the reference."""
+        if op == "swiglu":
+            fn = with_reference_vjp(forward, lambda gate, up, act: reference(gate, up))
+            return lambda gate, up: fn(gate, up, "silu")
+        fn = with_reference_vjp(forward, reference)
+        return lambda gate, up, approximate="none": fn(gate, up, approximate)
+
+    def blocked(vec, unroll, threads, fast_math):
+        groups = lambda nv: -(-nv // (threads * unroll))
+        return public(_launch(_BLOCKED, vec, threads, groups, fast_math, {"UNROLL": unroll}))
+
+    def strided(vec, waves, threads, fast_math):
+        sms = detect_chip().gpu_cores or _DEFAULT_SMS
+        groups = lambda nv: max(1, min(waves * sms, -(-nv // threads)))
+        return public(_launch(_STRIDED, vec, threads, groups, fast_math, {}))
+
+    def supports(p: dict, params: dict) -> bool:
+        size = _ITEMSIZE.get(p["dtype"])
+        # Only silu and the sigmoid GELU use an exponential that fast math changes.
+        fast_ok = not params["fast_math"] or p.get("approximate", "silu") in ("silu", "fast")
+        return (
+            size is not None
+            and params["vec"] * size <= 16
+            and p["dims"] % params["vec"] == 0
+            and fast_ok
+        )
+
+    return [
+        Variant(
+            "blocked",
+            blocked,
+            backends=GPU_BACKENDS,
+            space={
+                "vec": (8, 2, 4),
+                "unroll": (1, 2, 4),
+                "threads": (256, 128, 512, 1024),
+                "fast_math": (False, True),
+            },
+            supports=supports,
+            sources=_BLOCKED.files,
+            description="custom kernel: unrolled vector loads, one block of vectors per group",
+        ),
+        Variant(
+            "strided",
+            strided,
+            backends=GPU_BACKENDS,
+            space={
+                "vec": (8, 2, 4),
+                "waves": (1, 2, 4, 8),
+                "threads": (256, 512, 1024),
+                "fast_math": (False, True),
+            },
+            supports=supports,
+            sources=_STRIDED.files,
+            description="custom kernel: a few waves of groups striding over the array",
+        ),
+    ]
 
 
 def _example(shapes, dtype, key, approximate=None):
@@ -98,7 +189,7 @@ SWIGLU = register(
         example=_example,
         case=_case,
         default=_default,
-        variants=mlx_variants(swiglu_reference),
+        variants=[*mlx_variants(swiglu_reference), *_kernel_variants("swiglu", swiglu_reference)],
         presets=_presets(),
         differentiable=(0, 1),
     )
@@ -113,7 +204,7 @@ GEGLU = register(
         example=_example,
         case=_case,
         default=_default,
-        variants=mlx_variants(geglu_reference),
+        variants=[*mlx_variants(geglu_reference), *_kernel_variants("geglu", geglu_reference)],
         presets=_presets(approximate="none"),
         differentiable=(0, 1),
     )

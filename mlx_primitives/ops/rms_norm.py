@@ -7,6 +7,7 @@ import mlx.core as mx
 from ..problem import EXACT, Dim, bucket
 from ..registry import Example, Op, register
 from ._common import accumulator, check_array, check_real, check_vector, mlx_variants, random
+from ._norm_kernels import norm_variants
 
 NAME = "rms_norm"
 DIMS = (Dim("rows"), Dim("dims", EXACT))
@@ -73,7 +74,10 @@ OP = register(
         example=_example,
         case=_case,
         default=_default,
-        variants=mlx_variants(reference, mx.fast.rms_norm, "mx.fast.rms_norm"),
+        variants=[
+            *mlx_variants(reference, mx.fast.rms_norm, "mx.fast.rms_norm"),
+            *norm_variants(NAME, reference, ("w",)),
+        ],
         presets=_presets(),
         differentiable=(0, 1),
     )

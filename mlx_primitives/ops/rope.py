@@ -8,12 +8,14 @@ transposes.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import mlx.core as mx
 
+from ..dsl.kernel import GpuKernel, float_bits, with_reference_vjp
 from ..problem import EXACT, Dim, bucket
-from ..registry import Example, Op, register
+from ..registry import GPU_BACKENDS, Example, Op, Variant, register
 from ._common import (
     accumulator,
     check_array,
@@ -137,6 +139,103 @@ def _builtin(
     return out.swapaxes(1, 2) if layout == "BSHD" else out
 
 
+_ROTATE = GpuKernel("rope/rotate.k", ["x", "offset", "table"], ["y"])
+# Where the kernel's angles come from (its ANGLES template constant).
+ANGLES = {"computed": 0, "table": 1, "cached": 2}
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@functools.lru_cache(maxsize=32)
+def _inv_freq(dims: int, base: float) -> mx.array:
+    # base ** (-2i / dims) computed in float64, then rounded once to float32.
+    half = dims // 2
+    return mx.array([base ** (-2.0 * i / dims) for i in range(half)], dtype=mx.float32)
+
+
+def _kernel_forward(vec: int, heads_per_thread: int, threads: int, angles: str):
+    def forward(x, dims, traditional, base, scale, offset, freqs, layout):
+        bshd = layout == "BSHD"
+        shape = x.shape
+        x4 = x if bshd else x.reshape(shape[0], -1, shape[-2], shape[-1])
+        b, d = x4.shape[0], x4.shape[-1]
+        s, h = (x4.shape[1], x4.shape[2]) if bshd else (x4.shape[2], x4.shape[1])
+        off = mx.array(offset, mx.int32) if not isinstance(offset, mx.array) else offset
+        off = off.astype(mx.int32).reshape(-1)
+        if angles == "computed":
+            table = off  # a placeholder the kernel never reads
+        else:
+            inv = _inv_freq(dims, base) if freqs is None else 1.0 / freqs.astype(mx.float32)
+            table = inv
+            if angles == "cached":
+                pos = (mx.arange(s, dtype=mx.float32) + off.astype(mx.float32)[:, None]) * scale
+                theta = pos[..., None] * inv
+                table = mx.stack([mx.cos(theta), mx.sin(theta)])
+        step = vec // 2 if traditional else vec
+        chunks = dims // 2 // step + (d - dims) // vec
+        total = b * s * -(-h // heads_per_thread) * chunks
+        template = {
+            "T": x.dtype,
+            "D": d,
+            "DIMS": dims,
+            "TRAD": traditional,
+            "BSHD": bshd,
+            "VEC": vec,
+            "HPT": heads_per_thread,
+            "ANGLES": ANGLES[angles],
+            "PER_BATCH": off.size > 1,
+            "BASE_BITS": float_bits(base or 1.0),
+            "SCALE_BITS": float_bits(scale),
+        }
+        (y,) = _ROTATE(
+            [x4, off, table],
+            template=template,
+            grid=(-(-total // threads) * threads, 1, 1),
+            threadgroup=(threads, 1, 1),
+            output_shapes=[x4.shape],
+            output_dtypes=[x.dtype],
+        )
+        return y.reshape(shape)
+
+    fn = with_reference_vjp(forward, _positional(reference))
+
+    def call(
+        x, dims, *, traditional=False, base=10000.0, scale=1.0, offset=0, freqs=None, layout="BHSD"
+    ):
+        return fn(x, dims, traditional, base, scale, offset, freqs, layout)
+
+    return call
+
+
+def _positional(f):
+    def g(x, dims, traditional, base, scale, offset, freqs, layout):
+        return f(
+            x,
+            dims,
+            traditional=traditional,
+            base=base,
+            scale=scale,
+            offset=offset,
+            freqs=freqs,
+            layout=layout,
+        )
+
+    return g
+
+
+def _kernel_supports(p: dict, params: dict) -> bool:
+    vec, size = params["vec"], _ITEMSIZE.get(p["dtype"])
+    if size is None or vec * size > 16 or (p["head_dim"] - p["dims"]) % vec:
+        return False
+    # A chunk is VEC elements of the rotated part: pairs in place, or one of each half.
+    rotated = p["dims"] if p["traditional"] else p["dims"] // 2
+    fits = rotated % vec == 0 and (vec % 2 == 0 or not p["traditional"])
+    return (
+        fits
+        and params["heads_per_thread"] <= p["heads"]
+        and not (p["freqs"] and params["angles"] == "computed")
+    )
+
+
 def _example(
     shapes, dtype, key, traditional=False, layout="BHSD", freqs=False, dims=None, offset=3
 ):
@@ -204,7 +303,23 @@ OP = register(
         example=_example,
         case=_case,
         default=_default,
-        variants=mlx_variants(reference, _builtin, "mx.fast.rope"),
+        variants=[
+            *mlx_variants(reference, _builtin, "mx.fast.rope"),
+            Variant(
+                "rotate",
+                _kernel_forward,
+                backends=GPU_BACKENDS,
+                space={
+                    "vec": (8, 2, 4),
+                    "heads_per_thread": (1, 2, 4, 8),
+                    "threads": (256, 128, 512),
+                    "angles": ("computed", "table", "cached"),
+                },
+                supports=_kernel_supports,
+                sources=_ROTATE.files,
+                description="custom kernel: cos/sin shared by the heads at a position",
+            ),
+        ],
         presets=_presets(),
         # Float32 angles are off from float64 ones by about position * 2**-24 radians, and
         # mx.fast.rope's CPU path rounds cos/sin to the input dtype: both err by |x| times

@@ -1,0 +1,3 @@
+// Stand-in for CUDA's <cooperative_groups.h>: only the namespace MLX aliases.
+#pragma once
+namespace cooperative_groups {}

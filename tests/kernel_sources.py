@@ -1,0 +1,406 @@
+"""The full sources MLX compiles for our kernels, and the launches that every kernel variant makes.
+
+:func:`full_source` wraps a kernel body the way ``mx.fast.metal_kernel`` and
+``mx.fast.cuda_kernel`` do in MLX 0.32 (``mlx/backend/common/metal_kernel.cpp``,
+``mlx/backend/cuda/custom_kernel.cpp``): the signature is generated from the inputs, outputs and
+template arguments of one launch. The Metal output is compared with MLX's own in
+``test_kernel_syntax``; the CUDA output matched MLX 0.32.4's for every launch on an H100.
+
+:func:`kernel_launches` records those launches by running every kernel variant's own launch
+code on small CPU arrays with the kernel call intercepted, so the template constants come from
+the code that ships, not from a copy of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from unittest import mock
+
+import mlx.core as mx
+
+from mlx_primitives import registry
+from mlx_primitives._paths import kernel_source
+from mlx_primitives.dsl.dialect import header, render
+from mlx_primitives.dsl.kernel import GpuKernel
+
+DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+
+# Metal: inputs of fewer elements are passed in the constant address space.
+MAX_CONSTANT_ARRAY_SIZE = 8
+
+# The thread attributes MLX's Metal back-end declares, with their types, in its order; each is
+# added to the signature when its name occurs anywhere in the body.
+METAL_ATTRIBUTES = {
+    "dispatch_quadgroups_per_threadgroup": "uint",
+    "dispatch_simdgroups_per_threadgroup": "uint",
+    "dispatch_threads_per_threadgroup": "uint3",
+    "grid_origin": "uint3",
+    "grid_size": "uint3",
+    "quadgroup_index_in_threadgroup": "uint",
+    "quadgroups_per_threadgroup": "uint",
+    "simdgroup_index_in_threadgroup": "uint",
+    "simdgroups_per_threadgroup": "uint",
+    "thread_execution_width": "uint",
+    "thread_index_in_quadgroup": "uint",
+    "thread_index_in_simdgroup": "uint",
+    "thread_index_in_threadgroup": "uint",
+    "thread_position_in_grid": "uint3",
+    "thread_position_in_threadgroup": "uint3",
+    "threadgroup_position_in_grid": "uint3",
+    "threadgroups_per_grid": "uint3",
+    "threads_per_grid": "uint3",
+    "threads_per_simdgroup": "uint",
+    "threads_per_threadgroup": "uint3",
+}
+
+METAL_TYPES = {
+    mx.float32: "float",
+    mx.float16: "float16_t",
+    mx.bfloat16: "bfloat16_t",
+    mx.int32: "int32_t",
+    mx.int64: "int64_t",
+    mx.uint32: "uint32_t",
+    mx.bool_: "bool",
+}
+CUDA_TYPES = {
+    mx.float32: "float",
+    mx.float16: "__half",
+    mx.bfloat16: "__nv_bfloat16",
+    mx.int32: "int32_t",
+    mx.int64: "int64_t",
+    mx.uint32: "uint32_t",
+    mx.bool_: "bool",
+}
+
+# What cuda_kernel puts before a kernel's own header.
+CUDA_DEFAULT_HEADER = (
+    '\n#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n'
+)
+
+
+def _template_kind(value) -> str:
+    # bool before int: True is an int in Python, and MLX's binding checks bool first too.
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, mx.Dtype):
+        return "typename"
+    raise TypeError(f"template values must be a Dtype, an int or a bool, got {value!r}")
+
+
+def _shape_args(body: str, name: str) -> tuple[bool, bool, bool]:
+    # MLX looks for the names as plain substrings of the body.
+    return (f"{name}_shape" in body, f"{name}_strides" in body, f"{name}_ndim" in body)
+
+
+def kernel_name(kernel: GpuKernel, backend: str, template: dict, inputs, output_dtypes) -> str:
+    """The function name MLX gives one launch; ``inputs`` are ``(dtype, ndim, size)`` triples."""
+    name = "custom_kernel_" + kernel.name
+    if backend == "cuda":
+        for value in template.values():
+            kind = _template_kind(value)
+            if kind == "bool":
+                name += "_t" if value else "_f"
+            else:
+                # The hash spells dtypes as the Metal back-end does (get_type_string).
+                name += "_" + (METAL_TYPES[value] if kind == "typename" else str(value))
+        return name
+    if template:
+        # MLX 0.32.4 spells a minus sign '_' here (the CUDA back-end keeps it).
+        name += "__" + "_".join(_metal_value(v) for v in template.values()).replace("-", "_")
+    for dtype, ndim, size in inputs:
+        suffix = "s" if ndim == 0 else "c" if size < MAX_CONSTANT_ARRAY_SIZE else ""
+        name += "_" + METAL_TYPES[dtype] + suffix
+    return name + "".join("_" + METAL_TYPES[d] for d in output_dtypes)
+
+
+def _metal_value(value) -> str:
+    kind = _template_kind(value)
+    if kind == "typename":
+        return METAL_TYPES[value]
+    return str(int(value))  # an ostream prints a bool as 1 or 0
+
+
+def _metal_source(kernel, template, inputs, output_dtypes, body, head) -> str:
+    name = kernel_name(kernel, "metal", template, inputs, output_dtypes)
+    out = [head]
+    if template:
+        params = ", ".join(f"{_template_kind(v)} {k}" for k, v in template.items())
+        out.append(f"template <{params}>\n")
+    out.append(f"[[kernel]] void {name}(\n")
+    index = 0
+    for input_name, (dtype, ndim, size) in zip(kernel.inputs, inputs):
+        space = "constant" if size < MAX_CONSTANT_ARRAY_SIZE else "device"
+        ref = "&" if ndim == 0 else "*"
+        out.append(f"  const {space} {METAL_TYPES[dtype]}{ref} {input_name} [[buffer({index})]],\n")
+        index += 1
+        if ndim == 0:
+            continue
+        shape, strides, ndims = _shape_args(body, input_name)
+        for wanted, arg in (
+            (shape, f"const constant int* {input_name}_shape"),
+            (strides, f"const constant int64_t* {input_name}_strides"),
+            (ndims, f"const constant int& {input_name}_ndim"),
+        ):
+            if wanted:
+                out.append(f"  {arg} [[buffer({index})]],\n")
+                index += 1
+    attributes = [f"  {t} {a} [[{a}]]" for a, t in METAL_ATTRIBUTES.items() if a in body]
+    n_buffers = len(kernel.inputs) + len(kernel.outputs)
+    for output_name, dtype in zip(kernel.outputs, output_dtypes):
+        out.append(f"  device {METAL_TYPES[dtype]}* {output_name} [[buffer({index})]]")
+        # MLX's own test for the last parameter (it counts shape buffers in index).
+        out.append(",\n" if index < n_buffers - 1 or attributes else ") {\n")
+        index += 1
+    if attributes:
+        out.append(",\n".join(attributes) + ") {\n")
+    out.append(body + "\n}\n")
+    if template:
+        values = "<" + ", ".join(_metal_value(v) for v in template.values()) + ">"
+        out.append(
+            f'\ntemplate [[host_name("{name}")]] [[kernel]] '
+            f"decltype({name}{values}) {name}{values};\n"
+        )
+    return "".join(out)
+
+
+def _cuda_source(kernel, template, inputs, output_dtypes, body, head) -> str:
+    name = kernel_name(kernel, "cuda", template, inputs, output_dtypes)
+    out = [CUDA_DEFAULT_HEADER, head]
+    out.append("namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n")
+    out.append(f"__global__ void {name}(\n")
+    for input_name, (dtype, ndim, _) in zip(kernel.inputs, inputs):
+        out.append(f"    const {CUDA_TYPES[dtype]}* {input_name},\n")
+        if ndim == 0:
+            continue
+        shape, strides, ndims = _shape_args(body, input_name)
+        for wanted, arg in (
+            (shape, f"Shape {input_name}_shape"),
+            (strides, f"Strides {input_name}_strides"),
+            (ndims, f"int {input_name}_ndim"),
+        ):
+            if wanted:
+                out.append(f"    const __grid_constant__ {arg},\n")
+    for i, (output_name, dtype) in enumerate(zip(kernel.outputs, output_dtypes)):
+        last = i == len(kernel.outputs) - 1
+        out.append(f"    {CUDA_TYPES[dtype]}* {output_name}" + (") {\n" if last else ",\n"))
+    if template:
+        for key, value in template.items():
+            kind = _template_kind(value)
+            if kind == "typename":
+                out.append(f"  using {key} = {CUDA_TYPES[value]};\n")
+            elif kind == "bool":
+                out.append(f"  constexpr bool {key} = {'true' if value else 'false'};\n")
+            else:
+                out.append(f"  constexpr int {key} = {value};\n")
+        out.append("\n")
+    out.append(body + "\n}\n\n} // namespace mlx::core::cu\n")
+    return "".join(out)
+
+
+def full_source(
+    kernel: GpuKernel,
+    backend: str,
+    template: dict,
+    input_dtypes: list,
+    input_ndims: list[int],
+    input_sizes: list[int],
+    output_dtypes: list,
+    *,
+    body: str | None = None,
+) -> str:
+    """The source MLX compiles for one launch of ``kernel`` on ``backend``.
+
+    Args:
+        kernel: the kernel; its body is read from ``kernel_variants/`` unless ``body`` (the
+            dialect text) is given.
+        backend: ``"metal"`` or ``"cuda"``.
+        template: the launch's template arguments, in order.
+        input_dtypes, input_ndims, input_sizes: of each input, in ``kernel.inputs`` order.
+        output_dtypes: of each output.
+    """
+    if not len(kernel.inputs) == len(input_dtypes) == len(input_ndims) == len(input_sizes):
+        raise ValueError(f"[{kernel.name}] expected {len(kernel.inputs)} inputs")
+    if len(output_dtypes) != len(kernel.outputs):
+        raise ValueError(f"[{kernel.name}] expected {len(kernel.outputs)} outputs")
+    rendered = render(kernel_source(kernel.source) if body is None else body, backend)
+    head = header(backend, kernel.headers)
+    inputs = list(zip(input_dtypes, input_ndims, input_sizes))
+    make = _cuda_source if backend == "cuda" else _metal_source
+    return make(kernel, template, inputs, list(output_dtypes), rendered, head)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One call of a custom kernel, as a kernel variant makes it."""
+
+    op: str
+    variant: str
+    params: tuple[tuple[str, object], ...]
+    case: str
+    kernel: GpuKernel
+    template: tuple[tuple[str, object], ...]
+    input_dtypes: tuple
+    input_ndims: tuple[int, ...]
+    input_sizes: tuple[int, ...]
+    output_dtypes: tuple
+
+    def label(self) -> str:
+        params = ",".join(f"{k}={v}" for k, v in self.params)
+        return f"{self.op}/{self.variant}[{params}] {self.case}"
+
+    def source(self, backend: str) -> str:
+        return full_source(
+            self.kernel,
+            backend,
+            dict(self.template),
+            list(self.input_dtypes),
+            list(self.input_ndims),
+            list(self.input_sizes),
+            list(self.output_dtypes),
+        )
+
+
+@contextlib.contextmanager
+def _intercepted(calls: list) -> Iterator[None]:
+    """Make GpuKernel calls record their arguments and return zeros instead of running."""
+
+    def fake(self, inputs, *, template, grid, threadgroup, output_shapes, output_dtypes):
+        calls.append((self, list(inputs), dict(template), list(output_dtypes)))
+        return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+
+    with mock.patch.object(GpuKernel, "__call__", fake):
+        yield
+
+
+# Each op's calls: ``calls(op, dtype)`` yields ``(label, args, kwargs)`` covering the template
+# flags its kernels take, and the parameters crossed with every call rather than covered once.
+Calls = Callable[[registry.Op, mx.Dtype], Iterator[tuple[str, tuple, dict]]]
+
+
+def _example(op, shapes, dtype, seed=0, **options):
+    return op.example(shapes, dtype, mx.random.key(seed), **options)
+
+
+def _norm_calls(op, dtype):
+    # A row of 6 elements puts the weight (and bias) in Metal's constant address space.
+    affines = ("wb", "w", "b", "") if op.name == "layer_norm" else ("w", "")
+    for d in (4096, 256, 6):
+        for affine in affines:
+            args, kwargs = _example(op, ((16, d),), dtype)
+            args = (args[0], *(a if n in affine else None for a, n in zip(args[1:-1], "wb")))
+            yield f"{d=} affine={affine or 'none'}", (*args, 1e-5), kwargs
+        if dtype != mx.float32:  # a float32 weight makes the output float32
+            args, kwargs = _example(op, ((16, d),), dtype)
+            args = (args[0], args[1].astype(mx.float32), *args[2:])
+            yield f"{d=} float32 weight", args, kwargs
+    # -0.0 passes the argument checks; its bits are a negative template constant.
+    args, kwargs = _example(op, ((16, 256),), dtype)
+    yield "eps=-0.0", (*args[:-1], -0.0), kwargs
+
+
+def _rope_calls(op, dtype):
+    # dims=8 rotates a quarter of each head and makes a table of 4 (Metal constant) floats.
+    flags = itertools.product(("BHSD", "BSHD"), (False, True), (64, 8), (False, True), (3, None))
+    for layout, traditional, dims, freqs, offset in flags:
+        shape = (2, 8, 16, 64) if layout == "BHSD" else (2, 16, 8, 64)
+        options = {"layout": layout, "traditional": traditional, "dims": dims, "freqs": freqs}
+        (x, _), kwargs = _example(op, (shape,), dtype, **options)
+        # None: one offset per batch entry (the kernel's PER_BATCH).
+        kwargs["offset"] = mx.array([3, 5], mx.int32) if offset is None else offset
+        label = f"{layout} {traditional=} {dims=} {freqs=} per_batch={offset is None}"
+        yield label, (x, dims), kwargs
+    (x, _), kwargs = _example(op, ((2, 8, 16, 64),), dtype)
+    yield "scale=-0.0", (x, 64), {**kwargs, "scale": -0.0}
+    # 6 elements: x itself in Metal's constant address space.
+    (x, _), kwargs = _example(op, ((1, 1, 3, 2),), dtype, traditional=True, dims=2)
+    yield "tiny traditional", (x, 2), kwargs
+
+
+def _gated_calls(op, dtype):
+    approximations = ("none", "tanh", "fast") if op.name == "geglu" else (None,)
+    # 1x4: inputs of fewer than 8 elements go to Metal's constant address space.
+    for shape, approximate in itertools.product(((8, 1024), (3, 6), (1, 4)), approximations):
+        args, _ = _example(op, (shape,), dtype)
+        # Positional, as geglu() passes it: the kernel variants take no keyword.
+        args = args if approximate is None else (*args, approximate)
+        yield f"{shape=} {approximate=}", args, {}
+
+
+CALLS: dict[str, tuple[Calls, tuple[str, ...]]] = {
+    "rms_norm": (_norm_calls, ()),
+    "layer_norm": (_norm_calls, ()),
+    "rope": (_rope_calls, ("angles",)),
+    "swiglu": (_gated_calls, ("fast_math",)),
+    "geglu": (_gated_calls, ("fast_math",)),
+}
+
+
+def _plan(variant: registry.Variant, cases: list, crossed: tuple[str, ...]) -> list:
+    """``(case, params)`` pairs: each case with its first allowed config (and with each value of
+    the ``crossed`` parameters), then each value of each parameter in some allowed config."""
+    configs = variant.configs()  # the first value of each parameter first
+    allowed = [[c for c in configs if variant.allows(problem, c)] for _, problem in cases]
+    chosen: list[tuple[int, dict]] = []
+
+    def take(i: int, config: dict) -> None:
+        if (i, config) not in chosen:
+            chosen.append((i, config))
+
+    for i, ok in enumerate(allowed):
+        for values in itertools.product(*(variant.space[k] for k in crossed)):
+            fixed = dict(zip(crossed, values))
+            match = next((c for c in ok if fixed.items() <= c.items()), None)
+            if match is not None:
+                take(i, match)
+    for key, values in variant.space.items():
+        for value in values:
+            match = next(
+                ((i, c) for i, ok in enumerate(allowed) for c in ok if c[key] == value), None
+            )
+            if match is not None:
+                take(*match)
+    return [(cases[i][0], config) for i, config in chosen]
+
+
+def kernel_launches() -> list[Launch]:
+    """Every launch that the kernel variants of every registered op make for a representative
+    set of calls: each dtype of :data:`DTYPES`, each template flag, each parameter value."""
+    launches = []
+    for op in registry.ops():
+        kernel_variants = [v for v in op.variants if v.is_kernel]
+        if not kernel_variants:
+            continue
+        if op.name not in CALLS:
+            raise KeyError(f"[kernel_sources] no calls for {op.name!r}: add them to CALLS")
+        make_calls, crossed = CALLS[op.name]
+        for dtype in DTYPES:
+            calls = list(make_calls(op, dtype))
+            cases = [(call, op.problem(*call[1], **call[2]).as_dict(op.dims)) for call in calls]
+            for variant in kernel_variants:
+                for (label, args, kwargs), params in _plan(variant, cases, crossed):
+                    recorded: list = []
+                    with _intercepted(recorded):
+                        # The factory, not build(): nothing is memoised on the variant.
+                        fn = variant.factory(**variant.validate(params))
+                        mx.eval(fn(*args, **kwargs))
+                    for kernel, inputs, template, output_dtypes in recorded:
+                        launches.append(
+                            Launch(
+                                op.name,
+                                variant.name,
+                                tuple(params.items()),
+                                label,
+                                kernel,
+                                tuple(template.items()),
+                                tuple(a.dtype for a in inputs),
+                                tuple(a.ndim for a in inputs),
+                                tuple(a.size for a in inputs),
+                                tuple(output_dtypes),
+                            )
+                        )
+    return launches
