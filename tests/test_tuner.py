@@ -137,3 +137,17 @@ def test_failing_default_is_reported_not_recorded(db):
 def test_presets_define_budgets():
     assert set(BUDGETS) == {"quick", "default", "full"}
     assert BUDGETS["quick"].trials <= BUDGETS["default"].trials <= BUDGETS["full"].trials
+
+
+def test_warm_runs_candidates_in_worker_processes():
+    from mlx_primitives.registry import op
+    from mlx_primitives.tuning.tuner import candidates
+    from mlx_primitives.tuning.warm import warm
+
+    o = op("rms_norm")
+    x, w = mx.ones((8, 64)), mx.ones((64,))
+    problem = o.problem(x, w, 1e-5)
+    cands = candidates(o, problem.as_dict(o.dims), "cpu")
+    assert warm(o, problem.as_dict(o.dims), mx.float32, cands) == 0  # no kernels on the CPU
+    ran = warm(o, problem.as_dict(o.dims), mx.float32, cands, workers=2, kernels_only=False)
+    assert ran == len(cands) == 3

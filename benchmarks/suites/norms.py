@@ -22,40 +22,10 @@ from ..common import header, measure
 OPS = ("rms_norm", "layer_norm", "rope", "swiglu", "geglu")
 
 
-def _ex(shape, dtype, **options):
-    return Example((shape,), dtype, tuple(sorted(options.items())))
+# The problems measured: each op's tuning preset ("large" its default preset, the shapes of
+# common LLMs; "small" its quick preset), so the tuned dispatch is measured where it was tuned.
+SIZES = {"small": "quick", "large": "default"}
 
-
-SHAPES = {
-    "small": {
-        "rms_norm": [_ex((64, 1024), t) for t in ("float32", "float16")]
-        + [_ex((1, 4096), "float16")],
-        "layer_norm": [_ex((64, 1024), t) for t in ("float32", "float16")]
-        + [_ex((1, 4096), "float16")],
-        "rope": [_ex((1, 8, 256, 64), "float16", layout=lay) for lay in ("BHSD", "BSHD")],
-        "swiglu": [_ex((64, 2048), t) for t in ("float32", "float16")],
-        "geglu": [_ex((64, 2048), "float16")],
-    },
-    "large": {
-        "rms_norm": [
-            _ex((r, 4096), t) for r in (1, 64, 1024, 16384) for t in ("float16", "bfloat16")
-        ],
-        "layer_norm": [
-            _ex((r, 4096), t) for r in (1, 64, 1024, 16384) for t in ("float16", "bfloat16")
-        ],
-        "rope": [
-            _ex(s, t, layout=lay)
-            for s, lay in (
-                ((4, 32, 2048, 128), "BHSD"),
-                ((4, 2048, 32, 128), "BSHD"),
-                ((8, 32, 1, 128), "BHSD"),
-            )
-            for t in ("float16", "bfloat16")
-        ],
-        "swiglu": [_ex((r, 14336), t) for r in (1, 64, 16384) for t in ("float16", "bfloat16")],
-        "geglu": [_ex((r, 14336), t) for r in (1, 64, 16384) for t in ("float16", "bfloat16")],
-    },
-}
 
 _COPY = GpuKernel("_bench/copy.k", ["x"], ["y"])
 
@@ -87,12 +57,12 @@ def _baseline(o) -> str:
     return "builtin" if any(v.name == "builtin" for v in o.variants) else "compiled"
 
 
-def _variant_configs(o, problem, db: TuningDB | None, chip: str) -> list[tuple[str, dict]]:
+def _variant_configs(o, problem, db: TuningDB, chip: str) -> list[tuple[str, dict]]:
     """Each variant once: at the fastest config its tuning trials found for this problem, else
     at its first allowed config (a kernel compile per config rules out timing them all)."""
     best: dict[str, tuple[float, dict]] = {}
     key = problem.key(o.dims)
-    for t in db.trials(chip=chip, op=o.name) if db else []:
+    for t in db.trials(chip=chip, op=o.name):
         mine = t["problem"] == key and t["status"] == "ok"
         if mine and (t["variant"] not in best or t["median_s"] < best[t["variant"]][0]):
             best[t["variant"]] = (t["median_s"], t["params"])
@@ -110,7 +80,7 @@ def _variant_configs(o, problem, db: TuningDB | None, chip: str) -> list[tuple[s
     return out
 
 
-def run_op(o, ex: Example, tuner: Tuner | None, db: TuningDB | None, budget_s: float) -> list[dict]:
+def run_op(o, ex: Example, tuner: Tuner | None, db: TuningDB, budget_s: float) -> list[dict]:
     dtype = parse_dtype(ex.dtype)
     args, kwargs = o.example(ex.shapes, dtype, mx.random.key(0), **dict(ex.options))
     if tuner is not None:
@@ -183,7 +153,7 @@ def dispatch_overhead(n: int = 20000) -> dict:
 def run(args) -> dict:
     gpu = current_backend() != "cpu"
     sizes = args.sizes or ("large" if gpu else "small")
-    db = TuningDB(default_user_url()) if args.tune else None
+    db = TuningDB(default_user_url())
     tuner = Tuner(db, BUDGETS[args.tune]) if args.tune else None
     result = header("norms")
     if gpu:
@@ -192,7 +162,7 @@ def run(args) -> dict:
     rows = []
     for name in args.op or OPS:
         o = op(name)
-        for ex in SHAPES[sizes][name]:
+        for ex in o.presets[SIZES[sizes]]:
             op_rows = run_op(o, ex, tuner, db, args.budget)
             rows.extend(op_rows)
             d = op_rows[0]  # the dispatched call

@@ -167,14 +167,12 @@ def _presets(**options):
         for t in ("float32", "float16")
     ]
     default = [
-        Example(((r, 14336),), t, opts)
-        for r in (1, 64, 1024, 16384)
-        for t in ("float16", "bfloat16")
-    ] + [Example(((256, d),), "float16", opts) for d in (4096, 11008)]
+        Example(((r, 14336),), t, opts) for r in (1, 64, 16384) for t in ("float16", "bfloat16")
+    ]
     full = default + [
         Example(((r, d),), t, opts)
         for r in (8, 256, 4096)
-        for d in (2048, 5632, 8192)
+        for d in (2048, 4096, 5632, 8192, 11008)
         for t in ("float32", "float16", "bfloat16")
     ]
     return {"quick": quick, "default": default, "full": full}

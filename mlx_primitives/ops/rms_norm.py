@@ -51,15 +51,12 @@ def _presets():
         Example(((r, d),), t) for r, d in ((64, 512), (512, 1024)) for t in ("float32", "float16")
     ]
     default = [
-        Example(((r, d),), t)
-        for r in (1, 64, 1024, 16384)
-        for d in (4096,)
-        for t in ("float16", "bfloat16")
-    ] + [Example(((256, d),), "float16") for d in (1024, 8192)]
+        Example(((r, 4096),), t) for r in (1, 64, 1024, 16384) for t in ("float16", "bfloat16")
+    ]
     full = default + [
         Example(((r, d),), t)
         for r in (8, 256, 4096)
-        for d in (768, 2048, 5120)
+        for d in (768, 1024, 2048, 5120, 8192)
         for t in ("float32", "float16", "bfloat16")
     ]
     return {"quick": quick, "default": default, "full": full}

@@ -278,11 +278,13 @@ def _presets():
 
     quick = [ex((1, 8, 128, 64), t, layout=lay) for t in ("float32", "float16") for lay in LAYOUTS]
     default = [
-        ex(shape, t, layout=lay, traditional=trad)
-        for shape in ((4, 32, 2048, 128), (1, 32, 128, 128), (8, 32, 1, 128))
+        ex(shape, t, layout=lay)
+        for shape, lay in (
+            ((4, 32, 2048, 128), "BHSD"),
+            ((4, 2048, 32, 128), "BSHD"),
+            ((8, 32, 1, 128), "BHSD"),
+        )
         for t in ("float16", "bfloat16")
-        for lay in LAYOUTS
-        for trad in (False,)
     ] + [ex((4, 32, 2048, 128), "float16", layout="BHSD", traditional=True)]
     full = default + [
         ex(shape, t, layout=lay, traditional=trad)

@@ -21,11 +21,12 @@ import optuna
 from .. import __version__, dispatch
 from ..dsl import poisoned
 from ..hardware import current_backend, detect_chip
-from ..problem import parse_dtype
+from ..problem import EXACT, parse_dtype
 from ..registry import Example, Op
 from .check import TOLERANCES, as_list, compare, reference_float64
 from .db import TuningDB, now
 from .timing import bench
+from .warm import warm
 
 # Differences below this fraction of a latency are noise, whatever the measured spread says.
 NOISE = 0.02
@@ -50,7 +51,7 @@ class Budget:
 
 BUDGETS = {
     "quick": Budget(trials=8, problem_s=8.0, bench_s=0.04),
-    "default": Budget(trials=24, problem_s=60.0, bench_s=0.15),
+    "default": Budget(trials=20, problem_s=60.0, bench_s=0.1),
     "full": Budget(trials=64, problem_s=300.0, bench_s=0.4),
 }
 
@@ -154,6 +155,7 @@ class Tuner:
         self.backend = current_backend()
         self.chip = detect_chip(self.backend)
         self._fresh = int(time.time_ns() % 2**31)
+        self._warmed: set[tuple] = set()
 
     def tune(self, op: Op, example: Example) -> Outcome:
         """Tune one problem of ``op`` given by ``example``."""
@@ -175,6 +177,16 @@ class Tuner:
             if prev in order and prev != default:
                 first.append(prev)
         rest = [c for c in order if c not in first]
+        # Kernels are specialized on dtype and exact dims: compile them once per such group,
+        # in parallel, where the back-end keeps compiled kernels on disk (CUDA).
+        group = (
+            op.name,
+            problem.dtype,
+            tuple(v for d, v in zip(op.dims, problem.values) if d.kind == EXACT),
+        )
+        if self.backend == "cuda" and group not in self._warmed:
+            self._warmed.add(group)
+            warm(op, pdict, problem.dtype, order)
 
         self._fresh += 1
         check_args, check_kwargs = op.example(
