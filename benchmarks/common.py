@@ -9,12 +9,13 @@ import mlx.core as mx
 
 import mlx_primitives as mp
 from mlx_primitives.hardware import current_backend, detect_chip
-from mlx_primitives.tuning.timing import bench
+from mlx_primitives.tuning.timing import bench_many
 
 METHOD = (
     "per-call latency: median over repeated mx.eval of a chain of calls built before the "
-    "clock starts (mlx_primitives.tuning.timing.bench), after a timed warm-up; bandwidth "
-    "counts each input read once and each output written once"
+    "clock starts, the implementations of one problem sampled in turn "
+    "(mlx_primitives.tuning.timing.bench_many), after a timed warm-up; bandwidth counts each "
+    "input read once and each output written once"
 )
 
 
@@ -34,11 +35,10 @@ def header(suite: str) -> dict:
     }
 
 
-def measure(fn, args, kwargs=None, *, budget_s: float = 0.3) -> dict:
-    """Median and spread of one call, as a result-row fragment."""
-    t = bench(fn, args, kwargs or {}, budget_s=budget_s, warmup_s=0.1, max_reps=200)
-    return {"median_s": t.median_s, "spread_s": t.spread_s, "reps": t.reps, "chain": t.chain}
-
-
-def nbytes(*arrays) -> int:
-    return sum(a.nbytes for a in arrays if isinstance(a, mx.array))
+def measure(calls, *, budget_s: float = 0.3) -> list[dict]:
+    """Median and spread of each ``(fn, args, kwargs)``, sampled in turn, as row fragments."""
+    timings = bench_many(calls, budget_s=budget_s, warmup_s=0.1, max_reps=200)
+    return [
+        {"median_s": t.median_s, "spread_s": t.spread_s, "reps": t.reps, "chain": t.chain}
+        for t in timings
+    ]

@@ -61,3 +61,16 @@ def test_pretune_exports_this_chip(tmp_path, capsys):
     assert records and {r["chip"] for r in records} == {slug}
     assert {r["op"] for r in records} == {"rms_norm"}
     assert json.loads((tmp_path / f"{slug}.json").read_text())["format"] == "mlx-primitives-tuning"
+
+
+def test_readme_tables_come_from_committed_result_files():
+    """Every results table in the README is what its committed result file says."""
+    tool = _load("readme_tables")
+    readme = (TOOLS.parent / "README.md").read_text()
+    blocks = list(tool.BLOCK.finditer(readme))
+    assert blocks, "the README has no results tables"
+    for m in blocks:
+        data = json.loads((TOOLS.parent / "benchmarks" / "results" / m["file"]).read_text())
+        for key in ("device", "mlx_version", "date"):
+            assert data[key]
+    assert tool.main(["--check"]) == 0

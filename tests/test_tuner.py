@@ -16,8 +16,8 @@ EX = Example(((64, 256),), "float32")
 FAST = Budget(trials=64, problem_s=60, bench_s=0.02)
 
 
-def _r(name, median, spread=0.0, status="ok"):
-    return Result(Candidate(name, ()), status, "", median, spread, 0.0)
+def _r(name, median, stderr=0.0, status="ok"):
+    return Result(Candidate(name, ()), status, "", median, 0.0, 0.0, stderr)
 
 
 def test_decide_keeps_the_default_unless_beaten_beyond_noise():
@@ -52,10 +52,19 @@ def test_decide_breaks_near_ties_by_fixed_order():
     assert decide([default, first2, second2], default, order) is first2
 
 
-def test_beats_uses_spread_and_a_floor():
+def test_beats_uses_standard_errors_and_a_floor():
     assert not beats(_r("a", 0.985), _r("b", 1.0))  # under the 2% floor
     assert beats(_r("a", 0.9), _r("b", 1.0))
-    assert not beats(_r("a", 0.9, 0.06), _r("b", 1.0, 0.05))  # spreads overlap
+    assert not beats(_r("a", 0.9, 0.04), _r("b", 1.0, 0.03))  # 0.1 < 2 * hypot(0.04, 0.03)
+    assert beats(_r("a", 0.9, 0.02), _r("b", 1.0, 0.02))
+
+
+def test_stderr_of_the_median_shrinks_with_samples():
+    from mlx_primitives.tuning.timing import Timing
+
+    few, many = Timing(1.0, 0.2, 4, 1, 0.0), Timing(1.0, 0.2, 400, 1, 0.0)
+    assert many.stderr_s == few.stderr_s / 10
+    assert few.stderr_s == 1.2533 * (0.2 / 1.349) / 2
 
 
 @pytest.fixture

@@ -49,7 +49,7 @@ def copy_ceiling(nbytes: int = 2**30, budget_s: float = 0.5) -> dict:
         )[0]
 
     assert mx.array_equal(copy(x), x).item(), "the copy kernel is wrong"
-    row = measure(copy, (x,), budget_s=budget_s)
+    (row,) = measure([(copy, (x,), {})], budget_s=budget_s)
     return {**row, "bytes": 2 * x.nbytes, "gb_per_s": 2 * x.nbytes / row["median_s"] / 1e9}
 
 
@@ -97,6 +97,10 @@ def run_op(o, ex: Example, tuner: Tuner | None, db: TuningDB, budget_s: float) -
         "problem": problem.key(o.dims),
         "bytes": moved,
     }
+    chip = tuner.chip.slug if tuner else decision.chip
+    variants = _variant_configs(o, problem, db, chip)
+    calls = [(o, args, kwargs)] + [(o.variant(n).build(**c), args, kwargs) for n, c in variants]
+    timed = measure(calls, budget_s=budget_s)
     rows = [
         {
             **base,
@@ -104,21 +108,11 @@ def run_op(o, ex: Example, tuner: Tuner | None, db: TuningDB, budget_s: float) -
             "variant": decision.variant,
             "params": decision.params,
             "source": decision.source,
-            **measure(o, args, kwargs, budget_s=budget_s),
+            **timed[0],
         }
     ]
-    chip = tuner.chip.slug if tuner else decision.chip
-    for name, cfg in _variant_configs(o, problem, db, chip):
-        fn = o.variant(name).build(**cfg)
-        rows.append(
-            {
-                **base,
-                "impl": "variant",
-                "variant": name,
-                "params": cfg,
-                **measure(fn, args, kwargs, budget_s=budget_s),
-            }
-        )
+    for (name, cfg), t in zip(variants, timed[1:]):
+        rows.append({**base, "impl": "variant", "variant": name, "params": cfg, **t})
     baseline = _baseline(o)
     ref = next(r["median_s"] for r in rows if r["impl"] == "variant" and r["variant"] == baseline)
     for r in rows:

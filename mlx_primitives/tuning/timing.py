@@ -1,23 +1,29 @@
-"""Timing a callable on MLX: warm-up by time, repeats by time, median.
+"""Timing callables on MLX: warm-up by time, repeats by time, median.
 
 Device work is lazy and asynchronous, so each sample times one ``mx.eval`` of a chain of
 calls, built before the clock starts. Chaining many calls per evaluation keeps the fixed cost
-of one evaluation (about 20 us on MLX CUDA) from deciding between fast kernels.
+of one evaluation (about 20 us on MLX CUDA) from deciding between fast kernels. Several
+callables timed together take their samples in turn (round-robin), so a machine that speeds up
+or slows down during the measurement moves all of them alike and their ratios stay fair.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
 
-# Outputs of one chain stay alive until its evaluation: cap their bytes.
-MAX_CHAIN_BYTES = 512 * 2**20
+# Outputs of one chain stay alive until its evaluation: cap their bytes at this share of the
+# device's memory (at least 512 MiB), so large problems still chain several calls.
+CHAIN_MEMORY_SHARE = 0.04
+MIN_CHAIN_BYTES = 512 * 2**20
 # More than the fixed cost of one mx.eval on any back-end.
 EVAL_OVERHEAD_S = 1e-3
+
+Call = tuple[Callable, tuple, dict]
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,12 @@ class Timing:
     chain: int
     first_call_s: float
 
+    @property
+    def stderr_s(self) -> float:
+        """Standard error of the median: 1.2533 sigma / sqrt(n), sigma from the IQR (/1.349),
+        as for a normal distribution; what two medians must differ by to differ at all."""
+        return 1.2533 * (self.spread_s / 1.349) / max(self.reps, 1) ** 0.5
+
 
 def _nbytes(out) -> int:
     if isinstance(out, mx.array):
@@ -37,60 +49,84 @@ def _nbytes(out) -> int:
     return sum(_nbytes(o) for o in out)
 
 
-def _run_chain(fn: Callable, args, kwargs, chain: int) -> float:
+def _chain_bytes() -> int:
+    from ..hardware import detect_chip
+
+    memory = detect_chip().memory_bytes or 0
+    return max(MIN_CHAIN_BYTES, int(CHAIN_MEMORY_SHARE * memory))
+
+
+def _run_chain(call: Call, chain: int) -> float:
+    fn, args, kwargs = call
     outs = [fn(*args, **kwargs) for _ in range(chain)]
     start = time.perf_counter()
     mx.eval(outs)
     return (time.perf_counter() - start) / chain
 
 
-def bench(
-    fn: Callable,
-    args: tuple,
-    kwargs: dict | None = None,
-    *,
-    warmup_s: float = 0.05,
-    budget_s: float = 0.25,
-    min_reps: int = 5,
-    max_reps: int = 100,
-    target_sample_s: float = 2e-3,
-    max_chain: int = 50,
-    limit_s: float | None = None,
-) -> Timing:
-    """Time ``fn(*args, **kwargs)``.
-
-    Args:
-        warmup_s: time spent running before samples are kept (the first call, which may
-            compile, is never kept).
-        budget_s: time for the kept samples (at least ``min_reps`` are taken).
-        target_sample_s: calls are chained until one evaluation takes about this long.
-        limit_s: a per-call latency above which timing stops with ``TimeoutError`` (a
-            candidate far slower than the default is not worth finishing).
-    """
-    kwargs = kwargs or {}
+def _prepare(call: Call, limit_s: float | None, target_sample_s: float, max_chain: int):
+    """The first call (which may compile; never kept) and the chain length for ``call``."""
+    fn, args, kwargs = call
     start = time.perf_counter()
     out = fn(*args, **kwargs)
     mx.eval(out)
     first = time.perf_counter() - start
-    per_call = _run_chain(fn, args, kwargs, 1)
+    per_call = _run_chain(call, 1)
     # One unchained call also pays the fixed cost of an evaluation: judge it against the
     # limit only when that cost cannot explain it.
     if limit_s is not None and per_call > max(limit_s, EVAL_OVERHEAD_S):
         raise TimeoutError(
             f"{per_call * 1e3:.3g} ms per call is over the limit of {limit_s * 1e3:.3g} ms"
         )
-    cap = max(1, MAX_CHAIN_BYTES // max(_nbytes(out), 1))
+    cap = max(1, _chain_bytes() // max(_nbytes(out), 1))
     chain = int(min(max_chain, cap, max(1, target_sample_s / max(per_call, 1e-9))))
-    deadline = time.perf_counter() + warmup_s
+    return first, chain
+
+
+def bench_many(
+    calls: Sequence[Call],
+    *,
+    warmup_s: float = 0.05,
+    budget_s: float = 0.25,
+    min_reps: int = 5,
+    max_reps: int = 100,
+    target_sample_s: float = 5e-3,
+    max_chain: int = 50,
+    limit_s: float | None = None,
+) -> list[Timing]:
+    """Time each ``(fn, args, kwargs)``, taking their samples in turn.
+
+    Args:
+        warmup_s: time spent running before samples are kept (the first call, which may
+            compile, is never kept).
+        budget_s: time for the kept samples of each call (at least ``min_reps`` each).
+        target_sample_s: calls are chained until one evaluation takes about this long.
+        limit_s: a per-call latency above which timing stops with ``TimeoutError`` (a
+            candidate far slower than the default is not worth finishing).
+    """
+    prepared = [_prepare(c, limit_s, target_sample_s, max_chain) for c in calls]
+    deadline = time.perf_counter() + warmup_s * len(calls)
     while time.perf_counter() < deadline:
-        _run_chain(fn, args, kwargs, chain)
-    samples: list[float] = []
-    deadline = time.perf_counter() + budget_s
-    while len(samples) < min_reps or (time.perf_counter() < deadline and len(samples) < max_reps):
-        samples.append(_run_chain(fn, args, kwargs, chain))
-        if limit_s is not None and len(samples) >= 3 and statistics.median(samples) > limit_s:
-            raise TimeoutError(
-                f"median {statistics.median(samples) * 1e3:.3g} ms is over the limit"
-            )
-    q1, _, q3 = statistics.quantiles(samples, n=4) if len(samples) > 1 else (samples[0],) * 3
-    return Timing(statistics.median(samples), q3 - q1, len(samples), chain, first)
+        for call, (_, chain) in zip(calls, prepared):
+            _run_chain(call, chain)
+    samples: list[list[float]] = [[] for _ in calls]
+    deadline = time.perf_counter() + budget_s * len(calls)
+    while len(samples[0]) < min_reps or (
+        time.perf_counter() < deadline and len(samples[0]) < max_reps
+    ):
+        for call, (_, chain), kept in zip(calls, prepared, samples):
+            kept.append(_run_chain(call, chain))
+            if limit_s is not None and len(kept) >= 3 and statistics.median(kept) > limit_s:
+                raise TimeoutError(
+                    f"median {statistics.median(kept) * 1e3:.3g} ms is over the limit"
+                )
+    timings = []
+    for kept, (first, chain) in zip(samples, prepared):
+        q1, _, q3 = statistics.quantiles(kept, n=4) if len(kept) > 1 else (kept[0],) * 3
+        timings.append(Timing(statistics.median(kept), q3 - q1, len(kept), chain, first))
+    return timings
+
+
+def bench(fn: Callable, args: tuple, kwargs: dict | None = None, **options) -> Timing:
+    """Time ``fn(*args, **kwargs)`` alone; ``options`` as for :func:`bench_many`."""
+    return bench_many([(fn, args, kwargs or {})], **options)[0]

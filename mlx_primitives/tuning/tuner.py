@@ -4,8 +4,10 @@ Each candidate (a variant and its parameters) is first checked against the op's 
 float64 on fresh random inputs, then timed. The default is timed in the same run; a candidate
 wins only if it beats the default beyond noise, and candidates within noise of the fastest are
 ranked by a fixed order (registration order of variants, then of their parameter values), so
-two runs on one machine agree. Small spaces are searched exhaustively, larger ones with TPE;
-the previous winner and the default go first.
+two runs on one machine agree. The winner is then timed again against the default with their
+samples interleaved, and kept only if it still wins, so drift of the machine cannot decide.
+Small spaces are searched exhaustively, larger ones with TPE; the previous winner and the
+default go first.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ..problem import EXACT, parse_dtype
 from ..registry import Example, Op
 from .check import TOLERANCES, as_list, compare, reference_float64
 from .db import TuningDB, now
-from .timing import bench
+from .timing import bench, bench_many
 from .warm import warm
 
 # Differences below this fraction of a latency are noise, whatever the measured spread says.
@@ -82,6 +84,7 @@ class Result:
     median_s: float | None = None
     spread_s: float | None = None
     error: float | None = None
+    stderr_s: float = 0.0
 
     def trial(self, op: str, problem: str) -> dict:
         return {
@@ -109,8 +112,9 @@ class Outcome:
 
 
 def beats(a: Result, b: Result) -> bool:
-    """``a`` is faster than ``b`` beyond noise."""
-    margin = max(NOISE * b.median_s, a.spread_s + b.spread_s)
+    """``a`` is faster than ``b`` beyond noise: by more than ``NOISE`` and by more than two
+    standard errors of the difference of the medians."""
+    margin = max(NOISE * b.median_s, 2.0 * math.hypot(a.stderr_s, b.stderr_s))
     return a.median_s < b.median_s - margin
 
 
@@ -219,6 +223,7 @@ class Tuner:
         self._search(first, rest, evaluate)
 
         winner = decide(list(results.values()), results[default], [default, *order])
+        winner, base = self._confirm(op, winner, results[default], args, kwargs)
         variant = op.variant(winner.candidate.variant)
         record = {
             "chip": self.chip.slug,
@@ -230,7 +235,7 @@ class Tuner:
             "spread_s": winner.spread_s,
             "default_variant": default.variant,
             "default_params": default.param_dict,
-            "default_median_s": results[default].median_s,
+            "default_median_s": base.median_s,
             "error": winner.error,
             "mlx_version": mx.__version__,
             "package_version": __version__,
@@ -241,6 +246,36 @@ class Tuner:
         self.db.add_trials(self.chip.slug, [r.trial(op.name, pkey) for r in results.values()])
         dispatch.reset()
         return Outcome(op.name, pkey, example, record, list(results.values()))
+
+    def _confirm(self, op: Op, winner: Result, default: Result, args, kwargs):
+        """Time a challenger and the default again with interleaved samples, so drift of the
+        machine between their first measurements cannot decide; returns (winner, default)."""
+        if winner.candidate == default.candidate:
+            return winner, default
+        calls = [
+            (op.variant(r.candidate.variant).build(**r.candidate.param_dict), args, kwargs)
+            for r in (default, winner)
+        ]
+        t_default, t_winner = bench_many(calls, budget_s=self.budget.bench_s)
+        base = Result(
+            default.candidate,
+            "ok",
+            "",
+            t_default.median_s,
+            t_default.spread_s,
+            default.error,
+            t_default.stderr_s,
+        )
+        challenger = Result(
+            winner.candidate,
+            "ok",
+            "",
+            t_winner.median_s,
+            t_winner.spread_s,
+            winner.error,
+            t_winner.stderr_s,
+        )
+        return (challenger if beats(challenger, base) else base), base
 
     def _previous(self, op: Op, pkey: str) -> dict | None:
         for rec in self.db.records(chip=self.chip.slug, op=op.name):
@@ -325,4 +360,4 @@ class Tuner:
             return Result(c, "rejected", f"too slow: {e}", error=verdict.error)
         except Exception as e:
             return Result(c, "rejected", f"{type(e).__name__} while timing: {str(e)[:500]}")
-        return Result(c, "ok", "", t.median_s, t.spread_s, verdict.error)
+        return Result(c, "ok", "", t.median_s, t.spread_s, verdict.error, t.stderr_s)

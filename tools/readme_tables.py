@@ -1,0 +1,99 @@
+"""Write the README's result tables from committed benchmark result files.
+
+    python tools/readme_tables.py [--check]
+
+Each table sits in README.md between ``<!-- results:FILE -->`` and ``<!-- end results -->``,
+where FILE is a result file in benchmarks/results/; the table is rebuilt from that file, so
+every figure in the README comes from a committed measurement. ``--check`` exits 1 when the
+README is not what the files say (a test runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BLOCK = re.compile(
+    r"(<!-- results:(?P<file>[\w.-]+) -->\n)(?P<body>.*?)(<!-- end results -->)", re.S
+)
+
+
+def _shape(r: dict) -> str:
+    flags = "".join(f" {k}={v}" for k, v in sorted(r["options"].items()) if k != "approximate")
+    return "x".join(map(str, r["shape"])) + flags
+
+
+def table(result: dict) -> str:
+    """A markdown table: per problem, the tuned dispatch and the best variant against the
+    baseline, with achieved bandwidth (and its share of the copy ceiling on a GPU)."""
+    ceiling = result.get("copy_ceiling", {}).get("gb_per_s")
+    head = (
+        f"{result['device']}, MLX {result['mlx_version']}, {result['date'][:10]} "
+        f"(`benchmarks/results/`; {result['method']})."
+    )
+    if ceiling:
+        head += f" Copy ceiling measured in the same run: {ceiling:.0f} GB/s."
+    lines = [
+        head,
+        "",
+        "| op | shape | dtype | baseline (spread) | tuned dispatch | vs baseline | GB/s "
+        "| best variant | vs baseline |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple, list[dict]] = {}
+    for r in result["results"]:
+        groups.setdefault((r["op"], r["problem"]), []).append(r)
+    for rows in groups.values():
+        d = next(r for r in rows if r["impl"] == "dispatch")
+        base = next(r for r in rows if r["impl"] == "variant" and r["variant"] == d["baseline"])
+        spread = 100 * base["spread_s"] / base["median_s"]
+        best = max((r for r in rows if r["impl"] == "variant"), key=lambda r: r["vs_baseline"])
+        gbs = f"{d['gb_per_s']:.0f}"
+        if ceiling:
+            gbs += f" ({100 * d['gb_per_s'] / ceiling:.0f}%)"
+        lines.append(
+            f"| {d['op']} | {_shape(d)} | {d['dtype']} | {d['baseline']} (±{spread:.0f}%) | "
+            f"{d['variant']} | "
+            f"{d['vs_baseline']:.2f}x | {gbs} | {best['variant']} | {best['vs_baseline']:.2f}x |"
+        )
+    overhead = result.get("dispatch_overhead")
+    if overhead:
+        lines += [
+            "",
+            f"Dispatch overhead on a cache hit: {overhead['overhead_s'] * 1e6:.1f} us per call "
+            f"over calling the chosen variant directly (argument checks included; goal "
+            f"{overhead['goal_s'] * 1e6:.0f} us).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def render(readme: str) -> str:
+    def fill(m: re.Match) -> str:
+        data = json.loads((ROOT / "benchmarks" / "results" / m["file"]).read_text())
+        return m.group(1) + table(data) + m.group(4)
+
+    return BLOCK.sub(fill, readme)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--check", action="store_true", help="only check that README.md is current")
+    args = p.parse_args(argv)
+    path = ROOT / "README.md"
+    current = path.read_text()
+    fresh = render(current)
+    if args.check:
+        if fresh != current:
+            print("README.md tables differ from benchmarks/results/: run tools/readme_tables.py")
+            return 1
+        return 0
+    path.write_text(fresh)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
