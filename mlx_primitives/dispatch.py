@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
@@ -53,10 +54,12 @@ class Decision(NamedTuple):
 
 
 def reset() -> None:
-    """Forget cached decisions, loaded records and disabled variants (after tuning, say)."""
+    """Forget cached decisions, loaded records, disabled variants and given warnings (after
+    tuning, say)."""
     _cache.clear()
     _entries.clear()
     _disabled.clear()
+    _warned.clear()
 
 
 def warn_once(message: str) -> None:
@@ -172,26 +175,65 @@ def choose(op: Op, problem: Problem) -> Decision:
     return default("; ".join([reason, *skipped]))
 
 
-def _unusable(op: Op, rec: dict, pdict: dict, backend: str) -> str | None:
-    """Why a record cannot serve ``pdict`` here, or None when it can."""
-    name = rec.get("variant")
+_SLUG = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+_TEXT_FIELDS = {
+    "chip": 128,
+    "op": 64,
+    "problem": 512,
+    "variant": 128,
+    "mlx_version": 64,
+    "package_version": 64,
+    "source_hash": 64,
+    "created_at": 64,
+}
+_TIME_FIELDS = ("median_s", "spread_s", "default_median_s")
+
+
+def invalid(op: Op, rec: dict) -> str | None:
+    """What makes ``rec`` malformed for ``op`` (types, sizes, an unknown variant, parameters
+    outside the variant's space, a problem key that does not parse), or None. Nothing in a
+    record is ever evaluated: it names a registered variant and scalar parameters, or it is
+    ignored."""
+    if not isinstance(rec, dict):
+        return "not a mapping"
+    for field, limit in _TEXT_FIELDS.items():
+        value = rec.get(field)
+        if not isinstance(value, str) or len(value) > limit:
+            return f"{field} is not a string of at most {limit} characters"
+    if not _SLUG.match(rec["chip"]) or rec["op"] != op.name:
+        return "chip or op does not match"
+    for field in _TIME_FIELDS:
+        value = rec.get(field)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not (0 <= value < math.inf)
+        ):
+            return f"{field} is not a finite non-negative number"
     try:
-        variant = op.variant(name) if isinstance(name, str) else None
+        variant = op.variant(rec["variant"])
     except KeyError:
-        variant = None
-    if variant is None:
-        warn_once(
-            f"[{op.name}] ignoring a tuning record naming an unknown variant {str(name)[:64]!r}"
-        )
-        return "unknown variant"
+        return f"unknown variant {rec['variant'][:64]!r}"
     try:
         variant.validate(rec.get("params"))
-    except ValueError as e:
-        warn_once(f"[{op.name}] ignoring a tuning record with invalid params: {str(e)[:200]}")
-        return "invalid params"
-    if rec.get("mlx_version") != mx.__version__:
-        return f"stale: tuned with MLX {str(rec.get('mlx_version'))[:32]}, running {mx.__version__}"
-    if rec.get("source_hash") != variant.source_hash:
+        op.variant(rec.get("default_variant", "")).validate(rec.get("default_params"))
+        parse_key(rec["problem"], op.dims)
+    except (ValueError, KeyError, TypeError) as e:
+        return str(e)[:200]
+    return None
+
+
+def _unusable(op: Op, rec: dict, pdict: dict, backend: str) -> str | None:
+    """Why a record cannot serve ``pdict`` here, or None when it can."""
+    why = invalid(op, rec)
+    if why is not None:
+        warn_once(f"[{op.name}] ignoring a tuning record: {why}")
+        return why
+    name = rec["variant"]
+    variant = op.variant(name)
+    if rec["mlx_version"] != mx.__version__:
+        return f"stale: tuned with MLX {rec['mlx_version'][:32]}, running {mx.__version__}"
+    if rec["source_hash"] != variant.source_hash:
         return "stale: the kernel source changed since it was tuned"
     if not variant.available(backend):
         return f"variant {name} does not run on {backend}"
@@ -242,6 +284,8 @@ def _user_records(tdb, chip: str, op_name: str) -> list[dict]:
             return db.records(chip=chip, op=op_name)
         finally:
             db.close()
+    except tdb.EmptyDatabaseError:  # created this moment by a tuning process: nothing yet
+        return []
     except Exception as e:  # a broken user database must never break a call
         warn_once(
             f"[mlx_primitives] ignoring the tuning database {url}: {str(e)[:300]}. "

@@ -9,6 +9,7 @@ costs one dict lookup; the canonical string is made only when a record is read o
 from __future__ import annotations
 
 import math
+import re
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -81,8 +82,13 @@ def _unfmt(text: str):
         return text
 
 
+_VALUE = re.compile(r"^[A-Za-z0-9_.+-]{1,32}$")
+
+
 def parse_key(key: str, dims: tuple[Dim, ...]) -> Problem:
     """Inverse of :meth:`Problem.key`; ValueError when the string does not fit ``dims``."""
+    if not isinstance(key, str) or len(key) > 512:
+        raise ValueError("a problem key is a string of at most 512 characters")
     parts = key.split("|")
     if len(parts) != 3:
         raise ValueError(f"malformed problem key {key!r}")
@@ -90,6 +96,8 @@ def parse_key(key: str, dims: tuple[Dim, ...]) -> Problem:
     pairs = [f.split("=", 1) for f in fields.split(",")] if fields else []
     if [p[0] for p in pairs] != [d.name for d in dims] or any(len(p) != 2 for p in pairs):
         raise ValueError(f"problem key {key!r} does not name the dims {[d.name for d in dims]}")
+    if not all(_VALUE.match(v) for _, v in pairs):
+        raise ValueError(f"problem key {key[:80]!r} has a value outside [A-Za-z0-9_.+-]")
     values = tuple(_unfmt(v) for _, v in pairs)
     for d, v in zip(dims, values):
         if d.kind == BUCKET and (not isinstance(v, int) or v < 1 or v != bucket(v)):

@@ -8,6 +8,13 @@ import pytest
 from mlx_primitives import dispatch
 
 
+def pytest_ignore_collect(collection_path, config):
+    """tests/stress runs only when asked for by path (``pytest tests/stress``)."""
+    if collection_path.name == "stress" and not any("stress" in str(a) for a in config.args):
+        return True
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     if mx.cuda.is_available() or mx.metal.is_available():
         return

@@ -27,7 +27,7 @@ from .db import (
     shipped_path,
     url_path,
 )
-from .tuner import BUDGETS, Budget, Tuner
+from .tuner import BUDGETS, CANDIDATE_TIMEOUT_S, EXIT_HUNG, Budget, Tuner
 
 COMMANDS = ("tune", "list", "show", "explain", "export", "import", "doctor", "clear")
 
@@ -90,18 +90,14 @@ def _open(args, *, create: bool) -> TuningDB:
     return TuningDB(url, create=create)
 
 
-def _stale(rec: dict) -> bool:
-    try:
-        return dispatch.is_stale(get_op(rec["op"]), rec)
-    except KeyError:
-        return True
-
-
 def _row(rec: dict, source: str) -> dict:
-    out = dict(rec)
-    out["speedup"] = rec["default_median_s"] / rec["median_s"] if rec["median_s"] else None
-    out["stale"] = _stale(rec)
-    out["source"] = source
+    """A record as shown: with its speedup, whether it is stale, and why it is unusable."""
+    o = next((x for x in ops() if x.name == rec.get("op")), None)
+    why = "unknown op" if o is None else dispatch.invalid(o, rec)
+    out = {**rec, "source": source, "invalid": why}
+    out["stale"] = why is not None or dispatch.is_stale(o, rec)
+    usable = why is None and rec["median_s"] > 0
+    out["speedup"] = rec["default_median_s"] / rec["median_s"] if usable else None
     return out
 
 
@@ -114,8 +110,19 @@ def _records_table(title: str, rows: list[dict]):
             col, justify="right" if col in ("median", "default", "speedup") else "left"
         )
     for r in rows:
+        if r["invalid"]:
+            table.add_row(
+                str(r.get("op"))[:32],
+                str(r.get("problem"))[:64],
+                f"(invalid: {r['invalid'][:60]})",
+                "-",
+                "-",
+                "-",
+                "-",
+            )
+            continue
         params = ",".join(f"{k}={v}" for k, v in sorted(r["params"].items())) or "-"
-        stale = " (stale)" if r.get("stale") else ""
+        stale = " (stale)" if r["stale"] else ""
         table.add_row(
             r["op"],
             r["problem"].split("|", 2)[-1] + " " + r["problem"].split("|")[1],
@@ -142,7 +149,9 @@ def cmd_tune(args) -> int:
     else:
         work = [(o, ex) for o in selected for ex in o.presets.get(args.preset, [])]
     db = _open(args, create=True)
-    tuner = Tuner(db, budget, seed=args.seed, force=args.force)
+    tuner = Tuner(
+        db, budget, seed=args.seed, force=args.force, candidate_timeout_s=args.candidate_timeout
+    )
     deadline = None if args.time_budget is None else time.perf_counter() + args.time_budget
     outcomes, failures, unstarted = [], [], 0
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -285,11 +294,19 @@ def cmd_export(args) -> int:
 
 def cmd_import(args) -> int:
     records = read_json(args.path)
-    db = _open(args, create=True)
+    known = {o.name: o for o in ops()}
+    valid, skipped = [], []
     for r in records:
+        o = known.get(r.get("op")) if isinstance(r, dict) else None
+        why = "unknown op" if o is None else dispatch.invalid(o, r)
+        (skipped if why else valid).append((r, why))
+    db = _open(args, create=True)
+    for r, _ in valid:
         db.put(r)
     dispatch.reset()
-    print(f"imported {len(records)} records into {db.url}")
+    print(f"imported {len(valid)} records into {db.url}")
+    if skipped:
+        print(f"skipped {len(skipped)} malformed records, e.g.: {skipped[0][1]}", file=sys.stderr)
     return 0
 
 
@@ -318,7 +335,7 @@ def cmd_doctor(args) -> int:
                 status="ok" if db.integrity_ok() else "integrity check failed",
                 records=len(records),
                 this_chip=sum(r["chip"] == chip.slug for r in records),
-                stale=sum(_stale(r) for r in records),
+                stale=sum(_row(r, "user")["stale"] for r in records),
             )
             db.close()
         except DatabaseError as e:
@@ -389,6 +406,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--dtype", help="dtype of the --shape problem")
     t.add_argument("--option", action="append", help="op flag KEY=VALUE for --shape (layout=BSHD)")
     t.add_argument("--force", action="store_true", help="re-tune problems already tuned")
+    t.add_argument(
+        "--candidate-timeout",
+        type=float,
+        default=CANDIDATE_TIMEOUT_S,
+        help="seconds after which a candidate is recorded as hung and tuning stops "
+        f"(exit code {EXIT_HUNG}; the next run skips it)",
+    )
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--json", action="store_true")
 

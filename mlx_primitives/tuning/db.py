@@ -9,8 +9,10 @@ an in-memory SQLite database opened read-only.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import sqlite3
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,7 +29,7 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 SCHEMA_VERSION = 1
@@ -56,6 +58,10 @@ RECORD_FIELDS = (
 
 class DatabaseError(RuntimeError):
     """A tuning database that cannot be used; the message says why and how to recover."""
+
+
+class EmptyDatabaseError(DatabaseError):
+    """An empty SQLite file: a database another process is creating right now, or nothing."""
 
 
 class _Base(DeclarativeBase):
@@ -116,7 +122,7 @@ class Trial(_Base):
     created_at: Mapped[str] = mapped_column(String(64))
 
     def to_dict(self) -> dict:
-        fields = ("op", "problem", "variant", "status", "reason", "median_s", "error")
+        fields = ("id", "op", "problem", "variant", "status", "reason", "median_s", "error")
         return {"params": _loads(self.params), **{f: getattr(self, f) for f in fields}}
 
 
@@ -154,18 +160,55 @@ def url_path(url: str) -> Path | None:
 
 
 def _on_connect(dbapi_conn, _record):
+    # Every connection waits for locks (busy timeout) before anything else happens on it.
     cur = dbapi_conn.cursor()
     cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
 
 
+def _writer_connect(dbapi_conn, record):
+    _on_connect(dbapi_conn, record)
+    # SQLAlchemy, not the sqlite3 module, opens transactions on the writer (see _writer_begin).
+    dbapi_conn.isolation_level = None
+
+
+def _writer_begin(conn):
+    # A deferred transaction that later writes fails at once with "database is locked" when
+    # another process writes, whatever the busy timeout; IMMEDIATE takes the write lock first
+    # and waits for it.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _guard(method):
+    """Turn any SQLAlchemy or sqlite error of ``method`` into a DatabaseError with advice."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except DatabaseError:
+            raise
+        except (SQLAlchemyError, sqlite3.Error) as e:
+            detail = getattr(e, "orig", None) or e
+            raise DatabaseError(
+                f"{self.url}: {detail}. `mlxp-tune doctor` checks it; `mlxp-tune clear` moves "
+                "an unusable database aside"
+            ) from e
+
+    return wrapper
+
+
 class TuningDB:
     """A tuning database.
 
+    Readers never wait (WAL); writers take the write lock when their transaction begins and
+    wait up to ``BUSY_TIMEOUT_MS`` for it, so several tuning and dispatching processes can
+    share one file. Every failure of the database surfaces as :class:`DatabaseError`.
+
     Args:
         url: a SQLAlchemy URL (``sqlite:///path``) or a plain file path.
-        read_only: refuse writes (shipped databases).
+        read_only: refuse writes.
         create: create the file and tables when missing; when False a missing file raises.
     """
 
@@ -177,10 +220,19 @@ class TuningDB:
             if not create:
                 raise DatabaseError(f"no tuning database at {path}")
             path.parent.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(self.url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
-        if self.engine.dialect.name == "sqlite":
+        args = {"timeout": BUSY_TIMEOUT_MS / 1000}
+        self.engine = create_engine(self.url, connect_args=args)
+        self._writer = self.engine
+        if self.engine.dialect.name == "sqlite" and path is not None:
             event.listen(self.engine, "connect", _on_connect)
-        self._prepare(create)
+            self._writer = create_engine(self.url, connect_args=args)
+            event.listen(self._writer, "connect", _writer_connect)
+            event.listen(self._writer, "begin", _writer_begin)
+        try:
+            self._prepare(create)
+        except Exception:
+            self.close()
+            raise
 
     def __repr__(self) -> str:
         return f"TuningDB({self.url!r})"
@@ -188,25 +240,20 @@ class TuningDB:
     def _prepare(self, create: bool) -> None:
         try:
             with self.engine.connect() as conn:
-                tables = (
-                    {
-                        r[0]
-                        for r in conn.execute(
-                            text("SELECT name FROM sqlite_master WHERE type='table'")
-                        )
-                    }
-                    if self.engine.dialect.name == "sqlite"
-                    else set()
+                tables = set(
+                    conn.exec_driver_sql(
+                        "SELECT name FROM sqlite_master WHERE type='table'"
+                    ).scalars()
                 )
         except Exception as e:  # not a database at all, or unreadable
             raise DatabaseError(f"{self.url} is not a readable SQLite database ({e})") from e
         if "meta" not in tables:
             if tables - {"meta"}:
                 raise DatabaseError(
-                    f"{self.url} is not a tuning database (tables: {sorted(tables)})"
+                    f"{self.url} is not a tuning database (tables: {sorted(tables)[:8]})"
                 )
             if not create or self.read_only:
-                raise DatabaseError(f"{self.url} holds no tuning tables")
+                raise EmptyDatabaseError(f"{self.url} holds no tuning tables")
             self._create()
         version = self.meta("schema_version")
         if version != str(SCHEMA_VERSION):
@@ -214,12 +261,23 @@ class TuningDB:
                 f"{self.url} has schema version {version}, this mlx-primitives reads "
                 f"{SCHEMA_VERSION}: export it with the version that wrote it, or start a new one"
             )
+        missing = {t.name for t in _Base.metadata.sorted_tables} - tables - {"meta"}
+        if tables - {"meta"} and missing:
+            raise DatabaseError(f"{self.url} lacks the tables {sorted(missing)}")
 
     def _create(self) -> None:
-        # WAL is switched on once, at creation; concurrent cold starts retry on the lock.
-        for attempt in range(50):
+        # WAL first, once, at creation: switching needs a moment with no other writer, and
+        # concurrent cold starts of several processes retry until they get it.
+        for attempt in range(100):
             try:
-                with self.engine.begin() as conn:
+                if url_path(self.url) is not None:
+                    # Outside any transaction: inside one, SQLite keeps the old journal mode.
+                    raw = self._writer.raw_connection()
+                    try:
+                        raw.cursor().execute("PRAGMA journal_mode=WAL")
+                    finally:
+                        raw.close()
+                with self._writer.begin() as conn:
                     _Base.metadata.create_all(conn)
                     conn.execute(
                         text("INSERT OR IGNORE INTO meta (key, value) VALUES (:k, :v)"),
@@ -228,15 +286,13 @@ class TuningDB:
                             {"k": "created_at", "v": now()},
                         ],
                     )
-                if self.engine.dialect.name == "sqlite" and url_path(self.url):
-                    with self.engine.connect() as conn:
-                        conn.exec_driver_sql("PRAGMA journal_mode=WAL")
                 return
             except OperationalError as e:
-                if "locked" not in str(e) or attempt == 49:
+                if "locked" not in str(e) and "busy" not in str(e) or attempt == 99:
                     raise
-                time.sleep(0.05 * (attempt + 1))
+                time.sleep(0.02 * (1 + attempt % 10))
 
+    @_guard
     def meta(self, key: str) -> str | None:
         with Session(self.engine) as s:
             row = s.get(_Meta, key)
@@ -246,6 +302,7 @@ class TuningDB:
         if self.read_only:
             raise DatabaseError(f"{self.url} is read-only")
 
+    @_guard
     def records(self, chip: str | None = None, op: str | None = None) -> list[dict]:
         """Records as dicts, optionally for one chip and/or op, ordered by chip, op, problem."""
         query = select(TuningRecord)
@@ -257,13 +314,14 @@ class TuningDB:
         with Session(self.engine) as s:
             return [r.to_dict() for r in s.scalars(query)]
 
+    @_guard
     def put(self, record: dict) -> None:
         """Insert or replace the record for its (chip, op, problem), atomically."""
         self._check_writable()
         row = {f: record[f] for f in RECORD_FIELDS}
         for f in ("params", "default_params"):
             row[f] = json.dumps(row[f], sort_keys=True)
-        with Session(self.engine) as s, s.begin():
+        with Session(self._writer) as s, s.begin():
             s.execute(
                 delete(TuningRecord).where(
                     TuningRecord.chip == row["chip"],
@@ -273,39 +331,58 @@ class TuningDB:
             )
             s.add(TuningRecord(**row))
 
-    def add_trials(self, chip: str, trials: list[dict]) -> None:
+    @_guard
+    def add_trial(self, chip: str, trial: dict) -> int:
+        """Store one trial; returns its id (to finish a ``pending`` one later)."""
         self._check_writable()
-        stamp = now()
-        with Session(self.engine) as s, s.begin():
-            for t in trials:
-                s.add(
-                    Trial(
-                        chip=chip,
-                        op=t["op"],
-                        problem=t["problem"],
-                        variant=t["variant"],
-                        params=json.dumps(t["params"], sort_keys=True),
-                        status=t["status"],
-                        reason=t.get("reason", ""),
-                        median_s=t.get("median_s"),
-                        error=t.get("error"),
-                        created_at=stamp,
-                    )
-                )
+        with Session(self._writer) as s, s.begin():
+            row = Trial(
+                chip=chip,
+                op=trial["op"],
+                problem=trial["problem"],
+                variant=trial["variant"],
+                params=json.dumps(trial["params"], sort_keys=True),
+                status=trial["status"],
+                reason=trial.get("reason", ""),
+                median_s=trial.get("median_s"),
+                error=trial.get("error"),
+                created_at=now(),
+            )
+            s.add(row)
+            s.flush()
+            return row.id
 
-    def trials(self, chip: str | None = None, op: str | None = None) -> list[dict]:
+    @_guard
+    def finish_trial(self, trial_id: int, trial: dict) -> None:
+        """Give a pending trial its outcome."""
+        self._check_writable()
+        with Session(self._writer) as s, s.begin():
+            row = s.get(Trial, trial_id)
+            if row is not None:
+                row.status = trial["status"]
+                row.reason = trial.get("reason", "")
+                row.median_s = trial.get("median_s")
+                row.error = trial.get("error")
+
+    @_guard
+    def trials(
+        self, chip: str | None = None, op: str | None = None, status: str | None = None
+    ) -> list[dict]:
         query = select(Trial)
         if chip is not None:
             query = query.where(Trial.chip == chip)
         if op is not None:
             query = query.where(Trial.op == op)
+        if status is not None:
+            query = query.where(Trial.status == status)
         with Session(self.engine) as s:
             return [t.to_dict() for t in s.scalars(query.order_by(Trial.id))]
 
+    @_guard
     def clear(self, op: str | None = None, chip: str | None = None) -> int:
         """Delete records and trials (of one op and/or chip); returns the records deleted."""
         self._check_writable()
-        with Session(self.engine) as s, s.begin():
+        with Session(self._writer) as s, s.begin():
             n = 0
             for model in (TuningRecord, Trial):
                 stmt = delete(model)
@@ -317,6 +394,7 @@ class TuningDB:
                 n = result.rowcount if model is TuningRecord else n
             return n
 
+    @_guard
     def integrity_ok(self) -> bool:
         with self.engine.connect() as conn:
             return conn.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
@@ -327,15 +405,9 @@ class TuningDB:
         write_json(path, records)
         return len(records)
 
-    def import_(self, path) -> int:
-        """Add the records of a JSON export, replacing those for the same problems."""
-        records = read_json(path)
-        for r in records:
-            self.put(r)
-        return len(records)
-
     def close(self) -> None:
         self.engine.dispose()
+        self._writer.dispose()
 
 
 def shipped_path(chip: str) -> Path | None:

@@ -9,6 +9,7 @@ or slows down during the measurement moves all of them alike and their ratios st
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -65,7 +66,8 @@ def _run_chain(call: Call, chain: int) -> float:
 
 
 def _prepare(call: Call, limit_s: float | None, target_sample_s: float, max_chain: int):
-    """The first call (which may compile; never kept) and the chain length for ``call``."""
+    """The first call (which may compile; never kept), and the chain lengths that fill
+    ``target_sample_s`` and that the memory cap allows."""
     fn, args, kwargs = call
     start = time.perf_counter()
     out = fn(*args, **kwargs)
@@ -79,8 +81,8 @@ def _prepare(call: Call, limit_s: float | None, target_sample_s: float, max_chai
             f"{per_call * 1e3:.3g} ms per call is over the limit of {limit_s * 1e3:.3g} ms"
         )
     cap = max(1, _chain_bytes() // max(_nbytes(out), 1))
-    chain = int(min(max_chain, cap, max(1, target_sample_s / max(per_call, 1e-9))))
-    return first, chain
+    wanted = int(min(max_chain, max(1, target_sample_s / max(per_call, 1e-9))))
+    return first, wanted, cap
 
 
 def bench_many(
@@ -105,23 +107,31 @@ def bench_many(
             candidate far slower than the default is not worth finishing).
     """
     prepared = [_prepare(c, limit_s, target_sample_s, max_chain) for c in calls]
+    # One chain length for all: it sets how far the fixed cost of an evaluation is amortized,
+    # so calls compared with each other must share it. The fastest call's wish decides,
+    # within every call's memory cap.
+    chain = min(max(p[1] for p in prepared), *(p[2] for p in prepared))
     deadline = time.perf_counter() + warmup_s * len(calls)
     while time.perf_counter() < deadline:
-        for call, (_, chain) in zip(calls, prepared):
+        for call in calls:
             _run_chain(call, chain)
     samples: list[list[float]] = [[] for _ in calls]
     deadline = time.perf_counter() + budget_s * len(calls)
     while len(samples[0]) < min_reps or (
         time.perf_counter() < deadline and len(samples[0]) < max_reps
     ):
-        for call, (_, chain), kept in zip(calls, prepared, samples):
-            kept.append(_run_chain(call, chain))
+        # A new order each round: what ran just before a sample affects it.
+        order = list(range(len(calls)))
+        random.Random(len(samples[0])).shuffle(order)
+        for i in order:
+            kept = samples[i]
+            kept.append(_run_chain(calls[i], chain))
             if limit_s is not None and len(kept) >= 3 and statistics.median(kept) > limit_s:
                 raise TimeoutError(
                     f"median {statistics.median(kept) * 1e3:.3g} ms is over the limit"
                 )
     timings = []
-    for kept, (first, chain) in zip(samples, prepared):
+    for kept, (first, _, _) in zip(samples, prepared):
         q1, _, q3 = statistics.quantiles(kept, n=4) if len(kept) > 1 else (kept[0],) * 3
         timings.append(Timing(statistics.median(kept), q3 - q1, len(kept), chain, first))
     return timings

@@ -4,8 +4,9 @@ Each candidate (a variant and its parameters) is first checked against the op's 
 float64 on fresh random inputs, then timed. The default is timed in the same run; a candidate
 wins only if it beats the default beyond noise, and candidates within noise of the fastest are
 ranked by a fixed order (registration order of variants, then of their parameter values), so
-two runs on one machine agree. The winner is then timed again against the default with their
-samples interleaved, and kept only if it still wins, so drift of the machine cannot decide.
+two runs on one machine agree. The decision is made on a second measurement of the finalists
+(the candidates close to the fastest, and the default) with their samples interleaved, so
+drift of the machine during the search cannot decide.
 Small spaces are searched exhaustively, larger ones with TPE; the previous winner and the
 default go first.
 """
@@ -13,6 +14,9 @@ default go first.
 from __future__ import annotations
 
 import math
+import os
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,8 +36,20 @@ from .warm import warm
 
 # Differences below this fraction of a latency are noise, whatever the measured spread says.
 NOISE = 0.02
+# Candidates within this fraction of the fastest are timed again, interleaved, to decide.
+FINALIST = 0.25
+MAX_FINALISTS = 8
+# Candidates within this fraction of the fastest count as equally fast: the fixed order picks.
+TIE = 0.05
 # A candidate slower than this many times the default is abandoned mid-measurement.
 ABANDON_FACTOR = 100.0
+# A candidate that has not finished after this long is taken to hang.
+CANDIDATE_TIMEOUT_S = 300.0
+# The exit code of a tuning process that stopped on a hung candidate.
+EXIT_HUNG = 3
+# Reasons that keep a candidate rejected for its problem in later runs too.
+HUNG = "hung"
+CRASHED = "did not finish in an earlier run"
 
 
 @dataclass(frozen=True)
@@ -119,14 +135,18 @@ def beats(a: Result, b: Result) -> bool:
 
 
 def decide(results: list[Result], default: Result, order: list[Candidate]) -> Result:
-    """The winner: the default unless something beats it beyond noise; among candidates within
-    noise of the fastest, the first in ``order``."""
+    """The winner: the default unless something beats it beyond noise; among the candidates
+    within ``TIE`` (and noise) of the fastest, the first in ``order``."""
     ok = [r for r in results if r.status == "ok"]
     challengers = [r for r in ok if beats(r, default)]
     if not challengers:
         return default
     best = min(challengers, key=lambda r: r.median_s)
-    tied = [r for r in challengers if not beats(best, r)]
+    tied = [
+        r
+        for r in challengers
+        if r.median_s <= best.median_s * (1 + TIE) + 2.0 * math.hypot(r.stderr_s, best.stderr_s)
+    ]
     rank = {c: i for i, c in enumerate(order)}
     return min(tied, key=lambda r: rank.get(r.candidate, math.inf))
 
@@ -149,10 +169,21 @@ class Tuner:
         budget: how hard to search.
         seed: seeds TPE and the timing inputs (check inputs are fresh each run).
         force: re-tune problems that already have a current record.
+        candidate_timeout_s: a candidate that has not finished (built, checked and timed)
+            after this long is recorded as hung and the process exits with ``EXIT_HUNG``.
     """
 
-    def __init__(self, db: TuningDB, budget: Budget, *, seed: int = 0, force: bool = False):
+    def __init__(
+        self,
+        db: TuningDB,
+        budget: Budget,
+        *,
+        seed: int = 0,
+        force: bool = False,
+        candidate_timeout_s: float = CANDIDATE_TIMEOUT_S,
+    ):
         self.db = db
+        self.candidate_timeout_s = candidate_timeout_s
         self.budget = budget
         self.seed = seed
         self.force = force
@@ -175,6 +206,8 @@ class Tuner:
 
         order = candidates(op, pdict, self.backend)
         default = Candidate.of(*op.default(problem, self.backend))
+        results: dict[Candidate, Result] = self._unfinished(op, pkey)
+        order = [c for c in order if c not in results or c == default]
         first = [default]
         if previous is not None:
             prev = Candidate.of(previous["variant"], previous["params"])
@@ -198,15 +231,16 @@ class Tuner:
         )
         want = reference_float64(op.reference, check_args, check_kwargs)
         tolerance = op.tolerances.get(example.dtype, TOLERANCES[example.dtype])
-        results: dict[Candidate, Result] = {}
+        results.pop(default, None)  # the default is always measured
 
         def evaluate(c: Candidate) -> Result:
             if c not in results:
                 limit = None
                 if c != default and results[default].status == "ok":
                     limit = ABANDON_FACTOR * results[default].median_s
-                results[c] = self._evaluate(
-                    op, c, args, kwargs, (check_args, check_kwargs, want, tolerance), limit
+                check = (check_args, check_kwargs, want, tolerance)
+                results[c] = self._recorded(
+                    op, pkey, c, lambda: self._evaluate(op, c, args, kwargs, check, limit)
                 )
             return results[c]
 
@@ -222,8 +256,9 @@ class Tuner:
             )
         self._search(first, rest, evaluate)
 
-        winner = decide(list(results.values()), results[default], [default, *order])
-        winner, base = self._confirm(op, winner, results[default], args, kwargs)
+        winner, base = self._final(
+            op, list(results.values()), results[default], [default, *order], args, kwargs
+        )
         variant = op.variant(winner.candidate.variant)
         record = {
             "chip": self.chip.slug,
@@ -243,39 +278,86 @@ class Tuner:
             "created_at": now(),
         }
         self.db.put(record)
-        self.db.add_trials(self.chip.slug, [r.trial(op.name, pkey) for r in results.values()])
         dispatch.reset()
         return Outcome(op.name, pkey, example, record, list(results.values()))
 
-    def _confirm(self, op: Op, winner: Result, default: Result, args, kwargs):
-        """Time a challenger and the default again with interleaved samples, so drift of the
-        machine between their first measurements cannot decide; returns (winner, default)."""
-        if winner.candidate == default.candidate:
-            return winner, default
+    def _unfinished(self, op: Op, pkey: str) -> dict[Candidate, Result]:
+        """Candidates that hung or crashed in an earlier run, rejected rather than run again:
+        trials recorded as hung, and trials still pending (their process died in them)."""
+        out = {}
+        for t in self.db.trials(chip=self.chip.slug, op=op.name):
+            if t["problem"] != pkey:
+                continue
+            c = Candidate.of(t["variant"], t["params"])
+            if t["status"] == "pending":
+                out[c] = Result(c, "rejected", f"{CRASHED}: process died in it (crash or kill)")
+                self.db.finish_trial(t["id"], out[c].trial(op.name, pkey))
+            elif t["status"] == "rejected" and t["reason"].startswith((HUNG, CRASHED)):
+                out[c] = Result(c, "rejected", t["reason"])
+        return out
+
+    def _recorded(self, op: Op, pkey: str, c: Candidate, run: Callable[[], Result]) -> Result:
+        """Run one candidate's evaluation with its trial stored as pending first, and a
+        watchdog that records a hang and ends the process (a hung call cannot be stopped)."""
+        pending = Result(c, "pending", "started")
+        trial_id = self.db.add_trial(self.chip.slug, pending.trial(op.name, pkey))
+
+        def hung() -> None:
+            reason = f"{HUNG}: no result after {self.candidate_timeout_s:g} s"
+            self.db.finish_trial(trial_id, Result(c, "rejected", reason).trial(op.name, pkey))
+            print(
+                f"mlxp-tune: {op.name} {pkey} {c.label()} {reason}; it is recorded as "
+                "rejected, run again to continue",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(EXIT_HUNG)
+
+        watchdog = threading.Timer(self.candidate_timeout_s, hung)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            result = run()
+        except KeyboardInterrupt:
+            # Stopped by the user, not by the candidate: the next run tries it again.
+            interrupted = Result(c, "rejected", "interrupted by the user")
+            self.db.finish_trial(trial_id, interrupted.trial(op.name, pkey))
+            raise
+        finally:
+            watchdog.cancel()
+        self.db.finish_trial(trial_id, result.trial(op.name, pkey))
+        return result
+
+    def _final(self, op: Op, results: list[Result], default: Result, order, args, kwargs):
+        """Time the finalists (within ``FINALIST`` of the fastest, and the default) again with
+        their samples interleaved, so drift of the machine between the search's measurements
+        cannot decide, and pick the winner from these; returns (winner, default)."""
+        ok = [r for r in results if r.status == "ok"]
+        fastest = min(r.median_s for r in ok)
+        rank = {c: i for i, c in enumerate(order)}
+        # Close ones in the fixed order, not by measured speed: which of several equal
+        # candidates make the cut must not depend on noise.
+        close = sorted(
+            (r for r in ok if r.median_s <= fastest * (1 + FINALIST) and r is not default),
+            key=lambda r: rank.get(r.candidate, math.inf),
+        )
+        # A default far behind is beaten anyway, and its long samples would only disturb
+        # the race between the close ones.
+        far = default.median_s > 2 * fastest
+        finalists = close[:MAX_FINALISTS] if far else [default, *close[: MAX_FINALISTS - 1]]
+        if not finalists or finalists == [default]:
+            return default, default
         calls = [
             (op.variant(r.candidate.variant).build(**r.candidate.param_dict), args, kwargs)
-            for r in (default, winner)
+            for r in finalists
         ]
-        t_default, t_winner = bench_many(calls, budget_s=self.budget.bench_s)
-        base = Result(
-            default.candidate,
-            "ok",
-            "",
-            t_default.median_s,
-            t_default.spread_s,
-            default.error,
-            t_default.stderr_s,
-        )
-        challenger = Result(
-            winner.candidate,
-            "ok",
-            "",
-            t_winner.median_s,
-            t_winner.spread_s,
-            winner.error,
-            t_winner.stderr_s,
-        )
-        return (challenger if beats(challenger, base) else base), base
+        timed = bench_many(calls, budget_s=max(self.budget.bench_s, 0.05), min_reps=15)
+        again = [
+            Result(r.candidate, "ok", "", t.median_s, t.spread_s, r.error, t.stderr_s)
+            for r, t in zip(finalists, timed)
+        ]
+        base = default if far else again[0]
+        return decide(again, base, order), base
 
     def _previous(self, op: Op, pkey: str) -> dict | None:
         for rec in self.db.records(chip=self.chip.slug, op=op.name):

@@ -1,0 +1,153 @@
+"""Property tests of every public op's argument checking: any input either raises ValueError or
+TypeError naming the op and an argument, or is valid and gives the reference's answer."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mlx_primitives as mp
+
+from . import references as ref
+
+FLOATS = [mx.float32, mx.float16, mx.bfloat16]
+DTYPES = [*FLOATS, mx.int32, mx.uint8, mx.bool_]
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def arrays(draw, max_rank=4):
+    rank = draw(st.integers(0, max_rank))
+    shape = tuple(draw(st.lists(st.integers(0, 5), min_size=rank, max_size=rank)))
+    dtype = draw(st.sampled_from(DTYPES))
+    return (mx.random.normal(shape) * 2).astype(dtype)
+
+
+def not_arrays():
+    return st.sampled_from([None, 1.0, [1.0, 2.0], np.ones((2, 3), np.float32), "x"])
+
+
+scalars = st.sampled_from([1e-5, 0.0, 1, -1.0, math.nan, math.inf, "1e-5", None, True, 1e300])
+
+
+def _valid_array(a, min_ndim=1) -> bool:
+    return isinstance(a, mx.array) and a.dtype in FLOATS and a.ndim >= min_ndim and a.size > 0
+
+
+def _valid_eps(e) -> bool:
+    return isinstance(e, (int, float)) and not isinstance(e, bool) and 0 <= e < math.inf
+
+
+def _check(op: str, call, args: tuple, valid: bool, reference, names: tuple[str, ...]):
+    try:
+        out = call(*args)
+    except (ValueError, TypeError) as e:
+        message = str(e)
+        assert message.startswith(f"[{op}]"), message
+        assert any(n in message for n in names), message
+        assert not valid, f"valid input rejected: {message}"
+        return
+    assert valid, f"[{op}] accepted invalid input {[getattr(a, 'shape', a) for a in args]}"
+    want = reference(*args)
+    got = ref.f64(out)
+    assert np.isfinite(got).all() or not np.isfinite(want).all()
+    np.testing.assert_allclose(got, want, atol=5e-2, rtol=5e-2)
+
+
+@SETTINGS
+@given(
+    x=st.one_of(arrays(), not_arrays()),
+    w=st.one_of(arrays(1), st.none(), not_arrays()),
+    eps=scalars,
+)
+def test_rms_norm_inputs(x, w, eps):
+    valid = (
+        _valid_array(x)
+        and _valid_eps(eps)
+        and (w is None or (_valid_array(w) and w.shape == (x.shape[-1],)))
+    )
+    _check("rms_norm", mp.rms_norm, (x, w, eps), valid, ref.rms_norm, ("x", "weight", "eps"))
+
+
+@SETTINGS
+@given(
+    x=st.one_of(arrays(), not_arrays()),
+    w=st.one_of(arrays(1), st.none()),
+    b=st.one_of(arrays(1), st.none(), not_arrays()),
+    eps=scalars,
+)
+def test_layer_norm_inputs(x, w, b, eps):
+    def fits(v):
+        return v is None or (_valid_array(v) and v.shape == (x.shape[-1],))
+
+    valid = _valid_array(x) and _valid_eps(eps) and fits(w) and fits(b)
+    _check(
+        "layer_norm",
+        mp.layer_norm,
+        (x, w, b, eps),
+        valid,
+        ref.layer_norm,
+        ("x", "weight", "bias", "eps"),
+    )
+
+
+@SETTINGS
+@given(
+    gate=st.one_of(arrays(), not_arrays()),
+    up=st.one_of(arrays(), not_arrays()),
+    name=st.sampled_from(["swiglu", "geglu"]),
+)
+def test_gated_inputs(gate, up, name):
+    valid = (
+        _valid_array(gate)
+        and _valid_array(up)
+        and gate.shape == up.shape
+        and gate.dtype == up.dtype
+    )
+    _check(name, getattr(mp, name), (gate, up), valid, getattr(ref, name), ("gate", "up"))
+
+
+@SETTINGS
+@given(
+    x=st.one_of(arrays(5), not_arrays()),
+    dims=st.sampled_from([2, 3, 4, 0, -2, 8.0, 6]),
+    traditional=st.sampled_from([False, True, 1, None]),
+    base=st.sampled_from([10000.0, 500, -1.0, 0.0, None, math.nan]),
+    scale=st.sampled_from([1.0, 0.5, -1.0, math.inf, "1"]),
+    offset=st.sampled_from([0, 5, -3, 1.5, mx.array(2), mx.array([1, 2]), mx.array([1.0])]),
+    layout=st.sampled_from(["BHSD", "BSHD", "bshd", 3]),
+)
+def test_rope_inputs(x, dims, traditional, base, scale, offset, layout):
+    kwargs = dict(traditional=traditional, base=base, scale=scale, offset=offset, layout=layout)
+    valid = (
+        layout in ("BHSD", "BSHD")
+        and _valid_array(x, 3)
+        and (layout == "BHSD" or x.ndim == 4)
+        and isinstance(dims, int)
+        and dims >= 2
+        and dims % 2 == 0
+        and dims <= x.shape[-1]
+        and isinstance(traditional, bool)
+        and _valid_eps(scale)
+        and base is not None
+        and _valid_eps(base)
+        and base > 0
+        and (
+            not isinstance(offset, mx.array)
+            or (mx.issubdtype(offset.dtype, mx.integer) and offset.size in (1, x.shape[0]))
+        )
+        and isinstance(offset, (int, mx.array))
+    )
+    names = ("x", "dims", "traditional", "base", "scale", "offset", "layout", "freqs")
+    _check(
+        "rope",
+        lambda *a: mp.rope(*a, **kwargs),
+        (x, dims),
+        valid,
+        lambda x, d: ref.rope(x, d, **{**kwargs, "offset": np.array(offset)}),
+        names,
+    )
