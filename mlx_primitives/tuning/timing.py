@@ -13,7 +13,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 
@@ -36,6 +36,7 @@ class Timing:
     reps: int
     chain: int
     first_call_s: float
+    samples: tuple[float, ...] = field(default=(), repr=False)
 
     @property
     def stderr_s(self) -> float:
@@ -130,11 +131,35 @@ def bench_many(
                 raise TimeoutError(
                     f"median {statistics.median(kept) * 1e3:.3g} ms is over the limit"
                 )
-    timings = []
-    for kept, (first, _, _) in zip(samples, prepared):
-        q1, _, q3 = statistics.quantiles(kept, n=4) if len(kept) > 1 else (kept[0],) * 3
-        timings.append(Timing(statistics.median(kept), q3 - q1, len(kept), chain, first))
-    return timings
+    return [summarize(kept, chain, first) for kept, (first, _, _) in zip(samples, prepared)]
+
+
+def summarize(samples: Sequence[float], chain: int = 1, first_s: float = 0.0) -> Timing:
+    """Median and interquartile range of ``samples``."""
+    q1, _, q3 = statistics.quantiles(samples, n=4) if len(samples) > 1 else (samples[0],) * 3
+    return Timing(statistics.median(samples), q3 - q1, len(samples), chain, first_s, tuple(samples))
+
+
+def paired(timings: Sequence[Timing]) -> list[Timing]:
+    """Timings taken together (:func:`bench_many`), re-expressed through each round's ratio to
+    the first: a round the machine runs slow slows every sample in it, and the ratios cancel
+    that, so their spread is the noise that is left between the calls themselves."""
+    ref = timings[0]
+    out = []
+    for t in timings:
+        ratios = summarize([a / b for a, b in zip(t.samples, ref.samples)])
+        scale = ref.median_s
+        out.append(
+            Timing(
+                ratios.median_s * scale,
+                ratios.spread_s * scale,
+                ratios.reps,
+                t.chain,
+                t.first_call_s,
+                t.samples,
+            )
+        )
+    return out
 
 
 def bench(fn: Callable, args: tuple, kwargs: dict | None = None, **options) -> Timing:

@@ -31,7 +31,7 @@ from ..problem import EXACT, parse_dtype
 from ..registry import Example, Op
 from .check import TOLERANCES, as_list, compare, reference_float64
 from .db import TuningDB, now
-from .timing import bench, bench_many
+from .timing import bench, bench_many, paired
 from .warm import warm
 
 # Differences below this fraction of a latency are noise, whatever the measured spread says.
@@ -351,7 +351,7 @@ class Tuner:
             (op.variant(r.candidate.variant).build(**r.candidate.param_dict), args, kwargs)
             for r in finalists
         ]
-        timed = bench_many(calls, budget_s=max(self.budget.bench_s, 0.05), min_reps=15)
+        timed = paired(bench_many(calls, budget_s=max(self.budget.bench_s, 0.05), min_reps=15))
         again = [
             Result(r.candidate, "ok", "", t.median_s, t.spread_s, r.error, t.stderr_s)
             for r, t in zip(finalists, timed)
