@@ -20,7 +20,7 @@ from mlx_primitives import dispatch
 from mlx_primitives.hardware import Chip
 from mlx_primitives.registry import Example, Variant
 from mlx_primitives.tuning.cli import main
-from mlx_primitives.tuning.db import TuningDB
+from mlx_primitives.tuning.db import DatabaseError, TuningDB
 from mlx_primitives.tuning.tuner import EXIT_HUNG, Budget, Tuner
 
 from .stress.harness import ROOT, check_database, concurrent
@@ -64,7 +64,13 @@ def test_killed_tuner_leaves_a_whole_database_and_the_next_run_resumes(tmp_path)
     # Kill it once it has finished at least one problem and is busy with the next.
     while time.time() < deadline:
         time.sleep(0.2)
-        if db.exists() and TuningDB(str(db), create=False).records():
+        try:
+            handle = TuningDB(str(db), create=False)
+        except DatabaseError:  # not created yet, or being created this moment
+            continue
+        finished = handle.records()
+        handle.close()
+        if finished:
             break
     time.sleep(random.uniform(0.0, 1.0))
     p.send_signal(signal.SIGKILL)

@@ -36,8 +36,10 @@ from .warm import warm
 
 # Differences below this fraction of a latency are noise, whatever the measured spread says.
 NOISE = 0.02
-# Candidates within this fraction of the fastest are timed again, interleaved, to decide.
-FINALIST = 0.25
+# Finalists, timed again interleaved to decide: the FASTEST_FINALISTS fastest of the search,
+# then the earliest in the fixed order within FINALIST of the fastest, MAX_FINALISTS in all.
+FINALIST = 1.0
+FASTEST_FINALISTS = 4
 MAX_FINALISTS = 8
 # Candidates within this fraction of the fastest count as equally fast: the fixed order picks.
 TIE = 0.05
@@ -329,21 +331,29 @@ class Tuner:
         return result
 
     def _final(self, op: Op, results: list[Result], default: Result, order, args, kwargs):
-        """Time the finalists (within ``FINALIST`` of the fastest, and the default) again with
-        their samples interleaved, so drift of the machine between the search's measurements
-        cannot decide, and pick the winner from these; returns (winner, default)."""
-        ok = [r for r in results if r.status == "ok"]
-        fastest = min(r.median_s for r in ok)
+        """Time the finalists (the fastest few, the earliest close ones, and the default) again
+        with their samples interleaved, so drift of the machine between the search's
+        measurements cannot decide, and pick the winner from these; returns (winner, default)."""
+        ok = [r for r in results if r.status == "ok" and r is not default]
+        if not ok:
+            return default, default
+        by_speed = sorted(ok, key=lambda r: r.median_s)
         rank = {c: i for i, c in enumerate(order)}
-        # Close ones in the fixed order, not by measured speed: which of several equal
-        # candidates make the cut must not depend on noise.
-        close = sorted(
-            (r for r in ok if r.median_s <= fastest * (1 + FINALIST) and r is not default),
-            key=lambda r: rank.get(r.candidate, math.inf),
-        )
+        # The search's one-off measurements can be off by tens of percent (a candidate timed
+        # just after a slow one runs slow), so besides the fastest few, the earliest in the
+        # fixed order within FINALIST of the fastest go on: which of several equal candidates
+        # makes the cut must not depend on noise.
+        near = [r for r in ok if r.median_s <= by_speed[0].median_s * (1 + FINALIST)]
+        close = by_speed[:FASTEST_FINALISTS]
+        close += [
+            r
+            for r in sorted(near, key=lambda r: rank.get(r.candidate, math.inf))
+            if all(r is not c for c in close)
+        ]
+        fastest = by_speed[0]
         # A default far behind is beaten anyway, and its long samples would only disturb
         # the race between the close ones.
-        far = default.median_s > 2 * fastest
+        far = default.median_s > 2 * fastest.median_s
         finalists = close[:MAX_FINALISTS] if far else [default, *close[: MAX_FINALISTS - 1]]
         if not finalists or finalists == [default]:
             return default, default
