@@ -4,10 +4,34 @@ __version__ = "0.1.0"
 
 from . import registry
 from .dispatch import explain
-from .nn import GeGLU, LayerNorm, RMSNorm, RoPE, SwiGLU
-from .ops import geglu, layer_norm, rms_norm, rope, swiglu
+from .nn import (
+    ChunkedCrossAttention,
+    FlashAttention,
+    GeGLU,
+    LayerNorm,
+    RMSNorm,
+    RoPE,
+    SlidingWindowAttention,
+    SwiGLU,
+)
+from .ops import (
+    chunked_cross_attention,
+    flash_attention,
+    geglu,
+    layer_norm,
+    rms_norm,
+    rope,
+    sliding_window_attention,
+    swiglu,
+)
 
 __all__ = [
+    "ChunkedCrossAttention",
+    "FlashAttention",
+    "SlidingWindowAttention",
+    "chunked_cross_attention",
+    "flash_attention",
+    "sliding_window_attention",
     "GeGLU",
     "LayerNorm",
     "RMSNorm",

@@ -91,3 +91,28 @@ def assert_close(got: mx.array, want: np.ndarray, dtype, *, atol=None, rtol=None
     diff = np.abs(g - want)
     bad = diff > atol + rtol * np.abs(want)
     assert not bad.any(), f"{label}: {int(bad.sum())}/{bad.size} off, max abs diff {diff.max():.3g}"
+
+
+def attention(q, k, v, *, causal=False, scale=None, window=None, mask=None, layout="BHSD"):
+    """Softmax attention in float64, GQA by repeating heads; fully masked rows give zeros."""
+    q, k, v = (f64(a) for a in (q, k, v))
+    if layout == "BSHD":
+        q, k, v = (a.swapaxes(1, 2) for a in (q, k, v))
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    k, v = np.repeat(k, hq // hkv, axis=1), np.repeat(v, hq // hkv, axis=1)
+    s = q @ k.swapaxes(-1, -2) * (1 / math.sqrt(d) if scale is None else scale)
+    if mask is not None:
+        m = np.array(mask) if mask.dtype == mx.bool_ else f64(mask)
+        s = np.where(m, s, -np.inf) if m.dtype == bool else s + m
+    i = np.arange(lq)[:, None] + lk - lq
+    j = np.arange(lk)[None, :]
+    if causal or window is not None:
+        s = np.where(j <= i, s, -np.inf)
+    if window is not None:
+        s = np.where(j > i - window, s, -np.inf)
+    top = s.max(-1, keepdims=True)
+    w = np.exp(s - np.where(np.isinf(top), 0, top))
+    total = w.sum(-1, keepdims=True)
+    out = (w @ v) / np.where(total == 0, 1, total)
+    return out.swapaxes(1, 2) if layout == "BSHD" else out

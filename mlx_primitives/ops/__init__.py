@@ -1,8 +1,20 @@
 """The ops: each module declares one op's reference, problem key, default and variants."""
 
+from .chunked_attention import chunked_cross_attention
+from .flash_attention import flash_attention
 from .gated import geglu, swiglu
 from .layer_norm import layer_norm
 from .rms_norm import rms_norm
 from .rope import rope
+from .sliding_window import sliding_window_attention
 
-__all__ = ["geglu", "layer_norm", "rms_norm", "rope", "swiglu"]
+__all__ = [
+    "chunked_cross_attention",
+    "flash_attention",
+    "geglu",
+    "layer_norm",
+    "rms_norm",
+    "rope",
+    "sliding_window_attention",
+    "swiglu",
+]

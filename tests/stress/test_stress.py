@@ -83,3 +83,20 @@ def test_agreement_of_two_tuning_runs_is_reported(capsys):
     for d in report["details"]:  # a disagreement is between two measured, usable winners
         for run in d["runs"]:
             assert run["median_s"] > 0 and run["default_median_s"] > 0
+
+
+def test_blocked_attention_peak_memory_at_16384():
+    """Blocked flash attention at 16384 positions (8 heads of 128, float16, 128x128 blocks)
+    peaks within 1.5x the bytes of q, k, v and the output; dense scores would need 8 GiB."""
+    import mlx.core as mx
+
+    from mlx_primitives.registry import op
+
+    q, k, v = (mx.random.normal((1, 8, 16384, 128)).astype(mx.float16) for _ in range(3))
+    mx.eval(q, k, v)
+    fn = op("flash_attention").variant("blocked").build(block_q=128, block_k=128)
+    mx.reset_peak_memory()
+    out = fn(q, k, v, causal=True)
+    mx.eval(out)
+    io = 3 * q.nbytes + out.nbytes
+    assert mx.get_peak_memory() <= 1.5 * io, mx.get_peak_memory() / io

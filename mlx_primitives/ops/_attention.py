@@ -1,0 +1,207 @@
+"""What the attention ops share: argument checks, layouts, the dense reference and the blocked
+online-softmax composition.
+
+Layouts: ``BHSD`` is (batch, heads, seq, head_dim), as ``mx.fast.scaled_dot_product_attention``
+takes it; ``BSHD`` is (batch, seq, heads, head_dim). Grouped-query attention (fewer key/value
+heads than query heads) is computed without repeating keys and values: queries are viewed as
+(batch, kv_heads, group, seq, head_dim) and broadcast against (batch, kv_heads, 1, seq, dim).
+A causal mask or a window is aligned bottom-right when there are fewer queries than keys
+(query i is at position i + kv_len - q_len), as in ``mx.fast.scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+from ..problem import EXACT, Dim, bucket
+from ._common import accumulator, check_array, check_choice, check_real
+
+LAYOUTS = ("BHSD", "BSHD")
+DIMS = (
+    Dim("batch"),
+    Dim("q_heads"),
+    Dim("group", EXACT),
+    Dim("q_len"),
+    Dim("kv_len"),
+    Dim("head_dim", EXACT),
+    Dim("layout", EXACT),
+)
+
+
+def check_qkv(op: str, q, k, v, layout: str, scale) -> tuple[int, ...]:
+    """Validate q, k, v and return ``(batch, q_heads, kv_heads, q_len, kv_len, head_dim)``."""
+    check_choice(op, "layout", layout, LAYOUTS)
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        check_array(op, name, a, min_ndim=4)
+        if a.ndim != 4:
+            raise ValueError(f"[{op}] {name} must be 4-D ({layout}), got shape {a.shape}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(
+            f"[{op}] q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"[{op}] v has shape {v.shape}, expected {k.shape} like k")
+    if layout == "BHSD":
+        (b, hq, lq, d), (bk, hkv, lk, dk) = q.shape, k.shape
+    else:
+        (b, lq, hq, d), (bk, lk, hkv, dk) = q.shape, k.shape
+    if bk != b:
+        raise ValueError(f"[{op}] k has batch {bk}, expected {b} like q")
+    if dk != d:
+        raise ValueError(f"[{op}] k has head_dim {dk}, expected {d} like q")
+    if hq % hkv:
+        raise ValueError(f"[{op}] q has {hq} heads, not a multiple of k's {hkv}")
+    if scale is not None:
+        check_real(op, "scale", scale, positive=True)
+    return b, hq, hkv, lq, lk, d
+
+
+def problem_values(b, hq, hkv, lq, lk, d, layout) -> tuple:
+    return (bucket(b), bucket(hq), hq // hkv, bucket(lq), bucket(lk), d, layout)
+
+
+def to_bhsd(x: mx.array, layout: str) -> mx.array:
+    return x.swapaxes(1, 2) if layout == "BSHD" else x
+
+
+def grouped(q: mx.array, k: mx.array, v: mx.array):
+    """BHSD q, k, v as (B, Hkv, G, L, D) queries and (B, Hkv, 1, L, D) keys and values."""
+    b, hq, lq, d = q.shape
+    hkv = k.shape[1]
+    return q.reshape(b, hkv, hq // hkv, lq, d), k[:, :, None], v[:, :, None]
+
+
+def grouped_mask(mask: mx.array, hq: int, hkv: int) -> mx.array:
+    """A mask broadcastable to (B, Hq, Lq, Lk) as one broadcastable to (B, Hkv, G, Lq, Lk)."""
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    if mask.shape[1] == 1:
+        return mask[:, :, None]
+    return mask.reshape(mask.shape[0], hkv, hq // hkv, *mask.shape[2:])
+
+
+def additive(mask: mx.array | None) -> mx.array | None:
+    """A boolean mask (True = attend) as 0 / -inf; an additive mask as it is, in float32."""
+    if mask is None:
+        return None
+    if mask.dtype == mx.bool_:
+        return mx.where(mask, 0.0, -math.inf)
+    return mask.astype(mx.float32)
+
+
+def visible(
+    lq: int, lk: int, rows: tuple[int, int], cols: tuple[int, int], causal: bool, window: int | None
+) -> mx.array | None:
+    """Which (row, col) pairs of a block may attend (None when all may)."""
+    if not causal and window is None:
+        return None
+    off = lk - lq
+    i = mx.arange(rows[0], rows[1])[:, None] + off
+    j = mx.arange(cols[0], cols[1])[None, :]
+    keep = j <= i
+    if window is not None:
+        keep = keep & (j > i - window)
+    return keep
+
+
+def reference(q, k, v, *, scale=None, causal=False, window=None, mask=None, layout="BHSD"):
+    """Dense attention: scores, softmax and the weighted sum in float32 (float64 for float64
+    inputs); a row that may attend to nothing gives zeros."""
+    dtype, acc = q.dtype, accumulator(q.dtype)
+    q, k, v = (to_bhsd(a, layout).astype(acc) for a in (q, k, v))
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    qg, kg, vg = grouped(q, k, v)
+    scores = (qg * scale) @ kg.swapaxes(-1, -2)
+    extra = additive(mask)
+    if extra is not None:
+        scores = scores + grouped_mask(extra, hq, hkv).astype(acc)
+    keep = visible(lq, lk, (0, lq), (0, lk), causal, window)
+    if keep is not None:
+        scores = mx.where(keep, scores, -math.inf)
+    top = mx.max(scores, axis=-1, keepdims=True)
+    weights = mx.exp(scores - mx.where(mx.isinf(top), 0.0, top))
+    total = mx.sum(weights, axis=-1, keepdims=True)
+    out = ((weights @ vg) / mx.where(total == 0, 1.0, total)).reshape(b, hq, lq, d).astype(dtype)
+    return out.swapaxes(1, 2) if layout == "BSHD" else out
+
+
+def blocked(
+    q,
+    k,
+    v,
+    *,
+    scale=None,
+    causal=False,
+    window=None,
+    mask=None,
+    layout="BHSD",
+    block_q: int,
+    block_k: int,
+):
+    """Attention by online softmax over blocks of keys, never forming a q_len x kv_len
+    tensor: memory O(block_q x block_k) beyond the inputs and output. Blocks of keys that no
+    query of a block may see (above the causal diagonal, outside the window) are skipped, so
+    a window costs O(seq x window) work."""
+    dtype = q.dtype
+    q, k, v = (to_bhsd(a, layout) for a in (q, k, v))
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    qg, kg, vg = grouped(q, k, v)
+    extra = additive(mask)
+    extra = None if extra is None else grouped_mask(extra, hq, hkv)
+    off = lk - lq
+    # Each block of queries is written into one output, in its final dtype (assembling blocks
+    # by concatenation would hold the output twice).
+    out = mx.zeros(qg.shape, dtype)
+    for i0 in range(0, lq, block_q):
+        i1 = min(i0 + block_q, lq)
+        lo, hi = 0, lk
+        if causal or window is not None:
+            hi = min(lk, i1 + off)
+        if window is not None:
+            lo = max(0, i0 + off - window + 1)
+        # MLX would compute independent blocks' scores all before using any of them: each
+        # block waits for the previous one (mx.depends), so one block's scores live at a time.
+        qb = mx.depends(qg[..., i0:i1, :], out).astype(mx.float32) * scale
+        top = mx.full((*qb.shape[:-1], 1), -math.inf)
+        total = mx.zeros((*qb.shape[:-1], 1))
+        acc = mx.depends(mx.zeros(qb.shape[:-1] + (d,)), qb)
+        for j0 in range(lo, hi, block_k):
+            j1 = min(j0 + block_k, hi)
+            # The dependency comes before any work on the block, its float32 copies included.
+            kb, vb = mx.depends([kg[..., j0:j1, :], vg[..., j0:j1, :]], [acc])
+            bias = None if extra is None else extra[..., i0:i1, j0:j1]
+            # Only blocks that cross the diagonal or the window's edge need an element mask.
+            if (causal or window is not None) and not _inside(i0, i1, j0, j1, off, window):
+                keep = visible(lq, lk, (i0, i1), (j0, j1), causal, window)
+                edge = mx.where(keep, 0.0, -math.inf)
+                bias = edge if bias is None else bias + edge
+            top, total, acc = _step(
+                qb, kb.astype(mx.float32), vb.astype(mx.float32), top, total, acc, bias
+            )
+        out[..., i0:i1, :] = (acc / mx.where(total == 0, 1.0, total)).astype(dtype)
+    out = out.reshape(b, hq, lq, d)
+    return out.swapaxes(1, 2) if layout == "BSHD" else out
+
+
+def _step(qb, kb, vb, top, total, acc, bias):
+    """One block of keys of the online softmax: the running maximum, sum and weighted sum."""
+    s = qb @ kb.swapaxes(-1, -2)
+    if bias is not None:
+        s = s + bias
+    new_top = mx.maximum(top, mx.max(s, axis=-1, keepdims=True))
+    safe = mx.where(mx.isinf(new_top), 0.0, new_top)  # rows that see nothing yet
+    p = mx.exp(s - safe)
+    rescale = mx.exp(top - safe)
+    return new_top, total * rescale + mx.sum(p, axis=-1, keepdims=True), acc * rescale + p @ vb
+
+
+def _inside(i0: int, i1: int, j0: int, j1: int, off: int, window: int | None) -> bool:
+    """Whether every (row, col) of the block is visible (causal, and inside the window)."""
+    below_diagonal = j1 - 1 <= i0 + off
+    in_window = window is None or j0 > i1 - 1 + off - window
+    return below_diagonal and in_window

@@ -1,0 +1,200 @@
+"""Scaled dot-product attention: ``softmax(q k^T * scale + mask) v``, causal or not, with GQA,
+in either layout, served by MLX's fused kernel or a blocked online-softmax composition."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+from ..problem import EXACT, Dim
+from ..registry import Example, Op, Variant, register
+from . import _attention as att
+from ._common import check_bool, random
+
+NAME = "flash_attention"
+DIMS = (*att.DIMS, Dim("causal", EXACT), Dim("mask", EXACT))
+BLOCKS = {"block_q": (256, 64, 128, 512, 1024, 2048), "block_k": (512, 128, 256, 1024, 2048)}
+
+
+def _mask_kind(op: str, mask, shape: tuple[int, int, int, int]) -> str:
+    if mask is None:
+        return "none"
+    if not isinstance(mask, mx.array):
+        raise TypeError(f"[{op}] mask must be an mlx.core.array or None, got {type(mask).__name__}")
+    b, h, lq, lk = shape
+    if mask.ndim > 4 or mask.ndim < 2 or mask.size == 0:
+        raise ValueError(
+            f"[{op}] mask must have 2 to 4 dims broadcastable to {shape}, got {mask.shape}"
+        )
+    full = (1,) * (4 - mask.ndim) + mask.shape
+    if any(m not in (1, s) for m, s in zip(full, shape)) or full[1] not in (1, h):
+        raise ValueError(f"[{op}] mask of shape {mask.shape} does not broadcast to {shape}")
+    if mask.dtype == mx.bool_:
+        return "bool"
+    if not mx.issubdtype(mask.dtype, mx.floating):
+        raise TypeError(f"[{op}] mask must be boolean or floating, got {mask.dtype}")
+    return "additive"
+
+
+def _problem(q, k, v, *, causal=False, scale=None, layout="BHSD", mask=None):
+    b, hq, hkv, lq, lk, d = att.check_qkv(NAME, q, k, v, layout, scale)
+    check_bool(NAME, "causal", causal)
+    if causal and lq > lk:
+        raise ValueError(f"[{NAME}] causal attention needs q_len <= kv_len, got {lq} > {lk}")
+    kind = _mask_kind(NAME, mask, (b, hq, lq, lk))
+    return q.dtype, (*att.problem_values(b, hq, hkv, lq, lk, d, layout), causal, kind)
+
+
+def reference(q, k, v, *, causal=False, scale=None, layout="BHSD", mask=None):
+    return att.reference(q, k, v, scale=scale, causal=causal, mask=mask, layout=layout)
+
+
+def _builtin(q, k, v, *, causal=False, scale=None, layout="BHSD", mask=None):
+    q, k, v = (att.to_bhsd(a, layout) for a in (q, k, v))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if causal:
+        # The fused kernel takes one mask: fold the causal one into an array mask.
+        keep = att.visible(q.shape[2], k.shape[2], (0, q.shape[2]), (0, k.shape[2]), True, None)
+        mask = "causal" if mask is None else att.additive(mask) + mx.where(keep, 0.0, -math.inf)
+    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    return att.to_bhsd(out, layout)
+
+
+def _blocked(block_q: int, block_k: int):
+    def fn(q, k, v, *, causal=False, scale=None, layout="BHSD", mask=None):
+        return att.blocked(
+            q,
+            k,
+            v,
+            scale=scale,
+            causal=causal,
+            mask=mask,
+            layout=layout,
+            block_q=block_q,
+            block_k=block_k,
+        )
+
+    return fn
+
+
+def _blocked_supports(p: dict, params: dict) -> bool:
+    # One block of queries covers a short sequence: bigger blocks only repeat the same plan.
+    return params["block_q"] <= max(p["q_len"], 64) and params["block_k"] <= max(p["kv_len"], 128)
+
+
+def _example(shapes, dtype, key, causal=False, layout="BHSD", mask="none", kv_heads=None):
+    kq, kk, kv_, km = mx.random.split(key, 4)
+    q_shape = tuple(shapes[0])
+    b, h, lq, d = q_shape if layout == "BHSD" else (q_shape[0], q_shape[2], q_shape[1], q_shape[3])
+    if len(shapes) > 1:
+        k_shape = tuple(shapes[1])
+    else:
+        hkv = kv_heads or h
+        k_shape = (b, hkv, lq, d) if layout == "BHSD" else (b, lq, hkv, d)
+    lk = k_shape[2] if layout == "BHSD" else k_shape[1]
+    kwargs = {"causal": causal, "layout": layout, "scale": None, "mask": None}
+    if mask == "bool":
+        kwargs["mask"] = mx.random.uniform(shape=(lq, lk), key=km) > 0.2
+    elif mask == "additive":
+        kwargs["mask"] = mx.random.normal((1, h, lq, lk), key=km).astype(dtype)
+    args = (random(q_shape, dtype, kq), random(k_shape, dtype, kk), random(k_shape, dtype, kv_))
+    return args, kwargs
+
+
+def _case(p):
+    b, h, lq, lk, d = p["batch"], p["q_heads"], p["q_len"], p["kv_len"], p["head_dim"]
+    hkv = h // p["group"]
+    if p["layout"] == "BHSD":
+        shapes = ((b, h, lq, d), (b, hkv, lk, d))
+    else:
+        shapes = ((b, lq, h, d), (b, lk, hkv, d))
+    return shapes, {"causal": p["causal"], "layout": p["layout"], "mask": p["mask"]}
+
+
+def _default(problem, backend):
+    return "builtin", {}
+
+
+def _presets():
+    def ex(b, h, hkv, lq, lk, d, dtype, **options):
+        layout = options.get("layout", "BHSD")
+        shapes = (
+            ((b, h, lq, d), (b, hkv, lk, d))
+            if layout == "BHSD"
+            else ((b, lq, h, d), (b, lk, hkv, d))
+        )
+        return Example(shapes, dtype, tuple(sorted(options.items())))
+
+    quick = [
+        ex(1, 4, 2, 128, 128, 64, t, causal=c)
+        for t in ("float32", "float16")
+        for c in (False, True)
+    ]
+    default = [
+        ex(b, 32, 8, s, s, 128, "float16", causal=True, layout=lay)
+        for b, s in ((1, 2048), (1, 8192))
+        for lay in ("BHSD", "BSHD")
+    ] + [
+        ex(8, 32, 8, 1, 8192, 128, "float16", causal=True),
+        ex(4, 16, 16, 1024, 1024, 64, "bfloat16", causal=False),
+    ]
+    full = default + [
+        ex(b, h, hkv, s, s, d, t, causal=c)
+        for b, h, hkv, s, d in ((2, 8, 8, 512, 64), (1, 16, 4, 4096, 128), (4, 32, 32, 256, 96))
+        for t in ("float16", "bfloat16")
+        for c in (False, True)
+    ]
+    return {"quick": quick, "default": default, "full": full}
+
+
+OP = register(
+    Op(
+        NAME,
+        dims=DIMS,
+        problem=_problem,
+        reference=reference,
+        example=_example,
+        case=_case,
+        default=_default,
+        variants=[
+            Variant(
+                "builtin", lambda: _builtin, description="mx.fast.scaled_dot_product_attention"
+            ),
+            Variant("dense", lambda: reference, description="composition: full score matrix"),
+            Variant(
+                "blocked",
+                _blocked,
+                space=BLOCKS,
+                supports=_blocked_supports,
+                description="composition: online softmax over key blocks, O(n) memory",
+            ),
+        ],
+        presets=_presets(),
+        differentiable=(0, 1, 2),
+    )
+)
+
+
+def flash_attention(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    layout: str = "BHSD",
+    mask: mx.array | None = None,
+) -> mx.array:
+    """Scaled dot-product attention, ``softmax(q k^T * scale + mask) v``.
+
+    Args:
+        q: queries, (B, Hq, Lq, D) for ``layout="BHSD"`` or (B, Lq, Hq, D) for ``"BSHD"``.
+        k: keys with Hkv heads (Hq a multiple of Hkv: GQA and MQA) and Lk positions.
+        v: values, the shape of ``k``.
+        causal: query i attends to keys up to i + Lk - Lq (aligned bottom-right).
+        scale: scores are multiplied by this; default ``1 / sqrt(D)``.
+        layout: ``"BHSD"`` or ``"BSHD"``; the output has the layout of ``q``.
+        mask: boolean (True attends) or additive, broadcastable to (B, Hq, Lq, Lk).
+    """
+    return OP(q, k, v, causal=causal, scale=scale, layout=layout, mask=mask)

@@ -1,0 +1,134 @@
+"""Causal sliding-window attention: query i attends to keys i - window + 1 .. i (positions
+aligned bottom-right when there are fewer queries than keys)."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+from ..problem import Dim, bucket
+from ..registry import Example, Op, Variant, register
+from . import _attention as att
+from ._common import check_int
+from .flash_attention import BLOCKS, _blocked_supports, _case, _example
+
+NAME = "sliding_window_attention"
+DIMS = (*att.DIMS, Dim("window"))
+
+
+def _problem(q, k, v, window_size, *, scale=None, layout="BHSD"):
+    b, hq, hkv, lq, lk, d = att.check_qkv(NAME, q, k, v, layout, scale)
+    check_int(NAME, "window_size", window_size, minimum=1)
+    if lq > lk:
+        raise ValueError(f"[{NAME}] needs q_len <= kv_len, got {lq} > {lk}")
+    window = min(window_size, lk)  # a window past the start is the causal mask
+    return q.dtype, (*att.problem_values(b, hq, hkv, lq, lk, d, layout), bucket(window))
+
+
+def reference(q, k, v, window_size, *, scale=None, layout="BHSD"):
+    return att.reference(q, k, v, scale=scale, causal=True, window=window_size, layout=layout)
+
+
+def _dense_mask(q, k, v, window_size, *, scale=None, layout="BHSD"):
+    """MLX's fused attention with the window as a dense boolean mask (O(seq^2) memory)."""
+    q, k, v = (att.to_bhsd(a, layout) for a in (q, k, v))
+    lq, lk = q.shape[2], k.shape[2]
+    keep = att.visible(lq, lk, (0, lq), (0, lk), True, window_size)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=keep)
+    return att.to_bhsd(out, layout)
+
+
+def _blocked(block_q: int, block_k: int):
+    def fn(q, k, v, window_size, *, scale=None, layout="BHSD"):
+        return att.blocked(
+            q,
+            k,
+            v,
+            scale=scale,
+            causal=True,
+            window=window_size,
+            layout=layout,
+            block_q=block_q,
+            block_k=block_k,
+        )
+
+    return fn
+
+
+def _window_example(shapes, dtype, key, layout="BHSD", window=16, **_):
+    args, _kw = _example(shapes, dtype, key, layout=layout)
+    return (*args, window), {"layout": layout, "scale": None}
+
+
+def _window_case(p):
+    shapes, options = _case({**p, "causal": True, "mask": "none"})
+    return shapes, {"layout": options["layout"], "window": p["window"]}
+
+
+def _presets():
+    def ex(b, h, hkv, s, d, window, dtype, layout="BHSD"):
+        shapes = (
+            ((b, h, s, d), (b, hkv, s, d)) if layout == "BHSD" else ((b, s, h, d), (b, s, hkv, d))
+        )
+        return Example(shapes, dtype, (("layout", layout), ("window", window)))
+
+    quick = [ex(1, 4, 2, 256, 64, w, t) for w in (16, 64) for t in ("float32", "float16")]
+    default = [
+        ex(1, 32, 8, s, 128, 512, "float16", lay) for s in (4096, 16384) for lay in ("BHSD", "BSHD")
+    ]
+    full = default + [ex(2, 16, 4, s, 64, w, "bfloat16") for s in (2048, 8192) for w in (128, 1024)]
+    return {"quick": quick, "default": default, "full": full}
+
+
+OP = register(
+    Op(
+        NAME,
+        dims=DIMS,
+        problem=_problem,
+        reference=reference,
+        example=_window_example,
+        case=_window_case,
+        default=lambda problem, backend: ("builtin_masked", {}),
+        variants=[
+            Variant(
+                "builtin_masked",
+                lambda: _dense_mask,
+                description="mx.fast.scaled_dot_product_attention with a dense mask",
+            ),
+            Variant("dense", lambda: reference, description="composition: full score matrix"),
+            Variant(
+                "blocked",
+                _blocked,
+                space=BLOCKS,
+                supports=_blocked_supports,
+                description="composition: only the key blocks inside the window",
+            ),
+        ],
+        presets=_presets(),
+        differentiable=(0, 1, 2),
+    )
+)
+
+
+def sliding_window_attention(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    window_size: int,
+    *,
+    scale: float | None = None,
+    layout: str = "BHSD",
+) -> mx.array:
+    """Causal attention within a sliding window: query i sees keys i - window_size + 1 .. i.
+
+    Args:
+        q: queries, (B, Hq, Lq, D) for ``layout="BHSD"`` or (B, Lq, Hq, D) for ``"BSHD"``.
+        k: keys with Hkv heads (Hq a multiple of Hkv) and Lk >= Lq positions.
+        v: values, the shape of ``k``.
+        window_size: how many keys each query sees, itself included (>= 1).
+        scale: scores are multiplied by this; default ``1 / sqrt(D)``.
+        layout: ``"BHSD"`` or ``"BSHD"``.
+    """
+    return OP(q, k, v, window_size, scale=scale, layout=layout)

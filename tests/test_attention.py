@@ -1,0 +1,292 @@
+"""Attention ops: every variant against a float64 NumPy reference on odd shapes, GQA ratios,
+both layouts, masks and windows; gradients; O(n) memory; modules; bad input."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+
+import mlx_primitives as mp
+from mlx_primitives.registry import op
+
+from . import references as ref
+
+DTYPES = {mx.float32: (2e-5, 1e-4), mx.float16: (4e-3, 1e-2), mx.bfloat16: (3e-2, 4e-2)}
+
+
+def qkv(b, hq, hkv, lq, lk, d, dtype=mx.float32, layout="BHSD", seed=0):
+    keys = mx.random.split(mx.random.key(seed), 3)
+    shapes = [(b, hq, lq, d), (b, hkv, lk, d), (b, hkv, lk, d)]
+    arrays = [mx.random.normal(s, key=k).astype(dtype) for s, k in zip(shapes, keys)]
+    return [a.swapaxes(1, 2) for a in arrays] if layout == "BSHD" else arrays
+
+
+def configs(name):
+    o = op(name)
+    for v in o.variants:
+        cfgs = v.configs()
+        # The blocked compositions with small blocks (many blocks, edges inside blocks) and
+        # with their first configuration.
+        small = [c for c in cfgs if set(c.values()) <= {64, 128, 256}][:1]
+        for cfg in [cfgs[0], *small]:
+            yield pytest.param(v.name, cfg, id=f"{v.name}-{'-'.join(map(str, cfg.values()))}")
+
+
+SHAPES = [  # b, hq, hkv, lq, lk, d
+    (1, 2, 2, 1, 1, 32),
+    (2, 4, 1, 5, 5, 64),
+    (1, 8, 2, 37, 37, 80),
+    (1, 8, 1, 1000, 1000, 16),
+    (2, 4, 4, 1, 300, 96),
+    (1, 4, 4, 37, 1000, 32),
+]
+
+
+@pytest.mark.parametrize("variant,cfg", list(configs("flash_attention")))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout", ["BHSD", "BSHD"])
+def test_flash_attention_variants(variant, cfg, shape, causal, layout):
+    fn = op("flash_attention").variant(variant).build(**cfg)
+    q, k, v = qkv(*shape, layout=layout)
+    got = fn(q, k, v, causal=causal, layout=layout)
+    want = ref.attention(q, k, v, causal=causal, layout=layout)
+    ref.assert_close(got, want, mx.float32, atol=2e-5, rtol=1e-4, label=f"{variant} {cfg}")
+
+
+@pytest.mark.parametrize("variant,cfg", list(configs("flash_attention")))
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["f16", "bf16"])
+def test_flash_attention_half_precision(variant, cfg, dtype):
+    q, k, v = qkv(1, 8, 2, 130, 130, 64, dtype)
+    got = op("flash_attention").variant(variant).build(**cfg)(q, k, v, causal=True)
+    assert got.dtype == dtype
+    atol, rtol = DTYPES[dtype]
+    ref.assert_close(got, ref.attention(q, k, v, causal=True), dtype, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("variant,cfg", list(configs("flash_attention")))
+@pytest.mark.parametrize("kind", ["bool", "additive", "bool-per-head"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_attention_masks(variant, cfg, kind, causal):
+    q, k, v = qkv(2, 4, 2, 37, 50, 32)
+    key = mx.random.key(9)
+    if kind == "bool":
+        mask = mx.random.uniform(shape=(37, 50), key=key) > 0.3
+    elif kind == "bool-per-head":
+        mask = mx.random.uniform(shape=(2, 4, 37, 50), key=key) > 0.3
+    else:
+        mask = mx.random.normal((1, 4, 37, 50), key=key)
+    got = op("flash_attention").variant(variant).build(**cfg)(q, k, v, causal=causal, mask=mask)
+    want = ref.attention(q, k, v, causal=causal, mask=mask)
+    ref.assert_close(got, want, mx.float32, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant,cfg", list(configs("sliding_window_attention")))
+@pytest.mark.parametrize("window", [1, 16, 5000])
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 4, 1, 37, 37, 32), (1, 8, 2, 1000, 1000, 16), (2, 4, 4, 5, 40, 64)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+@pytest.mark.parametrize("layout", ["BHSD", "BSHD"])
+def test_sliding_window_variants(variant, cfg, window, shape, layout):
+    q, k, v = qkv(*shape, layout=layout)
+    fn = op("sliding_window_attention").variant(variant).build(**cfg)
+    got = fn(q, k, v, window, layout=layout)
+    want = ref.attention(q, k, v, window=window, layout=layout)
+    ref.assert_close(got, want, mx.float32, atol=2e-5, rtol=1e-4, label=f"{variant} {cfg}")
+
+
+@pytest.mark.parametrize("variant,cfg", list(configs("chunked_cross_attention")))
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 4, 4, 1, 1000, 32), (2, 8, 1, 77, 3000, 64), (1, 2, 2, 5, 5, 128)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+@pytest.mark.parametrize("layout", ["BHSD", "BSHD"])
+def test_chunked_cross_attention_variants(variant, cfg, shape, layout):
+    q, k, v = qkv(*shape, layout=layout)
+    got = op("chunked_cross_attention").variant(variant).build(**cfg)(q, k, v, layout=layout)
+    ref.assert_close(got, ref.attention(q, k, v, layout=layout), mx.float32, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+def test_chunk_size_argument_runs_the_chunked_composition(chunk):
+    q, k, v = qkv(1, 4, 2, 9, 100, 32)
+    got = mp.chunked_cross_attention(q, k, v, chunk_size=chunk)
+    ref.assert_close(got, ref.attention(q, k, v), mx.float32, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "name,extra",
+    [
+        ("flash_attention", {"causal": True}),
+        ("sliding_window_attention", {}),
+        ("chunked_cross_attention", {}),
+    ],
+)
+def test_gradients_of_every_variant(name, extra):
+    o = op(name)
+    q, k, v = qkv(1, 4, 2, 33, 33, 16, seed=3)
+    args = (q, k, v, 8) if name == "sliding_window_attention" else (q, k, v)
+    cot = mx.random.normal(q.shape, key=mx.random.key(4))
+
+    def grads(fn):
+        def loss(q, k, v):
+            return (fn(q, k, v, *args[3:], **extra) * cot).sum()
+
+        return mx.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    want = grads(o.reference)
+    for variant in o.variants:
+        for cfg in variant.configs()[:2]:
+            for g, w in zip(grads(variant.build(**cfg)), want):
+                ref.assert_close(
+                    g,
+                    ref.f64(w),
+                    mx.float32,
+                    atol=1e-4,
+                    rtol=1e-3,
+                    label=f"{name}/{variant.name} {cfg}",
+                )
+
+
+def _extra_memory(seq: int, block: int) -> int:
+    """Bytes the blocked composition holds beyond its inputs and output, at its peak."""
+    q, k, v = qkv(1, 1, 1, seq, seq, 64)
+    mx.eval(q, k, v)
+    fn = op("flash_attention").variant("blocked").build(block_q=block, block_k=block)
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    out = fn(q, k, v, causal=True)
+    mx.eval(out)
+    return mx.get_peak_memory() - before - out.nbytes
+
+
+def test_blocked_attention_memory_does_not_grow_with_the_square_of_the_sequence():
+    """Doubling the sequence at most doubles the working memory (linear: per-block bookkeeping),
+    where a dense score matrix would grow fourfold (64 MiB at 4096, 256 MiB at 8192). The
+    full-size check, 1.5x of q, k, v and the output at 16384 positions, is in tests/stress."""
+    small, large = _extra_memory(4096, 256), _extra_memory(8192, 256)
+    assert large <= 2.0 * small, (small, large)
+    assert large < 8192 * 8192 * 4 / 16
+
+
+def test_modules():
+    q, k, v = qkv(1, 4, 2, 20, 20, 16, layout="BSHD")
+    fa = mp.FlashAttention(4, 16, causal=True, layout="BSHD")
+    ref.assert_close(
+        fa(q, k, v), ref.attention(q, k, v, causal=True, layout="BSHD"), mx.float32, atol=2e-5
+    )
+    sw = mp.SlidingWindowAttention(4, 16, 5, layout="BSHD")
+    ref.assert_close(
+        sw(q, k, v), ref.attention(q, k, v, window=5, layout="BSHD"), mx.float32, atol=2e-5
+    )
+    ca = mp.ChunkedCrossAttention(4, 16, chunk_size=8, layout="BSHD")
+    ref.assert_close(ca(q, k, v), ref.attention(q, k, v, layout="BSHD"), mx.float32, atol=2e-5)
+    with pytest.raises(ValueError, match=r"\[FlashAttention\] q has shape"):
+        mp.FlashAttention(8, 16)(q, k, v)
+    with pytest.raises(ValueError, match=r"\[SlidingWindowAttention\] window_size"):
+        mp.SlidingWindowAttention(4, 16, 0)
+
+
+BAD = [
+    (
+        lambda q, k, v: mp.flash_attention(q[0], k, v),
+        ValueError,
+        "[flash_attention] q must have at least 4 dims",
+    ),
+    (
+        lambda q, k, v: mp.flash_attention(q[None], k, v),
+        ValueError,
+        "[flash_attention] q must be 4-D",
+    ),
+    (
+        lambda q, k, v: mp.flash_attention(q, k.astype(mx.float16), v),
+        TypeError,
+        "[flash_attention] q, k and v must share a dtype",
+    ),
+    (
+        lambda q, k, v: mp.flash_attention(q, k, v[:, :, :3]),
+        ValueError,
+        "[flash_attention] v has shape",
+    ),
+    (
+        lambda q, k, v: mp.flash_attention(q, k[..., :8], v[..., :8]),
+        ValueError,
+        "[flash_attention] k has head_dim 8",
+    ),
+    (
+        lambda q, k, v: mp.flash_attention(q[:, :3], k, v),
+        ValueError,
+        "[flash_attention] q has 3 heads, not a multiple of k's 2",
+    ),
+    (
+        lambda q, k, v: mp.flash_attention(q, k, v, layout="SBHD"),
+        ValueError,
+        "[flash_attention] layout must be one of",
+    ),
+    (
+        lambda q, k, v: mp.flash_attention(q, k, v, causal=1),
+        TypeError,
+        "[flash_attention] causal must be a bool",
+    ),
+    (
+        lambda q, k, v: mp.flash_attention(q, k, v, scale=-1.0),
+        ValueError,
+        "[flash_attention] scale",
+    ),
+    (
+        lambda q, k, v: mp.flash_attention(q, k[:, :, :3], v[:, :, :3], causal=True),
+        ValueError,
+        "[flash_attention] causal attention needs q_len <= kv_len",
+    ),
+    (
+        lambda q, k, v: mp.flash_attention(q, k, v, mask=mx.ones((5, 5))),
+        ValueError,
+        "[flash_attention] mask of shape (5, 5) does not broadcast",
+    ),
+    (
+        lambda q, k, v: mp.flash_attention(q, k, v, mask=mx.ones((9, 9), mx.int32)),
+        TypeError,
+        "[flash_attention] mask must be boolean or floating",
+    ),
+    (
+        lambda q, k, v: mp.sliding_window_attention(q, k, v, 0),
+        ValueError,
+        "[sliding_window_attention] window_size must be at least 1",
+    ),
+    (
+        lambda q, k, v: mp.sliding_window_attention(q, k, v, 2.0),
+        TypeError,
+        "[sliding_window_attention] window_size must be an integer",
+    ),
+    (
+        lambda q, k, v: mp.chunked_cross_attention(q, k, v, chunk_size=0),
+        ValueError,
+        "[chunked_cross_attention] chunk_size must be at least 1",
+    ),
+    (
+        lambda q, k, v: mp.chunked_cross_attention(q, None, v),
+        TypeError,
+        "[chunked_cross_attention] k must be an mlx.core.array",
+    ),
+]
+
+
+@pytest.mark.parametrize("call,exc,message", BAD, ids=[b[2][:50] for b in BAD])
+def test_bad_input(call, exc, message):
+    q, k, v = qkv(1, 4, 2, 9, 9, 16)
+    with pytest.raises(exc) as info:
+        call(q, k, v)
+    assert message in str(info.value)
+
+
+def test_explain_attention():
+    q, k, v = qkv(1, 32, 8, 1, 8192, 128, mx.float16)
+    d = mp.explain("flash_attention", q, k, v, causal=True)
+    assert d.problem == (
+        "flash_attention|float16|batch=1,q_heads=32,group=4,q_len=1,"
+        "kv_len=8192,head_dim=128,layout=BHSD,causal=true,mask=none"
+    )
+    assert d.source == "default" and d.variant == "builtin"
