@@ -89,23 +89,37 @@ def route(op: Op, dtype: mx.Dtype, values: tuple) -> Callable:
     return fn
 
 
+def _disable(op: Op, name: str, error: Exception) -> None:
+    _disabled.add((op.name, name))
+    _cache.clear()
+    warn_once(
+        f"[{op.name}] variant {name!r} failed on this machine ({type(error).__name__}: "
+        f"{str(error)[:300]}); disabled for this process, using the default"
+    )
+
+
 def _resolve(op: Op, problem: Problem) -> Callable:
     decision = choose(op, problem)
     variant = op.variant(decision.variant)
+    if decision.source == "default":
+        return variant.build(**decision.params)
     try:
         fn = variant.build(**decision.params)
-        if decision.source != "default":
-            _probe(op, problem, fn)
-        return fn
+        _probe(op, problem, fn)
     except Exception as e:
-        if decision.source == "default":
-            raise
-        _disabled.add((op.name, variant.name))
-        warn_once(
-            f"[{op.name}] variant {variant.name!r} failed on this machine "
-            f"({type(e).__name__}: {e}); disabled for this process, using the default"
-        )
+        _disable(op, variant.name, e)
         return _resolve(op, problem)
+
+    def guarded(*args, **kwargs):
+        # A call can still fail where the probe did not (a transformation the variant lacks,
+        # a constant out of its range): then the default serves, now and from then on.
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            _disable(op, variant.name, e)
+            return route(op, problem.dtype, problem.values)(*args, **kwargs)
+
+    return guarded
 
 
 def _probe(op: Op, problem: Problem, fn: Callable) -> None:

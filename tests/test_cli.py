@@ -47,7 +47,9 @@ def test_tune_one_problem_then_show_and_explain(capsys, user_db):
         "stale",
     ):
         assert key in rec
-    assert rec["problem"] == "rms_norm|float32|rows=8,dims=64" and rec["stale"] is False
+    assert (
+        rec["problem"] == "rms_norm|float32|rows=8,dims=64,weight=float32" and rec["stale"] is False
+    )
     assert rec["speedup"] == pytest.approx(rec["default_median_s"] / rec["median_s"])
     shown = run_json(capsys, "show")
     assert [(r["problem"], r["variant"]) for r in shown] == [(rec["problem"], rec["variant"])]

@@ -184,7 +184,7 @@ def test_bad_mlxp_dispatch_value_warns(monkeypatch):
 
 def test_explain_real_op():
     d = mp.explain("rms_norm", mx.ones((3, 5)), mx.ones((5,)), 1e-6)
-    assert d.op == "rms_norm" and d.problem == "rms_norm|float32|rows=4,dims=5"
+    assert d.op == "rms_norm" and d.problem == "rms_norm|float32|rows=4,dims=5,weight=float32"
     assert d.source == "default" and d.variant == "builtin"
     assert json.loads(json.dumps(d.to_dict()))["source"] == "default"
 
@@ -198,3 +198,25 @@ def test_dispatched_call_equals_direct_call(user_db):
     op = make_op()
     _user(user_db, record(op, X, "tiled", {"block": 64, "unroll": 1}))
     assert mx.array_equal(op(X), double(X))
+
+
+def test_variant_failing_at_call_time_falls_back_for_good(user_db):
+    """A tuned variant that passes its probe but raises on some call (a transformation it
+    lacks, say) is disabled, and that call and later ones get the default."""
+    from mlx_primitives.registry import Variant
+
+    calls = []
+
+    def picky(x):
+        calls.append(x.shape)
+        if x.dtype == mx.float32 and len(calls) > 1:  # the probe passes, real calls fail
+            raise NotImplementedError("no vmap for this kernel")
+        return double(x)
+
+    op = make_op([Variant("picky", lambda: picky)])
+    _user(user_db, record(op, X, "picky"))
+    with pytest.warns(RuntimeWarning, match="variant 'picky' failed on this machine"):
+        assert mx.allclose(op(X), X * 2).item()
+    assert (op.name, "picky") in dispatch._disabled
+    assert mx.allclose(op(X), X * 2).item()
+    assert dispatch.choose(op, op.problem(X)).source == "default"

@@ -58,7 +58,11 @@ def test_second_process_dispatches_from_the_first_ones_database(tmp_path):
     decision = result["decision"]
     assert decision["source"] == "user"
     assert (decision["variant"], decision["params"]) == (record["variant"], record["params"])
-    assert decision["problem"] == record["problem"] == "rms_norm|float32|rows=16,dims=128"
+    assert (
+        decision["problem"]
+        == record["problem"]
+        == "rms_norm|float32|rows=16,dims=128,weight=float32"
+    )
     env["MLXP_DISPATCH"] = "default"
     bypass = subprocess.run(
         [sys.executable, "-c", SECOND],

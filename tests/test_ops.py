@@ -24,13 +24,15 @@ CASES = {
         (((1000, 33),), {}),
         (((2, 3, 1000),), {}),
         (((5, 4097),), {}),
+        (((3, 8),), {"weight": "none"}),
+        (((4, 64),), {"weight": "float32"}),
     ],
     "layer_norm": [
         (((1, 1),), {}),
         (((3, 7),), {}),
-        (((1000, 33),), {"affine": ""}),
-        (((2, 3, 1000),), {"affine": "w"}),
-        (((5, 4097),), {"affine": "b"}),
+        (((1000, 33),), {"weight": "none", "bias": "none"}),
+        (((2, 3, 1000),), {"bias": "none"}),
+        (((5, 4097),), {"weight": "none"}),
     ],
     "rope": [
         (((1, 1, 1, 2),), {}),
@@ -41,6 +43,8 @@ CASES = {
         (((1, 3, 17, 8),), {"freqs": True}),
         (((3, 9, 16),), {}),
         (((2, 2, 3, 5, 12),), {"offset": 7}),
+        (((3, 4, 5, 16),), {"per_batch": True}),
+        (((3, 5, 4, 16),), {"per_batch": True, "layout": "BSHD"}),
     ],
     "swiglu": [(((1,),), {}), (((3, 7),), {}), (((1000, 33),), {}), (((2, 3, 1000),), {})],
     "geglu": [
@@ -88,7 +92,7 @@ def test_variant_matches_float64_reference(name, variant, cfg, shapes, options, 
     args, kwargs = o.example(shapes, dtype, mx.random.key(hash((name, shapes)) % 2**31), **options)
     got = fn(*args, **kwargs)
     want = REFERENCES[name](args, kwargs)
-    assert got.dtype == args[0].dtype
+    assert got.dtype == o.reference(*args, **kwargs).dtype  # promoted like MLX's own ops
     ref.assert_close(got, want, dtype, label=f"{name}/{variant}", **_tolerance(name, dtype))
 
 

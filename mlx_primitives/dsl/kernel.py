@@ -30,11 +30,25 @@ def poisoned():
         _POISON.reset(token)
 
 
+# The dtypes the custom kernels are written for.
+KERNEL_DTYPES = ("float32", "float16", "bfloat16")
+_FLOAT32_MAX = 3.4028234663852886e38
+# MLX passes grid sizes (in threads) as 32-bit ints.
+_MAX_GRID = 2**31 - 1
+
+
+def itemsize(dtype_name: str) -> int | None:
+    """Bytes per element of a dtype the kernels support, by name; None for any other."""
+    return getattr(mx, dtype_name).size if dtype_name in KERNEL_DTYPES else None
+
+
 def float_bits(value: float) -> int:
     """The float32 bit pattern of a non-negative ``value`` as an int (a kernel template
     constant; MLX writes template values into CUDA kernel names, so no minus sign)."""
-    if not value >= 0:
-        raise ValueError(f"[kernel] float template constants must be >= 0, got {value}")
+    if not 0 <= value <= _FLOAT32_MAX:
+        raise ValueError(
+            f"[kernel] float template constants must be in [0, float32 max], got {value}"
+        )
     return struct.unpack("<i", struct.pack("<f", value + 0.0))[0]  # -0.0 becomes 0.0
 
 
@@ -90,6 +104,8 @@ class GpuKernel:
         output_shapes: Sequence[tuple],
         output_dtypes: Sequence[mx.Dtype],
     ) -> list[mx.array]:
+        if any(g > _MAX_GRID for g in grid):
+            raise ValueError(f"[{self.name}] a grid of {grid} threads is over MLX's 32-bit limit")
         return self._kernel(
             inputs=list(inputs),
             template=list(template.items()),
@@ -101,32 +117,54 @@ class GpuKernel:
         )
 
 
-def with_reference_vjp(forward: Callable, reference: Callable) -> Callable:
-    """``forward`` (a custom kernel, which has no VJP) differentiated through ``reference``.
+def with_reference_transforms(forward: Callable, reference: Callable) -> Callable:
+    """``forward`` (a custom kernel, which has no transformations of its own) with its VJP,
+    JVP and vmap computed through ``reference``.
 
-    Both take the same positional arguments; floating arrays among them get gradients by
-    recomputing ``reference`` under ``mx.vjp``, everything else gets None.
+    Both take the same positional arguments; floating arrays among them are differentiated
+    (by recomputing ``reference``), everything else is held constant.
     """
     fn = mx.custom_function(forward)
 
-    @fn.vjp
-    def _vjp(primals, cotangent, output):
-        wrt = [
+    def wrt(primals) -> list[int]:
+        return [
             i
             for i, p in enumerate(primals)
             if isinstance(p, mx.array) and mx.issubdtype(p.dtype, mx.floating)
         ]
 
+    def over(primals, positions):
         def ref(*arrays):
             full = list(primals)
-            for i, a in zip(wrt, arrays):
+            for i, a in zip(positions, arrays):
                 full[i] = a
             return reference(*full)
 
-        _, grads = mx.vjp(ref, [primals[i] for i in wrt], [cotangent])
+        return ref
+
+    @fn.vjp
+    def _vjp(primals, cotangent, output):
+        positions = wrt(primals)
+        _, grads = mx.vjp(over(primals, positions), [primals[i] for i in positions], [cotangent])
         out = [None] * len(primals)
-        for i, g in zip(wrt, grads):
+        for i, g in zip(positions, grads):
             out[i] = g
         return tuple(out)
+
+    @fn.jvp
+    def _jvp(primals, tangents):
+        positions = wrt(primals)
+        _, (out,) = mx.jvp(
+            over(primals, positions),
+            [primals[i] for i in positions],
+            [tangents[i] for i in positions],
+        )
+        return out
+
+    @fn.vmap
+    def _vmap(inputs, axes):
+        positions = [i for i, a in enumerate(inputs) if isinstance(a, mx.array)]
+        mapped = mx.vmap(over(inputs, positions), in_axes=tuple(axes[i] for i in positions))
+        return mapped(*[inputs[i] for i in positions]), 0
 
     return fn

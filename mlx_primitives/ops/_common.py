@@ -6,6 +6,7 @@ Errors name the op in brackets and the offending argument, e.g.
 
 from __future__ import annotations
 
+import functools
 import math
 from numbers import Integral, Real
 
@@ -79,6 +80,28 @@ def check_choice(op: str, name: str, value, choices: tuple) -> None:
         raise ValueError(f"[{op}] {name} must be one of {list(choices)}, got {value!r}")
 
 
+_NAMES = {
+    mx.float16: "float16",
+    mx.bfloat16: "bfloat16",
+    mx.float32: "float32",
+    mx.float64: "float64",
+}
+
+
+def vector_kind(v) -> str:
+    """A problem-key value for an optional vector argument: its dtype's name, or "none"
+    (kernels are built per dtype of each argument and per argument present)."""
+    return "none" if v is None else _NAMES[v.dtype]
+
+
+def vector_example(kind: str | None, shape, dtype: mx.Dtype, key, scale: float, shift: float):
+    """A random optional vector for examples: of ``dtype`` when ``kind`` is None, absent for
+    "none", else of the dtype ``kind`` names."""
+    if kind == "none":
+        return None
+    return random(shape, dtype if kind is None else getattr(mx, kind), key, scale, shift)
+
+
 def accumulator(dtype: mx.Dtype) -> mx.Dtype:
     """float32, or float64 for float64 inputs (the reference then runs in float64)."""
     return mx.float64 if dtype == mx.float64 else mx.float32
@@ -89,16 +112,34 @@ def random(shape, dtype: mx.Dtype, key: mx.array, scale: float = 1.0, shift: flo
     return (mx.random.normal(tuple(shape), key=key) * scale + shift).astype(dtype)
 
 
-def mlx_variants(composition, builtin=None, builtin_name: str = "") -> list:
+def mlx_variants(composition, builtin=None, builtin_name: str = "", dynamic: tuple = ()) -> list:
     """The variants every op has on every back-end: the MLX built-in where one exists, the
-    composition of MLX ops run eagerly, and the same composition under ``mx.compile``."""
+    composition of MLX ops run eagerly, and the same composition under ``mx.compile``.
+
+    Args:
+        composition: the op as MLX ops, with the op's signature (usually its reference).
+        builtin: MLX's own implementation, wrapped to the op's signature.
+        dynamic: keyword arguments that vary from call to call (a position offset): passed
+            to the compiled composition as arrays, since mx.compile traces anew for every new
+            Python scalar.
+    """
     from ..registry import Variant
+
+    def compiled():
+        fn = mx.compile(composition)
+
+        @functools.wraps(composition)
+        def call(*args, **kwargs):
+            for name in dynamic:
+                if name in kwargs and not isinstance(kwargs[name], mx.array):
+                    kwargs[name] = mx.array(kwargs[name])
+            return fn(*args, **kwargs)
+
+        return call
 
     out = []
     if builtin is not None:
         out.append(Variant("builtin", lambda: builtin, description=builtin_name))
     out.append(Variant("eager", lambda: composition, description="composition of MLX ops"))
-    out.append(
-        Variant("compiled", lambda: mx.compile(composition), description="mx.compile'd composition")
-    )
+    out.append(Variant("compiled", compiled, description="mx.compile'd composition"))
     return out

@@ -13,13 +13,12 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-from ..dsl.kernel import GpuKernel, float_bits, with_reference_vjp
+from ..dsl.kernel import GpuKernel, float_bits, itemsize, with_reference_transforms
 from ..registry import GPU_BACKENDS, Variant
 
 # Float registers a thread may hold for its part of a row before the row family spills.
 MAX_REGISTERS = 64
 MAX_GROUP = 1024
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 ROW_SPACE = {
     "threads_per_row": (32, 8, 16, 64, 128, 256, 512, 1024),
@@ -30,9 +29,10 @@ LOOPED_SPACE = {"threads_per_row": (256, 128, 512, 1024), "vec": (8, 1, 2, 4)}
 
 
 def _vec_fits(problem: dict, vec: int) -> bool:
-    # Loads of at most 16 bytes that tile the row exactly.
-    size = _ITEMSIZE.get(problem["dtype"])
-    return size is not None and vec * size <= 16 and problem["dims"] % vec == 0
+    # Loads of at most 16 bytes, for x and for its weight and bias, that tile the row exactly.
+    names = [problem["dtype"], problem.get("weight", "none"), problem.get("bias", "none")]
+    sizes = [itemsize(n) for n in names if n != "none"]
+    return None not in sizes and vec * max(sizes) <= 16 and problem["dims"] % vec == 0
 
 
 def _row_supports(problem: dict, p: dict) -> bool:
@@ -55,10 +55,13 @@ def _looped_supports(problem: dict, p: dict) -> bool:
 _VECTORS = {"w": ("W", "HAS_W"), "b": ("B_", "HAS_B")}
 
 
-def norm_variants(op: str, reference: Callable, names: tuple[str, ...]) -> list[Variant]:
-    """The ``row`` and ``looped`` kernel variants of ``op``, whose signature is
-    ``(x, *vectors, eps)``; ``names`` are the kernel's names of the vectors (``"w"``, ``"b"``),
-    each an optional vector of ``x.shape[-1]`` elements."""
+def norm_variants(
+    op: str, reference: Callable, names: tuple[str, ...], public: Callable[[Callable], Callable]
+) -> list[Variant]:
+    """The ``row`` and ``looped`` kernel variants of ``op``. Their kernels take
+    ``(x, *vectors, eps)`` positionally; ``names`` are the kernel's names of the vectors
+    (``"w"``, ``"b"``), each an optional vector of ``x.shape[-1]`` elements, and
+    ``public(fn)`` gives ``fn`` the op's own signature."""
     row = GpuKernel(f"{op}/row.k", ["x", *names], ["y"])
     looped = GpuKernel(f"{op}/looped.k", ["x", *names], ["y"])
 
@@ -92,7 +95,7 @@ def norm_variants(op: str, reference: Callable, names: tuple[str, ...]) -> list[
             )
             return y.reshape(x.shape)
 
-        return with_reference_vjp(forward, reference)
+        return public(with_reference_transforms(forward, reference))
 
     return [
         Variant(

@@ -7,7 +7,7 @@ import math
 
 import mlx.core as mx
 
-from ..dsl.kernel import GpuKernel, with_reference_vjp
+from ..dsl.kernel import GpuKernel, itemsize, with_reference_transforms
 from ..hardware import detect_chip
 from ..problem import EXACT, Dim, bucket
 from ..registry import GPU_BACKENDS, Example, Op, Variant, register
@@ -58,7 +58,6 @@ _BLOCKED = GpuKernel("gated/blocked.k", ["gate", "up"], ["out"], headers=("gated
 _STRIDED = GpuKernel("gated/strided.k", ["gate", "up"], ["out"], headers=("gated/act.h",))
 # The kernels' ACT template constant.
 _ACT = {"silu": 0, "none": 1, "tanh": 2, "fast": 3}
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 # Multiprocessors assumed when the chip does not say (an H100 has 132).
 _DEFAULT_SMS = 128
 
@@ -82,14 +81,8 @@ def _launch(kernel: GpuKernel, vec: int, threads: int, groups, fast: bool, extra
     return forward
 
 
-def _kernel_variants(op: str, reference) -> list[Variant]:
-    def public(forward):
-        """The op's own signature around ``forward``, differentiated through the reference."""
-        if op == "swiglu":
-            fn = with_reference_vjp(forward, lambda gate, up, act: reference(gate, up))
-            return lambda gate, up: fn(gate, up, "silu")
-        fn = with_reference_vjp(forward, reference)
-        return lambda gate, up, approximate="none": fn(gate, up, approximate)
+def _kernel_variants(public) -> list[Variant]:
+    """The kernel variants, ``public(forward)`` giving each the op's own signature."""
 
     def blocked(vec, unroll, threads, fast_math):
         groups = lambda nv: -(-nv // (threads * unroll))
@@ -101,7 +94,7 @@ def _kernel_variants(op: str, reference) -> list[Variant]:
         return public(_launch(_STRIDED, vec, threads, groups, fast_math, {}))
 
     def supports(p: dict, params: dict) -> bool:
-        size = _ITEMSIZE.get(p["dtype"])
+        size = itemsize(p["dtype"])
         # Only silu and the sigmoid GELU use an exponential that fast math changes.
         fast_ok = not params["fast_math"] or p.get("approximate", "silu") in ("silu", "fast")
         return (
@@ -141,6 +134,16 @@ def _kernel_variants(op: str, reference) -> list[Variant]:
             description="custom kernel: a few waves of groups striding over the array",
         ),
     ]
+
+
+def _swiglu_public(forward):
+    fn = with_reference_transforms(forward, lambda gate, up, act: swiglu_reference(gate, up))
+    return lambda gate, up: fn(gate, up, "silu")
+
+
+def _geglu_public(forward):
+    fn = with_reference_transforms(forward, geglu_reference)
+    return lambda gate, up, approximate="none": fn(gate, up, approximate)
 
 
 def _example(shapes, dtype, key, approximate=None):
@@ -187,7 +190,7 @@ SWIGLU = register(
         example=_example,
         case=_case,
         default=_default,
-        variants=[*mlx_variants(swiglu_reference), *_kernel_variants("swiglu", swiglu_reference)],
+        variants=[*mlx_variants(swiglu_reference), *_kernel_variants(_swiglu_public)],
         presets=_presets(),
         differentiable=(0, 1),
     )
@@ -202,7 +205,7 @@ GEGLU = register(
         example=_example,
         case=_case,
         default=_default,
-        variants=[*mlx_variants(geglu_reference), *_kernel_variants("geglu", geglu_reference)],
+        variants=[*mlx_variants(geglu_reference), *_kernel_variants(_geglu_public)],
         presets=_presets(approximate="none"),
         differentiable=(0, 1),
     )

@@ -6,11 +6,20 @@ import mlx.core as mx
 
 from ..problem import EXACT, Dim, bucket
 from ..registry import Example, Op, register
-from ._common import accumulator, check_array, check_real, check_vector, mlx_variants, random
+from ._common import (
+    accumulator,
+    check_array,
+    check_real,
+    check_vector,
+    mlx_variants,
+    random,
+    vector_example,
+    vector_kind,
+)
 from ._norm_kernels import norm_variants
 
 NAME = "layer_norm"
-DIMS = (Dim("rows"), Dim("dims", EXACT), Dim("affine", EXACT))
+DIMS = (Dim("rows"), Dim("dims", EXACT), Dim("weight", EXACT), Dim("bias", EXACT))
 
 
 def _problem(x, weight, bias, eps=1e-5):
@@ -18,8 +27,8 @@ def _problem(x, weight, bias, eps=1e-5):
     check_vector(NAME, "weight", weight, x.shape[-1])
     check_vector(NAME, "bias", bias, x.shape[-1])
     check_real(NAME, "eps", eps)
-    affine = ("w" if weight is not None else "") + ("b" if bias is not None else "")
-    return x.dtype, (bucket(x.size // x.shape[-1]), x.shape[-1], affine or "none")
+    values = (bucket(x.size // x.shape[-1]), x.shape[-1], vector_kind(weight), vector_kind(bias))
+    return x.dtype, values
 
 
 def reference(
@@ -39,7 +48,7 @@ def reference(
     return y.astype(out_dtype)
 
 
-def _example(shapes, dtype, key, affine="wb"):
+def _example(shapes, dtype, key, weight=None, bias=None):
     k1, k2, k3 = mx.random.split(key, 3)
     x_shape = tuple(shapes[0])
     d = x_shape[-1:]
@@ -47,13 +56,22 @@ def _example(shapes, dtype, key, affine="wb"):
     b_shape = tuple(shapes[2]) if len(shapes) > 2 else d
     # A non-zero mean makes one-pass variance formulas show their cancellation error.
     x = random(x_shape, dtype, k1, 1.0, 0.5)
-    w = random(w_shape, dtype, k2, 0.1, 1.0) if "w" in affine else None
-    b = random(b_shape, dtype, k3, 0.1) if "b" in affine else None
+    w = vector_example(weight, w_shape, dtype, k2, 0.1, 1.0)
+    b = vector_example(bias, b_shape, dtype, k3, 0.1, 0.0)
     return (x, w, b, 1e-5), {}
 
 
 def _case(p):
-    return ((p["rows"], p["dims"]),), {"affine": p["affine"].replace("none", "")}
+    return ((p["rows"], p["dims"]),), {"weight": p["weight"], "bias": p["bias"]}
+
+
+def _public(fn):
+    """``fn`` (positional arguments) with the op's own signature."""
+    return lambda x, weight, bias, eps=1e-5: fn(x, weight, bias, eps)
+
+
+def _builtin(x, weight, bias, eps=1e-5):
+    return mx.fast.layer_norm(x, weight, bias, eps)
 
 
 def _default(problem, backend):
@@ -86,8 +104,8 @@ OP = register(
         case=_case,
         default=_default,
         variants=[
-            *mlx_variants(reference, mx.fast.layer_norm, "mx.fast.layer_norm"),
-            *norm_variants(NAME, reference, ("w", "b")),
+            *mlx_variants(reference, _builtin, "mx.fast.layer_norm"),
+            *norm_variants(NAME, reference, ("w", "b"), _public),
         ],
         presets=_presets(),
         differentiable=(0, 1, 2),

@@ -6,18 +6,27 @@ import mlx.core as mx
 
 from ..problem import EXACT, Dim, bucket
 from ..registry import Example, Op, register
-from ._common import accumulator, check_array, check_real, check_vector, mlx_variants, random
+from ._common import (
+    accumulator,
+    check_array,
+    check_real,
+    check_vector,
+    mlx_variants,
+    random,
+    vector_example,
+    vector_kind,
+)
 from ._norm_kernels import norm_variants
 
 NAME = "rms_norm"
-DIMS = (Dim("rows"), Dim("dims", EXACT))
+DIMS = (Dim("rows"), Dim("dims", EXACT), Dim("weight", EXACT))
 
 
 def _problem(x, weight, eps=1e-5):
     check_array(NAME, "x", x)
     check_vector(NAME, "weight", weight, x.shape[-1])
     check_real(NAME, "eps", eps)
-    return x.dtype, (bucket(x.size // x.shape[-1]), x.shape[-1])
+    return x.dtype, (bucket(x.size // x.shape[-1]), x.shape[-1], vector_kind(weight))
 
 
 def reference(x: mx.array, weight: mx.array | None, eps: float = 1e-5) -> mx.array:
@@ -31,15 +40,25 @@ def reference(x: mx.array, weight: mx.array | None, eps: float = 1e-5) -> mx.arr
     return y.astype(out_dtype)
 
 
-def _example(shapes, dtype, key):
+def _example(shapes, dtype, key, weight=None):
     k1, k2 = mx.random.split(key)
     x_shape = tuple(shapes[0])
     w_shape = tuple(shapes[1]) if len(shapes) > 1 else x_shape[-1:]
-    return (random(x_shape, dtype, k1), random(w_shape, dtype, k2, 0.1, 1.0), 1e-5), {}
+    w = vector_example(weight, w_shape, dtype, k2, 0.1, 1.0)
+    return (random(x_shape, dtype, k1), w, 1e-5), {}
 
 
 def _case(p):
-    return ((p["rows"], p["dims"]),), {}
+    return ((p["rows"], p["dims"]),), {"weight": p["weight"]}
+
+
+def _public(fn):
+    """``fn`` (positional arguments) with the op's own signature."""
+    return lambda x, weight, eps=1e-5: fn(x, weight, eps)
+
+
+def _builtin(x, weight, eps=1e-5):
+    return mx.fast.rms_norm(x, weight, eps)
 
 
 def _default(problem, backend):
@@ -72,8 +91,8 @@ OP = register(
         case=_case,
         default=_default,
         variants=[
-            *mlx_variants(reference, mx.fast.rms_norm, "mx.fast.rms_norm"),
-            *norm_variants(NAME, reference, ("w",)),
+            *mlx_variants(reference, _builtin, "mx.fast.rms_norm"),
+            *norm_variants(NAME, reference, ("w",), _public),
         ],
         presets=_presets(),
         differentiable=(0, 1),

@@ -13,7 +13,7 @@ import math
 
 import mlx.core as mx
 
-from ..dsl.kernel import GpuKernel, float_bits, with_reference_vjp
+from ..dsl.kernel import GpuKernel, float_bits, itemsize, with_reference_transforms
 from ..problem import EXACT, Dim, bucket
 from ..registry import GPU_BACKENDS, Example, Op, Variant, register
 from ._common import (
@@ -39,6 +39,7 @@ DIMS = (
     Dim("traditional", EXACT),
     Dim("layout", EXACT),
     Dim("freqs", EXACT),
+    Dim("per_batch", EXACT),
 )
 
 
@@ -89,6 +90,7 @@ def _problem(
         traditional,
         layout,
         freqs is not None,
+        isinstance(offset, mx.array) and offset.size > 1,
     )
     return x.dtype, values
 
@@ -142,7 +144,6 @@ def _builtin(
 _ROTATE = GpuKernel("rope/rotate.k", ["x", "offset", "table"], ["y"])
 # Where the kernel's angles come from (its ANGLES template constant).
 ANGLES = {"computed": 0, "table": 1, "cached": 2}
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @functools.lru_cache(maxsize=32)
@@ -196,7 +197,7 @@ def _kernel_forward(vec: int, heads_per_thread: int, threads: int, angles: str):
         )
         return y.reshape(shape)
 
-    fn = with_reference_vjp(forward, _positional(reference))
+    fn = with_reference_transforms(forward, _positional(reference))
 
     def call(
         x, dims, *, traditional=False, base=10000.0, scale=1.0, offset=0, freqs=None, layout="BHSD"
@@ -223,8 +224,10 @@ def _positional(f):
 
 
 def _kernel_supports(p: dict, params: dict) -> bool:
-    vec, size = params["vec"], _ITEMSIZE.get(p["dtype"])
-    if size is None or vec * size > 16 or (p["head_dim"] - p["dims"]) % vec:
+    vec, size = params["vec"], itemsize(p["dtype"])
+    if size is None or vec * size > 16:
+        return False
+    if (p["head_dim"] - p["dims"]) % vec:
         return False
     # A chunk is VEC elements of the rotated part: pairs in place, or one of each half.
     rotated = p["dims"] if p["traditional"] else p["dims"] // 2
@@ -237,11 +240,21 @@ def _kernel_supports(p: dict, params: dict) -> bool:
 
 
 def _example(
-    shapes, dtype, key, traditional=False, layout="BHSD", freqs=False, dims=None, offset=3
+    shapes,
+    dtype,
+    key,
+    traditional=False,
+    layout="BHSD",
+    freqs=False,
+    dims=None,
+    offset=3,
+    per_batch=False,
 ):
     k1, k2 = mx.random.split(key)
     x = random(shapes[0], dtype, k1)
     dims = dims or x.shape[-1]
+    if per_batch and x.shape[0] > 1:  # one position offset per sequence of the batch
+        offset = mx.arange(x.shape[0], dtype=mx.int32) * 7 + offset
     kwargs = {
         "traditional": traditional,
         "scale": 1.0,
@@ -265,6 +278,7 @@ def _case(p):
         "layout": p["layout"],
         "freqs": p["freqs"],
         "dims": p["dims"],
+        "per_batch": p["per_batch"],
     }
 
 
@@ -306,7 +320,7 @@ OP = register(
         case=_case,
         default=_default,
         variants=[
-            *mlx_variants(reference, _builtin, "mx.fast.rope"),
+            *mlx_variants(reference, _builtin, "mx.fast.rope", dynamic=("offset",)),
             Variant(
                 "rotate",
                 _kernel_forward,

@@ -1,0 +1,96 @@
+"""Every variant of every op has the public function's signature (names, kinds, defaults), so
+a tuned variant serves any call the default serves; kernel variants differentiate, linearize
+and vectorize through the op's reference."""
+
+from __future__ import annotations
+
+import inspect
+
+import mlx.core as mx
+import pytest
+
+import mlx_primitives as mp
+from mlx_primitives.dsl.kernel import with_reference_transforms
+from mlx_primitives.registry import ops
+
+from . import references as ref
+
+
+def _params():
+    for o in ops():
+        for v in o.variants:
+            for cfg in v.configs()[:2]:
+                yield pytest.param(o, v, cfg, id=f"{o.name}-{v.name}-{len(cfg) and cfg}")
+
+
+@pytest.mark.parametrize("o,v,cfg", list(_params()))
+def test_variant_has_the_public_signature(o, v, cfg):
+    public = inspect.signature(getattr(mp, o.name))
+    built = inspect.signature(v.build(**cfg))
+    assert [(p.name, p.kind, p.default) for p in built.parameters.values()] == [
+        (p.name, p.kind, p.default) for p in public.parameters.values()
+    ], f"{o.name}/{v.name}: {built} != {public}"
+
+
+def test_keyword_and_default_arguments_reach_every_variant():
+    x, w = mx.random.normal((3, 16)), mx.random.normal((16,))
+    for v in mp.registry.op("rms_norm").variants:
+        if v.available():
+            fn = v.build(**v.configs()[0])
+            ref.assert_close(fn(x, weight=w, eps=1e-3), ref.rms_norm(x, w, 1e-3), mx.float32)
+            ref.assert_close(fn(x, w), ref.rms_norm(x, w, 1e-5), mx.float32)
+
+
+def _fake_kernel():
+    """A forward without transformations of its own, standing for a custom kernel."""
+    calls = []
+
+    def forward(x, w, eps):
+        calls.append(1)
+        return mx.stop_gradient(x * mx.rsqrt(mx.mean(x * x, -1, keepdims=True) + eps) * w)
+
+    def reference(x, w, eps):
+        return x * mx.rsqrt(mx.mean(x * x, -1, keepdims=True) + eps) * w
+
+    return with_reference_transforms(forward, reference), reference, calls
+
+
+def test_kernel_transforms_go_through_the_reference():
+    fn, reference, calls = _fake_kernel()
+    x, w = mx.random.normal((4, 8)), mx.random.normal((8,))
+    cot = mx.random.normal((4, 8))
+    want = mx.vjp(lambda x, w: reference(x, w, 1e-5), [x, w], [cot])[1]
+    got = mx.vjp(lambda x, w: fn(x, w, 1e-5), [x, w], [cot])[1]
+    for g, r in zip(got, want):
+        assert mx.allclose(g, r, atol=1e-6)
+    tx, tw = mx.random.normal((4, 8)), mx.random.normal((8,))
+    want = mx.jvp(lambda x, w: reference(x, w, 1e-5), [x, w], [tx, tw])[1][0]
+    got = mx.jvp(lambda x, w: fn(x, w, 1e-5), [x, w], [tx, tw])[1][0]
+    assert mx.allclose(got, want, atol=1e-6)
+    xs = mx.random.normal((3, 4, 8))
+    mapped = mx.vmap(lambda x: fn(x, w, 1e-5))(xs)
+    assert mx.allclose(mapped, reference(xs, w, 1e-5), atol=1e-6)
+    assert calls  # the forward itself ran for the plain calls
+
+
+def test_compiled_composition_does_not_retrace_for_each_offset():
+    """mx.compile traces anew for each new Python scalar: a decoding loop passes a new offset
+    every step, so the compiled variant passes it as an array."""
+    from mlx_primitives.ops._common import mlx_variants
+
+    traces = []
+
+    def composition(x, *, offset=0):
+        traces.append(1)
+        return x + offset
+
+    compiled = next(
+        v for v in mlx_variants(composition, dynamic=("offset",)) if v.name == "compiled"
+    )
+    fn = compiled.build()
+    for offset in range(20):
+        assert fn(mx.zeros(3), offset=offset).tolist() == [offset] * 3
+    assert len(traces) == 1
+    assert mp.registry.op("rope").variant("compiled").build()(
+        mx.ones((1, 1, 2, 4)), 4, offset=7
+    ).shape == (1, 1, 2, 4)
