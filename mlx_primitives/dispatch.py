@@ -313,10 +313,17 @@ def _shipped_records(tdb, chip: str, op_name: str) -> list[dict]:
     if path is None:
         return []
     try:
-        return [r for r in tdb.read_json(path) if r.get("chip") == chip and r.get("op") == op_name]
+        records = tdb.read_json(path)
     except tdb.DatabaseError as e:
         warn_once(f"[mlx_primitives] ignoring the shipped tuning database {path}: {e}")
         return []
+    if not all(isinstance(r, dict) for r in records):
+        warn_once(f"[mlx_primitives] ignoring entries of {path} that are not records")
+    return [
+        r
+        for r in records
+        if isinstance(r, dict) and r.get("chip") == chip and r.get("op") == op_name
+    ]
 
 
 def explain(op_name: str, *args, **kwargs) -> Decision:

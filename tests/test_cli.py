@@ -176,3 +176,53 @@ def test_show_reports_a_broken_database(capsys, user_db):
     user_db.write_bytes(b"garbage" * 200)
     code, _, err = run(capsys, "show")
     assert code == 1 and "error:" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            [
+                "tune",
+                "--op",
+                "rope",
+                "--shape",
+                "1x2x4x8",
+                "--dtype",
+                "float32",
+                "--option",
+                "traditional=1",
+            ],
+            "[rope] traditional must be a bool",
+        ),
+        (
+            [
+                "tune",
+                "--op",
+                "rms_norm",
+                "--shape",
+                "4x8",
+                "--dtype",
+                "float32",
+                "--option",
+                "foo=1",
+            ],
+            "unexpected keyword argument",
+        ),
+        (
+            ["tune", "--op", "rms_norm", "--shape", "4x8", "--dtype", "float64"],
+            "tuning covers float32, float16, bfloat16",
+        ),
+    ],
+)
+def test_bad_options_are_usage_errors(capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("url", ["foo://bar", "/proc/no/such/dir/x.sqlite"])
+def test_unusable_database_locations_fail_cleanly(capsys, url):
+    code = main([*TUNE, "--db", url])
+    out, err = capsys.readouterr()
+    assert code == 1 and "cannot open a tuning database" in err and "Traceback" not in err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import mlx.core as mx
 import pytest
 
@@ -82,3 +84,32 @@ def test_pretuned_kernel_serves_on_its_chip():
         rec["params"],
         detect_chip().slug,
     )
+
+
+def test_a_malformed_shipped_record_costs_only_itself(tmp_path, monkeypatch):
+    from mlx_primitives.tuning import db as tdb
+
+    records = dict(_shipped())["nvidia-h200"]
+    good = next(r for r in records if r["op"] == "rms_norm" and r["variant"] == "builtin")
+    path = tmp_path / "nvidia-h200.json"
+    path.write_text(
+        json.dumps(
+            {
+                "format": "mlx-primitives-tuning",
+                "schema": 1,
+                "records": ["junk", {**good, "params": [1]}, good],
+            }
+        )
+    )
+    monkeypatch.setattr(tdb, "shipped_path", lambda chip: path)
+    monkeypatch.setattr(dispatch, "detect_chip", lambda backend=None: H200)
+    dispatch.reset()
+    o = op("rms_norm")
+    p = parse_key(good["problem"], o.dims)
+    shapes, options = o.case(p.as_dict(o.dims))
+    args, kwargs = o.example(shapes, p.dtype, mx.random.key(0), **options)
+    with pytest.warns(RuntimeWarning) as caught:
+        d = dispatch.choose(o, o.problem(*args, **kwargs))
+    messages = " ".join(str(w.message) for w in caught)
+    assert "that are not records" in messages and "ignoring a tuning record" in messages
+    assert d.source == "pretuned"

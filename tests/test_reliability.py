@@ -17,7 +17,7 @@ import pytest
 
 import mlx_primitives as mp
 from mlx_primitives import dispatch
-from mlx_primitives.hardware import Chip
+from mlx_primitives.hardware import Chip, detect_chip
 from mlx_primitives.registry import Example, Variant
 from mlx_primitives.tuning.cli import main
 from mlx_primitives.tuning.db import DatabaseError, TuningDB
@@ -276,6 +276,8 @@ def test_import_skips_malformed_records(tmp_path, user_db, capsys):
         {**good, "params": {"x": 1}},
         {**good, "op": "nope"},
         {**good, "median_s": "fast"},
+        "junk",
+        None,
     ]
     path = tmp_path / "in.json"
     path.write_text(
@@ -283,7 +285,7 @@ def test_import_skips_malformed_records(tmp_path, user_db, capsys):
     )
     assert main(["import", str(path)]) == 0
     out, err = capsys.readouterr()
-    assert "imported 1 records" in out and "skipped 4 malformed records" in err
+    assert "imported 1 records" in out and "skipped 6 malformed records" in err
     assert [r["variant"] for r in TuningDB(str(user_db)).records()] == ["eager"]
 
 
@@ -393,3 +395,30 @@ def test_an_interrupted_candidate_is_tried_again(tmp_path):
     assert trial["reason"] == "interrupted by the user"
     out = Tuner(db, FAST).tune(op, Example(((64, 256),), "float32"))
     assert any(r.candidate.variant == "flaky" and r.status == "ok" for r in out.results)
+
+
+def test_a_candidate_another_live_tuner_is_measuring_is_left_alone(tmp_path):
+    """Two tuners on one database: a pending trial of a live process is not reclaimed, one of
+    a process that is gone is rejected."""
+    import socket
+
+    op = make_op([Variant("same", lambda: double)])
+    db = TuningDB(str(tmp_path / "two.sqlite"))
+    key = op.problem(mx.ones((64, 256))).key(op.dims)
+    host = socket.gethostname()
+    live = {
+        "op": "toy",
+        "problem": key,
+        "variant": "same",
+        "params": {},
+        "status": "pending",
+        "reason": f"started by pid {os.getppid()} on {host}",
+    }  # our parent: alive
+    dead = {**live, "variant": "nan", "reason": f"started by pid 999999 on {host}"}
+    live_id = db.add_trial(detect_chip().slug, live)
+    db.add_trial(detect_chip().slug, dead)
+    out = Tuner(db, FAST).tune(op, Example(((64, 256),), "float32"))
+    by_variant = {r.candidate.variant: r for r in out.results}
+    assert "did not finish" in by_variant["nan"].reason
+    assert by_variant["same"].status == "ok"  # measured here too, not taken for dead
+    assert next(t for t in db.trials() if t["id"] == live_id)["status"] == "pending"

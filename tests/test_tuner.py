@@ -160,3 +160,28 @@ def test_warm_runs_candidates_in_worker_processes():
     assert warm(o, problem.as_dict(o.dims), mx.float32, cands) == 0  # no kernels on the CPU
     ran = warm(o, problem.as_dict(o.dims), mx.float32, cands, workers=2, kernels_only=False)
     assert ran == len(cands) == 3
+
+
+def test_warm_survives_a_worker_that_dies(monkeypatch):
+    """A worker killed by a faulty kernel neither hangs nor breaks warming."""
+    from mlx_primitives.registry import op
+    from mlx_primitives.tuning import warm as warm_mod
+    from mlx_primitives.tuning.tuner import candidates
+
+    o = op("rms_norm")
+    problem = o.problem(mx.ones((8, 64)), mx.ones((64,)), 1e-5)
+    cands = candidates(o, problem.as_dict(o.dims), "cpu")
+    jobs = [*cands, Candidate.of("builtin", {})]
+    monkeypatch.setattr(warm_mod, "_compile", _die_on_builtin)
+    ran = warm_mod.warm(
+        o, problem.as_dict(o.dims), mx.float32, jobs, workers=2, kernels_only=False, timeout_s=60
+    )
+    assert 0 <= ran < len(jobs)
+
+
+def _die_on_builtin(job):
+    import os
+
+    if job[3] == "builtin":
+        os._exit(9)
+    return True

@@ -20,10 +20,13 @@ from ..problem import dtype_name
 # (atol, rtol) per output dtype: a few units of the dtype's rounding, which is what a
 # correct float32-accumulating kernel gets wrong against float64.
 TOLERANCES = {
+    "float64": (1e-10, 1e-8),
     "float32": (1e-5, 1e-4),
     "float16": (1e-3, 5e-3),
     "bfloat16": (8e-3, 3e-2),
 }
+# What mlxp-tune tunes (float64 runs on the CPU only, where MLX's own ops serve it).
+TUNED_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)

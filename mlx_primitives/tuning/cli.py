@@ -18,6 +18,7 @@ from ..hardware import current_backend, detect_chip
 from ..problem import parse_dtype
 from ..registry import Example, Op, ops
 from ..registry import op as get_op
+from .check import TUNED_DTYPES
 from .db import (
     DatabaseError,
     TuningDB,
@@ -81,6 +82,8 @@ def _example(args) -> Example:
         parse_dtype(args.dtype)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if args.dtype not in TUNED_DTYPES:
+        raise UsageError(f"--dtype {args.dtype}: tuning covers {', '.join(TUNED_DTYPES)}")
     options = tuple(sorted(_parse_option(o) for o in args.option or []))
     return Example(tuple(_parse_shape(s) for s in args.shape), args.dtype, options)
 
@@ -172,7 +175,7 @@ def cmd_tune(args) -> int:
             progress.update(task, description=f"{o.name} {ex.label()}")
             try:
                 outcome = tuner.tune(o, ex)
-            except ValueError as e:  # an --shape that the op rejects
+            except (ValueError, TypeError) as e:  # an --shape or --option the op rejects
                 raise UsageError(str(e)) from None
             if outcome.record is None and outcome.note != "already tuned":
                 failures.append(outcome)
@@ -246,7 +249,7 @@ def cmd_show(args) -> int:
     shipped = []
     for slug in shipped_chips() if chip == "all" else [chip]:
         if shipped_path(slug) is not None:
-            shipped.extend(read_json(shipped_path(slug)))
+            shipped.extend(r for r in read_json(shipped_path(slug)) if isinstance(r, dict))
     rows = [_row(r, "user") for r in user] + [_row(r, "pretuned") for r in shipped]
     if args.op:
         rows = [r for r in rows if r["op"] in args.op]
@@ -471,10 +474,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     except DatabaseError as e:
         print(f"error: {e}", file=sys.stderr)
-        print(
-            "hint: `mlxp-tune doctor` explains; `mlxp-tune clear` moves an unusable database aside",
-            file=sys.stderr,
-        )
         return 1
     except KeyboardInterrupt:
         print("interrupted: finished problems are saved; run again to resume", file=sys.stderr)

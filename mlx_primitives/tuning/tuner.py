@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import socket
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import mlx.core as mx
 import optuna
@@ -151,6 +154,25 @@ def decide(results: list[Result], default: Result, order: list[Candidate]) -> Re
     ]
     rank = {c: i for i, c in enumerate(order)}
     return min(tied, key=lambda r: rank.get(r.candidate, math.inf))
+
+
+def _alive(reason: str, created_at: str, timeout_s: float) -> bool:
+    """Whether the process that started a pending trial may still be running it: on this host
+    the pid answers; on another, the trial is younger than a candidate may take."""
+    match = re.fullmatch(r"started by pid (\d+) on (.+)", reason)
+    if match and match[2] == socket.gethostname():
+        try:
+            os.kill(int(match[1]), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    try:
+        started = datetime.fromisoformat(created_at)
+    except (TypeError, ValueError):
+        return False
+    return (datetime.now(timezone.utc) - started).total_seconds() < timeout_s
 
 
 def candidates(op: Op, pdict: dict, backend: str) -> list[Candidate]:
@@ -292,6 +314,8 @@ class Tuner:
                 continue
             c = Candidate.of(t["variant"], t["params"])
             if t["status"] == "pending":
+                if _alive(t["reason"], t["created_at"], self.candidate_timeout_s):
+                    continue  # another tuning process is measuring it right now
                 out[c] = Result(c, "rejected", f"{CRASHED}: process died in it (crash or kill)")
                 self.db.finish_trial(t["id"], out[c].trial(op.name, pkey))
             elif t["status"] == "rejected" and t["reason"].startswith((HUNG, CRASHED)):
@@ -301,7 +325,7 @@ class Tuner:
     def _recorded(self, op: Op, pkey: str, c: Candidate, run: Callable[[], Result]) -> Result:
         """Run one candidate's evaluation with its trial stored as pending first, and a
         watchdog that records a hang and ends the process (a hung call cannot be stopped)."""
-        pending = Result(c, "pending", "started")
+        pending = Result(c, "pending", f"started by pid {os.getpid()} on {socket.gethostname()}")
         trial_id = self.db.add_trial(self.chip.slug, pending.trial(op.name, pkey))
 
         def hung() -> None:
@@ -370,8 +394,9 @@ class Tuner:
         return decide(again, base, order), base
 
     def _previous(self, op: Op, pkey: str) -> dict | None:
+        """This problem's record, if there is a well-formed one (a malformed one is replaced)."""
         for rec in self.db.records(chip=self.chip.slug, op=op.name):
-            if rec["problem"] == pkey:
+            if rec["problem"] == pkey and dispatch.invalid(op, rec) is None:
                 return rec
         return None
 

@@ -9,13 +9,15 @@ the tuner to find and reject with its reason.
 
 from __future__ import annotations
 
-import multiprocessing
-import os
+from concurrent.futures import ProcessPoolExecutor, wait
+from multiprocessing import get_context
 
 import mlx.core as mx
 
+from ..hardware.cpu import available_cores
 from ..problem import BUCKET, dtype_name
 
+MAX_WORKERS = 8
 # Each bucketed dim of the small case a worker runs (the exact dims are what kernels are
 # specialized on; bucketed ones are run-time values).
 _SMALL = 4
@@ -44,11 +46,19 @@ def warm(
     *,
     workers: int | None = None,
     kernels_only: bool = True,
+    timeout_s: float = 600.0,
 ) -> int:
-    """Run a small case of each candidate once in ``workers`` processes (default: the cores
-    less one); returns how many ran. Only custom kernels need it unless ``kernels_only`` is
-    False (tests use that on machines without a GPU)."""
-    workers = workers or max(1, (os.cpu_count() or 2) - 1)
+    """Run a small case of each candidate once in worker processes; returns how many ran.
+
+    Args:
+        workers: processes (default: the CPUs this process may use, less one, at most 8:
+            each opens its own GPU context).
+        kernels_only: only custom kernels need compiling; tests on machines without a GPU
+            warm the other variants.
+        timeout_s: after this long the workers are stopped (a hung compile must not stall
+            tuning: the tuner's own watchdog then deals with that candidate).
+    """
+    workers = workers or min(MAX_WORKERS, max(1, available_cores() - 1))
     small = {
         d.name: min(problem[d.name], _SMALL) if d.kind == BUCKET else problem[d.name]
         for d in op.dims
@@ -61,5 +71,12 @@ def warm(
     if len(jobs) < 2 or workers < 2:
         return 0
     # spawn: a forked child would inherit this process's GPU context, which CUDA forbids.
-    with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-        return sum(pool.map(_compile, jobs, chunksize=1))
+    pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=get_context("spawn"))
+    futures = [pool.submit(_compile, job) for job in jobs]
+    done, _ = wait(futures, timeout=timeout_s)
+    ran = sum(1 for f in done if not f.exception() and f.result())
+    # A worker that died or hangs is not waited for; the tuner meets that candidate itself.
+    for process in list(getattr(pool, "_processes", {}).values()):
+        process.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+    return ran
