@@ -39,6 +39,12 @@ def measure(calls, *, budget_s: float = 0.3) -> list[dict]:
     """Median and spread of each ``(fn, args, kwargs)``, sampled in turn, as row fragments."""
     timings = bench_many(calls, budget_s=budget_s, warmup_s=0.1, max_reps=200)
     return [
-        {"median_s": t.median_s, "spread_s": t.spread_s, "reps": t.reps, "chain": t.chain}
+        {
+            "median_s": t.median_s,
+            "spread_s": t.spread_s,
+            "reps": t.reps,
+            "chain": t.chain,
+            "first_call_s": t.first_call_s,
+        }  # first call: compiling, where a back-end compiles
         for t in timings
     ]

@@ -27,7 +27,6 @@ from .problem import BUCKET, Problem, distance, parse_key
 if TYPE_CHECKING:
     from .registry import Op
 
-SOURCES = ("user", "pretuned", "nearest", "default")
 # Before a tuned variant serves a problem, a probe runs it once per process on a small case of
 # that problem (at most this size in each bucketed dim) and checks it against the reference.
 PROBE_MAX_DIM = 16
@@ -289,8 +288,7 @@ def _load_entries(op: Op, chip: str) -> list[tuple[Problem, dict, str]]:
 
 def _user_records(tdb, chip: str, op_name: str) -> list[dict]:
     url = tdb.default_user_url()
-    path = tdb.url_path(url)
-    if path is not None and not path.exists():
+    if not tdb.exists(url):
         return []
     try:
         db = tdb.TuningDB(url, create=False)

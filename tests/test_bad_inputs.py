@@ -149,3 +149,18 @@ def test_bad_module_arguments(module, args):
 def test_rope_module_rejects_bad_layout():
     with pytest.raises(ValueError, match=r"\[RoPE\] layout"):
         mp.RoPE(8, layout="HSBD")
+
+
+@pytest.mark.parametrize(
+    "build,message",
+    [
+        (lambda: mp.GeGLU(4, 8, approximate="erf"), r"\[GeGLU\] approximate"),
+        (lambda: mp.RoPE(7), r"\[RoPE\] dims"),
+        (lambda: mp.RoPE(8, traditional=1), r"\[RoPE\] traditional"),
+        (lambda: mp.RoPE(8, base=-1.0), r"\[RoPE\] base"),
+        (lambda: mp.RoPE(8, scale=0), r"\[RoPE\] scale"),
+    ],
+)
+def test_modules_validate_their_arguments(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()

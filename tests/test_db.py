@@ -83,14 +83,6 @@ def test_missing_file_with_create_false(tmp_path):
     assert not (tmp_path / "none.sqlite").exists()
 
 
-def test_read_only_refuses_writes(tmp_path):
-    path = tmp_path / "a.sqlite"
-    TuningDB(str(path)).close()
-    db = TuningDB(str(path), read_only=True)
-    with pytest.raises(DatabaseError, match="read-only"):
-        db.put(_rec())
-
-
 def test_export_import_round_trip_is_sorted_text(tmp_path):
     a = TuningDB(str(tmp_path / "a.sqlite"))
     a.put(_rec(chip="z"))

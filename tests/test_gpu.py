@@ -165,3 +165,24 @@ def test_user_record_dispatches_a_kernel(user_db):
     assert dispatch.choose(o, o.problem(x, w, 1e-5)).source == "user"
     y = o(x, w, 1e-5)
     ref.assert_close(y, ref.rms_norm(x, w, 1e-5), mx.float16)
+
+
+@pytest.mark.parametrize("name", ["rms_norm", "layer_norm", "swiglu", "geglu"])
+def test_kernel_on_views_that_start_off_a_vector_boundary(name):
+    """A row-contiguous view with an element offset reaches the kernel uncopied: its vector
+    loads must fall back to elements (a misaligned 16-byte access faults on CUDA)."""
+    o = get_op(name)
+    args, kwargs = o.example(((64, 40),), mx.float16, mx.random.key(11))
+
+    def shifted(a):
+        flat = mx.concatenate([mx.zeros((1,), a.dtype), a.reshape(-1)])
+        return flat[1:].reshape(a.shape)
+
+    args = tuple(shifted(a) if isinstance(a, mx.array) else a for a in args)
+    want = REFERENCES[name](args, kwargs)
+    for v in o.variants:
+        if v.is_kernel:
+            for cfg in covering(v, o.problem(*args, **kwargs).as_dict(o.dims))[:3]:
+                with poisoned():
+                    got = v.build(**cfg)(*args, **kwargs)
+                ref.assert_close(got, want, mx.float16, label=f"{name}/{v.name} {cfg}")

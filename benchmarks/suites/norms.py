@@ -14,7 +14,7 @@ from mlx_primitives.dsl.kernel import GpuKernel
 from mlx_primitives.hardware import current_backend
 from mlx_primitives.problem import parse_dtype
 from mlx_primitives.registry import Example, op
-from mlx_primitives.tuning.db import TuningDB, default_user_url
+from mlx_primitives.tuning.db import TuningDB, default_user_url, exists
 from mlx_primitives.tuning.tuner import BUDGETS, Tuner
 
 from ..common import header, measure
@@ -57,12 +57,12 @@ def _baseline(o) -> str:
     return "builtin" if any(v.name == "builtin" for v in o.variants) else "compiled"
 
 
-def _variant_configs(o, problem, db: TuningDB, chip: str) -> list[tuple[str, dict]]:
+def _variant_configs(o, problem, db: TuningDB | None, chip: str) -> list[tuple[str, dict]]:
     """Each variant once: at the fastest config its tuning trials found for this problem, else
     at its first allowed config (a kernel compile per config rules out timing them all)."""
     best: dict[str, tuple[float, dict]] = {}
     key = problem.key(o.dims)
-    for t in db.trials(chip=chip, op=o.name):
+    for t in db.trials(chip=chip, op=o.name) if db else []:
         mine = t["problem"] == key and t["status"] == "ok"
         if mine and (t["variant"] not in best or t["median_s"] < best[t["variant"]][0]):
             best[t["variant"]] = (t["median_s"], t["params"])
@@ -80,7 +80,7 @@ def _variant_configs(o, problem, db: TuningDB, chip: str) -> list[tuple[str, dic
     return out
 
 
-def run_op(o, ex: Example, tuner: Tuner | None, db: TuningDB, budget_s: float) -> list[dict]:
+def run_op(o, ex: Example, tuner: Tuner | None, db: TuningDB | None, budget_s: float) -> list[dict]:
     dtype = parse_dtype(ex.dtype)
     args, kwargs = o.example(ex.shapes, dtype, mx.random.key(0), **dict(ex.options))
     if tuner is not None:
@@ -147,7 +147,9 @@ def dispatch_overhead(n: int = 20000) -> dict:
 def run(args) -> dict:
     gpu = current_backend() != "cpu"
     sizes = args.sizes or ("large" if gpu else "small")
-    db = TuningDB(default_user_url())
+    url = default_user_url()
+    # Trials give each variant's best configuration; only --tune creates a database.
+    db = TuningDB(url) if args.tune or exists(url) else None
     tuner = Tuner(db, BUDGETS[args.tune]) if args.tune else None
     result = header("norms")
     if gpu:
@@ -165,6 +167,8 @@ def run(args) -> dict:
                 f"{d['gb_per_s']:7.1f} GB/s",
                 flush=True,
             )
+    if db is not None:
+        db.close()
     return {
         **result,
         "sizes": sizes,

@@ -6,6 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..ops import geglu, swiglu
+from ..ops.gated import APPROXIMATIONS
 
 
 class _GatedFeedForward(nn.Module):
@@ -46,6 +47,10 @@ class GeGLU(_GatedFeedForward):
 
     def __init__(self, dims: int, hidden_dims: int, bias: bool = False, approximate: str = "none"):
         super().__init__(dims, hidden_dims, bias)
+        if approximate not in APPROXIMATIONS:
+            raise ValueError(
+                f"[GeGLU] approximate must be one of {list(APPROXIMATIONS)}, got {approximate!r}"
+            )
         self.approximate = approximate
 
     def __call__(self, x: mx.array) -> mx.array:

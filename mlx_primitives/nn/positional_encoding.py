@@ -31,6 +31,13 @@ class RoPE(nn.Module):
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"[RoPE] layout must be one of {list(LAYOUTS)}, got {layout!r}")
+        if isinstance(dims, bool) or not isinstance(dims, int) or dims < 2 or dims % 2:
+            raise ValueError(f"[RoPE] dims must be an even int of at least 2, got {dims!r}")
+        if not isinstance(traditional, bool):
+            raise ValueError(f"[RoPE] traditional must be a bool, got {traditional!r}")
+        for name, value in (("base", base), ("scale", scale)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"[RoPE] {name} must be a positive number, got {value!r}")
         self.dims = dims
         self.traditional = traditional
         self.base = base

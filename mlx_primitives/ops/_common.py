@@ -112,6 +112,31 @@ def random(shape, dtype: mx.Dtype, key: mx.array, scale: float = 1.0, shift: flo
     return (mx.random.normal(tuple(shape), key=key) * scale + shift).astype(dtype)
 
 
+def row_presets(
+    hidden: int, rows: tuple[int, ...], quick: tuple, full_dims: tuple, options: tuple = ()
+) -> dict:
+    """Tuning presets of an op over rows of a last axis.
+
+    Args:
+        hidden: the row length of ``default``, a common model size.
+        rows: the row counts of ``default`` (decode, small and large batches).
+        quick: (rows, length) pairs of ``quick``, small, in float32 and float16.
+        full_dims: more row lengths for ``full``, in every dtype.
+        options: the op's flags, the same in every example.
+    """
+    from ..registry import Example
+
+    quick_ = [Example(((r, d),), t, options) for r, d in quick for t in ("float32", "float16")]
+    default = [Example(((r, hidden),), t, options) for r in rows for t in ("float16", "bfloat16")]
+    full = default + [
+        Example(((r, d),), t, options)
+        for r in (8, 256, 4096)
+        for d in full_dims
+        for t in ("float32", "float16", "bfloat16")
+    ]
+    return {"quick": quick_, "default": default, "full": full}
+
+
 def mlx_variants(composition, builtin=None, builtin_name: str = "", dynamic: tuple = ()) -> list:
     """The variants every op has on every back-end: the MLX built-in where one exists, the
     composition of MLX ops run eagerly, and the same composition under ``mx.compile``.

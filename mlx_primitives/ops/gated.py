@@ -10,8 +10,8 @@ import mlx.core as mx
 from ..dsl.kernel import GpuKernel, itemsize, with_reference_transforms
 from ..hardware import detect_chip
 from ..problem import EXACT, Dim, bucket
-from ..registry import GPU_BACKENDS, Example, Op, Variant, register
-from ._common import accumulator, check_choice, check_same, mlx_variants, random
+from ..registry import GPU_BACKENDS, Op, Variant, register
+from ._common import accumulator, check_choice, check_same, mlx_variants, random, row_presets
 
 APPROXIMATIONS = ("none", "tanh", "fast")
 DIMS = (Dim("rows"), Dim("dims", EXACT))
@@ -163,22 +163,13 @@ def _default(problem, backend):
 
 
 def _presets(**options):
-    opts = tuple(options.items())
-    quick = [
-        Example(((r, d),), t, opts)
-        for r, d in ((64, 1024), (512, 2048))
-        for t in ("float32", "float16")
-    ]
-    default = [
-        Example(((r, 14336),), t, opts) for r in (1, 64, 16384) for t in ("float16", "bfloat16")
-    ]
-    full = default + [
-        Example(((r, d),), t, opts)
-        for r in (8, 256, 4096)
-        for d in (2048, 4096, 5632, 8192, 11008)
-        for t in ("float32", "float16", "bfloat16")
-    ]
-    return {"quick": quick, "default": default, "full": full}
+    return row_presets(
+        14336,
+        (1, 64, 16384),
+        ((64, 1024), (512, 2048)),
+        (2048, 4096, 5632, 8192, 11008),
+        tuple(options.items()),
+    )
 
 
 SWIGLU = register(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..problem import EXACT, Dim, bucket
-from ..registry import Example, Op, register
+from ..registry import Op, register
 from ._common import (
     accumulator,
     check_array,
@@ -13,6 +13,7 @@ from ._common import (
     check_vector,
     mlx_variants,
     random,
+    row_presets,
     vector_example,
     vector_kind,
 )
@@ -65,22 +66,6 @@ def _default(problem, backend):
     return "builtin", {}
 
 
-def _presets():
-    quick = [
-        Example(((r, d),), t) for r, d in ((64, 512), (512, 1024)) for t in ("float32", "float16")
-    ]
-    default = [
-        Example(((r, 4096),), t) for r in (1, 64, 1024, 16384) for t in ("float16", "bfloat16")
-    ]
-    full = default + [
-        Example(((r, d),), t)
-        for r in (8, 256, 4096)
-        for d in (768, 1024, 2048, 5120, 8192)
-        for t in ("float32", "float16", "bfloat16")
-    ]
-    return {"quick": quick, "default": default, "full": full}
-
-
 OP = register(
     Op(
         NAME,
@@ -94,7 +79,9 @@ OP = register(
             *mlx_variants(reference, _builtin, "mx.fast.rms_norm"),
             *norm_variants(NAME, reference, ("w",), _public),
         ],
-        presets=_presets(),
+        presets=row_presets(
+            4096, (1, 64, 1024, 16384), ((64, 512), (512, 1024)), (768, 1024, 2048, 5120, 8192)
+        ),
         differentiable=(0, 1),
     )
 )

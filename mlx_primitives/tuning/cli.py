@@ -23,6 +23,7 @@ from .db import (
     DatabaseError,
     TuningDB,
     default_user_url,
+    exists,
     read_json,
     shipped_chips,
     shipped_path,
@@ -241,8 +242,7 @@ def cmd_show(args) -> int:
     chip = args.chip or detect_chip().slug
     user = []
     url = args.db or default_user_url()
-    path = url_path(url)
-    if path is None or path.exists():
+    if exists(url):
         db = TuningDB(url, create=False)
         user = db.records(chip=None if chip == "all" else chip)
         db.close()
@@ -327,8 +327,7 @@ def cmd_doctor(args) -> int:
         "dispatch": dispatch.mode(),
     }
     status = 0
-    path = url_path(url)
-    if path is not None and not path.exists():
+    if not exists(url):
         report["user_db"]["status"] = "absent (created by the first `mlxp-tune`)"
     else:
         try:
@@ -359,10 +358,10 @@ def cmd_doctor(args) -> int:
 
 def cmd_clear(args) -> int:
     url = args.db or default_user_url()
-    path = url_path(url)
-    if path is not None and not path.exists():
-        print(f"nothing to clear: no database at {path}")
+    if not exists(url):
+        print(f"nothing to clear: no database at {url}")
         return 0
+    path = url_path(url)
     try:
         db = TuningDB(url, create=False)
     except DatabaseError as e:

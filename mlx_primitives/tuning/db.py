@@ -3,8 +3,8 @@
 One row of ``records`` is the tuned choice for one (chip, op, problem); ``trials`` keeps every
 candidate the tuner looked at, rejected ones with their reason. The user database lives at
 ``MLXP_TUNING_DB`` (a path or a SQLAlchemy URL) or in the platformdirs user data folder. Shipped
-databases are JSON text in ``tuning_db/<chip-slug>.json`` (reviewable in a diff), loaded into
-an in-memory SQLite database opened read-only.
+databases are exports: JSON text in ``tuning_db/<chip-slug>.json`` (reviewable in a diff), read
+by the dispatcher as they are and never written by it.
 """
 
 from __future__ import annotations
@@ -219,13 +219,11 @@ class TuningDB:
 
     Args:
         url: a SQLAlchemy URL (``sqlite:///path``) or a plain file path.
-        read_only: refuse writes.
         create: create the file and tables when missing; when False a missing file raises.
     """
 
-    def __init__(self, url: str, *, read_only: bool = False, create: bool = True):
+    def __init__(self, url: str, *, create: bool = True):
         self.url = url if "://" in url else path_url(url)
-        self.read_only = read_only
         path = url_path(self.url)
         try:
             if path is not None and not path.exists():
@@ -265,7 +263,7 @@ class TuningDB:
                 raise DatabaseError(
                     f"{self.url} is not a tuning database (tables: {sorted(tables)[:8]}){_HINT}"
                 )
-            if not create or self.read_only:
+            if not create:
                 raise EmptyDatabaseError(f"{self.url} holds no tuning tables")
             self._create()
         version = self.meta("schema_version")
@@ -312,10 +310,6 @@ class TuningDB:
             row = s.get(_Meta, key)
             return row.value if row else None
 
-    def _check_writable(self) -> None:
-        if self.read_only:
-            raise DatabaseError(f"{self.url} is read-only")
-
     @_guard
     def records(self, chip: str | None = None, op: str | None = None) -> list[dict]:
         """Records as dicts, optionally for one chip and/or op, ordered by chip, op, problem."""
@@ -331,7 +325,6 @@ class TuningDB:
     @_guard
     def put(self, record: dict) -> None:
         """Insert or replace the record for its (chip, op, problem), atomically."""
-        self._check_writable()
         row = {f: record[f] for f in RECORD_FIELDS}
         for f in ("params", "default_params"):
             row[f] = json.dumps(row[f], sort_keys=True)
@@ -348,7 +341,6 @@ class TuningDB:
     @_guard
     def add_trial(self, chip: str, trial: dict) -> int:
         """Store one trial; returns its id (to finish a ``pending`` one later)."""
-        self._check_writable()
         with Session(self._writer) as s, s.begin():
             row = Trial(
                 chip=chip,
@@ -369,7 +361,6 @@ class TuningDB:
     @_guard
     def finish_trial(self, trial_id: int, trial: dict) -> None:
         """Give a pending trial its outcome."""
-        self._check_writable()
         with Session(self._writer) as s, s.begin():
             row = s.get(Trial, trial_id)
             if row is not None:
@@ -395,7 +386,6 @@ class TuningDB:
     @_guard
     def clear(self, op: str | None = None, chip: str | None = None) -> int:
         """Delete records and trials (of one op and/or chip); returns the records deleted."""
-        self._check_writable()
         with Session(self._writer) as s, s.begin():
             n = 0
             for model in (TuningRecord, Trial):
@@ -422,6 +412,12 @@ class TuningDB:
     def close(self) -> None:
         self.engine.dispose()
         self._writer.dispose()
+
+
+def exists(url: str) -> bool:
+    """Whether a database may be at ``url``: a SQLite file that exists, or any other URL."""
+    path = url_path(url)
+    return path is None or path.exists()
 
 
 def shipped_path(chip: str) -> Path | None:
