@@ -8,8 +8,13 @@ from datetime import datetime, timezone
 import mlx.core as mx
 
 import mlx_primitives as mp
+from mlx_primitives import dispatch
 from mlx_primitives.hardware import current_backend, detect_chip
+from mlx_primitives.problem import parse_dtype
+from mlx_primitives.registry import Example
+from mlx_primitives.tuning.db import TuningDB, default_user_url, exists
 from mlx_primitives.tuning.timing import bench_many
+from mlx_primitives.tuning.tuner import BUDGETS, Tuner
 
 METHOD = (
     "per-call latency: median over repeated mx.eval of a chain of calls built before the "
@@ -48,3 +53,85 @@ def measure(calls, *, budget_s: float = 0.3) -> list[dict]:
         }  # first call: compiling, where a back-end compiles
         for t in timings
     ]
+
+
+def open_db(tune: str | None) -> tuple[TuningDB | None, Tuner | None]:
+    """The user database (created only when tuning) and, with ``tune``, a tuner into it:
+    trials give each variant's best configuration."""
+    url = default_user_url()
+    db = TuningDB(url) if tune or exists(url) else None
+    return db, (Tuner(db, BUDGETS[tune]) if tune else None)
+
+
+def _variant_configs(o, problem, db: TuningDB | None, chip: str) -> list[tuple[str, dict]]:
+    """Each variant once: at the fastest config its tuning trials found for this problem, else
+    at its first allowed config (a kernel compile per config rules out timing them all)."""
+    best: dict[str, tuple[float, dict]] = {}
+    key = problem.key(o.dims)
+    for t in db.trials(chip=chip, op=o.name) if db else []:
+        mine = t["problem"] == key and t["status"] == "ok"
+        if mine and (t["variant"] not in best or t["median_s"] < best[t["variant"]][0]):
+            best[t["variant"]] = (t["median_s"], t["params"])
+    pdict = problem.as_dict(o.dims)
+    out = []
+    for v in o.variants:
+        if not v.available():
+            continue
+        if v.name in best:
+            out.append((v.name, best[v.name][1]))
+            continue
+        allowed = next((c for c in v.configs() if v.allows(pdict, c)), None)
+        if allowed is not None:
+            out.append((v.name, allowed))
+    return out
+
+
+def run_op(
+    o,
+    ex: Example,
+    tuner: Tuner | None,
+    db: TuningDB | None,
+    budget_s: float,
+    baseline: str | None = None,
+) -> list[dict]:
+    """Rows for one problem: the dispatched call first, then each variant, with ratios to
+    ``baseline`` (default: the op's default, the MLX built-in or compiled composition)."""
+    dtype = parse_dtype(ex.dtype)
+    args, kwargs = o.example(ex.shapes, dtype, mx.random.key(0), **dict(ex.options))
+    if tuner is not None:
+        tuner.tune(o, ex)
+    problem = o.problem(*args, **kwargs)
+    decision = dispatch.choose(o, problem)
+    out = o(*args, **kwargs)
+    moved = sum(a.nbytes for a in args if isinstance(a, mx.array)) + out.nbytes
+    base = {
+        "op": o.name,
+        "shape": list(ex.shapes[0]),
+        "dtype": ex.dtype,
+        "options": dict(ex.options),
+        "problem": problem.key(o.dims),
+        "bytes": moved,
+    }
+    chip = tuner.chip.slug if tuner else decision.chip
+    variants = _variant_configs(o, problem, db, chip)
+    calls = [(o, args, kwargs)] + [(o.variant(n).build(**c), args, kwargs) for n, c in variants]
+    timed = measure(calls, budget_s=budget_s)
+    rows = [
+        {
+            **base,
+            "impl": "dispatch",
+            "variant": decision.variant,
+            "params": decision.params,
+            "source": decision.source,
+            **timed[0],
+        }
+    ]
+    for (name, cfg), t in zip(variants, timed[1:]):
+        rows.append({**base, "impl": "variant", "variant": name, "params": cfg, **t})
+    baseline = baseline or o.default(problem)[0]
+    ref = next(r["median_s"] for r in rows if r["impl"] == "variant" and r["variant"] == baseline)
+    for r in rows:
+        r["baseline"] = baseline
+        r["vs_baseline"] = ref / r["median_s"]
+        r["gb_per_s"] = moved / r["median_s"] / 1e9
+    return rows

@@ -12,12 +12,9 @@ import mlx.core as mx
 from mlx_primitives import dispatch
 from mlx_primitives.dsl.kernel import GpuKernel
 from mlx_primitives.hardware import current_backend
-from mlx_primitives.problem import parse_dtype
-from mlx_primitives.registry import Example, op
-from mlx_primitives.tuning.db import TuningDB, default_user_url, exists
-from mlx_primitives.tuning.tuner import BUDGETS, Tuner
+from mlx_primitives.registry import op
 
-from ..common import header, measure
+from ..common import header, measure, open_db, run_op
 
 OPS = ("rms_norm", "layer_norm", "rope", "swiglu", "geglu")
 
@@ -53,75 +50,6 @@ def copy_ceiling(nbytes: int = 2**30, budget_s: float = 0.5) -> dict:
     return {**row, "bytes": 2 * x.nbytes, "gb_per_s": 2 * x.nbytes / row["median_s"] / 1e9}
 
 
-def _baseline(o) -> str:
-    return "builtin" if any(v.name == "builtin" for v in o.variants) else "compiled"
-
-
-def _variant_configs(o, problem, db: TuningDB | None, chip: str) -> list[tuple[str, dict]]:
-    """Each variant once: at the fastest config its tuning trials found for this problem, else
-    at its first allowed config (a kernel compile per config rules out timing them all)."""
-    best: dict[str, tuple[float, dict]] = {}
-    key = problem.key(o.dims)
-    for t in db.trials(chip=chip, op=o.name) if db else []:
-        mine = t["problem"] == key and t["status"] == "ok"
-        if mine and (t["variant"] not in best or t["median_s"] < best[t["variant"]][0]):
-            best[t["variant"]] = (t["median_s"], t["params"])
-    pdict = problem.as_dict(o.dims)
-    out = []
-    for v in o.variants:
-        if not v.available():
-            continue
-        if v.name in best:
-            out.append((v.name, best[v.name][1]))
-            continue
-        allowed = next((c for c in v.configs() if v.allows(pdict, c)), None)
-        if allowed is not None:
-            out.append((v.name, allowed))
-    return out
-
-
-def run_op(o, ex: Example, tuner: Tuner | None, db: TuningDB | None, budget_s: float) -> list[dict]:
-    dtype = parse_dtype(ex.dtype)
-    args, kwargs = o.example(ex.shapes, dtype, mx.random.key(0), **dict(ex.options))
-    if tuner is not None:
-        tuner.tune(o, ex)
-    problem = o.problem(*args, **kwargs)
-    decision = dispatch.choose(o, problem)
-    out = o(*args, **kwargs)
-    moved = sum(a.nbytes for a in args if isinstance(a, mx.array)) + out.nbytes
-    base = {
-        "op": o.name,
-        "shape": list(ex.shapes[0]),
-        "dtype": ex.dtype,
-        "options": dict(ex.options),
-        "problem": problem.key(o.dims),
-        "bytes": moved,
-    }
-    chip = tuner.chip.slug if tuner else decision.chip
-    variants = _variant_configs(o, problem, db, chip)
-    calls = [(o, args, kwargs)] + [(o.variant(n).build(**c), args, kwargs) for n, c in variants]
-    timed = measure(calls, budget_s=budget_s)
-    rows = [
-        {
-            **base,
-            "impl": "dispatch",
-            "variant": decision.variant,
-            "params": decision.params,
-            "source": decision.source,
-            **timed[0],
-        }
-    ]
-    for (name, cfg), t in zip(variants, timed[1:]):
-        rows.append({**base, "impl": "variant", "variant": name, "params": cfg, **t})
-    baseline = _baseline(o)
-    ref = next(r["median_s"] for r in rows if r["impl"] == "variant" and r["variant"] == baseline)
-    for r in rows:
-        r["baseline"] = baseline
-        r["vs_baseline"] = ref / r["median_s"]
-        r["gb_per_s"] = moved / r["median_s"] / 1e9
-    return rows
-
-
 def dispatch_overhead(n: int = 20000) -> dict:
     """Host time per call of ``mp.rms_norm`` over calling the chosen variant directly (no
     evaluation: graph construction only, where the dispatcher's cost lives)."""
@@ -147,10 +75,7 @@ def dispatch_overhead(n: int = 20000) -> dict:
 def run(args) -> dict:
     gpu = current_backend() != "cpu"
     sizes = args.sizes or ("large" if gpu else "small")
-    url = default_user_url()
-    # Trials give each variant's best configuration; only --tune creates a database.
-    db = TuningDB(url) if args.tune or exists(url) else None
-    tuner = Tuner(db, BUDGETS[args.tune]) if args.tune else None
+    db, tuner = open_db(args.tune)
     result = header("norms")
     if gpu:
         result["copy_ceiling"] = copy_ceiling()
