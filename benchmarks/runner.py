@@ -36,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         help="tune each benchmarked problem first, with this preset's budget",
     )
     p.add_argument("--budget", type=float, default=0.3, help="timing seconds per measurement")
+    p.add_argument(
+        "--section",
+        action="append",
+        help="only these sections (attention: problems, seed, window, decode, memory)",
+    )
     args = p.parse_args(argv)
     result = importlib.import_module(f"benchmarks.suites.{args.suite}").run(args)
     text = json.dumps(result, indent=1, sort_keys=True)

@@ -331,12 +331,34 @@ def _gated_calls(op, dtype):
         yield f"{shape=} {approximate=}", args, {}
 
 
+def _attention_calls(op, dtype):
+    # Head dims 64 and 80 (a partial lane group), GQA 4 and 1, both layouts, 1 and 3 queries.
+    for layout, d, heads, lq in itertools.product(("BHSD", "BSHD"), (64, 80), (4, 1), (1, 3)):
+        if layout == "BSHD":
+            shapes = ((2, lq, 4, d), (2, 40, 4 // heads, d))
+        else:
+            shapes = ((2, 4, lq, d), (2, 4 // heads, 40, d))
+        label = f"{layout} {d=} group={heads} q_len={lq}"
+        if op.name == "sliding_window_attention":
+            (q, k, v, _), kwargs = _example(op, shapes, dtype, layout=layout)
+            yield label, (q, k, v, 16), kwargs
+            continue
+        for causal in (False, True):
+            args, kwargs = _example(op, shapes, dtype, layout=layout, causal=causal)
+            yield f"{label} {causal=}", args, kwargs
+    # A long cache, where every split size is allowed.
+    args, kwargs = _example(op, ((1, 8, 1, 128), (1, 2, 3000, 128)), dtype)
+    yield "long cache", (*args[:3], 2048)[: len(args)], kwargs
+
+
 CALLS: dict[str, tuple[Calls, tuple[str, ...]]] = {
     "rms_norm": (_norm_calls, ()),
     "layer_norm": (_norm_calls, ()),
     "rope": (_rope_calls, ("angles",)),
     "swiglu": (_gated_calls, ("fast_math",)),
     "geglu": (_gated_calls, ("fast_math",)),
+    "flash_attention": (_attention_calls, ()),
+    "sliding_window_attention": (_attention_calls, ()),
 }
 
 

@@ -23,7 +23,7 @@ def qkv(b, hq, hkv, lq, lk, d, dtype=mx.float32, layout="BHSD", seed=0):
 
 def configs(name):
     o = op(name)
-    for v in o.variants:
+    for v in (v for v in o.variants if v.available()):
         cfgs = v.configs()
         # The blocked compositions with small blocks (many blocks, edges inside blocks) and
         # with their first configuration.
@@ -138,7 +138,7 @@ def test_gradients_of_every_variant(name, extra):
         return mx.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
     want = grads(o.reference)
-    for variant in o.variants:
+    for variant in (v for v in o.variants if v.available()):
         for cfg in variant.configs()[:2]:
             for g, w in zip(grads(variant.build(**cfg)), want):
                 ref.assert_close(

@@ -10,7 +10,6 @@ from mlx_primitives import dispatch
 from mlx_primitives.dsl import poisoned
 from mlx_primitives.problem import dtype_name
 from mlx_primitives.registry import op as get_op
-from mlx_primitives.registry import ops
 from mlx_primitives.tuning.db import TuningDB
 
 from . import references as ref
@@ -76,7 +75,7 @@ def covering(variant, problem: dict) -> list[dict]:
 
 
 def _launches():
-    for o in ops():
+    for o in map(get_op, CASES):
         for v in o.variants:
             if not v.is_kernel:
                 continue
@@ -131,7 +130,14 @@ def test_kernel_on_non_contiguous_input(name):
 @pytest.mark.parametrize("name", ["rms_norm", "layer_norm", "rope", "swiglu", "geglu"])
 def test_kernel_gradients_match_reference(name):
     o = get_op(name)
-    shapes, options = CASES[name][1]
+    kernels = [v for v in o.variants if v.is_kernel]
+
+    def served(case):  # every kernel variant has a config for it
+        args, kwargs = o.example(case[0], mx.float32, mx.random.key(5), **case[1])
+        problem = o.problem(*args, **kwargs).as_dict(o.dims)
+        return all(covering(v, problem) for v in kernels)
+
+    shapes, options = next(c for c in CASES[name][1:] if served(c))
     args, kwargs = o.example(shapes, mx.float32, mx.random.key(5), **options)
     cot = mx.random.normal(o.reference(*args, **kwargs).shape, key=mx.random.key(6))
     pos = [i for i in o.differentiable if args[i] is not None]
@@ -160,7 +166,8 @@ def test_user_record_dispatches_a_kernel(user_db):
     o = get_op("rms_norm")
     x, w = mx.random.normal((8, 256)).astype(mx.float16), mx.ones((256,), mx.float16)
     db = TuningDB(str(user_db))
-    db.put(record(o, (x, w, 1e-5), "row", {"threads_per_row": 32, "rows_per_group": 1, "vec": 8}))
+    params = {"threads_per_row": 32, "rows_per_group": 1, "vec": 8}
+    db.put(record(o, (x, w, 1e-5), "row", params, default_variant="builtin"))
     dispatch.reset()
     assert dispatch.choose(o, o.problem(x, w, 1e-5)).source == "user"
     y = o(x, w, 1e-5)
@@ -186,3 +193,91 @@ def test_kernel_on_views_that_start_off_a_vector_boundary(name):
                 with poisoned():
                     got = v.build(**cfg)(*args, **kwargs)
                 ref.assert_close(got, want, mx.float16, label=f"{name}/{v.name} {cfg}")
+
+
+# Decode-kernel cases: (op, q shape, kv shape, options); GQA 1, 4 and 8, head dims 32 to 256
+# (80 and 192 fill part of a lane group), one key, odd lengths, windows 1, 16 and past the start.
+ATTENTION_CASES = [
+    ("flash_attention", (2, 8, 1, 128), (2, 2, 1000, 128), {"causal": True}),
+    ("flash_attention", (1, 3, 3, 80), (1, 37, 3, 80), {"causal": True, "layout": "BSHD"}),
+    ("flash_attention", (2, 8, 5, 64), (2, 2, 1000, 64), {}),
+    ("flash_attention", (1, 4, 1, 32), (1, 4, 1, 32), {"causal": True}),
+    ("flash_attention", (1, 1, 4, 256), (1, 4097, 1, 256), {"layout": "BSHD"}),
+    ("flash_attention", (3, 4, 2, 192), (3, 4, 300, 192), {"causal": True, "scale": 0.3}),
+    ("sliding_window_attention", (1, 1, 8, 128), (1, 1000, 2, 128), {"layout": "BSHD", "w": 16}),
+    ("sliding_window_attention", (2, 4, 4, 64), (2, 4, 37, 64), {"w": 1}),
+    ("sliding_window_attention", (1, 8, 2, 96), (1, 1, 100, 96), {"w": 500}),
+]
+ATTENTION_TOLERANCES = {
+    mx.float32: (2e-5, 1e-4),
+    mx.float16: (4e-3, 1e-2),
+    mx.bfloat16: (3e-2, 4e-2),
+}
+
+
+def _attention_call(name, q_shape, kv_shape, options, dtype, seed=0):
+    keys = mx.random.split(mx.random.key(seed), 3)
+    q, k, v = (
+        mx.random.normal(s, key=kk).astype(dtype)
+        for s, kk in zip((q_shape, kv_shape, kv_shape), keys)
+    )
+    options = dict(options)
+    if name == "sliding_window_attention":
+        window = options.pop("w")
+        want = ref.attention(q, k, v, window=window, **options)
+        return (q, k, v, window), options, want
+    return (q, k, v), options, ref.attention(q, k, v, **options)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("case", range(len(ATTENTION_CASES)))
+def test_decode_kernel_matches_float64_reference(case, dtype):
+    name, q_shape, kv_shape, options = ATTENTION_CASES[case]
+    o = get_op(name)
+    v = o.variant("decode")
+    args, kwargs, want = _attention_call(name, q_shape, kv_shape, options, dtype, seed=case)
+    configs = covering(v, o.problem(*args, **kwargs).as_dict(o.dims))
+    assert configs, f"{name}: no decode config serves case {case}"
+    # The whole parameter cover once; each other case and dtype two configs (each a compile).
+    if case or dtype != mx.float16:
+        configs = configs[:2]
+    atol, rtol = ATTENTION_TOLERANCES[dtype]
+    for cfg in configs:
+        with poisoned():
+            got = v.build(**cfg)(*args, **kwargs)
+            mx.eval(got)
+        assert got.dtype == dtype
+        ref.assert_close(got, want, dtype, atol=atol, rtol=rtol, label=f"{name} {case} {cfg}")
+
+
+def test_decode_kernel_on_views():
+    """Strided and offset views of the cache (MLX copies them to row-contiguous inputs)."""
+    o = get_op("flash_attention")
+    q = mx.random.normal((2, 4, 1, 64)).astype(mx.float16)
+    cache = mx.random.normal((2, 2, 300, 129)).astype(mx.float16)
+    k, v = cache[:, :, 7:, 1:65], cache[:, :, 7:, 65:]
+    want = ref.attention(q, k, v, causal=True)
+    for cfg in covering(o.variant("decode"), o.problem(q, k, v, causal=True).as_dict(o.dims))[:2]:
+        with poisoned():
+            got = o.variant("decode").build(**cfg)(q, k, v, causal=True)
+        ref.assert_close(got, want, mx.float16, label=f"decode view {cfg}")
+
+
+@pytest.mark.parametrize("name", ["flash_attention", "sliding_window_attention"])
+def test_decode_kernel_gradients_match_reference(name):
+    case = 0 if name == "flash_attention" else 6
+    _, q_shape, kv_shape, options = ATTENTION_CASES[case]
+    args, kwargs, _ = _attention_call(name, q_shape, kv_shape, options, mx.float32)
+    o = get_op(name)
+    variant = o.variant("decode")
+    cfg = covering(variant, o.problem(*args, **kwargs).as_dict(o.dims))[0]
+    cot = mx.random.normal(args[0].shape, key=mx.random.key(9))
+
+    def grads(f):
+        def loss(q, k, v):
+            return (f(q, k, v, *args[3:], **kwargs) * cot).sum()
+
+        return mx.grad(loss, argnums=(0, 1, 2))(*args[:3])
+
+    for g, w in zip(grads(variant.build(**cfg)), grads(o.reference)):
+        ref.assert_close(g, ref.f64(w), mx.float32, atol=1e-4, rtol=1e-3, label=f"{name} grad")

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On a CUDA machine where mlx_primitives imports (e.g. PYTHONPATH=$PWD): build this chip's
-# pretuned database (the default preset), run the benchmark against it, then the GPU tests.
+# pretuned database (the default preset), run the benchmarks against it, then the GPU tests.
 # Everything goes into DIR (default ./gpu-results); DIR/status gets a line per finished step.
-#   bash tools/gpu_pipeline.sh [DIR] [pytest args...]
+#   [OPS="op ..."] [SUITES="norms attention"] bash tools/gpu_pipeline.sh [DIR] [pytest args...]
+# With OPS, only those ops are tuned, on top of the shipped records of this chip.
 set -uo pipefail
 out=${1:-gpu-results}
 shift || true
@@ -15,8 +16,19 @@ step() {
   echo "$name: exit $? at $(date +%T)" >>"$out/status"
 }
 echo "start $(date +%T)" >"$out/status"
-step pretune python3 tools/pretune.py --db "$out/tuning.sqlite" --out "$out"
-step bench env MLXP_TUNING_DB="$out/tuning.sqlite" python3 -m benchmarks.runner --suite norms \
-  -o "$out/norms.json"
+pretune=(python3 tools/pretune.py --db "$out/tuning.sqlite" --out "$out")
+if [[ -n ${OPS:-} ]]; then
+  slug=$(python3 -c "from mlx_primitives.hardware import detect_chip; print(detect_chip().slug)")
+  if [[ -f tuning_db/$slug.json ]]; then
+    step import python3 -m mlx_primitives.tuning.cli import "tuning_db/$slug.json" \
+      --db "$out/tuning.sqlite"
+  fi
+  for name in $OPS; do pretune+=(--op "$name"); done
+fi
+step pretune "${pretune[@]}"
+for suite in ${SUITES:-norms attention}; do
+  step "bench_$suite" env MLXP_TUNING_DB="$out/tuning.sqlite" python3 -m benchmarks.runner \
+    --suite "$suite" -o "$out/$suite.json"
+done
 step gpu_tests python3 -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py "$@"
 echo done >>"$out/status"

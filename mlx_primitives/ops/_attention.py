@@ -188,6 +188,28 @@ def blocked(
     return out.swapaxes(1, 2) if layout == "BSHD" else out
 
 
+# Scores the dense composition may form (float32: 4 GiB); past it, it is left out.
+MAX_DENSE_SCORES = 2**30
+
+
+def dense_fits(p: dict, params: dict) -> bool:
+    """Whether the dense composition's (batch, heads, q_len, kv_len) scores fit."""
+    return p["batch"] * p["q_heads"] * p["q_len"] * p["kv_len"] <= MAX_DENSE_SCORES
+
+
+def block_steps(
+    lq: int, lk: int, block_q: int, block_k: int, causal: bool, window: int | None
+) -> int:
+    """How many (query block, key block) steps :func:`blocked` takes."""
+    off, steps = lk - lq, 0
+    for i0 in range(0, lq, block_q):
+        i1 = min(i0 + block_q, lq)
+        hi = min(lk, i1 + off) if causal or window is not None else lk
+        lo = max(0, i0 + off - window + 1) if window is not None else 0
+        steps += max(0, -(-(hi - lo) // block_k))
+    return steps
+
+
 def _step(qb, kb, vb, top, total, acc, bias):
     """One block of keys of the online softmax: the running maximum, sum and weighted sum."""
     s = qb @ kb.swapaxes(-1, -2)

@@ -77,7 +77,12 @@ OP = register(
         default=lambda problem, backend: ("builtin", {}),
         variants=[
             Variant("builtin", lambda: _plain, description="mx.fast.scaled_dot_product_attention"),
-            Variant("dense", lambda: reference, description="composition: full score matrix"),
+            Variant(
+                "dense",
+                lambda: reference,
+                supports=att.dense_fits,
+                description="composition: full score matrix",
+            ),
             Variant(
                 "chunked",
                 _chunked,

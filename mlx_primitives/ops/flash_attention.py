@@ -10,6 +10,7 @@ import mlx.core as mx
 from ..problem import EXACT, Dim
 from ..registry import Example, Op, Variant, register
 from . import _attention as att
+from ._attention_kernels import decode_variant
 from ._common import check_bool, random
 
 NAME = "flash_attention"
@@ -78,9 +79,28 @@ def _blocked(block_q: int, block_k: int):
     return fn
 
 
+# Each block step is a handful of MLX ops built in Python: past this many steps building the
+# graph costs more than larger blocks lose.
+MAX_BLOCK_STEPS = 2048
+
+
 def _blocked_supports(p: dict, params: dict) -> bool:
+    bq, bk = params["block_q"], params["block_k"]
     # One block of queries covers a short sequence: bigger blocks only repeat the same plan.
-    return params["block_q"] <= max(p["q_len"], 64) and params["block_k"] <= max(p["kv_len"], 128)
+    if bq > max(p["q_len"], 64) or bk > max(p["kv_len"], 128):
+        return False
+    window = p.get("window")
+    causal = p.get("causal", False) or window is not None
+    return att.block_steps(p["q_len"], p["kv_len"], bq, bk, causal, window) <= MAX_BLOCK_STEPS
+
+
+def _decode_public(fn):
+    def call(q, k, v, *, causal=False, scale=None, layout="BHSD", mask=None):
+        if mask is not None:
+            raise ValueError(f"[{NAME}] the decode kernel takes no mask")
+        return fn(q, k, v, causal, scale, layout, 0)
+
+    return call
 
 
 def _example(shapes, dtype, key, causal=False, layout="BHSD", mask="none", kv_heads=None):
@@ -161,7 +181,12 @@ OP = register(
             Variant(
                 "builtin", lambda: _builtin, description="mx.fast.scaled_dot_product_attention"
             ),
-            Variant("dense", lambda: reference, description="composition: full score matrix"),
+            Variant(
+                "dense",
+                lambda: reference,
+                supports=att.dense_fits,
+                description="composition: full score matrix",
+            ),
             Variant(
                 "blocked",
                 _blocked,
@@ -169,6 +194,7 @@ OP = register(
                 supports=_blocked_supports,
                 description="composition: online softmax over key blocks, O(n) memory",
             ),
+            decode_variant(_decode_public),
         ],
         presets=_presets(),
         differentiable=(0, 1, 2),

@@ -10,6 +10,7 @@ import mlx.core as mx
 from ..problem import Dim, bucket
 from ..registry import Example, Op, Variant, register
 from . import _attention as att
+from ._attention_kernels import decode_variant
 from ._common import check_int
 from .flash_attention import BLOCKS, _blocked_supports, _case, _example
 
@@ -57,6 +58,13 @@ def _blocked(block_q: int, block_k: int):
     return fn
 
 
+def _decode_public(fn):
+    def call(q, k, v, window_size, *, scale=None, layout="BHSD"):
+        return fn(q, k, v, True, scale, layout, window_size)
+
+    return call
+
+
 def _window_example(shapes, dtype, key, layout="BHSD", window=16, **_):
     args, _kw = _example(shapes, dtype, key, layout=layout)
     return (*args, window), {"layout": layout, "scale": None}
@@ -97,7 +105,12 @@ OP = register(
                 lambda: _dense_mask,
                 description="mx.fast.scaled_dot_product_attention with a dense mask",
             ),
-            Variant("dense", lambda: reference, description="composition: full score matrix"),
+            Variant(
+                "dense",
+                lambda: reference,
+                supports=att.dense_fits,
+                description="composition: full score matrix",
+            ),
             Variant(
                 "blocked",
                 _blocked,
@@ -105,6 +118,7 @@ OP = register(
                 supports=_blocked_supports,
                 description="composition: only the key blocks inside the window",
             ),
+            decode_variant(_decode_public),
         ],
         presets=_presets(),
         differentiable=(0, 1, 2),

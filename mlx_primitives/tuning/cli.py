@@ -59,8 +59,8 @@ def _parse_option(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise UsageError(f"--option {text!r} is not KEY=VALUE")
-    if value in ("true", "false"):
-        return key, value == "true"
+    if value.lower() in ("true", "false"):  # as Python spells them too
+        return key, value.lower() == "true"
     try:
         return key, int(value)
     except ValueError:

@@ -1,0 +1,130 @@
+"""The split-KV decode kernel shared by the attention ops (``kernel_variants/attention/``).
+
+For a few queries over many keys (decoding with a KV cache) the work is reading K and V once:
+``decode.k`` spreads each KV head's keys over ``splits`` groups, every group serving all the
+query rows that read that head (GQA shares the reads), and ``combine.k`` merges the splits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import mlx.core as mx
+
+from ..dsl.kernel import GpuKernel, float_bits, itemsize, with_reference_transforms
+from ..registry import GPU_BACKENDS, Variant
+from . import _attention as att
+
+DECODE = GpuKernel("attention/decode.k", ["q", "k", "v"], ["part", "stats"])
+COMBINE = GpuKernel("attention/combine.k", ["part", "stats", "q"], ["out"])
+
+SPACE = {
+    "split": (512, 128, 256, 1024, 2048),
+    "warps": (4, 2, 8),
+    "vec": (8, 4, 2),
+    "lanes": (16, 8, 32),
+    "unroll": (2, 1, 4),
+}
+# Query positions the kernel serves: beyond this a query tile (or the built-in) is the tool.
+MAX_Q_LEN = 16
+# Floats a thread keeps per query row element (its query and accumulator slices).
+MAX_REGISTERS = 64
+# Threadgroup memory for the merge of a group's key streams (Metal's limit; CUDA allows 48 KB).
+MAX_SHARED = 32768
+_COMBINE_THREADS = 256
+
+
+def _chunks(d: int, vec: int, lanes: int) -> int:
+    """Vectors of ``vec`` elements each of ``lanes`` lanes holds of a key of ``d``."""
+    return -(-(d // vec) // lanes)
+
+
+def supports(problem: dict, p: dict) -> bool:
+    """Whether the config can serve ``problem`` (bucketed values are upper bounds)."""
+    size = itemsize(problem["dtype"])
+    d, vec = problem["head_dim"], p["vec"]
+    if size is None or problem.get("mask", "none") != "none" or problem["q_len"] > MAX_Q_LEN:
+        return False
+    if d % vec or vec * size > 16:
+        return False
+    rows = problem["group"] * problem["q_len"]
+    lanes, chunks = p["lanes"], _chunks(d, vec, p["lanes"])
+    streams = p["warps"] * 32 // lanes
+    keys = problem["kv_len"]
+    if problem.get("window"):
+        keys = min(keys, problem["window"] + problem["q_len"] - 1)
+    return (
+        lanes // 2 < d // vec  # no lane without data twice over
+        and rows * vec * chunks <= MAX_REGISTERS
+        and streams * rows * (d + 2) * 4 <= MAX_SHARED
+        and p["split"] >= streams * p["unroll"]  # every stream has keys
+        and p["split"] <= max(keys, 128)  # larger splits repeat the one-split plan
+    )
+
+
+def _forward(split: int, warps: int, vec: int, lanes: int, unroll: int) -> Callable:
+    def forward(q, k, v, causal, scale, layout, window):
+        bshd = layout == "BSHD"
+        if bshd:
+            (b, lq, hq, d), (lk, hkv) = q.shape, k.shape[1:3]
+        else:
+            (b, hq, lq, d), (hkv, lk) = q.shape, k.shape[1:3]
+        g = hq // hkv
+        lo = max(0, lk - lq - window + 1) if window else 0
+        splits = max(1, -(-(lk - lo) // split))
+        scale = 1.0 / math.sqrt(d) if scale is None else scale
+        template = {
+            "T": q.dtype,
+            "D": d,
+            "VEC": vec,
+            "LPK": lanes,
+            "WARPS": warps,
+            "UNROLL": unroll,
+            "G": g,
+            "LQ": lq,
+            "BSHD": bshd,
+            "CAUSAL": bool(causal or window),
+            "WINDOW": window or 0,
+            "SCALE_BITS": float_bits(scale * math.log2(math.e)),
+        }
+        threads = warps * 32
+        part, stats = DECODE(
+            [q, k, v],
+            template=template,
+            grid=(b * hkv * splits * threads, 1, 1),
+            threadgroup=(threads, 1, 1),
+            output_shapes=[(b * hkv, splits, g * lq, d), (b * hkv, splits, g * lq, 2)],
+            output_dtypes=[mx.float32, mx.float32],
+        )
+        total = b * hq * lq * d
+        (out,) = COMBINE(
+            [part, stats, q],
+            template={"T": q.dtype, "D": d, "G": g, "LQ": lq, "BSHD": bshd},
+            grid=(-(-total // _COMBINE_THREADS) * _COMBINE_THREADS, 1, 1),
+            threadgroup=(_COMBINE_THREADS, 1, 1),
+            output_shapes=[q.shape],
+            output_dtypes=[q.dtype],
+        )
+        return out
+
+    def reference(q, k, v, causal, scale, layout, window):
+        return att.reference(
+            q, k, v, scale=scale, causal=causal, window=window or None, layout=layout
+        )
+
+    return with_reference_transforms(forward, reference)
+
+
+def decode_variant(public: Callable[[Callable], Callable]) -> Variant:
+    """The decode kernel as a variant; ``public(fn)`` gives ``fn(q, k, v, causal, scale,
+    layout, window)`` the op's own signature."""
+    return Variant(
+        "decode",
+        lambda split, warps, vec, lanes, unroll: public(_forward(split, warps, vec, lanes, unroll)),
+        backends=GPU_BACKENDS,
+        space=SPACE,
+        supports=supports,
+        sources=DECODE.files + COMBINE.files,
+        description="custom kernel: split-KV decode for short queries over long KV",
+    )
