@@ -28,7 +28,7 @@ SPACE = {
 }
 # Query positions the kernel serves: beyond this a query tile (or the built-in) is the tool.
 MAX_Q_LEN = 16
-# Floats a thread keeps per query row element (its query and accumulator slices).
+# Floats of query slices a thread keeps (and as many accumulators) before it spills.
 MAX_REGISTERS = 64
 # Threadgroup memory for the merge of a group's key streams (Metal's limit; CUDA allows 48 KB).
 MAX_SHARED = 32768
