@@ -7,17 +7,16 @@ import mlx.nn as nn
 
 from ..ops import chunked_cross_attention, flash_attention, sliding_window_attention
 from ..ops._attention import LAYOUTS
+from ..ops._common import check_choice, check_int
 
 
 class _Attention(nn.Module):
     def __init__(self, num_heads: int, head_dim: int, layout: str, scale: float | None):
         super().__init__()
         name = type(self).__name__
-        for arg, value in (("num_heads", num_heads), ("head_dim", head_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"[{name}] {arg} must be a positive int, got {value!r}")
-        if layout not in LAYOUTS:
-            raise ValueError(f"[{name}] layout must be one of {list(LAYOUTS)}, got {layout!r}")
+        check_int(name, "num_heads", num_heads, minimum=1)
+        check_int(name, "head_dim", head_dim, minimum=1)
+        check_choice(name, "layout", layout, LAYOUTS)
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.layout = layout
@@ -84,11 +83,9 @@ class SlidingWindowAttention(_Attention):
         scale: float | None = None,
     ):
         super().__init__(num_heads, head_dim, layout, scale)
-        if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
-            raise ValueError(
-                f"[SlidingWindowAttention] window_size must be a positive int, got {window_size!r}"
-            )
-        self.window_size = window_size
+        self.window_size = check_int(
+            "SlidingWindowAttention", "window_size", window_size, minimum=1
+        )
 
     def __call__(self, q, k, v) -> mx.array:
         self._check(q)

@@ -6,6 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..ops import geglu, swiglu
+from ..ops._common import check_int
 from ..ops.gated import APPROXIMATIONS
 
 
@@ -13,10 +14,7 @@ class _GatedFeedForward(nn.Module):
     def __init__(self, dims: int, hidden_dims: int, bias: bool = False):
         super().__init__()
         for name, value in (("dims", dims), ("hidden_dims", hidden_dims)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"[{type(self).__name__}] {name} must be a positive int, got {value!r}"
-                )
+            check_int(type(self).__name__, name, value, minimum=1)
         self.gate_proj = nn.Linear(dims, hidden_dims, bias=bias)
         self.up_proj = nn.Linear(dims, hidden_dims, bias=bias)
         self.down_proj = nn.Linear(hidden_dims, dims, bias=bias)

@@ -6,6 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..ops import rope
+from ..ops._common import check_bool, check_choice, check_int, check_real
 from ..ops.rope import LAYOUTS
 
 
@@ -29,15 +30,12 @@ class RoPE(nn.Module):
         layout: str = "BHSD",
     ):
         super().__init__()
-        if layout not in LAYOUTS:
-            raise ValueError(f"[RoPE] layout must be one of {list(LAYOUTS)}, got {layout!r}")
-        if isinstance(dims, bool) or not isinstance(dims, int) or dims < 2 or dims % 2:
-            raise ValueError(f"[RoPE] dims must be an even int of at least 2, got {dims!r}")
-        if not isinstance(traditional, bool):
-            raise ValueError(f"[RoPE] traditional must be a bool, got {traditional!r}")
+        check_choice("RoPE", "layout", layout, LAYOUTS)
+        if check_int("RoPE", "dims", dims, minimum=2) % 2:
+            raise ValueError(f"[RoPE] dims must be even, got {dims}")
+        check_bool("RoPE", "traditional", traditional)
         for name, value in (("base", base), ("scale", scale)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"[RoPE] {name} must be a positive number, got {value!r}")
+            check_real("RoPE", name, value, positive=True)
         self.dims = dims
         self.traditional = traditional
         self.base = base
