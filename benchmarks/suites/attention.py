@@ -102,6 +102,9 @@ def run(args) -> dict:
         "decode": [("flash_attention", decode_example(size), None)],
     }
     chosen = args.section or [*sections, "memory"]
+    unknown = set(chosen) - {*sections, "memory"}
+    if unknown:
+        raise SystemExit(f"[attention] unknown sections {sorted(unknown)}: {[*sections, 'memory']}")
     result = {**header("attention"), "sizes": size, "tuned": bool(args.tune), "results": []}
     result["sections"] = chosen
     for section, problems in sections.items():

@@ -4,24 +4,6 @@ Each call is routed to the variant tuned for this chip and problem (``mlxp-tune`
 op's safe default where nothing is tuned.
 """
 
-from ..ops import (
-    chunked_cross_attention,
-    flash_attention,
-    geglu,
-    layer_norm,
-    rms_norm,
-    rope,
-    sliding_window_attention,
-    swiglu,
-)
-
-__all__ = [
-    "chunked_cross_attention",
-    "flash_attention",
-    "geglu",
-    "layer_norm",
-    "rms_norm",
-    "rope",
-    "sliding_window_attention",
-    "swiglu",
-]
+# The same names as ``mlx_primitives.ops``: one list, kept there.
+from ..ops import *  # noqa: F403
+from ..ops import __all__  # noqa: F401

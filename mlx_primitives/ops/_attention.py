@@ -12,10 +12,12 @@ A causal mask or a window is aligned bottom-right when there are fewer queries t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import mlx.core as mx
 
 from ..problem import EXACT, Dim, bucket
+from ..registry import Variant
 from ._common import accumulator, check_array, check_choice, check_real
 
 LAYOUTS = ("BHSD", "BSHD")
@@ -192,9 +194,17 @@ def blocked(
 MAX_DENSE_SCORES = 2**30
 
 
-def dense_fits(p: dict, params: dict) -> bool:
-    """Whether the dense composition's (batch, heads, q_len, kv_len) scores fit."""
-    return p["batch"] * p["q_heads"] * p["q_len"] * p["kv_len"] <= MAX_DENSE_SCORES
+def dense_variant(reference: Callable) -> Variant:
+    """The op's dense reference as a variant, where its (batch, heads, q_len, kv_len) scores
+    fit."""
+    return Variant(
+        "dense",
+        lambda: reference,
+        supports=lambda p, _: (
+            p["batch"] * p["q_heads"] * p["q_len"] * p["kv_len"] <= MAX_DENSE_SCORES
+        ),
+        description="composition: full score matrix",
+    )
 
 
 def block_steps(

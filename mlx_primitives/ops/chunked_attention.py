@@ -77,12 +77,7 @@ OP = register(
         default=lambda problem, backend: ("builtin", {}),
         variants=[
             Variant("builtin", lambda: _plain, description="mx.fast.scaled_dot_product_attention"),
-            Variant(
-                "dense",
-                lambda: reference,
-                supports=att.dense_fits,
-                description="composition: full score matrix",
-            ),
+            att.dense_variant(reference),
             Variant(
                 "chunked",
                 _chunked,

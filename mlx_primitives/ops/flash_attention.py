@@ -181,12 +181,7 @@ OP = register(
             Variant(
                 "builtin", lambda: _builtin, description="mx.fast.scaled_dot_product_attention"
             ),
-            Variant(
-                "dense",
-                lambda: reference,
-                supports=att.dense_fits,
-                description="composition: full score matrix",
-            ),
+            att.dense_variant(reference),
             Variant(
                 "blocked",
                 _blocked,

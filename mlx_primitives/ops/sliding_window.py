@@ -105,12 +105,7 @@ OP = register(
                 lambda: _dense_mask,
                 description="mx.fast.scaled_dot_product_attention with a dense mask",
             ),
-            Variant(
-                "dense",
-                lambda: reference,
-                supports=att.dense_fits,
-                description="composition: full score matrix",
-            ),
+            att.dense_variant(reference),
             Variant(
                 "blocked",
                 _blocked,
