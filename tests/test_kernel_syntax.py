@@ -341,3 +341,16 @@ def test_metal_shim_keeps_address_spaces_apart(tmp_path):
     assert "no matching function" in "".join(
         check_source(index, tmp_path / "k.cpp", metal, "metal")
     )
+
+
+def test_every_kernel_variant_has_gpu_cases():
+    """tests/test_gpu.py runs each kernel op's variants over its cases: a new kernel op must
+    bring cases, or its kernels would go untested on the GPU."""
+    from .test_gpu import ATTENTION_CASES, CASES
+
+    covered = set(CASES) | {name for name, *_ in ATTENTION_CASES}
+    with_kernels = {o.name for o in registry.ops() if any(v.is_kernel for v in o.variants)}
+    assert with_kernels <= covered, sorted(with_kernels - covered)
+    attention = {name for name, *_ in ATTENTION_CASES}
+    for name in attention:
+        assert [v.name for v in registry.op(name).variants if v.is_kernel] == ["decode"], name
