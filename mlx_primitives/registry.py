@@ -145,6 +145,9 @@ class Op:
         differentiable: arguments (by position) that gradients are checked for.
         tolerances: ``{dtype name: (atol, rtol)}`` where the op needs other tolerances than
             :data:`mlx_primitives.tuning.check.TOLERANCES` (and says why).
+        check_slices: ``check_slices(args, kwargs)`` gives, for a call too large to check
+            whole against the float64 reference, ``[(args, kwargs, select), ...]``: smaller
+            calls whose outputs are ``select(outputs)`` of the whole one; None to check whole.
     """
 
     def __init__(
@@ -161,6 +164,7 @@ class Op:
         presets: dict[str, list[Example]],
         differentiable: tuple[int, ...] = (0,),
         tolerances: dict[str, tuple[float, float]] | None = None,
+        check_slices: Callable[[tuple, dict], list | None] | None = None,
     ):
         self.name = name
         self.dims = tuple(dims)
@@ -173,6 +177,7 @@ class Op:
         self.presets = presets
         self.differentiable = differentiable
         self.tolerances = tolerances or {}
+        self.check_slices = check_slices
         names = [v.name for v in self.variants]
         if len(set(names)) != len(names):
             raise ValueError(f"[{name}] duplicate variant names in {names}")

@@ -228,7 +228,7 @@ def full_source(
     if len(output_dtypes) != len(kernel.outputs):
         raise ValueError(f"[{kernel.name}] expected {len(kernel.outputs)} outputs")
     rendered = render(kernel_source(kernel.source) if body is None else body, backend)
-    head = header(backend, kernel.headers)
+    head = header(backend, kernel.headers_for(backend))
     inputs = list(zip(input_dtypes, input_ndims, input_sizes))
     make = _cuda_source if backend == "cuda" else _metal_source
     return make(kernel, template, inputs, list(output_dtypes), rendered, head)
@@ -346,6 +346,11 @@ def _attention_calls(op, dtype):
         for causal in (False, True):
             args, kwargs = _example(op, shapes, dtype, layout=layout, causal=causal)
             yield f"{label} {causal=}", args, kwargs
+    # A prefill (every query tile size is allowed) and a long cache (every split size).
+    args, kwargs = _example(op, ((1, 2, 40, 96), (1, 1, 40, 96)), dtype, causal=True)
+    if op.name == "sliding_window_attention":
+        args, kwargs = (*args[:3], 7), {"layout": "BHSD", "scale": None}
+    yield "prefill", args, kwargs
     # A long cache, where every split size is allowed.
     args, kwargs = _example(op, ((1, 8, 1, 128), (1, 2, 3000, 128)), dtype)
     if op.name == "sliding_window_attention":

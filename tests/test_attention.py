@@ -290,3 +290,44 @@ def test_explain_attention():
         "kv_len=8192,head_dim=128,layout=BHSD,causal=true,mask=none"
     )
     assert d.source == "default" and d.variant == "builtin"
+
+
+SLICED = [
+    ("flash_attention", ((1, 4, 100, 32), (1, 2, 130, 32)), {"causal": True}),
+    ("flash_attention", ((1, 100, 4, 32), (1, 70, 2, 32)), {"layout": "BSHD"}),
+    ("flash_attention", ((1, 4, 100, 32), (1, 2, 130, 32)), {"causal": True, "mask": "bool"}),
+    ("flash_attention", ((1, 4, 100, 32), (1, 2, 130, 32)), {"mask": "additive"}),
+    ("sliding_window_attention", ((1, 4, 100, 32), (1, 2, 130, 32)), {"window": 7}),
+    (
+        "sliding_window_attention",
+        ((1, 99, 4, 32), (1, 99, 2, 32)),
+        {"window": 500, "layout": "BSHD"},
+    ),
+    ("chunked_cross_attention", ((1, 4, 100, 32), (1, 2, 130, 32)), {}),
+]
+
+
+@pytest.mark.parametrize("name,shapes,options", SLICED)
+def test_large_calls_are_checked_on_slices_of_query_rows(name, shapes, options, monkeypatch):
+    from mlx_primitives.ops import _attention
+    from mlx_primitives.tuning.check import TOLERANCES, check_outputs, expected
+
+    monkeypatch.setattr(_attention, "CHECK_SCORES", 0)  # every call counts as large
+    o = op(name)
+    args, kwargs = o.example(shapes, mx.float32, mx.random.key(1), **options)
+    want = expected(o, args, kwargs)
+    assert len(want) == 3 and all(select is not None for select, _ in want)
+    whole = o.reference(*args, **kwargs)
+    # Each slice's own reference is that slice of the whole call's.
+    for select, part in want:
+        ref.assert_close(select([whole])[0], ref.f64(part[0]), mx.float32, label=name)
+    tolerance = TOLERANCES["float32"]
+    assert check_outputs([whole], want, tolerance).ok
+    axis = 1 if options.get("layout") == "BSHD" else 2
+    for row, value, reason in ((50, 5.0, "mismatch"), (30, float("nan"), "NaN")):
+        bad = mx.array(whole)
+        index = [slice(None)] * 4
+        index[axis] = row  # 50: in the middle slice; 30: in no slice
+        bad[tuple(index)] = value
+        verdict = check_outputs([bad], want, tolerance)
+        assert not verdict.ok and reason in verdict.reason

@@ -195,18 +195,61 @@ def test_kernel_on_views_that_start_off_a_vector_boundary(name):
                 ref.assert_close(got, want, mx.float16, label=f"{name}/{v.name} {cfg}")
 
 
-# Decode-kernel cases: (op, q shape, kv shape, options); GQA 1, 4 and 8, head dims 32 to 256
-# (80 and 192 fill part of a lane group), one key, odd lengths, windows 1, 16 and past the start.
-ATTENTION_CASES = [
-    ("flash_attention", (2, 8, 1, 128), (2, 2, 1000, 128), {"causal": True}),
-    ("flash_attention", (1, 3, 3, 80), (1, 37, 3, 80), {"causal": True, "layout": "BSHD"}),
-    ("flash_attention", (2, 8, 5, 64), (2, 2, 1000, 64), {}),
-    ("flash_attention", (1, 4, 1, 32), (1, 4, 1, 32), {"causal": True}),
-    ("flash_attention", (1, 1, 4, 256), (1, 4097, 1, 256), {"layout": "BSHD"}),
-    ("flash_attention", (3, 4, 2, 192), (3, 4, 300, 192), {"causal": True, "scale": 0.3}),
-    ("sliding_window_attention", (1, 1, 8, 128), (1, 1000, 2, 128), {"layout": "BSHD", "w": 16}),
-    ("sliding_window_attention", (2, 4, 4, 64), (2, 4, 37, 64), {"w": 1}),
-    ("sliding_window_attention", (1, 8, 2, 96), (1, 1, 100, 96), {"w": 500}),
+# Attention-kernel cases by variant: (op, q shape, kv shape, options).
+ATTENTION_CASES = {
+    # GQA 1, 4 and 8, head dims 32 to 256 (80 and 192 fill part of a lane group), one key, odd
+    # lengths, windows 1, 16 and past the start.
+    "decode": [
+        ("flash_attention", (2, 8, 1, 128), (2, 2, 1000, 128), {"causal": True}),
+        ("flash_attention", (1, 3, 3, 80), (1, 37, 3, 80), {"causal": True, "layout": "BSHD"}),
+        ("flash_attention", (2, 8, 5, 64), (2, 2, 1000, 64), {}),
+        ("flash_attention", (1, 4, 1, 32), (1, 4, 1, 32), {"causal": True}),
+        ("flash_attention", (1, 1, 4, 256), (1, 4097, 1, 256), {"layout": "BSHD"}),
+        ("flash_attention", (3, 4, 2, 192), (3, 4, 300, 192), {"causal": True, "scale": 0.3}),
+        (
+            "sliding_window_attention",
+            (1, 1, 8, 128),
+            (1, 1000, 2, 128),
+            {"layout": "BSHD", "w": 16},
+        ),
+        ("sliding_window_attention", (2, 4, 4, 64), (2, 4, 37, 64), {"w": 1}),
+        ("sliding_window_attention", (1, 8, 2, 96), (1, 1, 100, 96), {"w": 500}),
+    ],
+    # Query lengths 1, 5, 37, 1000 and partial tiles; fewer queries than keys and more (not
+    # causal); GQA 1, 4 and 8; head dims 32 to 256; windows 1, 16, 100 and past the start.
+    "flash": [
+        ("flash_attention", (1, 8, 1000, 64), (1, 2, 1000, 64), {"causal": True}),
+        ("flash_attention", (2, 37, 4, 80), (2, 37, 4, 80), {"layout": "BSHD"}),
+        ("flash_attention", (1, 8, 5, 128), (1, 1, 300, 128), {"causal": True}),
+        ("flash_attention", (1, 2, 1, 32), (1, 2, 1, 32), {"causal": True}),
+        (
+            "flash_attention",
+            (1, 100, 2, 256),
+            (1, 100, 2, 256),
+            {"causal": True, "layout": "BSHD", "scale": 0.2},
+        ),
+        ("flash_attention", (2, 3, 70, 192), (2, 3, 33, 192), {}),
+        ("flash_attention", (1, 4, 129, 96), (1, 4, 129, 96), {"causal": True}),
+        (
+            "sliding_window_attention",
+            (1, 1000, 4, 64),
+            (1, 1000, 1, 64),
+            {"layout": "BSHD", "w": 16},
+        ),
+        ("sliding_window_attention", (2, 4, 37, 128), (2, 4, 37, 128), {"w": 1}),
+        ("sliding_window_attention", (1, 8, 50, 96), (1, 2, 100, 96), {"w": 500}),
+        ("sliding_window_attention", (1, 2, 300, 64), (1, 2, 300, 64), {"w": 100}),
+    ],
+}
+# (kernel, case, dtype) no config can serve: 32 float32 keys and values of head dim 192 or 256
+# overflow the flash tile's threadgroup memory (test_flash_kernel_declines_what_it_cannot_hold).
+UNSERVED = {("flash", 4, mx.float32), ("flash", 5, mx.float32)}
+ATTENTION_PARAMS = [
+    (v, i, dtype)
+    for v, cases in ATTENTION_CASES.items()
+    for i in range(len(cases))
+    for dtype in DTYPES
+    if (v, i, dtype) not in UNSERVED
 ]
 ATTENTION_TOLERANCES = {
     mx.float32: (2e-5, 1e-4),
@@ -229,15 +272,14 @@ def _attention_call(name, q_shape, kv_shape, options, dtype, seed=0):
     return (q, k, v), options, ref.attention(q, k, v, **options)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16", "bf16"])
-@pytest.mark.parametrize("case", range(len(ATTENTION_CASES)))
-def test_decode_kernel_matches_float64_reference(case, dtype):
-    name, q_shape, kv_shape, options = ATTENTION_CASES[case]
+@pytest.mark.parametrize("kernel,case,dtype", ATTENTION_PARAMS)
+def test_attention_kernel_matches_float64_reference(kernel, case, dtype):
+    name, q_shape, kv_shape, options = ATTENTION_CASES[kernel][case]
     o = get_op(name)
-    v = o.variant("decode")
+    v = o.variant(kernel)
     args, kwargs, want = _attention_call(name, q_shape, kv_shape, options, dtype, seed=case)
     configs = covering(v, o.problem(*args, **kwargs).as_dict(o.dims))
-    assert configs, f"{name}: no decode config serves case {case}"
+    assert configs, f"{name}: no {kernel} config serves case {case}"
     # The whole parameter cover once; each other case and dtype two configs (each a compile).
     if case or dtype != mx.float16:
         configs = configs[:2]
@@ -247,29 +289,45 @@ def test_decode_kernel_matches_float64_reference(case, dtype):
             got = v.build(**cfg)(*args, **kwargs)
             mx.eval(got)
         assert got.dtype == dtype
-        ref.assert_close(got, want, dtype, atol=atol, rtol=rtol, label=f"{name} {case} {cfg}")
+        label = f"{name} {kernel} {case} {cfg}"
+        ref.assert_close(got, want, dtype, atol=atol, rtol=rtol, label=label)
 
 
-def test_decode_kernel_on_views():
+@pytest.mark.parametrize("kernel,case,dtype", sorted(UNSERVED, key=str))
+def test_flash_kernel_declines_what_it_cannot_hold(kernel, case, dtype):
+    name, q_shape, kv_shape, options = ATTENTION_CASES[kernel][case]
+    o = get_op(name)
+    args, kwargs, want = _attention_call(name, q_shape, kv_shape, options, dtype)
+    problem = o.problem(*args, **kwargs)
+    assert not covering(o.variant(kernel), problem.as_dict(o.dims))
+    # The dispatcher serves it another way, correctly.
+    atol, rtol = ATTENTION_TOLERANCES[dtype]
+    ref.assert_close(o(*args, **kwargs), want, dtype, atol=atol, rtol=rtol, label=name)
+
+
+@pytest.mark.parametrize("kernel", ATTENTION_CASES)
+def test_attention_kernel_on_views(kernel):
     """Strided and offset views of the cache (MLX copies them to row-contiguous inputs)."""
     o = get_op("flash_attention")
-    q = mx.random.normal((2, 4, 1, 64)).astype(mx.float16)
+    q = mx.random.normal((2, 4, 3, 64)).astype(mx.float16)
     cache = mx.random.normal((2, 2, 300, 129)).astype(mx.float16)
     k, v = cache[:, :, 7:, 1:65], cache[:, :, 7:, 65:]
     want = ref.attention(q, k, v, causal=True)
-    for cfg in covering(o.variant("decode"), o.problem(q, k, v, causal=True).as_dict(o.dims))[:2]:
+    variant = o.variant(kernel)
+    for cfg in covering(variant, o.problem(q, k, v, causal=True).as_dict(o.dims))[:2]:
         with poisoned():
-            got = o.variant("decode").build(**cfg)(q, k, v, causal=True)
-        ref.assert_close(got, want, mx.float16, label=f"decode view {cfg}")
+            got = variant.build(**cfg)(q, k, v, causal=True)
+        ref.assert_close(got, want, mx.float16, label=f"{kernel} view {cfg}")
 
 
+@pytest.mark.parametrize("kernel", ATTENTION_CASES)
 @pytest.mark.parametrize("name", ["flash_attention", "sliding_window_attention"])
-def test_decode_kernel_gradients_match_reference(name):
-    case = 0 if name == "flash_attention" else 6
-    _, q_shape, kv_shape, options = ATTENTION_CASES[case]
+def test_attention_kernel_gradients_match_reference(name, kernel):
+    cases = ATTENTION_CASES[kernel]
+    _, q_shape, kv_shape, options = next(c for c in cases if c[0] == name)
     args, kwargs, _ = _attention_call(name, q_shape, kv_shape, options, mx.float32)
     o = get_op(name)
-    variant = o.variant("decode")
+    variant = o.variant(kernel)
     cfg = covering(variant, o.problem(*args, **kwargs).as_dict(o.dims))[0]
     cot = mx.random.normal(args[0].shape, key=mx.random.key(9))
 
@@ -280,4 +338,5 @@ def test_decode_kernel_gradients_match_reference(name):
         return mx.grad(loss, argnums=(0, 1, 2))(*args[:3])
 
     for g, w in zip(grads(variant.build(**cfg)), grads(o.reference)):
-        ref.assert_close(g, ref.f64(w), mx.float32, atol=1e-4, rtol=1e-3, label=f"{name} grad")
+        label = f"{name} {kernel} grad"
+        ref.assert_close(g, ref.f64(w), mx.float32, atol=1e-4, rtol=1e-3, label=label)

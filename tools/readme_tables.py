@@ -68,7 +68,9 @@ def table(result: dict) -> str:
             f"Peak memory of flash attention at {mem['shape']} {mem['dtype']} (q, k, v and "
             f"the output: {io / 2**20:.0f} MiB): the tuned dispatch ({mem['dispatch_variant']}) "
             f"{mem['dispatch'] / io:.2f}x, the blocked composition with 128 x 128 blocks "
-            f"{mem['blocked'] / io:.2f}x; the naive path's scores alone would be "
+            f"{mem['blocked'] / io:.2f}x"
+            + (f", the flash kernel {mem['flash'] / io:.2f}x" if "flash" in mem else "")
+            + "; the naive path's scores alone would be "
             f"{mem['naive_scores_bytes'] / io:.0f}x.",
         ]
     overhead = result.get("dispatch_overhead")

@@ -78,10 +78,10 @@ def memory(size: str) -> dict:
     )
     io = 4 * args[0].nbytes
     rows = {"io_bytes": io, "shape": list(args[0].shape), "dtype": dtype}
-    for name, fn in (
-        ("dispatch", o),
-        ("blocked", o.variant("blocked").build(block_q=128, block_k=128)),
-    ):
+    fns = [("dispatch", o), ("blocked", o.variant("blocked").build(block_q=128, block_k=128))]
+    if current_backend() != "cpu":
+        fns.append(("flash", o.variant("flash").build(warps=4, rows=4, keys=1)))
+    for name, fn in fns:
         rows[name] = peak_memory(fn, args, kwargs)
     rows["dispatch_variant"] = dispatch.choose(o, o.problem(*args, **kwargs)).variant
     rows["naive_scores_bytes"] = heads * 16384 * 16384 * 4  # float32 scores of the dense path
@@ -130,7 +130,8 @@ def run(args) -> dict:
     print(
         f"memory at 16384: dispatch ({mem['dispatch_variant']}) "
         f"{mem['dispatch'] / mem['io_bytes']:.2f}x of q, k, v and out; blocked "
-        f"{mem['blocked'] / mem['io_bytes']:.2f}x; naive scores alone "
+        f"{mem['blocked'] / mem['io_bytes']:.2f}x; flash kernel "
+        f"{mem.get('flash', float('nan')) / mem['io_bytes']:.2f}x; naive scores alone "
         f"{mem['naive_scores_bytes'] / mem['io_bytes']:.0f}x",
         flush=True,
     )

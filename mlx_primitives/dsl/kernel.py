@@ -13,7 +13,7 @@ import mlx.core as mx
 
 from .._paths import kernel_source
 from ..hardware import current_backend
-from .dialect import header, render
+from .dialect import BACKENDS, header, render
 
 # While set, kernels fill their outputs with NaN before running, so a check catches any
 # element a kernel forgot to write.
@@ -62,7 +62,8 @@ class GpuKernel:
         source: the body, e.g. ``"rms_norm/row.k"``.
         inputs: input names, in call order.
         outputs: output names.
-        headers: extra headers after the prelude, e.g. ``("gated/act.h",)``.
+        headers: extra headers after the prelude, e.g. ``("gated/act.h",)``; ``{backend}`` in
+            a name stands for the back-end (``"_dialect/warp.{backend}.h"``).
     """
 
     def __init__(
@@ -78,16 +79,22 @@ class GpuKernel:
         self.headers = headers
         self.name = "mlxp_" + source.removesuffix(".k").replace("/", "_")
 
+    def headers_for(self, backend: str) -> tuple[str, ...]:
+        """The extra headers as rendered for ``backend``."""
+        return tuple(h.format(backend=backend) for h in self.headers)
+
     @property
     def files(self) -> tuple[str, ...]:
-        """Every kernel_variants/ file this kernel is made of (for source hashes)."""
-        return (*self.headers, self.source)
+        """Every kernel_variants/ file this kernel is made of, for all back-ends (for source
+        hashes)."""
+        heads = dict.fromkeys(h for b in BACKENDS for h in self.headers_for(b))
+        return (*heads, self.source)
 
     @cached_property
     def _kernel(self):
         backend = current_backend()
         body = render(kernel_source(self.source), backend)
-        head = header(backend, self.headers)
+        head = header(backend, self.headers_for(backend))
         if backend == "cuda":
             return mx.fast.cuda_kernel(self.name, self.inputs, self.outputs, body, head)
         if backend == "metal":

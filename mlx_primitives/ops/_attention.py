@@ -190,6 +190,48 @@ def blocked(
     return out.swapaxes(1, 2) if layout == "BSHD" else out
 
 
+# Past this many scores a candidate is checked on slices of query rows: the float64 reference
+# of a 16384-long call on the CPU takes many minutes.
+CHECK_SCORES = 2**26
+CHECK_ROWS = 16
+
+
+def check_slices(
+    q, k, v, layout: str, call: Callable, *, causal=False, window=None, mask=None
+) -> list | None:
+    """Check slices (:class:`~mlx_primitives.registry.Op`) of a large attention call: the
+    first, middle and last ``CHECK_ROWS`` query rows, each with the keys those rows may see
+    (under a causal mask or a window a contiguous range, so the slice's own bottom-right
+    alignment gives the same positions). ``call(q, k, v, mask)`` makes a slice's
+    ``(args, kwargs)``; None where the whole call is cheap to check."""
+    ax = 2 if layout == "BHSD" else 1
+    b, lq, lk = q.shape[0], q.shape[ax], k.shape[ax]
+    if b * q.shape[3 - ax] * lq * lk <= CHECK_SCORES:
+        return None
+    off, out = lk - lq, []
+    for a in sorted({0, max(0, (lq - CHECK_ROWS) // 2), max(0, lq - CHECK_ROWS)}):
+        rows = slice(a, min(lq, a + CHECK_ROWS))
+        hi = min(lk, rows.stop + off) if causal or window is not None else lk
+        lo = max(0, a + off - window + 1) if window is not None else 0
+        keys = slice(lo, hi)
+        part = [x[(slice(None),) * ax + (s,)] for x, s in ((q, rows), (k, keys), (v, keys))]
+        block = None
+        if mask is not None:
+            full = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+            block = full[
+                ...,
+                rows if full.shape[2] > 1 else slice(None),
+                keys if full.shape[3] > 1 else slice(None),
+            ]
+        args, kwargs = call(*part, block)
+        out.append((args, kwargs, _row_selector(rows, ax)))
+    return out
+
+
+def _row_selector(rows: slice, axis: int) -> Callable:
+    return lambda outs: [o[(slice(None),) * axis + (rows,)] for o in outs]
+
+
 # Scores the dense composition may form (float32: 4 GiB); past it, it is left out.
 MAX_DENSE_SCORES = 2**30
 

@@ -1,8 +1,10 @@
-"""The split-KV decode kernel shared by the attention ops (``kernel_variants/attention/``).
+"""The custom attention kernels shared by the attention ops (``kernel_variants/attention/``).
 
 For a few queries over many keys (decoding with a KV cache) the work is reading K and V once:
 ``decode.k`` spreads each KV head's keys over ``splits`` groups, every group serving all the
 query rows that read that head (GQA shares the reads), and ``combine.k`` merges the splits.
+For long queries ``flash.k`` tiles queries and keys through threadgroup memory and visits only
+the key tiles a causal mask or a window lets its rows see.
 """
 
 from __future__ import annotations
@@ -13,11 +15,15 @@ from collections.abc import Callable
 import mlx.core as mx
 
 from ..dsl.kernel import GpuKernel, float_bits, itemsize, with_reference_transforms
+from ..hardware import current_backend
 from ..registry import GPU_BACKENDS, Variant
 from . import _attention as att
 
 DECODE = GpuKernel("attention/decode.k", ["q", "k", "v"], ["part", "stats"])
 COMBINE = GpuKernel("attention/combine.k", ["part", "stats", "q"], ["out"])
+FLASH = GpuKernel(
+    "attention/flash.k", ["q", "k", "v"], ["out"], headers=("_dialect/warp.{backend}.h",)
+)
 
 SPACE = {
     "split": (512, 128, 256, 1024, 2048),
@@ -32,6 +38,9 @@ MAX_Q_LEN = 16
 MAX_REGISTERS = 64
 # Threadgroup memory for the merge of a group's key streams (Metal's limit; CUDA allows 48 KB).
 MAX_SHARED = 32768
+# Threadgroup memory a flash tile may take, by back-end (CUDA's static limit is 48 KB).
+FLASH_SHARED = {"cuda": 49152, "metal": 32768}
+FLASH_SPACE = {"warps": (4, 2, 8), "rows": (4, 2, 8), "keys": (1, 2)}
 _COMBINE_THREADS = 256
 
 
@@ -73,20 +82,14 @@ def _forward(split: int, warps: int, vec: int, lanes: int, unroll: int) -> Calla
         g = hq // hkv
         lo = max(0, lk - lq - window + 1) if window else 0
         splits = max(1, -(-(lk - lo) // split))
-        scale = 1.0 / math.sqrt(d) if scale is None else scale
         template = {
-            "T": q.dtype,
-            "D": d,
+            **_template(q, causal, scale, bshd, window),
             "VEC": vec,
             "LPK": lanes,
             "WARPS": warps,
             "UNROLL": unroll,
             "G": g,
             "LQ": lq,
-            "BSHD": bshd,
-            "CAUSAL": bool(causal or window),
-            "WINDOW": window or 0,
-            "SCALE_BITS": float_bits(scale * math.log2(math.e)),
         }
         threads = warps * 32
         part, stats = DECODE(
@@ -108,12 +111,87 @@ def _forward(split: int, warps: int, vec: int, lanes: int, unroll: int) -> Calla
         )
         return out
 
-    def reference(q, k, v, causal, scale, layout, window):
-        return att.reference(
-            q, k, v, scale=scale, causal=causal, window=window or None, layout=layout
-        )
+    return with_reference_transforms(forward, _reference)
 
-    return with_reference_transforms(forward, reference)
+
+def _reference(q, k, v, causal, scale, layout, window):
+    return att.reference(q, k, v, scale=scale, causal=causal, window=window or None, layout=layout)
+
+
+def _template(q, causal: bool, scale, bshd: bool, window: int) -> dict:
+    """The template constants both kernels share."""
+    d = q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    return {
+        "T": q.dtype,
+        "D": d,
+        "BSHD": bshd,
+        "CAUSAL": bool(causal or window),
+        "WINDOW": window or 0,
+        "SCALE_BITS": float_bits(scale * math.log2(math.e)),
+    }
+
+
+def flash_shared_bytes(d: int, size: int, warps: int, rows: int, keys: int) -> int:
+    """Threadgroup memory of a flash tile: q (float), K (padded) and V (the input dtype), and
+    the tile's probabilities (float)."""
+    d4, bq, bk = d // 4, warps * rows, 32 * keys
+    padded = d4 + 1 if d4 % 2 == 0 else d4
+    return bq * d4 * 16 + bk * (padded + d4) * 4 * size + bq * bk * 4
+
+
+def flash_supports(problem: dict, p: dict) -> bool:
+    """Whether the flash config can serve ``problem`` (bucketed values are upper bounds)."""
+    size = itemsize(problem["dtype"])
+    d = problem["head_dim"]
+    if size is None or problem.get("mask", "none") != "none" or d % 4 or d > 256:
+        return False
+    rows, bq = p["rows"], p["warps"] * p["rows"]
+    limit = FLASH_SHARED.get(current_backend(), min(FLASH_SHARED.values()))
+    return (
+        rows * -(-d // 128) * 4 <= MAX_REGISTERS  # accumulators per lane
+        and flash_shared_bytes(d, size, p["warps"], rows, p["keys"]) <= limit
+        and bq <= max(2 * problem["q_len"], 4)  # larger tiles only add idle rows
+        and 32 * p["keys"] <= max(problem["kv_len"], 32)
+    )
+
+
+def _flash(warps: int, rows: int, keys: int) -> Callable:
+    def forward(q, k, v, causal, scale, layout, window):
+        bshd = layout == "BSHD"
+        b, lq, hq = (q.shape[0], *q.shape[1:3]) if bshd else (q.shape[0], q.shape[2], q.shape[1])
+        template = {
+            **_template(q, causal, scale, bshd, window),
+            "WARPS": warps,
+            "RPW": rows,
+            "KPL": keys,
+        }
+        threads = warps * 32
+        groups = b * hq * -(-lq // (warps * rows))
+        (out,) = FLASH(
+            [q, k, v],
+            template=template,
+            grid=(groups * threads, 1, 1),
+            threadgroup=(threads, 1, 1),
+            output_shapes=[q.shape],
+            output_dtypes=[q.dtype],
+        )
+        return out
+
+    return with_reference_transforms(forward, _reference)
+
+
+def flash_variant(public: Callable[[Callable], Callable]) -> Variant:
+    """The flash kernel as a variant; ``public`` as for :func:`decode_variant`."""
+    return Variant(
+        "flash",
+        lambda warps, rows, keys: public(_flash(warps, rows, keys)),
+        backends=GPU_BACKENDS,
+        space=FLASH_SPACE,
+        supports=flash_supports,
+        sources=FLASH.files,
+        description="custom kernel: q and k tiles in threadgroup memory, hidden tiles skipped",
+    )
 
 
 def decode_variant(public: Callable[[Callable], Callable]) -> Variant:

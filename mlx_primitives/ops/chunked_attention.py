@@ -25,6 +25,13 @@ def reference(q, k, v, *, chunk_size=None, scale=None, layout="BHSD"):
     return att.reference(q, k, v, scale=scale, layout=layout)
 
 
+def _check_slices(args, kwargs):
+    def call(q, k, v, _mask):
+        return (q, k, v), kwargs
+
+    return att.check_slices(*args, kwargs.get("layout", "BHSD"), call)
+
+
 def _chunked(chunk: int):
     def fn(q, k, v, *, chunk_size=None, scale=None, layout="BHSD"):
         lq = q.shape[2] if layout == "BHSD" else q.shape[1]
@@ -88,6 +95,7 @@ OP = register(
         ],
         presets=_presets(),
         differentiable=(0, 1, 2),
+        check_slices=_check_slices,
     )
 )
 

@@ -10,7 +10,7 @@ import mlx.core as mx
 from ..problem import EXACT, Dim
 from ..registry import Example, Op, Variant, register
 from . import _attention as att
-from ._attention_kernels import decode_variant
+from ._attention_kernels import decode_variant, flash_variant
 from ._common import check_bool, random
 
 NAME = "flash_attention"
@@ -49,6 +49,17 @@ def _problem(q, k, v, *, causal=False, scale=None, layout="BHSD", mask=None):
 
 def reference(q, k, v, *, causal=False, scale=None, layout="BHSD", mask=None):
     return att.reference(q, k, v, scale=scale, causal=causal, mask=mask, layout=layout)
+
+
+def _check_slices(args, kwargs):
+    q, k, v = args
+    causal, mask = kwargs.get("causal", False), kwargs.get("mask")
+
+    def call(q, k, v, mask):
+        return (q, k, v), {**kwargs, "mask": mask}
+
+    layout = kwargs.get("layout", "BHSD")
+    return att.check_slices(q, k, v, layout, call, causal=causal, mask=mask)
 
 
 def _builtin(q, k, v, *, causal=False, scale=None, layout="BHSD", mask=None):
@@ -94,10 +105,10 @@ def _blocked_supports(p: dict, params: dict) -> bool:
     return att.block_steps(p["q_len"], p["kv_len"], bq, bk, causal, window) <= MAX_BLOCK_STEPS
 
 
-def _decode_public(fn):
+def _kernel_public(fn):
     def call(q, k, v, *, causal=False, scale=None, layout="BHSD", mask=None):
         if mask is not None:
-            raise ValueError(f"[{NAME}] the decode kernel takes no mask")
+            raise ValueError(f"[{NAME}] the custom kernels take no mask")
         return fn(q, k, v, causal, scale, layout, 0)
 
     return call
@@ -189,10 +200,12 @@ OP = register(
                 supports=_blocked_supports,
                 description="composition: online softmax over key blocks, O(n) memory",
             ),
-            decode_variant(_decode_public),
+            decode_variant(_kernel_public),
+            flash_variant(_kernel_public),
         ],
         presets=_presets(),
         differentiable=(0, 1, 2),
+        check_slices=_check_slices,
     )
 )
 

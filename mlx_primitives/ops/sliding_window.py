@@ -10,7 +10,7 @@ import mlx.core as mx
 from ..problem import Dim, bucket
 from ..registry import Example, Op, Variant, register
 from . import _attention as att
-from ._attention_kernels import decode_variant
+from ._attention_kernels import decode_variant, flash_variant
 from ._common import check_int
 from .flash_attention import BLOCKS, _blocked_supports, _case, _example
 
@@ -29,6 +29,16 @@ def _problem(q, k, v, window_size, *, scale=None, layout="BHSD"):
 
 def reference(q, k, v, window_size, *, scale=None, layout="BHSD"):
     return att.reference(q, k, v, scale=scale, causal=True, window=window_size, layout=layout)
+
+
+def _check_slices(args, kwargs):
+    q, k, v, window = args
+
+    def call(q, k, v, _mask):
+        return (q, k, v, window), kwargs
+
+    layout = kwargs.get("layout", "BHSD")
+    return att.check_slices(q, k, v, layout, call, causal=True, window=window)
 
 
 def _dense_mask(q, k, v, window_size, *, scale=None, layout="BHSD"):
@@ -58,7 +68,7 @@ def _blocked(block_q: int, block_k: int):
     return fn
 
 
-def _decode_public(fn):
+def _kernel_public(fn):
     def call(q, k, v, window_size, *, scale=None, layout="BHSD"):
         return fn(q, k, v, True, scale, layout, window_size)
 
@@ -113,10 +123,12 @@ OP = register(
                 supports=_blocked_supports,
                 description="composition: only the key blocks inside the window",
             ),
-            decode_variant(_decode_public),
+            decode_variant(_kernel_public),
+            flash_variant(_kernel_public),
         ],
         presets=_presets(),
         differentiable=(0, 1, 2),
+        check_slices=_check_slices,
     )
 )
 

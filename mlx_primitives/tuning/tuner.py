@@ -32,7 +32,7 @@ from ..dsl import poisoned
 from ..hardware import current_backend, detect_chip
 from ..problem import EXACT, parse_dtype
 from ..registry import Example, Op
-from .check import TOLERANCES, as_list, compare, reference_float64
+from .check import TOLERANCES, as_list, check_outputs, expected
 from .db import TuningDB, now
 from .timing import bench, bench_many, paired
 from .warm import warm
@@ -253,7 +253,7 @@ class Tuner:
         check_args, check_kwargs = op.example(
             example.shapes, dtype, mx.random.key(self._fresh), **options
         )
-        want = reference_float64(op.reference, check_args, check_kwargs)
+        want = expected(op, check_args, check_kwargs)
         tolerance = op.tolerances.get(example.dtype, TOLERANCES[example.dtype])
         results.pop(default, None)  # the default is always measured
 
@@ -468,7 +468,7 @@ class Tuner:
                 mx.eval(got)
         except Exception as e:  # a candidate that cannot build or run is rejected, not fatal
             return Result(c, "rejected", f"{type(e).__name__}: {str(e)[:500]}")
-        verdict = compare(got, want, tolerance)
+        verdict = check_outputs(got, want, tolerance)
         if not verdict.ok:
             return Result(c, "rejected", verdict.reason, error=verdict.error)
         try:

@@ -39,6 +39,7 @@ extern const dim3 gridDim;
 extern const int warpSize;
 
 __device__ void __syncthreads();
+__device__ void __syncwarp(unsigned int mask = 0xffffffffu);
 
 __device__ int __shfl_xor_sync(unsigned int mask, int var, int laneMask, int width = 32);
 __device__ unsigned int __shfl_xor_sync(

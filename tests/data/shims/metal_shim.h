@@ -49,6 +49,7 @@ namespace metal {
 enum class mem_flags { mem_none = 0, mem_device = 1, mem_threadgroup = 2, mem_texture = 4 };
 
 void threadgroup_barrier(mem_flags flags);
+void simdgroup_barrier(mem_flags flags);
 
 float simd_shuffle_xor(float data, ushort mask);
 half simd_shuffle_xor(half data, ushort mask);
