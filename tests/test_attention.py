@@ -331,3 +331,25 @@ def test_large_calls_are_checked_on_slices_of_query_rows(name, shapes, options, 
         bad[tuple(index)] = value
         verdict = check_outputs([bad], want, tolerance)
         assert not verdict.ok and reason in verdict.reason
+
+
+def test_flash_kernel_supports_what_its_tile_holds(monkeypatch):
+    from mlx_primitives.ops import _attention_kernels as k
+
+    base = {"dtype": "float16", "head_dim": 128, "q_len": 4096, "kv_len": 4096, "mask": "none"}
+    small = {"warps": 2, "rows": 2, "keys": 1}
+    big = {"warps": 8, "rows": 8, "keys": 2}
+    monkeypatch.setattr(k, "current_backend", lambda: "cuda")
+    configs = op("flash_attention").variant("flash").configs()
+    assert k.flash_supports(base, small)
+    assert not k.flash_supports(base, big)  # 64 x 64 tiles: over CUDA's 48 KB
+    assert k.flash_shared_bytes(128, 2, 2, 2, 1) <= k.FLASH_SHARED["metal"]
+    for change in ({"mask": "bool"}, {"head_dim": 130}, {"head_dim": 512}, {"dtype": "float64"}):
+        assert not k.flash_supports({**base, **change}, small), change
+    # float32 keys and values of head dim 256 never fit; 128 does.
+    assert not any(
+        k.flash_supports({**base, "dtype": "float32", "head_dim": 256}, c) for c in configs
+    )
+    # A one-query problem gets only the smallest query tiles.
+    one = {**base, "q_len": 1}
+    assert {c["warps"] * c["rows"] for c in configs if k.flash_supports(one, c)} == {4}
