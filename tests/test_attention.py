@@ -353,3 +353,30 @@ def test_flash_kernel_supports_what_its_tile_holds(monkeypatch):
     # A one-query problem gets only the smallest query tiles.
     one = {**base, "q_len": 1}
     assert {c["warps"] * c["rows"] for c in configs if k.flash_supports(one, c)} == {4}
+
+
+@pytest.mark.parametrize("window", [0, 7])
+def test_flash_kernel_gradients_go_through_the_blocked_composition(window):
+    """The flash kernel differentiates through ``_blocked_reference`` (run on the GPU by
+    tests/test_gpu.py); here that function's gradients against the dense reference's."""
+    from mlx_primitives.ops import _attention, _attention_kernels
+
+    q, k, v = (
+        mx.random.normal(s, key=mx.random.key(i))
+        for i, s in enumerate(((1, 300, 4, 32), (1, 300, 2, 32), (1, 300, 2, 32)))
+    )
+    cot = mx.random.normal(q.shape, key=mx.random.key(5))
+
+    def grads(f):
+        return mx.grad(lambda *a: (f(*a) * cot).sum(), argnums=(0, 1, 2))(q, k, v)
+
+    mine = grads(
+        lambda q, k, v: _attention_kernels._blocked_reference(q, k, v, True, 0.3, "BSHD", window)
+    )
+    want = grads(
+        lambda q, k, v: _attention.reference(
+            q, k, v, scale=0.3, causal=True, window=window or None, layout="BSHD"
+        )
+    )
+    for g, w in zip(mine, want):
+        ref.assert_close(g, ref.f64(w), mx.float32, atol=1e-5, rtol=1e-4, label="flash vjp")

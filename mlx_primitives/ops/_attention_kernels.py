@@ -178,7 +178,23 @@ def _flash(warps: int, rows: int, keys: int) -> Callable:
         )
         return out
 
-    return with_reference_transforms(forward, _reference)
+    return with_reference_transforms(forward, _blocked_reference)
+
+
+def _blocked_reference(q, k, v, causal, scale, layout, window):
+    # Long queries: gradients through the blocked composition keep memory O(seq x window)
+    # where the dense reference would hold every score.
+    return att.blocked(
+        q,
+        k,
+        v,
+        scale=scale,
+        causal=causal,
+        window=window or None,
+        layout=layout,
+        block_q=256,
+        block_k=512,
+    )
 
 
 def flash_variant(public: Callable[[Callable], Callable]) -> Variant:
