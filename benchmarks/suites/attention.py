@@ -15,6 +15,7 @@ import mlx.core as mx
 
 from mlx_primitives import dispatch
 from mlx_primitives.hardware import current_backend
+from mlx_primitives.ops._attention import qkv_shapes
 from mlx_primitives.problem import parse_dtype
 from mlx_primitives.registry import Example, op
 
@@ -26,16 +27,10 @@ OPS = ("flash_attention", "sliding_window_attention", "chunked_cross_attention")
 SCALE = {"small": (4, 64, "float32"), "large": (16, 128, "float16")}
 
 
-def _bhsd(b, h, hkv, lq, lk, d, layout):
-    if layout == "BHSD":
-        return ((b, h, lq, d), (b, hkv, lk, d))
-    return ((b, lq, h, d), (b, lk, hkv, d))
-
-
 def seed_examples(size: str) -> list[Example]:
     h, d, dtype = SCALE[size]
     return [
-        Example(_bhsd(b, h, h, s, s, d, lay), dtype, (("causal", True), ("layout", lay)))
+        Example(qkv_shapes(b, h, h, s, s, d, lay), dtype, (("causal", True), ("layout", lay)))
         for lay in ("BHSD", "BSHD")
         for b in (1, 2, 4)
         for s in (128, 256, 512, 1024, 2048)
@@ -47,7 +42,7 @@ def window_example(size: str) -> Example:
     # The sliding-window preset's problem on a GPU (32 query and 8 key/value heads).
     heads, kv_heads = (1, 1) if size == "small" else (32, 8)
     return Example(
-        _bhsd(1, heads, kv_heads, 16384, 16384, d, "BHSD"),
+        qkv_shapes(1, heads, kv_heads, 16384, 16384, d, "BHSD"),
         dtype,
         (("layout", "BHSD"), ("window", 512)),
     )
@@ -55,7 +50,7 @@ def window_example(size: str) -> Example:
 
 def decode_example(size: str) -> Example:
     dtype = "float32" if size == "small" else "float16"
-    return Example(_bhsd(8, 32, 8, 1, 8192, 128, "BHSD"), dtype, (("causal", True),))
+    return Example(qkv_shapes(8, 32, 8, 1, 8192, 128, "BHSD"), dtype, (("causal", True),))
 
 
 def peak_memory(fn, args, kwargs) -> int:
@@ -71,7 +66,7 @@ def memory(size: str) -> dict:
     heads = 1 if size == "small" else 8
     o = op("flash_attention")
     args, kwargs = o.example(
-        _bhsd(1, heads, heads, 16384, 16384, d, "BHSD"),
+        qkv_shapes(1, heads, heads, 16384, 16384, d, "BHSD"),
         parse_dtype(dtype),
         mx.random.key(0),
         causal=True,

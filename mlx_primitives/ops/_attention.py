@@ -64,6 +64,13 @@ def problem_values(b, hq, hkv, lq, lk, d, layout) -> tuple:
     return (bucket(b), bucket(hq), hq // hkv, bucket(lq), bucket(lk), d, layout)
 
 
+def qkv_shapes(b: int, hq: int, hkv: int, lq: int, lk: int, d: int, layout: str) -> tuple:
+    """The shapes of q and of k (and v) in ``layout``."""
+    if layout == "BHSD":
+        return (b, hq, lq, d), (b, hkv, lk, d)
+    return (b, lq, hq, d), (b, lk, hkv, d)
+
+
 def to_bhsd(x: mx.array, layout: str) -> mx.array:
     return x.swapaxes(1, 2) if layout == "BSHD" else x
 

@@ -58,12 +58,7 @@ def _cross_case(p):
 
 def _presets():
     def ex(b, h, hkv, lq, lk, d, dtype, layout="BHSD"):
-        shapes = (
-            ((b, h, lq, d), (b, hkv, lk, d))
-            if layout == "BHSD"
-            else ((b, lq, h, d), (b, lk, hkv, d))
-        )
-        return Example(shapes, dtype, (("layout", layout),))
+        return Example(att.qkv_shapes(b, h, hkv, lq, lk, d, layout), dtype, (("layout", layout),))
 
     quick = [ex(1, 4, 4, 64, 1024, 64, t) for t in ("float32", "float16")]
     default = [ex(1, 16, 16, 256, 16384, 64, "float16", lay) for lay in ("BHSD", "BSHD")] + [

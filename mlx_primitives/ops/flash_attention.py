@@ -121,8 +121,7 @@ def _example(shapes, dtype, key, causal=False, layout="BHSD", mask="none", kv_he
     if len(shapes) > 1:
         k_shape = tuple(shapes[1])
     else:
-        hkv = kv_heads or h
-        k_shape = (b, hkv, lq, d) if layout == "BHSD" else (b, lq, hkv, d)
+        k_shape = att.qkv_shapes(b, h, kv_heads or h, lq, lq, d, layout)[1]
     lk = k_shape[2] if layout == "BHSD" else k_shape[1]
     kwargs = {"causal": causal, "layout": layout, "scale": None, "mask": None}
     if mask == "bool":
@@ -135,11 +134,7 @@ def _example(shapes, dtype, key, causal=False, layout="BHSD", mask="none", kv_he
 
 def _case(p):
     b, h, lq, lk, d = p["batch"], p["q_heads"], p["q_len"], p["kv_len"], p["head_dim"]
-    hkv = h // p["group"]
-    if p["layout"] == "BHSD":
-        shapes = ((b, h, lq, d), (b, hkv, lk, d))
-    else:
-        shapes = ((b, lq, h, d), (b, lk, hkv, d))
+    shapes = att.qkv_shapes(b, h, h // p["group"], lq, lk, d, p["layout"])
     return shapes, {"causal": p["causal"], "layout": p["layout"], "mask": p["mask"]}
 
 
@@ -149,12 +144,7 @@ def _default(problem, backend):
 
 def _presets():
     def ex(b, h, hkv, lq, lk, d, dtype, **options):
-        layout = options.get("layout", "BHSD")
-        shapes = (
-            ((b, h, lq, d), (b, hkv, lk, d))
-            if layout == "BHSD"
-            else ((b, lq, h, d), (b, lk, hkv, d))
-        )
+        shapes = att.qkv_shapes(b, h, hkv, lq, lk, d, options.get("layout", "BHSD"))
         return Example(shapes, dtype, tuple(sorted(options.items())))
 
     quick = [

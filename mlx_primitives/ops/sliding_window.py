@@ -87,9 +87,7 @@ def _window_case(p):
 
 def _presets():
     def ex(b, h, hkv, s, d, window, dtype, layout="BHSD"):
-        shapes = (
-            ((b, h, s, d), (b, hkv, s, d)) if layout == "BHSD" else ((b, s, h, d), (b, s, hkv, d))
-        )
+        shapes = att.qkv_shapes(b, h, hkv, s, s, d, layout)
         return Example(shapes, dtype, (("layout", layout), ("window", window)))
 
     quick = [ex(1, 4, 2, 256, 64, w, t) for w in (16, 64) for t in ("float32", "float16")]

@@ -165,8 +165,8 @@ def _alive(reason: str, created_at: str, timeout_s: float) -> bool:
             os.kill(int(match[1]), 0)
         except ProcessLookupError:
             return False
-        except PermissionError:
-            return True
+        except PermissionError:  # another user's process: it exists
+            pass
         return True
     try:
         started = datetime.fromisoformat(created_at)
