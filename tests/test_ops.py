@@ -154,6 +154,18 @@ def test_rope_layouts_agree():
     assert mx.allclose(a, b, atol=1e-6)
 
 
+def test_rope_kernel_configs_fit_a_group_of_registers():
+    """A 512-thread group of threads each holding 8 heads of 16-byte halves failed to launch
+    on an H200 ("too many resources requested"); supports() keeps such configs out."""
+    rotate = get_op("rope").variant("rotate")
+    problem = {"dtype": "float16", "head_dim": 128, "dims": 128, "heads": 32}
+    problem.update(traditional=False, freqs=False)
+    allowed = [c for c in rotate.configs() if rotate.allows(problem, c)]
+    assert {"vec": 8, "heads_per_thread": 8, "threads": 512, "angles": "computed"} not in allowed
+    assert {"vec": 8, "heads_per_thread": 8, "threads": 256, "angles": "computed"} in allowed
+    assert {"vec": 8, "heads_per_thread": 4, "threads": 512, "angles": "computed"} in allowed
+
+
 @pytest.mark.parametrize("dims", [7, 64])
 def test_rms_norm_module_is_a_drop_in(dims):
     ours, theirs = mp.RMSNorm(dims, eps=1e-6), nn.RMSNorm(dims, eps=1e-6)

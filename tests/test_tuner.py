@@ -135,6 +135,16 @@ def test_tpe_limits_measurements_to_the_trial_budget(db):
     assert 2 <= len(outcome.results) <= 10
 
 
+def test_each_variants_first_config_is_timed_whatever_the_search_samples(db):
+    big = Variant("big", lambda a, b: double, space={"a": (5, 0, 1, 2, 3, 4), "b": (2, 1)})
+    op = make_op([big])
+    outcome = Tuner(db, Budget(trials=3, problem_s=60, bench_s=0.01)).tune(op, EX)
+    timed = {r.candidate for r in outcome.results}
+    assert Candidate.of("big", {"a": 5, "b": 2}) in timed
+    assert Candidate.of("tiled", {"block": 32, "unroll": 1}) in timed
+    assert not any(c.variant == "big" and c != Candidate.of("big", {"a": 5, "b": 2}) for c in timed)
+
+
 def test_failing_default_is_reported_not_recorded(db):
     op = make_op()
     op._default = lambda p, backend: ("nan", {})

@@ -5,7 +5,8 @@
   layouts, the naive baseline being the dense composition with the same causal mask;
 - ``window``: a sliding window of 512 at sequence 16384, against MLX's fused attention with a
   dense mask;
-- ``decode``: one query per sequence over an 8192-long cache, 32 query and 8 key/value heads;
+- ``decode``: one query per sequence over an 8192-long cache, 32 query and 8 key/value heads,
+  in both layouts;
 - ``memory``: peak memory of the tuned flash attention and of the naive one at 16384.
 """
 
@@ -48,9 +49,15 @@ def window_example(size: str) -> Example:
     )
 
 
-def decode_example(size: str) -> Example:
+def decode_examples(size: str) -> list[Example]:
     dtype = "float32" if size == "small" else "float16"
-    return Example(qkv_shapes(8, 32, 8, 1, 8192, 128, "BHSD"), dtype, (("causal", True),))
+    return [
+        Example(qkv_shapes(8, 32, 8, 1, 8192, 128, layout), dtype, options)
+        for layout, options in (
+            ("BHSD", (("causal", True),)),
+            ("BSHD", (("causal", True), ("layout", "BSHD"))),
+        )
+    ]
 
 
 def peak_memory(fn, args, kwargs) -> int:
@@ -94,7 +101,7 @@ def run(args) -> dict:
         ],
         "seed": [("flash_attention", ex, "dense") for ex in seed_examples(size)],
         "window": [("sliding_window_attention", window_example(size), None)],
-        "decode": [("flash_attention", decode_example(size), None)],
+        "decode": [("flash_attention", ex, None) for ex in decode_examples(size)],
     }
     chosen = args.section or [*sections, "memory"]
     unknown = set(chosen) - {*sections, "memory"}

@@ -158,6 +158,7 @@ def _presets():
         for lay in ("BHSD", "BSHD")
     ] + [
         ex(8, 32, 8, 1, 8192, 128, "float16", causal=True),
+        ex(8, 32, 8, 1, 8192, 128, "float16", causal=True, layout="BSHD"),
         ex(4, 16, 16, 1024, 1024, 64, "bfloat16", causal=False),
     ]
     full = default + [

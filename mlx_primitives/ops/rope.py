@@ -177,6 +177,7 @@ def _kernel_forward(vec: int, heads_per_thread: int, threads: int, angles: str):
         template = {
             "T": x.dtype,
             "D": d,
+            "H": h,
             "DIMS": dims,
             "TRAD": traditional,
             "BSHD": bshd,
@@ -232,9 +233,13 @@ def _kernel_supports(p: dict, params: dict) -> bool:
     # A chunk is VEC elements of the rotated part: pairs in place, or one of each half.
     rotated = p["dims"] if p["traditional"] else p["dims"] // 2
     fits = rotated % vec == 0 and (vec % 2 == 0 or not p["traditional"])
+    # A thread holds its heads' loads at once: past 64 KB per group of them, a 512-thread
+    # group asks for more registers than an SM has and fails to launch.
+    held = params["heads_per_thread"] * vec * size * (1 if p["traditional"] else 2)
     return (
         fits
         and params["heads_per_thread"] <= p["heads"]
+        and held * params["threads"] <= 65536
         and not (p["freqs"] and params["angles"] == "computed")
     )
 
@@ -327,8 +332,8 @@ OP = register(
                 backends=GPU_BACKENDS,
                 space={
                     "vec": (8, 2, 4),
-                    "heads_per_thread": (1, 2, 4, 8),
-                    "threads": (256, 128, 512),
+                    "heads_per_thread": (2, 1, 4, 8),
+                    "threads": (128, 256, 512),
                     "angles": ("computed", "table", "cached"),
                 },
                 supports=_kernel_supports,

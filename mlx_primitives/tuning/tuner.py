@@ -7,8 +7,8 @@ ranked by a fixed order (registration order of variants, then of their parameter
 two runs on one machine agree. The decision is made on a second measurement of the finalists
 (the candidates close to the fastest, and the default) with their samples interleaved, so
 drift of the machine during the search cannot decide.
-Small spaces are searched exhaustively, larger ones with TPE; the previous winner and the
-default go first.
+Small spaces are searched exhaustively, larger ones with TPE; the default, the previous winner
+and each variant's first config go first.
 """
 
 from __future__ import annotations
@@ -237,6 +237,12 @@ class Tuner:
             prev = Candidate.of(previous["variant"], previous["params"])
             if prev in order and prev != default:
                 first.append(prev)
+        # Each variant's own default (its first allowed config in the fixed order) is timed
+        # whatever the search samples, as Triton times every config it is given.
+        heads: dict[str, Candidate] = {}
+        for c in order:
+            heads.setdefault(c.variant, c)
+        first += [c for c in heads.values() if c not in first]
         rest = [c for c in order if c not in first]
         # Kernels are specialized on dtype and exact dims: compile them once per such group,
         # in parallel, where the back-end keeps compiled kernels on disk (CUDA).
