@@ -8,6 +8,7 @@ import pytest
 
 from mlx_primitives import dispatch
 from mlx_primitives.dsl import poisoned
+from mlx_primitives.hardware import current_backend
 from mlx_primitives.problem import dtype_name
 from mlx_primitives.registry import op as get_op
 from mlx_primitives.tuning.db import TuningDB
@@ -331,12 +332,18 @@ def test_attention_kernel_gradients_match_reference(name, kernel):
     cfg = covering(variant, o.problem(*args, **kwargs).as_dict(o.dims))[0]
     cot = mx.random.normal(args[0].shape, key=mx.random.key(9))
 
-    def grads(f):
+    def grads(f, arrays):
         def loss(q, k, v):
             return (f(q, k, v, *args[3:], **kwargs) * cot).sum()
 
-        return mx.grad(loss, argnums=(0, 1, 2))(*args[:3])
+        return mx.grad(loss, argnums=(0, 1, 2))(*arrays)
 
-    for g, w in zip(grads(variant.build(**cfg)), grads(o.reference)):
+    with mx.stream(mx.cpu):  # float64 runs on the CPU only
+        want = grads(o.reference, [a.astype(mx.float64) for a in args[:3]])
+        mx.eval(want)
+    # The kernels differentiate through MLX matmuls, which on CUDA take float32 at TF32
+    # precision (10-bit mantissa): on the H200 the flash gradients were off by up to 2.7e-3.
+    atol, rtol = (5e-3, 5e-3) if current_backend() == "cuda" else (1e-4, 1e-3)
+    for g, w in zip(grads(variant.build(**cfg), args[:3]), want):
         label = f"{name} {kernel} grad"
-        ref.assert_close(g, ref.f64(w), mx.float32, atol=1e-4, rtol=1e-3, label=label)
+        ref.assert_close(g, ref.f64(w), mx.float32, atol=atol, rtol=rtol, label=label)

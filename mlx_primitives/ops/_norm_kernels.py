@@ -25,7 +25,7 @@ ROW_SPACE = {
     "rows_per_group": (1, 2, 4, 8),
     "vec": (8, 1, 2, 4),
 }
-LOOPED_SPACE = {"threads_per_row": (256, 128, 512, 1024), "vec": (8, 1, 2, 4)}
+LOOPED_SPACE = {"threads_per_row": (128, 256, 512, 1024), "vec": (8, 1, 2, 4)}
 
 
 def _vec_fits(problem: dict, vec: int) -> bool:
