@@ -69,7 +69,8 @@ def norm_variants(
         def forward(x, *rest):
             *vectors, eps = rest
             d = x.shape[-1]
-            x2 = x.reshape(-1, d)
+            # Explicit sizes make this a no-op for 2-D x (a -1 always adds a graph node).
+            x2 = x.reshape(x.size // d, d)
             present = [v for v in vectors if v is not None]
             out_dtype = mx.result_type(x, *present) if present else x.dtype
             template = {"T": x.dtype}

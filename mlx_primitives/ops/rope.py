@@ -157,11 +157,12 @@ def _kernel_forward(vec: int, heads_per_thread: int, threads: int, angles: str):
     def forward(x, dims, traditional, base, scale, offset, freqs, layout):
         bshd = layout == "BSHD"
         shape = x.shape
-        x4 = x if bshd else x.reshape(shape[0], -1, shape[-2], shape[-1])
+        # Explicit sizes make this a no-op for 4-D x (a -1 always adds a graph node).
+        x4 = x if bshd else x.reshape(shape[0], math.prod(shape[1:-2]), *shape[-2:])
         b, d = x4.shape[0], x4.shape[-1]
         s, h = (x4.shape[1], x4.shape[2]) if bshd else (x4.shape[2], x4.shape[1])
-        off = mx.array(offset, mx.int32) if not isinstance(offset, mx.array) else offset
-        off = off.astype(mx.int32).reshape(-1)
+        off = mx.array([offset], mx.int32) if not isinstance(offset, mx.array) else offset
+        off = off.astype(mx.int32).reshape(off.size)
         if angles == "computed":
             table = off  # a placeholder the kernel never reads
         else:
