@@ -137,6 +137,15 @@ def reference(q, k, v, *, scale=None, causal=False, window=None, mask=None, layo
     return out.swapaxes(1, 2) if layout == "BSHD" else out
 
 
+def key_range(i0: int, i1: int, lq: int, lk: int, causal: bool, window: int | None) -> tuple:
+    """``(lo, hi)``: the keys that query rows ``i0 .. i1 - 1`` may see, a contiguous range
+    (causal mask and window aligned bottom-right)."""
+    off = lk - lq
+    hi = min(lk, i1 + off) if causal or window is not None else lk
+    lo = max(0, i0 + off - window + 1) if window is not None else 0
+    return lo, hi
+
+
 def blocked(
     q,
     k,
@@ -168,11 +177,7 @@ def blocked(
     out = mx.zeros(qg.shape, dtype)
     for i0 in range(0, lq, block_q):
         i1 = min(i0 + block_q, lq)
-        lo, hi = 0, lk
-        if causal or window is not None:
-            hi = min(lk, i1 + off)
-        if window is not None:
-            lo = max(0, i0 + off - window + 1)
+        lo, hi = key_range(i0, i1, lq, lk, causal, window)
         # MLX would compute independent blocks' scores all before using any of them: each
         # block waits for the previous one (mx.depends), so one block's scores live at a time.
         qb = mx.depends(qg[..., i0:i1, :], out).astype(mx.float32) * scale
@@ -215,12 +220,10 @@ def check_slices(
     b, lq, lk = q.shape[0], q.shape[ax], k.shape[ax]
     if b * q.shape[3 - ax] * lq * lk <= CHECK_SCORES:
         return None
-    off, out = lk - lq, []
+    out = []
     for a in sorted({0, max(0, (lq - CHECK_ROWS) // 2), max(0, lq - CHECK_ROWS)}):
         rows = slice(a, min(lq, a + CHECK_ROWS))
-        hi = min(lk, rows.stop + off) if causal or window is not None else lk
-        lo = max(0, a + off - window + 1) if window is not None else 0
-        keys = slice(lo, hi)
+        keys = slice(*key_range(a, rows.stop, lq, lk, causal, window))
         part = [x[(slice(None),) * ax + (s,)] for x, s in ((q, rows), (k, keys), (v, keys))]
         block = None
         if mask is not None:
@@ -260,11 +263,9 @@ def block_steps(
     lq: int, lk: int, block_q: int, block_k: int, causal: bool, window: int | None
 ) -> int:
     """How many (query block, key block) steps :func:`blocked` takes."""
-    off, steps = lk - lq, 0
+    steps = 0
     for i0 in range(0, lq, block_q):
-        i1 = min(i0 + block_q, lq)
-        hi = min(lk, i1 + off) if causal or window is not None else lk
-        lo = max(0, i0 + off - window + 1) if window is not None else 0
+        lo, hi = key_range(i0, min(i0 + block_q, lq), lq, lk, causal, window)
         steps += max(0, -(-(hi - lo) // block_k))
     return steps
 

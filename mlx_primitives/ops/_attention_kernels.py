@@ -80,8 +80,8 @@ def _forward(split: int, warps: int, vec: int, lanes: int, unroll: int) -> Calla
         else:
             (b, hq, lq, d), (hkv, lk) = q.shape, k.shape[1:3]
         g = hq // hkv
-        lo = max(0, lk - lq - window + 1) if window else 0
-        splits = max(1, -(-(lk - lo) // split))
+        lo, hi = att.key_range(0, lq, lq, lk, causal, window or None)
+        splits = max(1, -(-(hi - lo) // split))
         template = {
             **_template(q, causal, scale, bshd, window),
             "VEC": vec,
