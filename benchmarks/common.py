@@ -18,7 +18,9 @@ from mlx_primitives.tuning.tuner import BUDGETS, Tuner
 
 METHOD = (
     "per-call latency: median over repeated mx.eval of a chain of calls built before the "
-    "clock starts, the implementations of one problem sampled in turn "
+    "clock starts (each call fed the previous call's output as its first input where shape "
+    "and dtype agree, so the calls run in order), the implementations of one problem sampled "
+    "in turn "
     "(mlx_primitives.tuning.timing.bench_many), after a timed warm-up; bandwidth counts each "
     "input read once and each output written once"
 )

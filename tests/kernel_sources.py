@@ -242,6 +242,7 @@ class Launch:
     variant: str
     params: tuple[tuple[str, object], ...]
     case: str
+    dtype: mx.Dtype  # of the call (a kernel's own inputs may be float32 partial results)
     kernel: GpuKernel
     template: tuple[tuple[str, object], ...]
     input_dtypes: tuple
@@ -352,9 +353,9 @@ def _attention_calls(op, dtype):
         args, kwargs = (*args[:3], 7), {"layout": "BHSD", "scale": None}
     yield "prefill", args, kwargs
     # A long cache, where every split size is allowed.
-    args, kwargs = _example(op, ((1, 8, 1, 128), (1, 2, 3000, 128)), dtype)
+    args, kwargs = _example(op, ((1, 8, 1, 128), (1, 2, 5000, 128)), dtype)
     if op.name == "sliding_window_attention":
-        args = (*args[:3], 2048)  # a window as long as the largest split
+        args = (*args[:3], 4096)  # a window as long as the largest split
     yield "long cache", args, kwargs
 
 
@@ -396,6 +397,12 @@ def _plan(variant: registry.Variant, cases: list, crossed: tuple[str, ...]) -> l
     return [(cases[i][0], config) for i, config in chosen]
 
 
+def op_cases(op: registry.Op, dtype: mx.Dtype) -> list[tuple[tuple, dict]]:
+    """``((label, args, kwargs), problem dict)`` for each representative call of ``op``."""
+    calls = CALLS[op.name][0](op, dtype)
+    return [(call, op.problem(*call[1], **call[2]).as_dict(op.dims)) for call in calls]
+
+
 def kernel_launches() -> list[Launch]:
     """Every launch that the kernel variants of every registered op make for a representative
     set of calls: each dtype of :data:`DTYPES`, each template flag, each parameter value."""
@@ -406,10 +413,9 @@ def kernel_launches() -> list[Launch]:
             continue
         if op.name not in CALLS:
             raise KeyError(f"[kernel_sources] no calls for {op.name!r}: add them to CALLS")
-        make_calls, crossed = CALLS[op.name]
+        crossed = CALLS[op.name][1]
         for dtype in DTYPES:
-            calls = list(make_calls(op, dtype))
-            cases = [(call, op.problem(*call[1], **call[2]).as_dict(op.dims)) for call in calls]
+            cases = op_cases(op, dtype)
             for variant in kernel_variants:
                 for (label, args, kwargs), params in _plan(variant, cases, crossed):
                     recorded: list = []
@@ -424,6 +430,7 @@ def kernel_launches() -> list[Launch]:
                                 variant.name,
                                 tuple(params.items()),
                                 label,
+                                dtype,
                                 kernel,
                                 tuple(template.items()),
                                 tuple(a.dtype for a in inputs),

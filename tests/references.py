@@ -12,7 +12,9 @@ _erf = np.vectorize(math.erf, otypes=[np.float64])
 
 def f64(a) -> np.ndarray | None:
     """An mx.array as a float64 NumPy array (None stays None)."""
-    return None if a is None else np.array(a.astype(mx.float32)).astype(np.float64)
+    if a is None or a.dtype == mx.float64:  # no astype: float64 ops run on the CPU only
+        return None if a is None else np.array(a)
+    return np.array(a.astype(mx.float32)).astype(np.float64)
 
 
 def rms_norm(x, w, eps):

@@ -355,6 +355,36 @@ def test_flash_kernel_supports_what_its_tile_holds(monkeypatch):
     assert {c["warps"] * c["rows"] for c in configs if k.flash_supports(one, c)} == {4}
 
 
+def test_tensor_core_decode_supports_what_its_tiles_hold():
+    from mlx_primitives.ops import _attention_kernels as k
+
+    base = {
+        "dtype": "bfloat16",
+        "head_dim": 128,
+        "group": 4,
+        "q_len": 1,
+        "kv_len": 8192,
+        "mask": "none",
+    }
+    variant = op("flash_attention").variant("decode_mma")
+    assert variant.backends == {"cuda"}  # tensor-core intrinsics: no Metal rendering
+    config = {"split": 2048, "warps": 4}
+    assert k.mma_supports(base, config)
+    assert k.mma_supports({**base, "group": 8, "q_len": 2}, config)  # 16 rows: the whole tile
+    for change in (
+        {"dtype": "float32"},  # tensor cores here take 16-bit operands
+        {"head_dim": 80},  # not whole 32-dim spans
+        {"head_dim": 256},  # accumulators and operands past the register budget
+        {"group": 8, "q_len": 3},  # 24 rows: more than one tile
+        {"mask": "bool"},
+    ):
+        assert not k.mma_supports({**base, **change}, config), change
+    # Every warp gets keys; a split past the visible keys repeats the one-split plan.
+    assert not k.mma_supports(base, {"split": 256, "warps": 32})
+    assert not k.mma_supports({**base, "kv_len": 300}, {"split": 4096, "warps": 4})
+    assert not k.mma_supports({**base, "window": 100}, {"split": 1024, "warps": 4})
+
+
 @pytest.mark.parametrize("window", [0, 7])
 def test_flash_kernel_gradients_go_through_the_blocked_composition(window):
     """The flash kernel differentiates through ``_blocked_reference`` (run on the GPU by

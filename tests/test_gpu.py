@@ -197,24 +197,34 @@ def test_kernel_on_views_that_start_off_a_vector_boundary(name):
 
 
 # Attention-kernel cases by variant: (op, q shape, kv shape, options).
+# GQA 1, 4 and 8, head dims 32 to 256 (80 and 192 fill part of a lane group), one key, odd
+# lengths, windows 1, 16 and past the start.
+DECODE_CASES = [
+    ("flash_attention", (2, 8, 1, 128), (2, 2, 1000, 128), {"causal": True}),
+    ("flash_attention", (1, 3, 3, 80), (1, 37, 3, 80), {"causal": True, "layout": "BSHD"}),
+    ("flash_attention", (2, 8, 5, 64), (2, 2, 1000, 64), {}),
+    ("flash_attention", (1, 4, 1, 32), (1, 4, 1, 32), {"causal": True}),
+    ("flash_attention", (1, 1, 4, 256), (1, 4097, 1, 256), {"layout": "BSHD"}),
+    ("flash_attention", (3, 4, 2, 192), (3, 4, 300, 192), {"causal": True, "scale": 0.3}),
+    (
+        "sliding_window_attention",
+        (1, 1, 8, 128),
+        (1, 1000, 2, 128),
+        {"layout": "BSHD", "w": 16},
+    ),
+    ("sliding_window_attention", (2, 4, 4, 64), (2, 4, 37, 64), {"w": 1}),
+    ("sliding_window_attention", (1, 8, 2, 96), (1, 1, 100, 96), {"w": 500}),
+]
 ATTENTION_CASES = {
-    # GQA 1, 4 and 8, head dims 32 to 256 (80 and 192 fill part of a lane group), one key, odd
-    # lengths, windows 1, 16 and past the start.
-    "decode": [
-        ("flash_attention", (2, 8, 1, 128), (2, 2, 1000, 128), {"causal": True}),
-        ("flash_attention", (1, 3, 3, 80), (1, 37, 3, 80), {"causal": True, "layout": "BSHD"}),
-        ("flash_attention", (2, 8, 5, 64), (2, 2, 1000, 64), {}),
-        ("flash_attention", (1, 4, 1, 32), (1, 4, 1, 32), {"causal": True}),
-        ("flash_attention", (1, 1, 4, 256), (1, 4097, 1, 256), {"layout": "BSHD"}),
-        ("flash_attention", (3, 4, 2, 192), (3, 4, 300, 192), {"causal": True, "scale": 0.3}),
-        (
-            "sliding_window_attention",
-            (1, 1, 8, 128),
-            (1, 1000, 2, 128),
-            {"layout": "BSHD", "w": 16},
-        ),
-        ("sliding_window_attention", (2, 4, 4, 64), (2, 4, 37, 64), {"w": 1}),
-        ("sliding_window_attention", (1, 8, 2, 96), (1, 1, 100, 96), {"w": 500}),
+    "decode": DECODE_CASES,
+    # The tensor-core decode: 16-bit only, head dims 32 to 128 in steps of 32, up to 16 query
+    # rows per KV head (GQA 8 with 2 queries fills the tile's upper rows).
+    "decode_mma": [
+        *(DECODE_CASES[i] for i in (0, 3, 6, 7, 8)),
+        ("flash_attention", (1, 3, 3, 64), (1, 37, 3, 64), {"causal": True, "layout": "BSHD"}),
+        ("flash_attention", (2, 8, 2, 64), (2, 1, 1000, 64), {}),
+        ("flash_attention", (1, 1, 4, 96), (1, 4097, 1, 96), {"layout": "BSHD"}),
+        ("flash_attention", (3, 4, 2, 128), (3, 4, 300, 128), {"causal": True, "scale": 0.3}),
     ],
     # Query lengths 1, 5, 37, 1000 and partial tiles; fewer queries than keys and more (not
     # causal); GQA 1, 4 and 8; head dims 32 to 256; windows 1, 16, 100 and past the start.
@@ -245,11 +255,13 @@ ATTENTION_CASES = {
 # (kernel, case, dtype) no config can serve: 32 float32 keys and values of head dim 192 or 256
 # overflow the flash tile's threadgroup memory (test_flash_kernel_declines_what_it_cannot_hold).
 UNSERVED = {("flash", 4, mx.float32), ("flash", 5, mx.float32)}
+# The dtypes each kernel is written for (tensor cores take 16-bit operands).
+ATTENTION_DTYPES = {"decode_mma": (mx.float16, mx.bfloat16)}
 ATTENTION_PARAMS = [
     (v, i, dtype)
     for v, cases in ATTENTION_CASES.items()
     for i in range(len(cases))
-    for dtype in DTYPES
+    for dtype in ATTENTION_DTYPES.get(v, DTYPES)
     if (v, i, dtype) not in UNSERVED
 ]
 ATTENTION_TOLERANCES = {
@@ -313,12 +325,17 @@ def test_attention_kernel_on_views(kernel):
     q = mx.random.normal((2, 4, 3, 64)).astype(mx.float16)
     cache = mx.random.normal((2, 2, 300, 129)).astype(mx.float16)
     k, v = cache[:, :, 7:, 1:65], cache[:, :, 7:, 65:]
-    want = ref.attention(q, k, v, causal=True)
+    # Contiguous views 3 elements into their buffers: inputs off a 16-byte boundary.
+    flat = mx.random.normal((3 + 2 * 2 * 293 * 64,)).astype(mx.float16)
+    shifted = flat[3:].reshape(2, 2, 293, 64)
     variant = o.variant(kernel)
-    for cfg in covering(variant, o.problem(q, k, v, causal=True).as_dict(o.dims))[:2]:
-        with poisoned():
-            got = variant.build(**cfg)(q, k, v, causal=True)
-        ref.assert_close(got, want, mx.float16, label=f"{kernel} view {cfg}")
+    for keys, values in ((k, v), (shifted, v), (k, shifted)):
+        want = ref.attention(q, keys, values, causal=True)
+        problem = o.problem(q, keys, values, causal=True).as_dict(o.dims)
+        for cfg in covering(variant, problem)[:2]:
+            with poisoned():
+                got = variant.build(**cfg)(q, keys, values, causal=True)
+            ref.assert_close(got, want, mx.float16, label=f"{kernel} view {cfg}")
 
 
 @pytest.mark.parametrize("kernel", ATTENTION_CASES)
@@ -326,7 +343,8 @@ def test_attention_kernel_on_views(kernel):
 def test_attention_kernel_gradients_match_reference(name, kernel):
     cases = ATTENTION_CASES[kernel]
     _, q_shape, kv_shape, options = next(c for c in cases if c[0] == name)
-    args, kwargs, _ = _attention_call(name, q_shape, kv_shape, options, mx.float32)
+    dtype = ATTENTION_DTYPES.get(kernel, (mx.float32,))[0]
+    args, kwargs, _ = _attention_call(name, q_shape, kv_shape, options, dtype)
     o = get_op(name)
     variant = o.variant(kernel)
     cfg = covering(variant, o.problem(*args, **kwargs).as_dict(o.dims))[0]
@@ -344,6 +362,8 @@ def test_attention_kernel_gradients_match_reference(name, kernel):
     # The kernels differentiate through MLX matmuls, which on CUDA take float32 at TF32
     # precision (10-bit mantissa): on the H200 the flash gradients were off by up to 2.7e-3.
     atol, rtol = (5e-3, 5e-3) if current_backend() == "cuda" else (1e-4, 1e-3)
+    if dtype != mx.float32:  # gradients of 16-bit inputs are recomputed in 16 bits
+        atol, rtol = ATTENTION_TOLERANCES[dtype]
     for g, w in zip(grads(variant.build(**cfg), args[:3]), want):
         label = f"{name} {kernel} grad"
-        ref.assert_close(g, ref.f64(w), mx.float32, atol=atol, rtol=rtol, label=label)
+        ref.assert_close(g, ref.f64(w), dtype, atol=atol, rtol=rtol, label=label)

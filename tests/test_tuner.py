@@ -195,3 +195,25 @@ def _die_on_builtin(job):
     if job[3] == "builtin":
         os._exit(9)
     return True
+
+
+def test_chained_calls_feed_each_output_to_the_next():
+    """On CUDA independent calls of a chain overlap on the device; the timing chain passes each
+    output on as the next call's first input where shapes and dtypes agree, so they cannot."""
+    from mlx_primitives.tuning.timing import _run_chain
+
+    x = mx.ones((4, 8))
+    seen = []
+
+    def twice(a, b):
+        seen.append(a)
+        return a * 2
+
+    _run_chain((twice, (x, 1), {}), 3)
+    assert seen[0] is x
+    mx.eval(seen)
+    assert [s[0, 0].item() for s in seen] == [1.0, 2.0, 4.0]
+    # An output of another shape cannot be passed on: each call gets the inputs as given.
+    seen.clear()
+    _run_chain((lambda a, b: (seen.append(a), a.sum())[1], (x, 1), {}), 3)
+    assert all(s is x for s in seen)

@@ -3,6 +3,8 @@
 For a few queries over many keys (decoding with a KV cache) the work is reading K and V once:
 ``decode.k`` spreads each KV head's keys over ``splits`` groups, every group serving all the
 query rows that read that head (GQA shares the reads), and ``combine.k`` merges the splits.
+``decode_mma.k`` (CUDA only) splits the same way but forms scores and weighted values on tensor
+cores, 16 keys per warp step.
 For long queries ``flash.k`` tiles queries and keys through threadgroup memory and visits only
 the key tiles a causal mask or a window lets its rows see.
 """
@@ -20,6 +22,12 @@ from ..registry import GPU_BACKENDS, Variant
 from . import _attention as att
 
 DECODE = GpuKernel("attention/decode.k", ["q", "k", "v"], ["part", "stats"])
+DECODE_MMA = GpuKernel(
+    "attention/decode_mma.k",
+    ["q", "k", "v"],
+    ["part", "stats"],
+    headers=("_dialect/warp.{backend}.h", "_dialect/mma.cuda.h"),
+)
 COMBINE = GpuKernel("attention/combine.k", ["part", "stats", "q"], ["out"])
 FLASH = GpuKernel(
     "attention/flash.k", ["q", "k", "v"], ["out"], headers=("_dialect/warp.{backend}.h",)
@@ -41,6 +49,13 @@ MAX_SHARED = 32768
 # Threadgroup memory a flash tile may take, by back-end (CUDA's static limit is 48 KB).
 FLASH_SHARED = {"cuda": 49152, "metal": 32768}
 FLASH_SPACE = {"warps": (4, 2, 8), "rows": (4, 2, 8), "keys": (1, 2)}
+MMA_SPACE = {"split": (2048, 1024, 4096, 512, 256), "warps": (4, 8, 2)}
+# Query rows of a KV head one mma tile holds (its M side), and the largest head dim whose
+# operands and accumulators a lane keeps in registers without spilling.
+MMA_ROWS = 16
+MMA_MAX_DIM = 128
+# Threadgroup memory CUDA gives a kernel without opting in.
+CUDA_SHARED = 49152
 _COMBINE_THREADS = 256
 
 
@@ -72,44 +87,69 @@ def supports(problem: dict, p: dict) -> bool:
     )
 
 
-def _forward(split: int, warps: int, vec: int, lanes: int, unroll: int) -> Callable:
+def mma_supports(problem: dict, p: dict) -> bool:
+    """Whether the tensor-core decode config can serve ``problem``: 16-bit inputs, head dims
+    that are multiples of 32 up to :data:`MMA_MAX_DIM`, at most :data:`MMA_ROWS` query rows per
+    KV head."""
+    d, rows = problem["head_dim"], problem["group"] * problem["q_len"]
+    if problem["dtype"] not in ("float16", "bfloat16") or problem.get("mask", "none") != "none":
+        return False
+    keys = problem["kv_len"]
+    if problem.get("window"):
+        keys = min(keys, problem["window"] + problem["q_len"] - 1)
+    return (
+        d % 32 == 0
+        and d <= MMA_MAX_DIM
+        and rows <= MMA_ROWS
+        and p["warps"] * rows * (d + 2) * 4 <= CUDA_SHARED
+        and p["split"] >= p["warps"] * 16  # every warp has keys
+        and p["split"] <= max(keys, 256)  # larger splits repeat the one-split plan
+    )
+
+
+def _decode_template(q, k, causal, scale, layout, window, split):
+    """``(template, grid groups, output shapes)`` shared by both decode kernels."""
+    bshd = layout == "BSHD"
+    if bshd:
+        (b, lq, hq, d), (lk, hkv) = q.shape, k.shape[1:3]
+    else:
+        (b, hq, lq, d), (hkv, lk) = q.shape, k.shape[1:3]
+    g = hq // hkv
+    lo, hi = att.key_range(0, lq, lq, lk, causal, window or None)
+    splits = max(1, -(-(hi - lo) // split))
+    template = {**_template(q, causal, scale, bshd, window), "G": g, "LQ": lq}
+    shapes = [(b * hkv, splits, g * lq, d), (b * hkv, splits, g * lq, 2)]
+    return template, b * hkv * splits, shapes
+
+
+def _combine(part, stats, q, template) -> mx.array:
+    total = q.size
+    (out,) = COMBINE(
+        [part, stats, q],
+        template={key: template[key] for key in ("T", "D", "G", "LQ", "BSHD")},
+        grid=(-(-total // _COMBINE_THREADS) * _COMBINE_THREADS, 1, 1),
+        threadgroup=(_COMBINE_THREADS, 1, 1),
+        output_shapes=[q.shape],
+        output_dtypes=[q.dtype],
+    )
+    return out
+
+
+def _split_kv(kernel: GpuKernel, split: int, warps: int, extra: dict) -> Callable:
+    """A decode kernel's forward: ``kernel`` over the splits, then :data:`COMBINE`."""
+
     def forward(q, k, v, causal, scale, layout, window):
-        bshd = layout == "BSHD"
-        if bshd:
-            (b, lq, hq, d), (lk, hkv) = q.shape, k.shape[1:3]
-        else:
-            (b, hq, lq, d), (hkv, lk) = q.shape, k.shape[1:3]
-        g = hq // hkv
-        lo, hi = att.key_range(0, lq, lq, lk, causal, window or None)
-        splits = max(1, -(-(hi - lo) // split))
-        template = {
-            **_template(q, causal, scale, bshd, window),
-            "VEC": vec,
-            "LPK": lanes,
-            "WARPS": warps,
-            "UNROLL": unroll,
-            "G": g,
-            "LQ": lq,
-        }
+        template, groups, shapes = _decode_template(q, k, causal, scale, layout, window, split)
         threads = warps * 32
-        part, stats = DECODE(
+        part, stats = kernel(
             [q, k, v],
-            template=template,
-            grid=(b * hkv * splits * threads, 1, 1),
+            template={**template, **extra, "WARPS": warps},
+            grid=(groups * threads, 1, 1),
             threadgroup=(threads, 1, 1),
-            output_shapes=[(b * hkv, splits, g * lq, d), (b * hkv, splits, g * lq, 2)],
+            output_shapes=shapes,
             output_dtypes=[mx.float32, mx.float32],
         )
-        total = b * hq * lq * d
-        (out,) = COMBINE(
-            [part, stats, q],
-            template={"T": q.dtype, "D": d, "G": g, "LQ": lq, "BSHD": bshd},
-            grid=(-(-total // _COMBINE_THREADS) * _COMBINE_THREADS, 1, 1),
-            threadgroup=(_COMBINE_THREADS, 1, 1),
-            output_shapes=[q.shape],
-            output_dtypes=[q.dtype],
-        )
-        return out
+        return _combine(part, stats, q, template)
 
     return with_reference_transforms(forward, _reference)
 
@@ -215,10 +255,26 @@ def decode_variant(public: Callable[[Callable], Callable]) -> Variant:
     layout, window)`` the op's own signature."""
     return Variant(
         "decode",
-        lambda split, warps, vec, lanes, unroll: public(_forward(split, warps, vec, lanes, unroll)),
+        lambda split, warps, vec, lanes, unroll: public(
+            _split_kv(DECODE, split, warps, {"VEC": vec, "LPK": lanes, "UNROLL": unroll})
+        ),
         backends=GPU_BACKENDS,
         space=SPACE,
         supports=supports,
         sources=DECODE.files + COMBINE.files,
         description="custom kernel: split-KV decode for short queries over long KV",
+    )
+
+
+def decode_mma_variant(public: Callable[[Callable], Callable]) -> Variant:
+    """The tensor-core decode kernel as a variant (CUDA only); ``public`` as for
+    :func:`decode_variant`."""
+    return Variant(
+        "decode_mma",
+        lambda split, warps: public(_split_kv(DECODE_MMA, split, warps, {})),
+        backends=frozenset({"cuda"}),
+        space=MMA_SPACE,
+        supports=mma_supports,
+        sources=DECODE_MMA.files + COMBINE.files,
+        description="custom kernel: split-KV decode on tensor cores (CUDA, 16-bit inputs)",
     )

@@ -10,7 +10,7 @@ import mlx.core as mx
 from ..problem import EXACT, Dim
 from ..registry import Example, Op, Variant, register
 from . import _attention as att
-from ._attention_kernels import decode_variant, flash_variant
+from ._attention_kernels import decode_mma_variant, decode_variant, flash_variant
 from ._common import check_bool, random
 
 NAME = "flash_attention"
@@ -192,6 +192,7 @@ OP = register(
                 description="composition: online softmax over key blocks, O(n) memory",
             ),
             decode_variant(_kernel_public),
+            decode_mma_variant(_kernel_public),
             flash_variant(_kernel_public),
         ],
         presets=_presets(),

@@ -25,9 +25,10 @@ DIMS = (Dim("rows"), Dim("dims", EXACT), Dim("weight", EXACT))
 
 def _problem(x, weight, eps=1e-5):
     check_array(NAME, "x", x)
-    check_vector(NAME, "weight", weight, x.shape[-1])
+    n = x.shape[-1]
+    check_vector(NAME, "weight", weight, n)
     check_real(NAME, "eps", eps)
-    return x.dtype, (bucket(x.size // x.shape[-1]), x.shape[-1], vector_kind(weight))
+    return x.dtype, (bucket(x.size // n), n, vector_kind(weight))
 
 
 def reference(x: mx.array, weight: mx.array | None, eps: float = 1e-5) -> mx.array:

@@ -10,7 +10,7 @@ import mlx.core as mx
 from ..problem import Dim, bucket
 from ..registry import Example, Op, Variant, register
 from . import _attention as att
-from ._attention_kernels import decode_variant, flash_variant
+from ._attention_kernels import decode_mma_variant, decode_variant, flash_variant
 from ._common import check_int
 from .flash_attention import BLOCKS, _blocked_supports, _case, _example
 
@@ -122,6 +122,7 @@ OP = register(
                 description="composition: only the key blocks inside the window",
             ),
             decode_variant(_kernel_public),
+            decode_mma_variant(_kernel_public),
             flash_variant(_kernel_public),
         ],
         presets=_presets(),

@@ -28,6 +28,10 @@ struct uint3 {
   unsigned int x, y, z;
 };
 
+struct uint4 {
+  unsigned int x, y, z, w;
+};
+
 struct dim3 {
   unsigned int x, y, z;
 };
@@ -47,7 +51,10 @@ __device__ unsigned int __shfl_xor_sync(
 __device__ float __shfl_xor_sync(unsigned int mask, float var, int laneMask, int width = 32);
 __device__ double __shfl_xor_sync(unsigned int mask, double var, int laneMask, int width = 32);
 
+__device__ int __any_sync(unsigned int mask, int predicate);
+
 __device__ float rsqrtf(float x);
+__device__ float fmaxf(float x, float y);
 __device__ float expf(float x);
 __device__ float __expf(float x);
 __device__ float exp2f(float x);
@@ -74,3 +81,14 @@ struct __nv_bfloat16 {
   __host__ __device__ __nv_bfloat16(double f);
   __host__ __device__ operator float() const;
 };
+
+struct __half2 {
+  __half x, y;
+};
+
+struct __nv_bfloat162 {
+  __nv_bfloat16 x, y;
+};
+
+__device__ __half2 __floats2half2_rn(float a, float b);
+__device__ __nv_bfloat162 __floats2bfloat162_rn(float a, float b);
