@@ -40,7 +40,7 @@ def parse_dtype(name: str) -> mx.Dtype:
 
 def bucket(n: int) -> int:
     """The power of two at or above ``n`` (``n >= 1``)."""
-    return 1 << max(int(n) - 1, 0).bit_length()
+    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 class Dim(NamedTuple):

@@ -12,28 +12,42 @@ from numbers import Integral, Real
 
 import mlx.core as mx
 
-_FLOATING = frozenset({mx.float16, mx.bfloat16, mx.float32, mx.float64})
+# The floating dtypes, by the name a problem key gives them.
+_NAMES = {
+    mx.float16: "float16",
+    mx.bfloat16: "bfloat16",
+    mx.float32: "float32",
+    mx.float64: "float64",
+}
 
 
-def check_array(op: str, name: str, x, *, min_ndim: int = 1) -> None:
-    """``x`` is a non-empty floating mx.array with at least ``min_ndim`` dims."""
+def check_array(op: str, name: str, x, *, min_ndim: int = 1) -> str:
+    """``x`` is a non-empty floating mx.array with at least ``min_ndim`` dims; returns the
+    name of its dtype (each attribute of an mx.array is fetched once: this is the hot path)."""
     if not isinstance(x, mx.array):
         raise TypeError(f"[{op}] {name} must be an mlx.core.array, got {type(x).__name__}")
-    if x.dtype not in _FLOATING:
-        raise TypeError(f"[{op}] {name} must have a floating dtype, got {x.dtype}")
-    if x.ndim < min_ndim:
-        raise ValueError(f"[{op}] {name} must have at least {min_ndim} dims, got shape {x.shape}")
-    if x.size == 0:
-        raise ValueError(f"[{op}] {name} has a zero-size dim: shape {x.shape}")
+    dtype = x.dtype
+    kind = _NAMES.get(dtype)
+    if kind is None:
+        raise TypeError(f"[{op}] {name} must have a floating dtype, got {dtype}")
+    shape = x.shape
+    if len(shape) < min_ndim:
+        raise ValueError(f"[{op}] {name} must have at least {min_ndim} dims, got shape {shape}")
+    if 0 in shape:
+        raise ValueError(f"[{op}] {name} has a zero-size dim: shape {shape}")
+    return kind
 
 
-def check_vector(op: str, name: str, v, size: int) -> None:
-    """``v`` is None or a floating vector of ``size`` elements."""
+def check_vector(op: str, name: str, v, size: int) -> str:
+    """``v`` is None or a floating vector of ``size`` elements; returns its problem-key value:
+    its dtype's name, or "none" (kernels are built per dtype of each argument and per argument
+    present)."""
     if v is None:
-        return
-    check_array(op, name, v)
+        return "none"
+    kind = check_array(op, name, v)
     if v.shape != (size,):
         raise ValueError(f"[{op}] {name} has shape {v.shape}, expected ({size},)")
+    return kind
 
 
 def check_same(op: str, a_name: str, a, b_name: str, b) -> None:
@@ -78,20 +92,6 @@ def check_bool(op: str, name: str, value) -> bool:
 def check_choice(op: str, name: str, value, choices: tuple) -> None:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"[{op}] {name} must be one of {list(choices)}, got {value!r}")
-
-
-_NAMES = {
-    mx.float16: "float16",
-    mx.bfloat16: "bfloat16",
-    mx.float32: "float32",
-    mx.float64: "float64",
-}
-
-
-def vector_kind(v) -> str:
-    """A problem-key value for an optional vector argument: its dtype's name, or "none"
-    (kernels are built per dtype of each argument and per argument present)."""
-    return "none" if v is None else _NAMES[v.dtype]
 
 
 def vector_example(kind: str | None, shape, dtype: mx.Dtype, key, scale: float, shift: float):

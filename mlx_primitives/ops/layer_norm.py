@@ -15,7 +15,6 @@ from ._common import (
     random,
     row_presets,
     vector_example,
-    vector_kind,
 )
 from ._norm_kernels import norm_variants
 
@@ -25,11 +24,11 @@ DIMS = (Dim("rows"), Dim("dims", EXACT), Dim("weight", EXACT), Dim("bias", EXACT
 
 def _problem(x, weight, bias, eps=1e-5):
     check_array(NAME, "x", x)
-    check_vector(NAME, "weight", weight, x.shape[-1])
-    check_vector(NAME, "bias", bias, x.shape[-1])
+    n = x.shape[-1]
+    weight_kind = check_vector(NAME, "weight", weight, n)
+    bias_kind = check_vector(NAME, "bias", bias, n)
     check_real(NAME, "eps", eps)
-    values = (bucket(x.size // x.shape[-1]), x.shape[-1], vector_kind(weight), vector_kind(bias))
-    return x.dtype, values
+    return x.dtype, (bucket(x.size // n), n, weight_kind, bias_kind)
 
 
 def reference(

@@ -15,7 +15,6 @@ from ._common import (
     random,
     row_presets,
     vector_example,
-    vector_kind,
 )
 from ._norm_kernels import norm_variants
 
@@ -26,9 +25,9 @@ DIMS = (Dim("rows"), Dim("dims", EXACT), Dim("weight", EXACT))
 def _problem(x, weight, eps=1e-5):
     check_array(NAME, "x", x)
     n = x.shape[-1]
-    check_vector(NAME, "weight", weight, n)
+    weight_kind = check_vector(NAME, "weight", weight, n)
     check_real(NAME, "eps", eps)
-    return x.dtype, (bucket(x.size // n), n, vector_kind(weight))
+    return x.dtype, (bucket(x.size // n), n, weight_kind)
 
 
 def reference(x: mx.array, weight: mx.array | None, eps: float = 1e-5) -> mx.array:
