@@ -40,7 +40,7 @@ def parse_dtype(name: str) -> mx.Dtype:
 
 def bucket(n: int) -> int:
     """The power of two at or above ``n`` (``n >= 1``)."""
-    return 1 << (n - 1).bit_length() if n > 1 else 1
+    return 1 << (int(n) - 1).bit_length() if n > 1 else 1  # int(): NumPy integers too
 
 
 class Dim(NamedTuple):

@@ -3,10 +3,13 @@ both layouts, masks and windows; gradients; O(n) memory; modules; bad input."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import mlx.core as mx
 import pytest
 
 import mlx_primitives as mp
+from mlx_primitives.hardware import detect_chip
 from mlx_primitives.registry import op
 
 from . import references as ref
@@ -355,7 +358,7 @@ def test_flash_kernel_supports_what_its_tile_holds(monkeypatch):
     assert {c["warps"] * c["rows"] for c in configs if k.flash_supports(one, c)} == {4}
 
 
-def test_tensor_core_decode_supports_what_its_tiles_hold():
+def test_tensor_core_decode_supports_what_its_tiles_hold(monkeypatch):
     from mlx_primitives.ops import _attention_kernels as k
 
     base = {
@@ -383,6 +386,12 @@ def test_tensor_core_decode_supports_what_its_tiles_hold():
     assert not k.mma_supports(base, {"split": 256, "warps": 32})
     assert not k.mma_supports({**base, "kv_len": 300}, {"split": 4096, "warps": 4})
     assert not k.mma_supports({**base, "window": 100}, {"split": 1024, "warps": 4})
+    # m16n8k16 in bfloat16 and movmatrix need sm_80: a Turing GPU is declined up front.
+    turing = dataclasses.replace(detect_chip(), arch="sm_75")
+    monkeypatch.setattr(k, "detect_chip", lambda: turing)
+    assert not k.mma_supports(base, config)
+    monkeypatch.setattr(k, "detect_chip", lambda: dataclasses.replace(turing, arch="sm_90"))
+    assert k.mma_supports(base, config)
 
 
 @pytest.mark.parametrize("window", [0, 7])

@@ -225,6 +225,11 @@ ATTENTION_CASES = {
         ("flash_attention", (2, 8, 2, 64), (2, 1, 1000, 64), {}),
         ("flash_attention", (1, 1, 4, 96), (1, 4097, 1, 96), {"layout": "BSHD"}),
         ("flash_attention", (3, 4, 2, 128), (3, 4, 300, 128), {"causal": True, "scale": 0.3}),
+        # 12 rows (the upper half partly filled), head dim 32 over many keys, and a window
+        # that starts past key 0 and spans several splits.
+        ("flash_attention", (1, 8, 3, 64), (1, 2, 500, 64), {"causal": True}),
+        ("flash_attention", (2, 1, 4, 32), (2, 700, 2, 32), {"layout": "BSHD"}),
+        ("sliding_window_attention", (1, 4, 1, 64), (1, 2, 5000, 64), {"w": 3000}),
     ],
     # Query lengths 1, 5, 37, 1000 and partial tiles; fewer queries than keys and more (not
     # causal); GQA 1, 4 and 8; head dims 32 to 256; windows 1, 16, 100 and past the start.

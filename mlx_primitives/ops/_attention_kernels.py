@@ -12,12 +12,13 @@ the key tiles a causal mask or a window lets its rows see.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 
 import mlx.core as mx
 
 from ..dsl.kernel import GpuKernel, float_bits, itemsize, with_reference_transforms
-from ..hardware import current_backend
+from ..hardware import current_backend, detect_chip
 from ..registry import GPU_BACKENDS, Variant
 from . import _attention as att
 
@@ -54,6 +55,7 @@ MMA_SPACE = {"split": (2048, 1024, 4096, 512, 256), "warps": (4, 8, 2)}
 # operands and accumulators a lane keeps in registers without spilling.
 MMA_ROWS = 16
 MMA_MAX_DIM = 128
+MMA_MIN_SM = 80
 # Threadgroup memory CUDA gives a kernel without opting in.
 CUDA_SHARED = 49152
 _COMBINE_THREADS = 256
@@ -90,9 +92,13 @@ def supports(problem: dict, p: dict) -> bool:
 def mma_supports(problem: dict, p: dict) -> bool:
     """Whether the tensor-core decode config can serve ``problem``: 16-bit inputs, head dims
     that are multiples of 32 up to :data:`MMA_MAX_DIM`, at most :data:`MMA_ROWS` query rows per
-    KV head."""
+    KV head, a GPU with bfloat16 mma and movmatrix (sm_80 or later; unknown passes: the tuner's
+    check decides)."""
     d, rows = problem["head_dim"], problem["group"] * problem["q_len"]
     if problem["dtype"] not in ("float16", "bfloat16") or problem.get("mask", "none") != "none":
+        return False
+    arch = re.fullmatch(r"sm_(\d+)", detect_chip().arch)
+    if arch and int(arch.group(1)) < MMA_MIN_SM:
         return False
     keys = problem["kv_len"]
     if problem.get("window"):
