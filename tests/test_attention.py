@@ -346,7 +346,7 @@ def test_flash_kernel_supports_what_its_tile_holds(monkeypatch):
     configs = op("flash_attention").variant("flash").configs()
     assert k.flash_supports(base, small)
     assert not k.flash_supports(base, big)  # 64 x 64 tiles: over CUDA's 48 KB
-    assert k.flash_shared_bytes(128, 2, 2, 2, 1) <= k.FLASH_SHARED["metal"]
+    assert k.flash_shared_bytes(128, 2, 2, 2, 1) <= k.SHARED["metal"]
     for change in ({"mask": "bool"}, {"head_dim": 130}, {"head_dim": 512}, {"dtype": "float64"}):
         assert not k.flash_supports({**base, **change}, small), change
     # float32 keys and values of head dim 256 never fit; 128 does.

@@ -45,10 +45,9 @@ SPACE = {
 MAX_Q_LEN = 16
 # Floats of query slices a thread keeps (and as many accumulators) before it spills.
 MAX_REGISTERS = 64
-# Threadgroup memory for the merge of a group's key streams (Metal's limit; CUDA allows 48 KB).
-MAX_SHARED = 32768
-# Threadgroup memory a flash tile may take, by back-end (CUDA's static limit is 48 KB).
-FLASH_SHARED = {"cuda": 49152, "metal": 32768}
+# Threadgroup memory a kernel may take without opting in, by back-end. The portable decode
+# kernel's configs must fit both (its merge of key streams); the others fit their own.
+SHARED = {"cuda": 49152, "metal": 32768}
 FLASH_SPACE = {"warps": (4, 2, 8), "rows": (4, 2, 8), "keys": (1, 2)}
 MMA_SPACE = {"split": (2048, 1024, 4096, 512, 256), "warps": (4, 8, 2)}
 # Query rows of a KV head one mma tile holds (its M side), and the largest head dim whose
@@ -56,8 +55,6 @@ MMA_SPACE = {"split": (2048, 1024, 4096, 512, 256), "warps": (4, 8, 2)}
 MMA_ROWS = 16
 MMA_MAX_DIM = 128
 MMA_MIN_SM = 80
-# Threadgroup memory CUDA gives a kernel without opting in.
-CUDA_SHARED = 49152
 _COMBINE_THREADS = 256
 
 
@@ -77,16 +74,21 @@ def supports(problem: dict, p: dict) -> bool:
     rows = problem["group"] * problem["q_len"]
     lanes, chunks = p["lanes"], _chunks(d, vec, p["lanes"])
     streams = p["warps"] * 32 // lanes
-    keys = problem["kv_len"]
-    if problem.get("window"):
-        keys = min(keys, problem["window"] + problem["q_len"] - 1)
     return (
         lanes // 2 < d // vec  # no lane without data twice over
         and rows * vec * chunks <= MAX_REGISTERS
-        and streams * rows * (d + 2) * 4 <= MAX_SHARED
+        and streams * rows * (d + 2) * 4 <= min(SHARED.values())
         and p["split"] >= streams * p["unroll"]  # every stream has keys
-        and p["split"] <= max(keys, 128)  # larger splits repeat the one-split plan
+        and p["split"] <= max(_visible_keys(problem), 128)  # larger: the one-split plan again
     )
+
+
+def _visible_keys(problem: dict) -> int:
+    """The keys some query row may see (at most): the cache, or the window's reach."""
+    keys = problem["kv_len"]
+    if problem.get("window"):
+        keys = min(keys, problem["window"] + problem["q_len"] - 1)
+    return keys
 
 
 def mma_supports(problem: dict, p: dict) -> bool:
@@ -100,16 +102,13 @@ def mma_supports(problem: dict, p: dict) -> bool:
     arch = re.fullmatch(r"sm_(\d+)", detect_chip().arch)
     if arch and int(arch.group(1)) < MMA_MIN_SM:
         return False
-    keys = problem["kv_len"]
-    if problem.get("window"):
-        keys = min(keys, problem["window"] + problem["q_len"] - 1)
     return (
         d % 32 == 0
         and d <= MMA_MAX_DIM
         and rows <= MMA_ROWS
-        and p["warps"] * rows * (d + 2) * 4 <= CUDA_SHARED
+        and p["warps"] * rows * (d + 2) * 4 <= SHARED["cuda"]
         and p["split"] >= p["warps"] * 16  # every warp has keys
-        and p["split"] <= max(keys, 256)  # larger splits repeat the one-split plan
+        and p["split"] <= max(_visible_keys(problem), 256)  # larger: the one-split plan again
     )
 
 
@@ -165,7 +164,7 @@ def _reference(q, k, v, causal, scale, layout, window):
 
 
 def _template(q, causal: bool, scale, bshd: bool, window: int) -> dict:
-    """The template constants both kernels share."""
+    """The template constants every attention kernel takes."""
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     return {
@@ -193,7 +192,7 @@ def flash_supports(problem: dict, p: dict) -> bool:
     if size is None or problem.get("mask", "none") != "none" or d % 4 or d > 256:
         return False
     rows, bq = p["rows"], p["warps"] * p["rows"]
-    limit = FLASH_SHARED.get(current_backend(), min(FLASH_SHARED.values()))
+    limit = SHARED.get(current_backend(), min(SHARED.values()))
     return (
         rows * -(-d // 128) * 4 <= MAX_REGISTERS  # accumulators per lane
         and flash_shared_bytes(d, size, p["warps"], rows, p["keys"]) <= limit

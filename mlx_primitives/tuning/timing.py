@@ -62,18 +62,15 @@ def _chain_bytes() -> int:
 
 def _run_chain(call: Call, chain: int) -> float:
     fn, args, kwargs = call
-    first = args[0] if args else None
+    first = args[0] if args and isinstance(args[0], mx.array) else None
     current, outs = list(args), []
     for _ in range(chain):
         out = fn(*current, **kwargs)
         outs.append(out)
         # Each call takes the one before's output where it has the first input's shape and
         # dtype: on CUDA independent calls run concurrently, hiding a small grid's idle SMs.
-        if (
-            isinstance(first, mx.array)
-            and isinstance(out, mx.array)
-            and (out.shape, out.dtype) == (first.shape, first.dtype)
-        ):
+        fits = isinstance(out, mx.array) and first is not None and out.shape == first.shape
+        if fits and out.dtype == first.dtype:
             current[0] = out
     start = time.perf_counter()
     mx.eval(outs)
