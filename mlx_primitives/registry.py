@@ -145,6 +145,9 @@ class Op:
         differentiable: arguments (by position) that gradients are checked for.
         tolerances: ``{dtype name: (atol, rtol)}`` where the op needs other tolerances than
             :data:`mlx_primitives.tuning.check.TOLERANCES` (and says why).
+        feed: whether timing may feed each call's output to the next as its first input (the
+            calls then run in order); False where outputs fed back drift to values no model
+            sees.
         check_slices: ``check_slices(args, kwargs)`` gives, for a call too large to check
             whole against the float64 reference, ``[(args, kwargs, select), ...]``: smaller
             calls whose outputs are ``select(outputs)`` of the whole one; None to check whole.
@@ -165,6 +168,7 @@ class Op:
         differentiable: tuple[int, ...] = (0,),
         tolerances: dict[str, tuple[float, float]] | None = None,
         check_slices: Callable[[tuple, dict], list | None] | None = None,
+        feed: bool = True,
     ):
         self.name = name
         self.dims = tuple(dims)
@@ -178,6 +182,7 @@ class Op:
         self.differentiable = differentiable
         self.tolerances = tolerances or {}
         self.check_slices = check_slices
+        self.feed = feed
         names = [v.name for v in self.variants]
         if len(set(names)) != len(names):
             raise ValueError(f"[{name}] duplicate variant names in {names}")

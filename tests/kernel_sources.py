@@ -22,8 +22,7 @@ from unittest import mock
 import mlx.core as mx
 
 from mlx_primitives import registry
-from mlx_primitives._paths import kernel_source
-from mlx_primitives.dsl.dialect import header, render
+from mlx_primitives.dsl.dialect import header
 from mlx_primitives.dsl.kernel import GpuKernel
 
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
@@ -227,7 +226,7 @@ def full_source(
         raise ValueError(f"[{kernel.name}] expected {len(kernel.inputs)} inputs")
     if len(output_dtypes) != len(kernel.outputs):
         raise ValueError(f"[{kernel.name}] expected {len(kernel.outputs)} outputs")
-    rendered = render(kernel_source(kernel.source) if body is None else body, backend)
+    rendered = kernel.body(backend, body)
     head = header(backend, kernel.headers_for(backend))
     inputs = list(zip(input_dtypes, input_ndims, input_sizes))
     make = _cuda_source if backend == "cuda" else _metal_source
@@ -362,7 +361,7 @@ def _attention_calls(op, dtype):
 CALLS: dict[str, tuple[Calls, tuple[str, ...]]] = {
     "rms_norm": (_norm_calls, ()),
     "layer_norm": (_norm_calls, ()),
-    "rope": (_rope_calls, ("angles",)),
+    "rope": (_rope_calls, ("angles", "fast_math")),
     "swiglu": (_gated_calls, ("fast_math",)),
     "geglu": (_gated_calls, ("fast_math",)),
     "flash_attention": (_attention_calls, ()),

@@ -161,9 +161,12 @@ def test_rope_kernel_configs_fit_a_group_of_registers():
     problem = {"dtype": "float16", "head_dim": 128, "dims": 128, "heads": 32}
     problem.update(traditional=False, freqs=False)
     allowed = [c for c in rotate.configs() if rotate.allows(problem, c)]
-    assert {"vec": 8, "heads_per_thread": 8, "threads": 512, "angles": "computed"} not in allowed
-    assert {"vec": 8, "heads_per_thread": 8, "threads": 256, "angles": "computed"} in allowed
-    assert {"vec": 8, "heads_per_thread": 4, "threads": 512, "angles": "computed"} in allowed
+    computed = {"angles": "computed", "fast_math": True}
+    assert {"vec": 8, "heads_per_thread": 8, "threads": 512, **computed} not in allowed
+    assert {"vec": 8, "heads_per_thread": 8, "threads": 256, **computed} in allowed
+    assert {"vec": 8, "heads_per_thread": 4, "threads": 512, **computed} in allowed
+    # fast_math changes how computed angles are made, so cached ones never take it.
+    assert not [c for c in allowed if c["fast_math"] and c["angles"] == "cached"]
 
 
 @pytest.mark.parametrize("dims", [7, 64])

@@ -209,11 +209,15 @@ def test_chained_calls_feed_each_output_to_the_next():
         seen.append(a)
         return a * 2
 
-    _run_chain((twice, (x, 1), {}), 3)
+    _run_chain((twice, (x, 1), {}), 3, True)
     assert seen[0] is x
     mx.eval(seen)
     assert [s[0, 0].item() for s in seen] == [1.0, 2.0, 4.0]
     # An output of another shape cannot be passed on: each call gets the inputs as given.
     seen.clear()
-    _run_chain((lambda a, b: (seen.append(a), a.sum())[1], (x, 1), {}), 3)
+    _run_chain((lambda a, b: (seen.append(a), a.sum())[1], (x, 1), {}), 3, True)
+    assert all(s is x for s in seen)
+    # An op whose outputs must not come back as inputs (Op.feed False) is never fed.
+    seen.clear()
+    _run_chain((twice, (x, 1), {}), 3, False)
     assert all(s is x for s in seen)

@@ -64,6 +64,11 @@ class GpuKernel:
         outputs: output names.
         headers: extra headers after the prelude, e.g. ``("gated/act.h",)``; ``{backend}`` in
             a name stands for the back-end (``"_dialect/warp.{backend}.h"``).
+        aligned: arrays the body loads and stores as vectors of its ``VEC`` constant. The
+            CUDA body is then compiled twice, with ``constexpr bool ALIGNED`` true where all
+            of them start on a vector boundary (one test per thread instead of one per
+            access; see ``_dialect/aligned.cuda.h``); Metal loads element-wise either way and
+            gets one copy with ``ALIGNED`` false.
     """
 
     def __init__(
@@ -72,11 +77,16 @@ class GpuKernel:
         inputs: Sequence[str],
         outputs: Sequence[str],
         headers: tuple[str, ...] = (),
+        aligned: tuple[str, ...] = (),
     ):
+        unknown = set(aligned) - set(inputs) - set(outputs)
+        if unknown:
+            raise ValueError(f"[kernel] {source}: aligned names {sorted(unknown)} are not arrays")
         self.source = source
         self.inputs = list(inputs)
         self.outputs = list(outputs)
-        self.headers = headers
+        self.headers = headers + (("_dialect/aligned.{backend}.h",) if aligned else ())
+        self.aligned = aligned
         self.name = "mlxp_" + source.removesuffix(".k").replace("/", "_")
 
     def headers_for(self, backend: str) -> tuple[str, ...]:
@@ -90,10 +100,23 @@ class GpuKernel:
         heads = dict.fromkeys(h for b in BACKENDS for h in self.headers_for(b))
         return (*heads, self.source)
 
+    def body(self, backend: str, text: str | None = None) -> str:
+        """The body (``text``, else the source file's) rendered for ``backend``."""
+        body = render(kernel_source(self.source) if text is None else text, backend)
+        if not self.aligned:
+            return body
+        if backend != "cuda":
+            return f"constexpr bool ALIGNED = false;\n{body}"
+        test = " && ".join(f"mlxp_aligned<VEC>({name})" for name in self.aligned)
+        return (
+            f"if ({test}) {{\nconstexpr bool ALIGNED = true;\n{body}\n}} else {{\n"
+            f"constexpr bool ALIGNED = false;\n{body}\n}}"
+        )
+
     @cached_property
     def _kernel(self):
         backend = current_backend()
-        body = render(kernel_source(self.source), backend)
+        body = self.body(backend)
         head = header(backend, self.headers_for(backend))
         if backend == "cuda":
             return mx.fast.cuda_kernel(self.name, self.inputs, self.outputs, body, head)

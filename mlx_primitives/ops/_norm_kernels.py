@@ -62,8 +62,9 @@ def norm_variants(
     ``(x, *vectors, eps)`` positionally; ``names`` are the kernel's names of the vectors
     (``"w"``, ``"b"``), each an optional vector of ``x.shape[-1]`` elements, and
     ``public(fn)`` gives ``fn`` the op's own signature."""
-    row = GpuKernel(f"{op}/row.k", ["x", *names], ["y"])
-    looped = GpuKernel(f"{op}/looped.k", ["x", *names], ["y"])
+    arrays = ("x", *names, "y")
+    row = GpuKernel(f"{op}/row.k", ["x", *names], ["y"], aligned=arrays)
+    looped = GpuKernel(f"{op}/looped.k", ["x", *names], ["y"], aligned=arrays)
 
     def launcher(kernel: GpuKernel, tpr: int, rpg: int, vec: int) -> Callable:
         def forward(x, *rest):

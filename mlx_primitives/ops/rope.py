@@ -141,7 +141,13 @@ def _builtin(
     return out.swapaxes(1, 2) if layout == "BSHD" else out
 
 
-_ROTATE = GpuKernel("rope/rotate.k", ["x", "offset", "table"], ["y"])
+_ROTATE = GpuKernel(
+    "rope/rotate.k",
+    ["x", "offset", "table"],
+    ["y"],
+    headers=("_dialect/trig.{backend}.h",),
+    aligned=("x", "y"),
+)
 # Where the kernel's angles come from (its ANGLES template constant).
 ANGLES = {"computed": 0, "table": 1, "cached": 2}
 
@@ -153,7 +159,7 @@ def _inv_freq(dims: int, base: float) -> mx.array:
     return mx.array([base ** (-2.0 * i / dims) for i in range(half)], dtype=mx.float32)
 
 
-def _kernel_forward(vec: int, heads_per_thread: int, threads: int, angles: str):
+def _kernel_forward(vec: int, heads_per_thread: int, threads: int, angles: str, fast_math: bool):
     def forward(x, dims, traditional, base, scale, offset, freqs, layout):
         bshd = layout == "BSHD"
         shape = x.shape
@@ -185,6 +191,7 @@ def _kernel_forward(vec: int, heads_per_thread: int, threads: int, angles: str):
             "VEC": vec,
             "HPT": heads_per_thread,
             "ANGLES": ANGLES[angles],
+            "FAST": fast_math,
             "PER_BATCH": off.size > 1,
             "BASE_BITS": float_bits(base or 1.0),
             "SCALE_BITS": float_bits(scale),
@@ -242,6 +249,8 @@ def _kernel_supports(p: dict, params: dict) -> bool:
         and params["heads_per_thread"] <= p["heads"]
         and held * params["threads"] <= 65536
         and not (p["freqs"] and params["angles"] == "computed")
+        # Cached angles come from MLX's cos and sin: fast_math would change nothing.
+        and not (params["fast_math"] and params["angles"] == "cached")
     )
 
 
@@ -336,6 +345,7 @@ OP = register(
                     "heads_per_thread": (2, 1, 4, 8),
                     "threads": (128, 256, 512),
                     "angles": ("computed", "table", "cached"),
+                    "fast_math": (True, False),
                 },
                 supports=_kernel_supports,
                 sources=_ROTATE.files,

@@ -4,7 +4,8 @@ Device work is lazy and asynchronous, so each sample times one ``mx.eval`` of a 
 calls, built before the clock starts. Chaining many calls per evaluation keeps the fixed cost
 of one evaluation (about 20 us on MLX CUDA) from deciding between fast kernels. A call whose
 output has the shape and dtype of its first input feeds it to the next call, so the chain runs
-in order, as a model's layers do, instead of overlapping on the device. Several
+in order, as a model's layers do, instead of overlapping on the device (unless the op says its
+outputs must not be fed back: ``Op.feed``). Several
 callables timed together take their samples in turn (round-robin), so a machine that speeds up
 or slows down during the measurement moves all of them alike and their ratios stay fair.
 """
@@ -60,9 +61,9 @@ def _chain_bytes() -> int:
     return max(MIN_CHAIN_BYTES, int(CHAIN_MEMORY_SHARE * memory))
 
 
-def _run_chain(call: Call, chain: int) -> float:
+def _run_chain(call: Call, chain: int, feed: bool) -> float:
     fn, args, kwargs = call
-    first = args[0] if args and isinstance(args[0], mx.array) else None
+    first = args[0] if feed and args and isinstance(args[0], mx.array) else None
     current, outs = list(args), []
     for _ in range(chain):
         out = fn(*current, **kwargs)
@@ -77,7 +78,7 @@ def _run_chain(call: Call, chain: int) -> float:
     return (time.perf_counter() - start) / chain
 
 
-def _prepare(call: Call, limit_s: float | None, target_sample_s: float, max_chain: int):
+def _prepare(call: Call, limit_s: float | None, target_sample_s: float, max_chain: int, feed: bool):
     """The first call (which may compile; never kept), and the chain lengths that fill
     ``target_sample_s`` and that the memory cap allows."""
     fn, args, kwargs = call
@@ -85,7 +86,7 @@ def _prepare(call: Call, limit_s: float | None, target_sample_s: float, max_chai
     out = fn(*args, **kwargs)
     mx.eval(out)
     first = time.perf_counter() - start
-    per_call = _run_chain(call, 1)
+    per_call = _run_chain(call, 1, feed)
     # One unchained call also pays the fixed cost of an evaluation: judge it against the
     # limit only when that cost cannot explain it.
     if limit_s is not None and per_call > max(limit_s, EVAL_OVERHEAD_S):
@@ -107,6 +108,7 @@ def bench_many(
     target_sample_s: float = 5e-3,
     max_chain: int = 50,
     limit_s: float | None = None,
+    feed: bool = True,
 ) -> list[Timing]:
     """Time each ``(fn, args, kwargs)``, taking their samples in turn.
 
@@ -117,8 +119,9 @@ def bench_many(
         target_sample_s: calls are chained until one evaluation takes about this long.
         limit_s: a per-call latency above which timing stops with ``TimeoutError`` (a
             candidate far slower than the default is not worth finishing).
+        feed: feed each call's output to the next where it fits (the op's ``feed``).
     """
-    prepared = [_prepare(c, limit_s, target_sample_s, max_chain) for c in calls]
+    prepared = [_prepare(c, limit_s, target_sample_s, max_chain, feed) for c in calls]
     # One chain length for all: it sets how far the fixed cost of an evaluation is amortized,
     # so calls compared with each other must share it. The fastest call's wish decides,
     # within every call's memory cap.
@@ -126,7 +129,7 @@ def bench_many(
     deadline = time.perf_counter() + warmup_s * len(calls)
     while time.perf_counter() < deadline:
         for call in calls:
-            _run_chain(call, chain)
+            _run_chain(call, chain, feed)
     samples: list[list[float]] = [[] for _ in calls]
     deadline = time.perf_counter() + budget_s * len(calls)
     while len(samples[0]) < min_reps or (
@@ -137,7 +140,7 @@ def bench_many(
         random.Random(len(samples[0])).shuffle(order)
         for i in order:
             kept = samples[i]
-            kept.append(_run_chain(calls[i], chain))
+            kept.append(_run_chain(calls[i], chain, feed))
             if limit_s is not None and len(kept) >= 3 and statistics.median(kept) > limit_s:
                 raise TimeoutError(
                     f"median {statistics.median(kept) * 1e3:.3g} ms is over the limit"

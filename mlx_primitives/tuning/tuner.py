@@ -391,7 +391,8 @@ class Tuner:
             (op.variant(r.candidate.variant).build(**r.candidate.param_dict), args, kwargs)
             for r in finalists
         ]
-        timed = paired(bench_many(calls, budget_s=max(self.budget.bench_s, 0.05), min_reps=15))
+        budget_s = max(self.budget.bench_s, 0.05)
+        timed = paired(bench_many(calls, budget_s=budget_s, min_reps=15, feed=op.feed))
         again = [
             Result(r.candidate, "ok", "", t.median_s, t.spread_s, r.error, t.stderr_s)
             for r, t in zip(finalists, timed)
@@ -478,7 +479,7 @@ class Tuner:
         if not verdict.ok:
             return Result(c, "rejected", verdict.reason, error=verdict.error)
         try:
-            t = bench(fn, args, kwargs, budget_s=self.budget.bench_s, limit_s=limit_s)
+            t = bench(fn, args, kwargs, budget_s=self.budget.bench_s, limit_s=limit_s, feed=op.feed)
         except TimeoutError as e:
             return Result(c, "rejected", f"too slow: {e}", error=verdict.error)
         except Exception as e:

@@ -62,6 +62,9 @@ __device__ float log2f(float x);
 __device__ float erff(float x);
 __device__ float tanhf(float x);
 __device__ void sincosf(float x, float* sptr, float* cptr);
+__device__ void __sincosf(float x, float* sptr, float* cptr);
+__device__ float rintf(float x);
+__device__ float fmaf(float a, float b, float c);
 __device__ float __int_as_float(int x);
 __device__ int __float_as_int(float x);
 

@@ -59,6 +59,8 @@ uint simd_shuffle_xor(uint data, ushort mask);
 float abs(float x);
 half abs(half x);
 int abs(int x);
+float rint(float x);
+float fma(float a, float b, float c);
 
 template <typename T, typename U>
 T as_type(U x) {
