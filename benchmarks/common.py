@@ -120,6 +120,8 @@ def run_op(
     variants = _variant_configs(o, problem, db, chip)
     baseline = baseline or o.default(problem)[0]
     fns = {name: o.variant(name).build(**cfg) for name, cfg in variants}
+    if baseline not in fns:
+        raise ValueError(f"[{o.name}] baseline {baseline!r} is not an available variant")
     # The dispatch's ratio comes from it and the baseline timed alone: a slow variant sampled
     # between them (an eager composition's traffic) slows the chain after it.
     head = measure([(o, args, kwargs), (fns[baseline], args, kwargs)], budget_s, o.feed)
@@ -133,6 +135,7 @@ def run_op(
             "source": decision.source,
             **head[0],
             "baseline_median_s": head[1]["median_s"],
+            "baseline_spread_s": head[1]["spread_s"],
         }
     ]
     for (name, cfg), t in zip(variants, timed):

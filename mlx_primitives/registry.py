@@ -145,12 +145,12 @@ class Op:
         differentiable: arguments (by position) that gradients are checked for.
         tolerances: ``{dtype name: (atol, rtol)}`` where the op needs other tolerances than
             :data:`mlx_primitives.tuning.check.TOLERANCES` (and says why).
-        feed: whether timing may feed each call's output to the next as its first input (the
-            calls then run in order); False where outputs fed back drift to values no model
-            sees.
         check_slices: ``check_slices(args, kwargs)`` gives, for a call too large to check
             whole against the float64 reference, ``[(args, kwargs, select), ...]``: smaller
             calls whose outputs are ``select(outputs)`` of the whole one; None to check whole.
+        feed: whether timing may feed each call's output to the next as its first input (the
+            calls then run in order); False where outputs fed back drift to values no model
+            sees.
     """
 
     def __init__(

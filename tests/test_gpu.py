@@ -175,18 +175,30 @@ def test_user_record_dispatches_a_kernel(user_db):
     ref.assert_close(y, ref.rms_norm(x, w, 1e-5), mx.float16)
 
 
-@pytest.mark.parametrize("name", ["rms_norm", "layer_norm", "swiglu", "geglu"])
-def test_kernel_on_views_that_start_off_a_vector_boundary(name):
+_MANY_INPUTS = ["rms_norm", "layer_norm", "swiglu", "geglu"]
+
+
+@pytest.mark.parametrize(
+    "name,rest_only",
+    [(n, False) for n in [*_MANY_INPUTS, "rope"]] + [(n, True) for n in _MANY_INPUTS],
+)
+def test_kernel_on_views_that_start_off_a_vector_boundary(name, rest_only):
     """A row-contiguous view with an element offset reaches the kernel uncopied: its vector
-    loads must fall back to elements (a misaligned 16-byte access faults on CUDA)."""
+    loads must fall back to elements (a misaligned 16-byte access faults on CUDA). With
+    ``rest_only`` the first input stays aligned: a kernel's test must cover every array."""
     o = get_op(name)
-    args, kwargs = o.example(((64, 40),), mx.float16, mx.random.key(11))
+    shapes = ((2, 4, 16, 64),) if name == "rope" else ((64, 40),)
+    args, kwargs = o.example(shapes, mx.float16, mx.random.key(11))
 
     def shifted(a):
         flat = mx.concatenate([mx.zeros((1,), a.dtype), a.reshape(-1)])
         return flat[1:].reshape(a.shape)
 
-    args = tuple(shifted(a) if isinstance(a, mx.array) else a for a in args)
+    first = next(i for i, a in enumerate(args) if isinstance(a, mx.array))
+    args = tuple(
+        shifted(a) if isinstance(a, mx.array) and not (rest_only and i == first) else a
+        for i, a in enumerate(args)
+    )
     want = REFERENCES[name](args, kwargs)
     for v in o.variants:
         if v.is_kernel:

@@ -55,7 +55,11 @@ def table(result: dict) -> str:
     for rows in groups.values():
         d = next(r for r in rows if r["impl"] == "dispatch")
         base = next(r for r in rows if r["impl"] == "variant" and r["variant"] == d["baseline"])
-        spread = 100 * base["spread_s"] / base["median_s"]
+        # The spread of the baseline the dispatch was timed with (older files: the variants').
+        if "baseline_spread_s" in d:
+            spread = 100 * d["baseline_spread_s"] / d["baseline_median_s"]
+        else:
+            spread = 100 * base["spread_s"] / base["median_s"]
         best = max((r for r in rows if r["impl"] == "variant"), key=lambda r: r["vs_baseline"])
         gbs = f"{d['gb_per_s']:.0f}"
         copy = d.get("copy_gb_per_s", ceiling)

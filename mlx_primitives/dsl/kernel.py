@@ -64,11 +64,13 @@ class GpuKernel:
         outputs: output names.
         headers: extra headers after the prelude, e.g. ``("gated/act.h",)``; ``{backend}`` in
             a name stands for the back-end (``"_dialect/warp.{backend}.h"``).
-        aligned: arrays the body loads and stores as vectors of its ``VEC`` constant. The
-            CUDA body is then compiled twice, with ``constexpr bool ALIGNED`` true where all
-            of them start on a vector boundary (one test per thread instead of one per
-            access; see ``_dialect/aligned.cuda.h``); Metal loads element-wise either way and
-            gets one copy with ``ALIGNED`` false.
+        aligned: arrays the body loads and stores as vectors of its ``VEC`` constant, each
+            access at the array's start plus a multiple of ``VEC`` elements. The CUDA body is
+            then compiled twice, with ``constexpr bool ALIGNED`` true where all of them start
+            on a vector boundary (no test per access; ``_dialect/aligned.cuda.h``), and its
+            ``$shared`` arrays are declared twice; Metal loads element-wise either way and
+            gets one copy with ``ALIGNED`` false. The split is not in the source hash: a
+            change to it must come with one to ``_dialect/aligned.*.h``.
     """
 
     def __init__(
@@ -79,15 +81,15 @@ class GpuKernel:
         headers: tuple[str, ...] = (),
         aligned: tuple[str, ...] = (),
     ):
+        self.name = "mlxp_" + source.removesuffix(".k").replace("/", "_")
         unknown = set(aligned) - set(inputs) - set(outputs)
         if unknown:
-            raise ValueError(f"[kernel] {source}: aligned names {sorted(unknown)} are not arrays")
+            raise ValueError(f"[{self.name}] aligned names {sorted(unknown)} are not arrays")
         self.source = source
         self.inputs = list(inputs)
         self.outputs = list(outputs)
         self.headers = headers + (("_dialect/aligned.{backend}.h",) if aligned else ())
         self.aligned = aligned
-        self.name = "mlxp_" + source.removesuffix(".k").replace("/", "_")
 
     def headers_for(self, backend: str) -> tuple[str, ...]:
         """The extra headers as rendered for ``backend``."""

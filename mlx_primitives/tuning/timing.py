@@ -3,11 +3,11 @@
 Device work is lazy and asynchronous, so each sample times one ``mx.eval`` of a chain of
 calls, built before the clock starts. Chaining many calls per evaluation keeps the fixed cost
 of one evaluation (about 20 us on MLX CUDA) from deciding between fast kernels. A call whose
-output has the shape and dtype of its first input feeds it to the next call, so the chain runs
-in order, as a model's layers do, instead of overlapping on the device (unless the op says its
-outputs must not be fed back: ``Op.feed``). Several
-callables timed together take their samples in turn (round-robin), so a machine that speeds up
-or slows down during the measurement moves all of them alike and their ratios stay fair.
+output has the shape and dtype of its first input feeds it to the next call (unless the op says
+not to: ``Op.feed``), so the chain runs in order, as a model's layers do, instead of
+overlapping on the device. Several callables timed together take their samples in turn
+(round-robin), so a machine that speeds up or slows down during the measurement moves all of
+them alike and their ratios stay fair.
 """
 
 from __future__ import annotations
