@@ -81,7 +81,8 @@ def _variant_configs(o, problem, db: TuningDB | None, chip: str) -> list[tuple[s
     for v in o.variants:
         if not v.available():
             continue
-        if v.name in best:
+        # A trial's configuration may predate a limit of the variant's space.
+        if v.name in best and v.allows(pdict, best[v.name][1]):
             out.append((v.name, best[v.name][1]))
             continue
         allowed = next((c for c in v.configs() if v.allows(pdict, c)), None)
@@ -99,7 +100,8 @@ def run_op(
     baseline: str | None = None,
 ) -> list[dict]:
     """Rows for one problem: the dispatched call first, then each variant, with ratios to
-    ``baseline`` (default: the op's default, the MLX built-in or compiled composition)."""
+    ``baseline`` (default: the op's default, which is not always a built-in: name it to
+    compare with one)."""
     dtype = parse_dtype(ex.dtype)
     args, kwargs = o.example(ex.shapes, dtype, mx.random.key(0), **dict(ex.options))
     if tuner is not None:

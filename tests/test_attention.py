@@ -10,6 +10,7 @@ import pytest
 
 import mlx_primitives as mp
 from mlx_primitives.hardware import detect_chip
+from mlx_primitives.ops import _attention as att
 from mlx_primitives.registry import op
 
 from . import references as ref
@@ -68,7 +69,7 @@ def test_flash_attention_half_precision(variant, cfg, dtype):
 
 
 @pytest.mark.parametrize("variant,cfg", list(configs("flash_attention")))
-@pytest.mark.parametrize("kind", ["bool", "additive", "bool-per-head"])
+@pytest.mark.parametrize("kind", ["bool", "additive", "bool-per-head", "key-padding", "per-query"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_flash_attention_masks(variant, cfg, kind, causal):
     q, k, v = qkv(2, 4, 2, 37, 50, 32)
@@ -77,11 +78,25 @@ def test_flash_attention_masks(variant, cfg, kind, causal):
         mask = mx.random.uniform(shape=(37, 50), key=key) > 0.3
     elif kind == "bool-per-head":
         mask = mx.random.uniform(shape=(2, 4, 37, 50), key=key) > 0.3
+    elif kind == "key-padding":  # broadcast over heads and queries
+        mask = mx.random.uniform(shape=(2, 1, 1, 50), key=key) > 0.3
+    elif kind == "per-query":  # broadcast over keys
+        mask = mx.random.normal((37, 1), key=key)
     else:
         mask = mx.random.normal((1, 4, 37, 50), key=key)
     got = op("flash_attention").variant(variant).build(**cfg)(q, k, v, causal=causal, mask=mask)
     want = ref.attention(q, k, v, causal=causal, mask=mask)
     ref.assert_close(got, want, mx.float32, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 1, 300), (150, 1)], ids=["key-padding", "per-query"])
+def test_blocked_attention_broadcast_masks_over_several_blocks(shape):
+    """A mask with size-1 dims is broadcast within each block, not sliced past its end."""
+    q, k, v = qkv(2, 4, 2, 150, 300, 32)
+    mask = mx.random.uniform(shape=shape, key=mx.random.key(3)) > 0.3
+    fn = op("flash_attention").variant("blocked").build(block_q=64, block_k=128)
+    want = ref.attention(q, k, v, causal=True, mask=mask)
+    ref.assert_close(fn(q, k, v, causal=True, mask=mask), want, mx.float32, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("variant,cfg", list(configs("sliding_window_attention")))
@@ -154,25 +169,45 @@ def test_gradients_of_every_variant(name, extra):
                 )
 
 
-def _extra_memory(seq: int, block: int) -> int:
+def _extra_memory(q_len: int, kv_len: int, block_q: int, block_k: int) -> int:
     """Bytes the blocked composition holds beyond its inputs and output, at its peak."""
-    q, k, v = qkv(1, 1, 1, seq, seq, 64)
+    q, k, v = qkv(1, 1, 1, q_len, kv_len, 64)
     mx.eval(q, k, v)
-    fn = op("flash_attention").variant("blocked").build(block_q=block, block_k=block)
+    fn = op("flash_attention").variant("blocked").build(block_q=block_q, block_k=block_k)
     mx.reset_peak_memory()
     before = mx.get_active_memory()
-    out = fn(q, k, v, causal=True)
+    out = fn(q, k, v)
     mx.eval(out)
     return mx.get_peak_memory() - before - out.nbytes
 
 
-def test_blocked_attention_memory_does_not_grow_with_the_square_of_the_sequence():
-    """Doubling the sequence at most doubles the working memory (linear: per-block bookkeeping),
-    where a dense score matrix would grow fourfold (64 MiB at 4096, 256 MiB at 8192). The
-    full-size check, 1.5x of q, k, v and the output at 16384 positions, is in tests/stress."""
-    small, large = _extra_memory(4096, 256), _extra_memory(8192, 256)
-    assert large <= 2.0 * small, (small, large)
-    assert large < 8192 * 8192 * 4 / 16
+def test_blocked_attention_memory_does_not_grow_with_the_keys():
+    """One block of queries holds a bounded number of key blocks' scores whatever the number
+    of keys, never a whole row of them (16 MiB at 16384 keys: what it held while the running
+    sum stayed off the dependency chain). The full-size check, 1.5x of q, k, v and the
+    output at 16384 positions, is in tests/stress."""
+    short, long = _extra_memory(256, 4096, 256, 512), _extra_memory(256, 16384, 256, 512)
+    assert long <= 1.25 * short + 2**20, (short, long)
+    assert long < 256 * 16384 * 4 / 3, long
+
+
+@pytest.mark.parametrize("name", ["flash_attention", "sliding_window_attention"])
+def test_untuned_long_attention_runs_blocked_on_the_cpu(name):
+    """Without a record, a problem of LONG_SCORES or more runs the blocked composition on the CPU
+    (MLX's CPU attention would form every score); a short one runs the built-in."""
+    o = op(name)
+    options = {"causal": True} if name == "flash_attention" else {}
+    for heads, seq, expected in ((1, 2048, o.variants[0].name), (2, 8192, "blocked")):
+        shapes = att.qkv_shapes(1, heads, heads, seq, seq, 64, "BHSD")
+        args, kwargs = o.example(shapes, mx.float32, mx.random.key(0), **options)
+        problem = o.problem(*args, **kwargs)
+        variant, params = o.default(problem, "cpu")
+        assert variant == expected, (name, seq)
+        assert o.variant(variant).allows(problem.as_dict(o.dims), params)
+    # From LONG_SCORES on, wide blocks are left out: the scheduler would hold several at once.
+    blocked, long = o.variant("blocked"), problem.as_dict(o.dims)
+    assert not blocked.allows(long, {"block_q": 512, "block_k": 512})
+    assert blocked.allows(long, {"block_q": 512, "block_k": 128})
 
 
 def test_modules():

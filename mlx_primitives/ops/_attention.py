@@ -187,8 +187,10 @@ def blocked(
         for j0 in range(lo, hi, block_k):
             j1 = min(j0 + block_k, hi)
             # The dependency comes before any work on the block, its float32 copies included.
-            kb, vb = mx.depends([kg[..., j0:j1, :], vg[..., j0:j1, :]], [acc])
-            bias = None if extra is None else extra[..., i0:i1, j0:j1]
+            # It names the sum too: left off the chain, every block's sum would run last and
+            # hold each block's probabilities until then.
+            kb, vb = mx.depends([kg[..., j0:j1, :], vg[..., j0:j1, :]], [acc, total])
+            bias = None if extra is None else _block(extra, (i0, i1), (j0, j1))
             # Only blocks that cross the diagonal or the window's edge need an element mask.
             if (causal or window is not None) and not _inside(i0, i1, j0, j1, off, window):
                 keep = visible(lq, lk, (i0, i1), (j0, j1), causal, window)
@@ -246,15 +248,33 @@ def _row_selector(rows: slice, axis: int) -> Callable:
 MAX_DENSE_SCORES = 2**30
 
 
+# From this many scores on (float32: 512 MiB; sizes as bucketed in the problem key), MLX's CPU
+# attention would form them all: the blocked composition serves instead, within LONG_MAX_BLOCKS.
+LONG_SCORES = 2**27
+LONG_BLOCKS = {"block_q": 128, "block_k": 128}
+LONG_MAX_BLOCKS = {"block_q": 512, "block_k": 128}  # wider ones peak higher (DEVELOPERS.md)
+
+
+def untuned(problem: dict, backend: str, builtin: str) -> tuple[str, dict]:
+    """An attention op's default: ``builtin``, or on the CPU from LONG_SCORES scores on the
+    blocked composition."""
+    if backend == "cpu" and scores(problem) >= LONG_SCORES:
+        return "blocked", dict(LONG_BLOCKS)
+    return builtin, {}
+
+
+def scores(p: dict) -> int:
+    """How many scores a dense call on problem ``p`` forms."""
+    return p["batch"] * p["q_heads"] * p["q_len"] * p["kv_len"]
+
+
 def dense_variant(reference: Callable) -> Variant:
     """The op's dense reference as a variant, where its (batch, heads, q_len, kv_len) scores
     fit."""
     return Variant(
         "dense",
         lambda: reference,
-        supports=lambda p, _: (
-            p["batch"] * p["q_heads"] * p["q_len"] * p["kv_len"] <= MAX_DENSE_SCORES
-        ),
+        supports=lambda p, _: scores(p) <= MAX_DENSE_SCORES,
         description="composition: full score matrix",
     )
 
@@ -280,6 +300,13 @@ def _step(qb, kb, vb, top, total, acc, bias):
     p = mx.exp(s - safe)
     rescale = mx.exp(top - safe)
     return new_top, total * rescale + mx.sum(p, axis=-1, keepdims=True), acc * rescale + p @ vb
+
+
+def _block(mask: mx.array, rows: tuple[int, int], cols: tuple[int, int]) -> mx.array:
+    """The block of a broadcastable mask at ``rows`` x ``cols`` (a size-1 dim stays as it is)."""
+    r = slice(*rows) if mask.shape[-2] > 1 else slice(None)
+    c = slice(*cols) if mask.shape[-1] > 1 else slice(None)
+    return mask[..., r, c]
 
 
 def _inside(i0: int, i1: int, j0: int, j1: int, off: int, window: int | None) -> bool:

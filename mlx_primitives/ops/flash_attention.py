@@ -97,6 +97,12 @@ MAX_BLOCK_STEPS = 2048
 
 def _blocked_supports(p: dict, params: dict) -> bool:
     bq, bk = params["block_q"], params["block_k"]
+    if att.scores(p) >= att.LONG_SCORES:
+        # The CPU's default serves there whatever its steps (their graph is a small cost).
+        if params == att.LONG_BLOCKS:
+            return True
+        if any(params[n] > most for n, most in att.LONG_MAX_BLOCKS.items()):
+            return False
     # One block of queries covers a short sequence: bigger blocks only repeat the same plan.
     if bq > max(p["q_len"], 64) or bk > max(p["kv_len"], 128):
         return False
@@ -138,10 +144,6 @@ def _case(p):
     return shapes, {"causal": p["causal"], "layout": p["layout"], "mask": p["mask"]}
 
 
-def _default(problem, backend):
-    return "builtin", {}
-
-
 def _presets():
     def ex(b, h, hkv, lq, lk, d, dtype, **options):
         shapes = att.qkv_shapes(b, h, hkv, lq, lk, d, options.get("layout", "BHSD"))
@@ -178,7 +180,7 @@ OP = register(
         reference=reference,
         example=_example,
         case=_case,
-        default=_default,
+        default=lambda problem, backend: att.untuned(problem, backend, "builtin"),
         variants=[
             Variant(
                 "builtin", lambda: _builtin, description="mx.fast.scaled_dot_product_attention"

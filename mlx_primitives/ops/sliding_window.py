@@ -106,7 +106,7 @@ OP = register(
         reference=reference,
         example=_window_example,
         case=_window_case,
-        default=lambda problem, backend: ("builtin_masked", {}),
+        default=lambda problem, backend: att.untuned(problem, backend, "builtin_masked"),
         variants=[
             Variant(
                 "builtin_masked",

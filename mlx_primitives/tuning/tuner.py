@@ -40,8 +40,9 @@ from .warm import warm
 # Differences below this fraction of a latency are noise, whatever the measured spread says.
 NOISE = 0.02
 # Finalists, timed again interleaved to decide: the FASTEST_FINALISTS fastest of the search,
-# then the earliest in the fixed order within FINALIST of the fastest, MAX_FINALISTS in all.
-FINALIST = 1.0
+# then the earliest in the fixed order within FINALIST of the fastest, MAX_FINALISTS in all
+# (wide: on a busy 2-core machine one search timed identical candidates 2.1x apart).
+FINALIST = 4.0
 FASTEST_FINALISTS = 4
 MAX_FINALISTS = 8
 # Candidates within this fraction of the fastest count as equally fast: the fixed order picks.
@@ -369,10 +370,10 @@ class Tuner:
             return default, default
         by_speed = sorted(ok, key=lambda r: r.median_s)
         rank = {c: i for i, c in enumerate(order)}
-        # The search's one-off measurements can be off by tens of percent (a candidate timed
-        # just after a slow one runs slow), so besides the fastest few, the earliest in the
-        # fixed order within FINALIST of the fastest go on: which of several equal candidates
-        # makes the cut must not depend on noise.
+        # The search's one-off measurements can be off by tens of percent or more (a candidate
+        # timed just after a slow one runs slow; the machine drifts), so besides the fastest
+        # few, the earliest in the fixed order within FINALIST of the fastest go on: which of
+        # several equal candidates makes the cut must not depend on noise.
         near = [r for r in ok if r.median_s <= by_speed[0].median_s * (1 + FINALIST)]
         close = by_speed[:FASTEST_FINALISTS]
         close += [
