@@ -12,18 +12,22 @@ from mlx_primitives import dispatch
 from mlx_primitives.hardware import current_backend, detect_chip
 from mlx_primitives.problem import parse_dtype
 from mlx_primitives.registry import Example
+from mlx_primitives.tuning import timing
 from mlx_primitives.tuning.db import TuningDB, default_user_url, exists
 from mlx_primitives.tuning.timing import bench_many
 from mlx_primitives.tuning.tuner import BUDGETS, Tuner
 
 METHOD = (
     "per-call latency: median over repeated mx.eval of a chain of calls built before the "
-    "clock starts (each call fed the previous call's output as its first input where shape "
-    "and dtype agree, so the calls run in order; not for swiglu and geglu, whose outputs "
-    "drift when fed back), the implementations of one problem sampled in turn "
-    "(mlx_primitives.tuning.timing.bench_many), after a timed warm-up; the dispatch's ratio "
-    "from the dispatch and the baseline timed alone, the variants' from all variants timed "
-    "together; bandwidth counts each input read once and each output written once"
+    f"clock starts (up to {timing.MAX_CHAIN} calls filling about "
+    f"{timing.TARGET_SAMPLE_S * 1e3:.0f} ms, their outputs within "
+    f"{timing.CHAIN_MEMORY_SHARE:.0%} of the device's memory; each call fed the previous "
+    "call's output as its first input where shape and dtype agree, so the calls run in "
+    "order; not for swiglu and geglu, whose outputs drift when fed back), the "
+    "implementations of one problem sampled in turn (mlx_primitives.tuning.timing."
+    "bench_many), after a timed warm-up; the dispatch's ratio from the dispatch and the "
+    "baseline timed alone, the variants' from all variants timed together; bandwidth counts "
+    "each input read once and each output written once"
 )
 
 

@@ -221,3 +221,16 @@ def test_chained_calls_feed_each_output_to_the_next():
     seen.clear()
     _run_chain((twice, (x, 1), {}), 3, False)
     assert all(s is x for s in seen)
+
+
+def test_chain_length_follows_the_per_call_cost_not_the_evaluations(monkeypatch):
+    """An evaluation's fixed cost (0.2 ms with large outputs on an H200) swamps one unchained
+    call: the chain is sized from a short chain that shares it, so 50 us calls fill it."""
+    from mlx_primitives.tuning import timing
+
+    fixed_s, per_call_s = 200e-6, 50e-6
+    monkeypatch.setattr(timing, "_run_chain", lambda call, n, feed: fixed_s / n + per_call_s)
+    _, wanted, _ = timing._prepare((mx.abs, (mx.ones((4,)),), {}), None, 20e-3, 1000, True)
+    # From one call: 20 ms / 250 us = 80 calls; from four: 20 ms / 100 us = 200.
+    assert wanted == int(20e-3 / (fixed_s / timing.PROBE_CHAIN + per_call_s))
+    assert wanted > 150
