@@ -15,7 +15,7 @@ from mlx_primitives.registry import op
 
 from . import references as ref
 
-DTYPES = {mx.float32: (2e-5, 1e-4), mx.float16: (4e-3, 1e-2), mx.bfloat16: (3e-2, 4e-2)}
+DTYPES = {getattr(mx, name): tol for name, tol in att.TOLERANCES.items()}
 
 
 def qkv(b, hq, hkv, lq, lk, d, dtype=mx.float32, layout="BHSD", seed=0):

@@ -90,6 +90,7 @@ OP = register(
         ],
         presets=_presets(),
         differentiable=(0, 1, 2),
+        tolerances=att.TOLERANCES,
         check_slices=_check_slices,
     )
 )
