@@ -234,3 +234,12 @@ def test_chain_length_follows_the_per_call_cost_not_the_evaluations(monkeypatch)
     # From one call: 20 ms / 250 us = 80 calls; from four: 20 ms / 100 us = 200.
     assert wanted == int(20e-3 / (fixed_s / timing.PROBE_CHAIN + per_call_s))
     assert wanted > 150
+    # The probe stays within the memory cap, and a call over the limit is stopped before it.
+    chains = []
+    monkeypatch.setattr(timing, "_run_chain", lambda call, n, feed: chains.append(n) or 5e-3)
+    monkeypatch.setattr(timing, "_chain_bytes", lambda: 1)
+    timing._prepare((mx.abs, (mx.ones((4,)),), {}), None, 20e-3, 1000, True)
+    assert chains == [1]
+    with pytest.raises(TimeoutError):
+        timing._prepare((mx.abs, (mx.ones((4,)),), {}), 1e-4, 20e-3, 1000, True)
+    assert chains == [1, 1]

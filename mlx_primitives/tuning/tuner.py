@@ -34,7 +34,7 @@ from ..problem import EXACT, parse_dtype
 from ..registry import Example, Op
 from .check import TOLERANCES, as_list, check_outputs, expected
 from .db import TuningDB, now
-from .timing import bench, bench_many, paired
+from .timing import TARGET_SAMPLE_S, bench, bench_many, paired
 from .warm import warm
 
 # Differences below this fraction of a latency are noise, whatever the measured spread says.
@@ -66,15 +66,18 @@ class Budget:
         trials: most candidates measured per problem (all of them when the space is smaller).
         problem_s: wall-clock budget per problem.
         bench_s: timing budget per candidate.
+        sample_s: how long one timed chain of calls runs (longer shares an evaluation's fixed
+            cost over more calls).
     """
 
     trials: int
     problem_s: float
     bench_s: float
+    sample_s: float = TARGET_SAMPLE_S
 
 
 BUDGETS = {
-    "quick": Budget(trials=8, problem_s=8.0, bench_s=0.04),
+    "quick": Budget(trials=8, problem_s=8.0, bench_s=0.04, sample_s=5e-3),
     "default": Budget(trials=20, problem_s=60.0, bench_s=0.1),
     "full": Budget(trials=64, problem_s=300.0, bench_s=0.4),
 }
@@ -393,7 +396,15 @@ class Tuner:
             for r in finalists
         ]
         budget_s = max(self.budget.bench_s, 0.05)
-        timed = paired(bench_many(calls, budget_s=budget_s, min_reps=15, feed=op.feed))
+        timed = paired(
+            bench_many(
+                calls,
+                budget_s=budget_s,
+                min_reps=15,
+                target_sample_s=self.budget.sample_s,
+                feed=op.feed,
+            )
+        )
         again = [
             Result(r.candidate, "ok", "", t.median_s, t.spread_s, r.error, t.stderr_s)
             for r, t in zip(finalists, timed)
@@ -480,7 +491,15 @@ class Tuner:
         if not verdict.ok:
             return Result(c, "rejected", verdict.reason, error=verdict.error)
         try:
-            t = bench(fn, args, kwargs, budget_s=self.budget.bench_s, limit_s=limit_s, feed=op.feed)
+            t = bench(
+                fn,
+                args,
+                kwargs,
+                budget_s=self.budget.bench_s,
+                limit_s=limit_s,
+                target_sample_s=self.budget.sample_s,
+                feed=op.feed,
+            )
         except TimeoutError as e:
             return Result(c, "rejected", f"too slow: {e}", error=verdict.error)
         except Exception as e:
