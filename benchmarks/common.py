@@ -14,7 +14,6 @@ from mlx_primitives.problem import parse_dtype
 from mlx_primitives.registry import Example
 from mlx_primitives.tuning import timing
 from mlx_primitives.tuning.db import TuningDB, default_user_url, exists
-from mlx_primitives.tuning.timing import bench_many
 from mlx_primitives.tuning.tuner import BUDGETS, Tuner
 
 METHOD = (
@@ -50,7 +49,7 @@ def header(suite: str) -> dict:
 def measure(calls, budget_s: float = 0.3, feed: bool = True) -> list[dict]:
     """Median and spread of each ``(fn, args, kwargs)``, sampled in turn, as row fragments
     (``feed``: as for :func:`bench_many`)."""
-    timings = bench_many(calls, budget_s=budget_s, warmup_s=0.1, max_reps=200, feed=feed)
+    timings = timing.bench_many(calls, budget_s=budget_s, warmup_s=0.1, max_reps=200, feed=feed)
     return [
         {
             "median_s": t.median_s,
