@@ -14,12 +14,12 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from clang.cindex import Diagnostic, Index
+from clang.cindex import Diagnostic, Index, TokenKind
 
 from mlx_primitives import registry
 from mlx_primitives._paths import kernel_source
 from mlx_primitives.dsl import dialect
-from mlx_primitives.dsl.kernel import GpuKernel
+from mlx_primitives.dsl.kernel import GpuKernel, compact
 
 from .kernel_sources import DTYPES, METAL_ATTRIBUTES, full_source, kernel_launches, op_cases
 
@@ -191,6 +191,36 @@ def test_aligned_bodies_are_compiled_for_both_alignments():
     assert GpuKernel("rope/rotate.k", ["x"], ["y"]).body("cuda") == body
     with pytest.raises(ValueError, match="not arrays"):
         GpuKernel("rope/rotate.k", ["x"], ["y"], aligned=("w",))
+
+
+def _tokens(text: str) -> list[tuple[int, str]]:
+    """(line, spelling) of each token of ``text`` but comments, lines renumbered from 0 in
+    the order they hold tokens (so dropping blank and comment lines renumbers nothing)."""
+    unit = Index.create().parse("t.cpp", args=["-x", "c++"], unsaved_files=[("t.cpp", text)])
+    tokens = [t for t in unit.get_tokens(extent=unit.cursor.extent) if t.kind != TokenKind.COMMENT]
+    lines = {n: i for i, n in enumerate(dict.fromkeys(t.location.line for t in tokens))}
+    return [(lines[t.location.line], t.spelling) for t in tokens]
+
+
+def test_compacted_sources_keep_every_token_in_its_line():
+    # What MLX compiles is compacted (GpuKernel.sources): the same tokens, line by line.
+    kernels = {(k.source, k.headers): k for k in (launch.kernel for launch in launches())}
+    for kernel in kernels.values():
+        for backend in dialect.BACKENDS:
+            body, head = kernel.sources(backend)
+            assert body == compact(kernel.body(backend))
+            for full, short in (
+                (kernel.body(backend), body),
+                (dialect.header(backend, kernel.headers_for(backend)), head),
+            ):
+                assert _tokens(short) == _tokens(full), (kernel.name, backend)
+                assert len(short) < len(full)
+    # A // inside a literal stays, also after an escaped backslash.
+    text = r""" a = "x//y\\"; // why
+
+  // only
+#define B '"' // end"""
+    assert compact(text) == 'a = "x//y\\\\";\n#define B \'"\''
 
 
 def test_metal_attributes_are_ones_mlx_declares():
