@@ -62,8 +62,8 @@ _UNCOMPACTABLE = re.compile(r'/\*|\bR"|\\\s*$', re.M)
 
 def compact(text: str) -> str:
     """``text`` without ``//`` comments, indentation and blank lines: the same tokens, each
-    remaining line kept whole (so preprocessor lines stay intact). MLX hashes a custom
-    kernel's whole source at each evaluation, 0.2-0.3 us per KB on an H200's host.
+    remaining line kept whole (so preprocessor lines stay intact). MLX's CUDA back-end hashes
+    a custom kernel's whole source at each evaluation, so its length costs time per call.
 
     Raises ValueError on a block comment, a raw string or a line continued with a backslash,
     whose meaning dropping lines or comments could change.
