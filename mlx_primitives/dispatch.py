@@ -2,7 +2,8 @@
 
 The lookup chain for a problem not yet in the process cache: the user database, then the
 shipped (pretuned) database for this chip, each by exact problem; then the nearest tuned
-problem (same exact dims, closest buckets); then the op's default. A record is used only if
+problem (same exact dims, closest buckets, at most ``NEAREST_MAX_DISTANCE`` buckets away);
+then the op's default. A record is used only if
 it names a registered variant with parameters inside its declared space, was written by this
 MLX version from the same kernel sources, runs on this back-end and supports the problem.
 A tuned variant is probed once per problem and process before it serves calls; one that fails
@@ -30,6 +31,10 @@ if TYPE_CHECKING:
 # Before a tuned variant serves a problem, a probe runs it once per process on a small case of
 # that problem (at most this size in each bucketed dim) and checks it against the reference.
 PROBE_MAX_DIM = 16
+# A record serves untuned problems at most this many power-of-two buckets away (summed over
+# the bucketed dims): a kernel tuned for 16384 rows ran 1 to 1024 rows slower than the
+# built-in on an H100, where the tuner keeps the built-in.
+NEAREST_MAX_DISTANCE = 2
 
 _cache: dict[tuple, Callable] = {}
 _entries: dict[tuple[str, str], list[tuple[Problem, dict, str]]] = {}
@@ -166,13 +171,17 @@ def choose(op: Op, problem: Problem) -> Decision:
                         chip,
                     )
                 skipped.append(f"{source} record skipped: {why}")
-    nearest = None
+    nearest, far = None, math.inf
     for p, rec, src in entries:
         d = distance(problem, p, op.dims)
-        if 0 < d < math.inf and _unusable(op, rec, pdict, backend) is None:
-            rank = (d, src != "user", rec["problem"])
-            if nearest is None or rank < nearest[0]:
-                nearest = (rank, rec, src)
+        if not 0 < d < math.inf or _unusable(op, rec, pdict, backend) is not None:
+            continue
+        if d > NEAREST_MAX_DISTANCE:
+            far = min(far, d)
+            continue
+        rank = (d, src != "user", rec["problem"])
+        if nearest is None or rank < nearest[0]:
+            nearest = (rank, rec, src)
     if nearest is not None:
         _, rec, src = nearest
         return Decision(
@@ -185,6 +194,10 @@ def choose(op: Op, problem: Problem) -> Decision:
             chip,
         )
     reason = f"no usable tuning record for {key} on {chip}"
+    if far < math.inf:
+        skipped.append(
+            f"the nearest tuned problem is {far:g} buckets away (at most {NEAREST_MAX_DISTANCE})"
+        )
     return default("; ".join([reason, *skipped]))
 
 

@@ -86,6 +86,19 @@ def test_nearest_bucket_with_same_exact_dims(user_db):
     assert dispatch.choose(op, op.problem(mx.ones((4, 32)))).source == "default"
 
 
+def test_nearest_is_bounded(user_db):
+    # A record tuned for far larger (or smaller) problems says nothing about this one: a
+    # kernel that wins at 16384 rows can lose to the built-in at 1 row.
+    op = make_op()
+    _user(user_db, record(op, mx.ones((32, 64)), "tiled", {"block": 32, "unroll": 1}))
+    d = dispatch.choose(op, op.problem(X))  # 4 rows: 3 buckets from 32
+    assert (d.variant, d.source) == ("default", "default")
+    assert "nearest tuned problem is 3 buckets away (at most 2)" in d.reason
+    for rows in (8, 16, 64, 128):  # 1 or 2 buckets away
+        d = dispatch.choose(op, op.problem(mx.ones((rows, 64))))
+        assert (d.variant, d.source) == ("tiled", "nearest"), rows
+
+
 def test_mlxp_dispatch_default_bypasses_records(user_db, monkeypatch):
     op = make_op()
     _user(user_db, record(op, X, "slow"))
