@@ -3,9 +3,9 @@
 The lookup chain for a problem not yet in the process cache: the user database, then the
 shipped (pretuned) database for this chip, each by exact problem; then the nearest tuned
 problem (same exact dims, closest buckets, at most ``NEAREST_MAX_DISTANCE`` buckets away);
-then the op's default. A record is used only if
-it names a registered variant with parameters inside its declared space, was written by this
-MLX version from the same kernel sources, runs on this back-end and supports the problem.
+then the op's default. A record is used only if it names a registered variant with parameters
+inside its declared space, was written by this MLX version from the same kernel sources, runs
+on this back-end and supports the problem.
 A tuned variant is probed once per problem and process before it serves calls; one that fails
 to build, raises or disagrees with the reference is disabled for the process, with one warning,
 and the call falls back to the default.
@@ -32,8 +32,8 @@ if TYPE_CHECKING:
 # that problem (at most this size in each bucketed dim) and checks it against the reference.
 PROBE_MAX_DIM = 16
 # A record serves untuned problems at most this many power-of-two buckets away (summed over
-# the bucketed dims): a kernel tuned for 16384 rows ran 1 to 1024 rows slower than the
-# built-in on an H100, where the tuner keeps the built-in.
+# the bucketed dims): on an H100, kernels tuned for 16384 rows ran 1 to 1024 rows slower than
+# the defaults the tuner keeps there. Farther problems take the default until tuned.
 NEAREST_MAX_DISTANCE = 2
 
 _cache: dict[tuple, Callable] = {}
@@ -179,7 +179,8 @@ def choose(op: Op, problem: Problem) -> Decision:
         if d > NEAREST_MAX_DISTANCE:
             far = min(far, d)
             continue
-        rank = (d, src != "user", rec["problem"])
+        # At equal distance: a user record, then one that kept the default (the safe side).
+        rank = (d, src != "user", rec["variant"] != rec.get("default_variant"), rec["problem"])
         if nearest is None or rank < nearest[0]:
             nearest = (rank, rec, src)
     if nearest is not None:

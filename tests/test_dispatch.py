@@ -9,6 +9,8 @@ import pytest
 
 import mlx_primitives as mp
 from mlx_primitives import dispatch
+from mlx_primitives.problem import EXACT, Dim, bucket
+from mlx_primitives.registry import Op
 from mlx_primitives.tuning import db as tdb
 from mlx_primitives.tuning.db import TuningDB
 
@@ -86,17 +88,57 @@ def test_nearest_bucket_with_same_exact_dims(user_db):
     assert dispatch.choose(op, op.problem(mx.ones((4, 32)))).source == "default"
 
 
-def test_nearest_is_bounded(user_db):
+def test_nearest_is_bounded(user_db, shipped):
     # A record tuned for far larger (or smaller) problems says nothing about this one: a
     # kernel that wins at 16384 rows can lose to the built-in at 1 row.
     op = make_op()
-    _user(user_db, record(op, mx.ones((32, 64)), "tiled", {"block": 32, "unroll": 1}))
-    d = dispatch.choose(op, op.problem(X))  # 4 rows: 3 buckets from 32
-    assert (d.variant, d.source) == ("default", "default")
-    assert "nearest tuned problem is 3 buckets away (at most 2)" in d.reason
-    for rows in (8, 16, 64, 128):  # 1 or 2 buckets away
-        d = dispatch.choose(op, op.problem(mx.ones((rows, 64))))
-        assert (d.variant, d.source) == ("tiled", "nearest"), rows
+    tiled = {"block": 32, "unroll": 1}
+    for write in (lambda r: _user(user_db, r), shipped):
+        write(record(op, mx.ones((32, 64)), "tiled", tiled))
+        d = dispatch.choose(op, op.problem(X))  # 4 rows: 3 buckets from 32
+        assert (d.variant, d.source) == ("default", "default")
+        assert "nearest tuned problem is 3 buckets away (at most 2)" in d.reason
+        for rows in (8, 16, 64, 128):  # 1 or 2 buckets away
+            d = dispatch.choose(op, op.problem(mx.ones((rows, 64))))
+            assert (d.variant, d.source) == ("tiled", "nearest"), rows
+        user_db.unlink(missing_ok=True)
+        dispatch.reset()
+
+
+def test_nearest_ignores_unusable_and_prefers_the_default_on_ties(user_db):
+    op = make_op()
+    stale = record(op, mx.ones((8, 64)), "tiled", {"block": 32, "unroll": 1}, mlx_version="0")
+    _user(user_db, stale, record(op, mx.ones((32, 64)), "slow"))
+    d = dispatch.choose(op, op.problem(X))
+    assert d.source == "default" and "3 buckets away" in d.reason
+    # 16 rows: 4 and 64 are each 2 buckets away.
+    user_db.unlink()
+    _user(
+        user_db,
+        record(op, mx.ones((4, 64)), "tiled", {"block": 32, "unroll": 1}),
+        record(op, mx.ones((64, 64)), "default"),
+    )
+    d = dispatch.choose(op, op.problem(mx.ones((16, 64))))
+    assert (d.variant, d.source) == ("default", "nearest") and "rows=64" in d.reason
+
+
+def test_nearest_distance_sums_over_bucketed_dims(user_db):
+    base = make_op()
+    op = Op(
+        "toy",
+        dims=(Dim("batch"), Dim("rows"), Dim("cols", EXACT)),
+        problem=lambda x: (x.dtype, (bucket(x.shape[0]), bucket(x.shape[1]), x.shape[2])),
+        reference=base.reference,
+        example=base.example,
+        case=lambda p: (((p["batch"], p["rows"], p["cols"]),), {}),
+        default=lambda p, backend: ("default", {}),
+        variants=base.variants,
+        presets={},
+    )
+    _user(user_db, record(op, mx.ones((4, 4, 8)), "slow"))
+    assert dispatch.choose(op, op.problem(mx.ones((2, 8, 8)))).source == "nearest"
+    d = dispatch.choose(op, op.problem(mx.ones((2, 16, 8))))  # 1 + 2 buckets
+    assert d.source == "default" and "3 buckets away" in d.reason
 
 
 def test_mlxp_dispatch_default_bypasses_records(user_db, monkeypatch):
