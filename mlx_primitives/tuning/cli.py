@@ -402,8 +402,17 @@ def _parser() -> argparse.ArgumentParser:
     t = add("tune", "tune ops on this machine (the default command)")
     t.add_argument("--op", action="append", help="an op to tune (repeatable; default all)")
     t.add_argument("--preset", choices=list(BUDGETS), default="default")
-    t.add_argument("--trials", type=int, help="most candidates measured per problem")
-    t.add_argument("--time-budget", type=float, help="seconds for the whole run")
+    t.add_argument(
+        "--trials",
+        type=int,
+        help="most candidates measured per problem (the default and each variant's first "
+        "configuration always are)",
+    )
+    t.add_argument(
+        "--time-budget",
+        type=float,
+        help="start no problem after this many seconds (one running ends)",
+    )
     t.add_argument("--shape", action="append", help="one problem: array shapes AxB (with --dtype)")
     t.add_argument("--dtype", help="dtype of the --shape problem")
     t.add_argument("--option", action="append", help="op flag KEY=VALUE for --shape (layout=BSHD)")
