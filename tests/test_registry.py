@@ -34,6 +34,13 @@ def test_every_op_has_presets_and_a_default_it_declares():
             o.variant(name).validate(params)
 
 
+@pytest.mark.parametrize("name", ["rms_norm", "layer_norm", "swiglu", "geglu"])
+def test_row_presets_list_the_largest_shapes_first(name):
+    # So a tuning run cut short by --time-budget has covered the shapes where kernels win.
+    rows = [ex.shapes[0][0] for ex in op(name).presets["default"]]
+    assert rows == sorted(rows, reverse=True) and rows[0] > rows[-1]
+
+
 def test_configs_cover_the_space():
     v = make_op().variant("tiled")
     configs = v.configs()
