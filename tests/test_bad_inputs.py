@@ -67,6 +67,7 @@ CASES = [
     (mp.rope, (h, 10), {}, ValueError, "[rope] dims must be even and at most 8, got 10"),
     (mp.rope, (h, 0), {}, ValueError, "[rope] dims must be at least 2"),
     (mp.rope, (h, 8.0), {}, TypeError, "[rope] dims must be an integer"),
+    (mp.rope, (h, True), {}, TypeError, "[rope] dims must be an integer, got bool"),
     (mp.rope, (h, 8), {"layout": "SBHD"}, ValueError, "[rope] layout must be one of"),
     (
         mp.rope,
