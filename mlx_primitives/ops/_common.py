@@ -76,7 +76,7 @@ def check_real(op: str, name: str, value, *, positive: bool = False) -> float:
 
 def check_int(op: str, name: str, value, *, minimum: int | None = None) -> int:
     """An integer (not a bool), at least ``minimum``."""
-    # int first, as in check_real: the ABC check costs more than the rest of a call's checks.
+    # int first, as in check_real: the Integral ABC check is slow for a per-call check.
     if type(value) is int and (minimum is None or value >= minimum):
         return value
     if isinstance(value, bool) or not isinstance(value, Integral):

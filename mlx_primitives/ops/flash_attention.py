@@ -154,23 +154,21 @@ def _presets():
         for t in ("float32", "float16")
         for c in (False, True)
     ]
-    default = (
-        [
+    default = [
+        *(
             ex(b, 32, 8, s, s, 128, "float16", causal=True, layout=lay)
             for b, s in ((1, 2048), (1, 8192))
             for lay in ("BHSD", "BSHD")
-        ]
-        + [
-            # Decoding a batch and a single sequence: 3 buckets apart, so neither record serves
-            # the other (dispatch.NEAREST_MAX_DISTANCE).
+        ),
+        # Decoding a batch and a single sequence: 3 buckets apart, so neither record serves
+        # the other (dispatch.NEAREST_MAX_DISTANCE).
+        *(
             ex(b, 32, 8, 1, 8192, 128, "float16", causal=True, layout=lay)
             for b in (8, 1)
             for lay in ("BHSD", "BSHD")
-        ]
-        + [
-            ex(4, 16, 16, 1024, 1024, 64, "bfloat16", causal=False),
-        ]
-    )
+        ),
+        ex(4, 16, 16, 1024, 1024, 64, "bfloat16", causal=False),
+    ]
     full = default + [
         ex(b, h, hkv, s, s, d, t, causal=c)
         for b, h, hkv, s, d in ((2, 8, 8, 512, 64), (1, 16, 4, 4096, 128), (4, 32, 32, 256, 96))
