@@ -2,10 +2,10 @@
 
 The lookup chain for a problem not yet in the process cache: the user database, then the
 shipped (pretuned) database for this chip, each by exact problem; then the nearest tuned
-problem (same exact dims, closest buckets, at most ``NEAREST_MAX_DISTANCE`` buckets away);
-then the op's default. A record is used only if it names a registered variant with parameters
-inside its declared space, was written by this MLX version from the same kernel sources, runs
-on this back-end and supports the problem.
+problem (same exact dims, closest in size, then in shape; at most ``NEAREST_MAX_DISTANCE``
+powers of two apart in size); then the op's default. A record is used only if it names a
+registered variant with parameters inside its declared space, was written by this MLX version
+from the same kernel sources, runs on this back-end and supports the problem.
 A tuned variant is probed once per problem and process before it serves calls; one that fails
 to build, raises or disagrees with the reference is disabled for the process, with one warning,
 and the call falls back to the default.
@@ -31,9 +31,12 @@ if TYPE_CHECKING:
 # Before a tuned variant serves a problem, a probe runs it once per process on a small case of
 # that problem (at most this size in each bucketed dim) and checks it against the reference.
 PROBE_MAX_DIM = 16
-# A record serves untuned problems at most this many power-of-two buckets away (summed over
-# the bucketed dims): on an H100, kernels tuned for 16384 rows ran 1 to 1024 rows slower than
-# the defaults the tuner keeps there. Farther problems take the default until tuned.
+# A record serves an untuned problem whose size (Problem.size) is within this many powers of
+# two of its own, whatever the mix of batch, heads and sequence. On an H100, kernels tuned for
+# 16384 rows ran 1 to 1024 rows slower than the defaults; records served rope and layer_norm
+# at a half and a quarter of their size 1.5-1.6x faster than the built-ins (the H100 norms
+# results), and rope's kernel lost to the built-in from an eighth of its tuned size down
+# (uncommitted H200 runs).
 NEAREST_MAX_DISTANCE = 2
 
 _cache: dict[tuple, Callable] = {}
@@ -174,13 +177,17 @@ def choose(op: Op, problem: Problem) -> Decision:
     nearest, far = None, math.inf
     for p, rec, src in entries:
         d = distance(problem, p, op.dims)
-        if not 0 < d < math.inf or _unusable(op, rec, pdict, backend) is not None:
+        if not 0 < d.shape < math.inf or _unusable(op, rec, pdict, backend) is not None:
             continue
-        if d > NEAREST_MAX_DISTANCE:
-            far = min(far, d)
+        if d.size > NEAREST_MAX_DISTANCE:
+            far = min(far, d.size)
             continue
-        # At equal distance: a user record, then one that kept the default (the safe side).
-        rank = (d, src != "user", rec["variant"] != rec.get("default_variant"), rec["problem"])
+        # Closest in size, then in shape; then the larger problem (on an H100, layer_norm at
+        # 4096 rows, between records for 1024 and 16384 rows, ran 1.6x the built-in with the
+        # larger's kernel); then a user record, then one that kept the default.
+        smaller = p.size(op.dims) < problem.size(op.dims)
+        kept = rec["variant"] == rec.get("default_variant")
+        rank = (d, smaller, src != "user", not kept, rec["problem"])
         if nearest is None or rank < nearest[0]:
             nearest = (rank, rec, src)
     if nearest is not None:
@@ -197,7 +204,8 @@ def choose(op: Op, problem: Problem) -> Decision:
     reason = f"no usable tuning record for {key} on {chip}"
     if far < math.inf:
         skipped.append(
-            f"the nearest tuned problem is {far:g} buckets away (at most {NEAREST_MAX_DISTANCE})"
+            f"the nearest tuned problem is {far:g} powers of two away in size (at most "
+            f"{NEAREST_MAX_DISTANCE})"
         )
     return default("; ".join([reason, *skipped]))
 

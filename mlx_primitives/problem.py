@@ -66,6 +66,10 @@ class Problem(NamedTuple):
         """``{"dtype": "float16", dim: value, ...}``: what variants' constraints look at."""
         return {"dtype": dtype_name(self.dtype), **{d.name: v for d, v in zip(dims, self.values)}}
 
+    def size(self, dims: tuple[Dim, ...]) -> int:
+        """The product of the bucketed dims: the work, roughly, for the ops here."""
+        return math.prod(v for d, v in zip(dims, self.values) if d.kind == BUCKET)
+
 
 def _fmt(value) -> str:
     if isinstance(value, bool):
@@ -105,19 +109,28 @@ def parse_key(key: str, dims: tuple[Dim, ...]) -> Problem:
     return Problem(op, parse_dtype(dtype), values)
 
 
-def distance(a: Problem, b: Problem, dims: tuple[Dim, ...]) -> float:
-    """How far apart two problems are: the sum of log2 gaps over bucketed dims.
+class Distance(NamedTuple):
+    """How far apart two problems are, in powers of two; compares size first."""
+
+    size: float  # log2 gap between the problems' sizes (Problem.size)
+    shape: float  # sum of the log2 gaps of each bucketed dim
+
+
+def distance(a: Problem, b: Problem, dims: tuple[Dim, ...]) -> Distance:
+    """How far apart two problems are over their bucketed dims: in size, then in shape.
 
     Infinite unless op, dtype and every exact dim agree: a record tuned for another hidden
     size or layout says nothing about this one.
     """
     if a.op != b.op or a.dtype != b.dtype:
-        return math.inf
-    total = 0.0
+        return Distance(math.inf, math.inf)
+    size = shape = 0.0
     for d, x, y in zip(dims, a.values, b.values):
         if d.kind == EXACT:
             if x != y:
-                return math.inf
+                return Distance(math.inf, math.inf)
         else:
-            total += abs(math.log2(x) - math.log2(y))
-    return total
+            gap = math.log2(x) - math.log2(y)
+            size += gap
+            shape += abs(gap)
+    return Distance(abs(size), shape)

@@ -97,7 +97,7 @@ def test_nearest_is_bounded(user_db, shipped):
         write(record(op, mx.ones((32, 64)), "tiled", tiled))
         d = dispatch.choose(op, op.problem(X))  # 4 rows: 3 buckets from 32
         assert (d.variant, d.source) == ("default", "default")
-        assert "nearest tuned problem is 3 buckets away (at most 2)" in d.reason
+        assert "nearest tuned problem is 3 powers of two away in size (at most 2)" in d.reason
         for rows in (8, 16, 64, 128):  # 1 or 2 buckets away
             d = dispatch.choose(op, op.problem(mx.ones((rows, 64))))
             assert (d.variant, d.source) == ("tiled", "nearest"), rows
@@ -105,24 +105,28 @@ def test_nearest_is_bounded(user_db, shipped):
         dispatch.reset()
 
 
-def test_nearest_ignores_unusable_and_prefers_the_default_on_ties(user_db):
+def test_nearest_ignores_unusable_and_breaks_ties_toward_the_larger(user_db):
     op = make_op()
     stale = record(op, mx.ones((8, 64)), "tiled", {"block": 32, "unroll": 1}, mlx_version="0")
     _user(user_db, stale, record(op, mx.ones((32, 64)), "slow"))
     d = dispatch.choose(op, op.problem(X))
-    assert d.source == "default" and "3 buckets away" in d.reason
-    # 16 rows: 4 and 64 are each 2 buckets away.
-    user_db.unlink()
-    _user(
-        user_db,
-        record(op, mx.ones((4, 64)), "tiled", {"block": 32, "unroll": 1}),
-        record(op, mx.ones((64, 64)), "default"),
-    )
-    d = dispatch.choose(op, op.problem(mx.ones((16, 64))))
-    assert (d.variant, d.source) == ("default", "nearest") and "rows=64" in d.reason
+    assert d.source == "default" and "3 powers of two away" in d.reason
+    # 16 rows: 4 and 64 are each 2 buckets away; the larger serves, whichever kept the default.
+    tiled = {"block": 32, "unroll": 1}
+    for small, large, want in (("tiled", "default", "default"), ("default", "tiled", "tiled")):
+        user_db.unlink(missing_ok=True)
+        _user(
+            user_db,
+            record(op, mx.ones((4, 64)), small, tiled if small == "tiled" else {}),
+            record(op, mx.ones((64, 64)), large, tiled if large == "tiled" else {}),
+        )
+        d = dispatch.choose(op, op.problem(mx.ones((16, 64))))
+        assert (d.variant, d.source) == (want, "nearest") and "rows=64" in d.reason
 
 
-def test_nearest_distance_sums_over_bucketed_dims(user_db):
+def test_nearest_is_closest_in_size_then_in_shape(user_db):
+    # Rope's kernel tuned at batch 4 x seq 2048 beat the built-in at batch 1 x seq 4096 as it
+    # did there: over several bucketed dims, the product (the work) decides, not each dim.
     base = make_op()
     op = Op(
         "toy",
@@ -135,10 +139,35 @@ def test_nearest_distance_sums_over_bucketed_dims(user_db):
         variants=base.variants,
         presets={},
     )
-    _user(user_db, record(op, mx.ones((4, 4, 8)), "slow"))
-    assert dispatch.choose(op, op.problem(mx.ones((2, 8, 8)))).source == "nearest"
-    d = dispatch.choose(op, op.problem(mx.ones((2, 16, 8))))  # 1 + 2 buckets
-    assert d.source == "default" and "3 buckets away" in d.reason
+    tiled = {"block": 32, "unroll": 1}
+    _user(
+        user_db,
+        record(op, mx.ones((4, 4, 8)), "slow"),
+        record(op, mx.ones((16, 1, 8)), "tiled", tiled),
+    )
+
+    def chosen(shape):
+        return dispatch.choose(op, op.problem(mx.ones(shape)))
+
+    # Same size as both records: the closer shape wins (2 buckets from 4x4, 6 from 16x1).
+    d = chosen((2, 8, 8))
+    assert (d.variant, d.source) == ("slow", "nearest") and "batch=4,rows=4" in d.reason
+    # Twice the size of both: 1 bucket from 16x1 in shape, 3 from 4x4.
+    assert (chosen((16, 2, 8)).variant, chosen((16, 2, 8)).source) == ("tiled", "nearest")
+    # 4 buckets apart in shape but the same size: served (the old per-dim sum refused it).
+    assert chosen((1, 16, 8)).source == "nearest"
+    # An eighth of the size, whatever the shape: the default.
+    d = chosen((1, 2, 8))
+    assert d.source == "default" and "3 powers of two away in size" in d.reason
+    # Level in size and shape: the record that kept the default.
+    user_db.unlink()
+    _user(
+        user_db,
+        record(op, mx.ones((2, 8, 8)), "tiled", tiled),
+        record(op, mx.ones((8, 2, 8)), "default"),
+    )
+    d = chosen((4, 4, 8))
+    assert (d.variant, d.source) == ("default", "nearest") and "batch=8,rows=2" in d.reason
 
 
 def test_mlxp_dispatch_default_bypasses_records(user_db, monkeypatch):

@@ -64,11 +64,19 @@ def test_key_round_trips(p):
 def test_distance_is_a_metric_on_buckets(a, b):
     d = distance(a, b, DIMS)
     assert d == distance(b, a, DIMS)
-    assert distance(a, a, DIMS) == 0
+    assert distance(a, a, DIMS) == (0, 0)
     same_exact = a.dtype == b.dtype and a.values[1:] == b.values[1:]
-    assert (d < math.inf) == same_exact
-    if same_exact:
-        assert d == abs(math.log2(a.values[0]) - math.log2(b.values[0]))
+    assert (d.size < math.inf and d.shape < math.inf) == same_exact
+    if same_exact:  # one bucketed dim: size and shape agree
+        assert d.size == d.shape == abs(math.log2(a.values[0]) - math.log2(b.values[0]))
+
+
+def test_distance_in_size_nets_the_bucketed_dims_out():
+    dims = (Dim("batch"), Dim("seq"), Dim("d", EXACT))
+    a, b = Problem("op", mx.float16, (4, 2048, 64)), Problem("op", mx.float16, (1, 4096, 64))
+    assert distance(a, b, dims) == (1, 3)  # half the size; 2 + 1 buckets in shape
+    c = Problem("op", mx.float16, (16, 512, 64))
+    assert distance(a, c, dims) == (0, 4) and distance(a, c, dims) < distance(a, b, dims)
 
 
 @pytest.mark.parametrize(

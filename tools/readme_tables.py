@@ -27,6 +27,11 @@ def _shape(r: dict) -> str:
     return "x".join(map(str, r["shape"])) + flags
 
 
+def _via(d: dict) -> str:
+    """How the dispatch chose, where no record of the problem's own did."""
+    return f" ({d['source']})" if d.get("source") in ("nearest", "default") else ""
+
+
 def table(result: dict) -> str:
     """A markdown table: per problem, the tuned dispatch and the best variant against the
     baseline, with achieved bandwidth (and its share of the copy ceiling on a GPU)."""
@@ -67,7 +72,7 @@ def table(result: dict) -> str:
             gbs += f" ({100 * d['gb_per_s'] / copy:.0f}%)"
         lines.append(
             f"| {d['op']} | {_shape(d)} | {d['dtype']} | {d['baseline']} (±{spread:.0f}%) | "
-            f"{d['variant']} | "
+            f"{d['variant']}{_via(d)} | "
             f"{d['vs_baseline']:.2f}x | {gbs} | {best['variant']} | {best['vs_baseline']:.2f}x |"
         )
     mem = result.get("memory")

@@ -6,7 +6,7 @@
 - ``window``: a sliding window of 512 at sequence 16384, against MLX's fused attention with a
   dense mask;
 - ``decode``: one query per sequence over an 8192-long cache, 32 query and 8 key/value heads,
-  in both layouts;
+  a batch of 8 sequences and a single one, in both layouts;
 - ``memory``: peak memory of the tuned flash attention and of the naive one at 16384.
 """
 
@@ -58,7 +58,8 @@ def window_example(size: str) -> Example:
 def decode_examples(size: str) -> list[Example]:
     dtype = "float32" if size == "small" else "float16"
     return [
-        Example(qkv_shapes(8, 32, 8, 1, 8192, 128, layout), dtype, options)
+        Example(qkv_shapes(batch, 32, 8, 1, 8192, 128, layout), dtype, options)
+        for batch in (8, 1)
         for layout, options in (
             ("BHSD", (("causal", True),)),
             ("BSHD", (("causal", True), ("layout", "BSHD"))),

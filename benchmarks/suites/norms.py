@@ -12,7 +12,7 @@ import mlx.core as mx
 from mlx_primitives import dispatch
 from mlx_primitives.dsl.kernel import GpuKernel
 from mlx_primitives.hardware import current_backend
-from mlx_primitives.registry import op
+from mlx_primitives.registry import Example, op
 
 from ..common import header, measure, open_db, run_op
 
@@ -22,6 +22,18 @@ OPS = ("rms_norm", "layer_norm", "rope", "swiglu", "geglu")
 # The problems measured: each op's tuning preset ("large" its default preset, the shapes of
 # common LLMs; "small" its quick preset), so the tuned dispatch is measured where it was tuned.
 SIZES = {"small": "quick", "large": "default"}
+
+# Large shapes between the tuned ones, never tuned here: the nearest tuned problem serves each
+# or, farther than dispatch.NEAREST_MAX_DISTANCE, the default; their rows show what that gives.
+BETWEEN = {
+    "layer_norm": [((4096, 4096), "float16", {}), ((8192, 4096), "bfloat16", {})],
+    "rope": [
+        ((1, 32, 4096, 128), "float16", {"layout": "BHSD"}),
+        ((1, 4096, 32, 128), "bfloat16", {"layout": "BSHD"}),
+        ((1, 32, 1024, 128), "float16", {"layout": "BHSD"}),
+    ],
+    "swiglu": [((4096, 14336), "float16", {})],
+}
 
 
 _COPY = GpuKernel("_bench/copy.k", ["x"], ["y"])
@@ -84,8 +96,12 @@ def run(args) -> dict:
     rows = []
     for name in args.op or OPS:
         o = op(name)
-        for ex in o.presets[SIZES[sizes]]:
-            op_rows = run_op(o, ex, tuner, db, args.budget)
+        between = [
+            Example((shape,), dtype, tuple(sorted(options.items())))
+            for shape, dtype, options in (BETWEEN.get(name, []) if sizes == "large" else [])
+        ]
+        for ex in [*o.presets[SIZES[sizes]], *between]:
+            op_rows = run_op(o, ex, None if ex in between else tuner, db, args.budget)
             rows.extend(op_rows)
             d = op_rows[0]  # the dispatched call
             if gpu:

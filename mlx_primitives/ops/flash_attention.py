@@ -160,8 +160,8 @@ def _presets():
             for b, s in ((1, 2048), (1, 8192))
             for lay in ("BHSD", "BSHD")
         ),
-        # Decoding a batch and a single sequence: 3 buckets apart, so neither record serves
-        # the other (dispatch.NEAREST_MAX_DISTANCE).
+        # Decoding a batch and a single sequence: 3 powers of two apart in size, so neither
+        # record serves the other (dispatch.NEAREST_MAX_DISTANCE).
         *(
             ex(b, 32, 8, 1, 8192, 128, "float16", causal=True, layout=lay)
             for b in (8, 1)
