@@ -5,7 +5,9 @@ shipped (pretuned) database for this chip, each by exact problem; then the neare
 problem (same exact dims, closest in size, then in shape; at most ``NEAREST_MAX_DISTANCE``
 powers of two apart in size); then the op's default. A record is used only if it names a
 registered variant with parameters inside its declared space, was written by this MLX version
-from the same kernel sources, runs on this back-end and supports the problem.
+from the same kernel sources, runs on this back-end, supports the problem and, where it chose
+something other than the default, shows a gain beyond the tuner's noise rule
+(``timing.noise``).
 A tuned variant is probed once per problem and process before it serves calls; one that fails
 to build, raises or disagrees with the reference is disabled for the process, with one warning,
 and the call falls back to the default.
@@ -24,6 +26,7 @@ import mlx.core as mx
 
 from .hardware import current_backend, detect_chip
 from .problem import BUCKET, Problem, distance, parse_key
+from .tuning import timing
 
 if TYPE_CHECKING:
     from .registry import Op
@@ -276,6 +279,11 @@ def _unusable(op: Op, rec: dict, pdict: dict, backend: str) -> str | None:
         return f"variant {name} is disabled in this process"
     if not variant.allows(pdict, rec["params"]):
         return f"variant {name} with these params does not support this problem"
+    # The tuner's noise rule, for records it made under an older one.
+    base, mine = rec["default_median_s"], rec["median_s"]
+    if name != rec["default_variant"] and mine >= base * (1 - timing.noise(base)):
+        gain = base / mine if mine else math.inf
+        return f"its {gain:.2f}x over the default is within the noise at {base * 1e6:.3g} us a call"
     return None
 
 

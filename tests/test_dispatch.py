@@ -170,6 +170,25 @@ def test_nearest_is_closest_in_size_then_in_shape(user_db):
     assert (d.variant, d.source) == ("default", "nearest") and "batch=8,rows=2" in d.reason
 
 
+@pytest.mark.parametrize(
+    ("default_s", "tuned_s", "served"),
+    [(14e-6, 13e-6, False), (14e-6, 12.5e-6, True), (1e-3, 0.97e-3, True), (1e-3, 0.99e-3, False)],
+)
+def test_records_must_clear_the_noise_rule(user_db, default_s, tuned_s, served):
+    # A record made under an older rule, whose own timings show a gain within today's noise
+    # (10% under 20 us, 2% above), leaves the call to the default.
+    op = make_op()
+    tiled = {"block": 32, "unroll": 1}
+    _user(user_db, record(op, X, "tiled", tiled, default_median_s=default_s, median_s=tuned_s))
+    d = dispatch.choose(op, op.problem(X))
+    assert (d.variant == "tiled") == served
+    if not served:
+        assert "within the noise" in d.reason
+    # A record that kept the default is never refused for it.
+    _user(user_db, record(op, X, "default", default_median_s=default_s, median_s=default_s))
+    assert dispatch.choose(op, op.problem(X)).source == "user"
+
+
 def test_mlxp_dispatch_default_bypasses_records(user_db, monkeypatch):
     op = make_op()
     _user(user_db, record(op, X, "slow"))

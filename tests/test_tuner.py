@@ -59,6 +59,14 @@ def test_beats_uses_standard_errors_and_a_floor():
     assert beats(_r("a", 0.9, 0.02), _r("b", 1.0, 0.02))
 
 
+def test_short_calls_must_win_by_more():
+    # Under 20 us a call is mostly host cost, which moves between processes by 10%.
+    us = 1e-6
+    assert not beats(_r("a", 13.0 * us), _r("b", 14.0 * us))  # 7%
+    assert beats(_r("a", 12.5 * us), _r("b", 14.0 * us))  # 11%
+    assert beats(_r("a", 28.6 * us), _r("b", 30.0 * us))  # 5%, at 30 us
+
+
 def test_stderr_of_the_median_shrinks_with_samples():
     from mlx_primitives.tuning.timing import Timing
 

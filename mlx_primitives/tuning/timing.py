@@ -32,7 +32,20 @@ PROBE_CHAIN = 4
 TARGET_SAMPLE_S = 20e-3
 MAX_CHAIN = 200
 
+# Differences below this fraction of a latency are noise, whatever the measured spread says.
+NOISE = 0.02
+# Below this latency a call is mostly the host's cost per operation, which moves between
+# processes by more: on an H200, layer_norm's `row` at 1024 rows in bfloat16 (14 us a call)
+# measured 1.07x the built-in while tuning and 0.93-0.94x in two later benchmark runs.
+SHORT_CALL_S = 20e-6
+SHORT_NOISE = 0.10
+
 Call = tuple[Callable, tuple, dict]
+
+
+def noise(median_s: float) -> float:
+    """The fraction of a ``median_s`` latency below which a difference is noise."""
+    return SHORT_NOISE if median_s < SHORT_CALL_S else NOISE
 
 
 @dataclass(frozen=True)

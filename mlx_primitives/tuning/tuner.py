@@ -34,11 +34,9 @@ from ..problem import EXACT, parse_dtype
 from ..registry import Example, Op
 from .check import TOLERANCES, as_list, check_outputs, expected
 from .db import TuningDB, now
-from .timing import TARGET_SAMPLE_S, bench, bench_many, paired
+from .timing import TARGET_SAMPLE_S, bench, bench_many, noise, paired
 from .warm import warm
 
-# Differences below this fraction of a latency are noise, whatever the measured spread says.
-NOISE = 0.02
 # Finalists, timed again interleaved to decide: the FASTEST_FINALISTS fastest of the search,
 # then the earliest in the fixed order within FINALIST of the fastest, MAX_FINALISTS in all
 # (wide: on a busy 2-core machine one search timed identical candidates 2.1x apart).
@@ -137,9 +135,9 @@ class Outcome:
 
 
 def beats(a: Result, b: Result) -> bool:
-    """``a`` is faster than ``b`` beyond noise: by more than ``NOISE`` and by more than two
-    standard errors of the difference of the medians."""
-    margin = max(NOISE * b.median_s, 2.0 * math.hypot(a.stderr_s, b.stderr_s))
+    """``a`` is faster than ``b`` beyond noise: by more than ``timing.noise`` of ``b`` and by
+    more than two standard errors of the difference of the medians."""
+    margin = max(noise(b.median_s) * b.median_s, 2.0 * math.hypot(a.stderr_s, b.stderr_s))
     return a.median_s < b.median_s - margin
 
 
