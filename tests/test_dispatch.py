@@ -105,7 +105,7 @@ def test_nearest_is_bounded(user_db, shipped):
         dispatch.reset()
 
 
-def test_nearest_ignores_unusable_and_breaks_ties_toward_the_larger(user_db):
+def test_nearest_ignores_unusable_and_breaks_ties_toward_the_larger(user_db, shipped):
     op = make_op()
     stale = record(op, mx.ones((8, 64)), "tiled", {"block": 32, "unroll": 1}, mlx_version="0")
     _user(user_db, stale, record(op, mx.ones((32, 64)), "slow"))
@@ -122,6 +122,10 @@ def test_nearest_ignores_unusable_and_breaks_ties_toward_the_larger(user_db):
         )
         d = dispatch.choose(op, op.problem(mx.ones((16, 64))))
         assert (d.variant, d.source) == (want, "nearest") and "rows=64" in d.reason
+    # The same problem in both databases: the user's record, though the shipped kept the default.
+    shipped(record(op, mx.ones((64, 64)), "default"))
+    d = dispatch.choose(op, op.problem(mx.ones((16, 64))))
+    assert d.variant == "tiled" and "(user record)" in d.reason
 
 
 def test_nearest_is_closest_in_size_then_in_shape(user_db):
@@ -149,16 +153,24 @@ def test_nearest_is_closest_in_size_then_in_shape(user_db):
     def chosen(shape):
         return dispatch.choose(op, op.problem(mx.ones(shape)))
 
-    # Same size as both records: the closer shape wins (2 buckets from 4x4, 6 from 16x1).
+    # Same size as both records: the closer shape wins (2 buckets from 4x4, 6 from 16x1; the
+    # problem strings would pick 16x1).
     d = chosen((2, 8, 8))
     assert (d.variant, d.source) == ("slow", "nearest") and "batch=4,rows=4" in d.reason
-    # Twice the size of both: 1 bucket from 16x1 in shape, 3 from 4x4.
-    assert (chosen((16, 2, 8)).variant, chosen((16, 2, 8)).source) == ("tiled", "nearest")
     # 4 buckets apart in shape but the same size: served (the old per-dim sum refused it).
     assert chosen((1, 16, 8)).source == "nearest"
-    # An eighth of the size, whatever the shape: the default.
-    d = chosen((1, 2, 8))
+    # An eighth of the size (and 7 buckets in shape): the default, with the size in the reason.
+    d = chosen((1, 128, 8))
     assert d.source == "default" and "3 powers of two away in size" in d.reason
+    # Level in size, a larger and a smaller record: shape decides before which is larger.
+    user_db.unlink()
+    _user(
+        user_db,
+        record(op, mx.ones((16, 2, 8)), "tiled", tiled),
+        record(op, mx.ones((2, 4, 8)), "slow"),
+    )
+    d = chosen((4, 4, 8))  # 1 away in size from both; 3 and 1 in shape
+    assert (d.variant, d.source) == ("slow", "nearest") and "batch=2,rows=4" in d.reason
     # Level in size and shape: the record that kept the default.
     user_db.unlink()
     _user(
