@@ -189,7 +189,7 @@ def choose(op: Op, problem: Problem) -> Decision:
         # 4096 rows, between records for 1024 and 16384 rows, ran 1.6x the built-in with the
         # larger's kernel); then a user record, then one that kept the default.
         smaller = p.size(op.dims) < problem.size(op.dims)
-        kept = rec["variant"] == rec.get("default_variant")
+        kept = rec["variant"] == rec["default_variant"]
         rank = (d, smaller, src != "user", not kept, rec["problem"])
         if nearest is None or rank < nearest[0]:
             nearest = (rank, rec, src)

@@ -124,13 +124,11 @@ def distance(a: Problem, b: Problem, dims: tuple[Dim, ...]) -> Distance:
     """
     if a.op != b.op or a.dtype != b.dtype:
         return Distance(math.inf, math.inf)
-    size = shape = 0.0
+    shape = 0.0
     for d, x, y in zip(dims, a.values, b.values):
         if d.kind == EXACT:
             if x != y:
                 return Distance(math.inf, math.inf)
         else:
-            gap = math.log2(x) - math.log2(y)
-            size += gap
-            shape += abs(gap)
-    return Distance(abs(size), shape)
+            shape += abs(math.log2(x) - math.log2(y))
+    return Distance(abs(math.log2(a.size(dims)) - math.log2(b.size(dims))), shape)

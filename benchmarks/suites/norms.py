@@ -25,14 +25,15 @@ SIZES = {"small": "quick", "large": "default"}
 
 # Large shapes between the tuned ones, never tuned here: the nearest tuned problem serves each
 # or, farther than dispatch.NEAREST_MAX_DISTANCE, the default; their rows show what that gives.
+BHSD, BSHD = (("layout", "BHSD"),), (("layout", "BSHD"),)
 BETWEEN = {
-    "layer_norm": [((4096, 4096), "float16", {}), ((8192, 4096), "bfloat16", {})],
+    "layer_norm": [Example(((4096, 4096),), "float16"), Example(((8192, 4096),), "bfloat16")],
     "rope": [
-        ((1, 32, 4096, 128), "float16", {"layout": "BHSD"}),
-        ((1, 4096, 32, 128), "bfloat16", {"layout": "BSHD"}),
-        ((1, 32, 1024, 128), "float16", {"layout": "BHSD"}),
+        Example(((1, 32, 4096, 128),), "float16", BHSD),
+        Example(((1, 4096, 32, 128),), "bfloat16", BSHD),
+        Example(((1, 32, 1024, 128),), "float16", BHSD),
     ],
-    "swiglu": [((4096, 14336), "float16", {})],
+    "swiglu": [Example(((4096, 14336),), "float16")],
 }
 
 
@@ -96,10 +97,7 @@ def run(args) -> dict:
     rows = []
     for name in args.op or OPS:
         o = op(name)
-        between = [
-            Example((shape,), dtype, tuple(sorted(options.items())))
-            for shape, dtype, options in (BETWEEN.get(name, []) if sizes == "large" else [])
-        ]
+        between = BETWEEN.get(name, []) if sizes == "large" else []
         for ex in [*o.presets[SIZES[sizes]], *between]:
             op_rows = run_op(o, ex, None if ex in between else tuner, db, args.budget)
             rows.extend(op_rows)
