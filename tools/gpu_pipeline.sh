@@ -3,6 +3,7 @@
 # pretuned database (the default preset), run the benchmarks against it, then the GPU tests.
 # Everything goes into DIR (default ./gpu-results); DIR/status gets a line per finished step.
 #   [OPS="op ..."] [SUITES="norms attention"] bash tools/gpu_pipeline.sh [DIR] [pytest args...]
+# The GPU tests run in parallel shards (tools/gpu_tests.sh); pytest args select them.
 # With OPS, only those ops are tuned, on top of the shipped records of this chip.
 set -uo pipefail
 out=${1:-gpu-results}
@@ -30,5 +31,5 @@ for suite in ${SUITES:-norms attention}; do
   step "bench_$suite" env MLXP_TUNING_DB="$out/tuning.sqlite" python3 -m benchmarks.runner \
     --suite "$suite" -o "$out/$suite.json"
 done
-step gpu_tests python3 -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py "$@"
+step gpu_tests bash tools/gpu_tests.sh "$out/gpu_tests" "$@"
 echo done >>"$out/status"
