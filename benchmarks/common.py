@@ -94,6 +94,21 @@ def _variant_configs(o, problem, db: TuningDB | None, chip: str) -> list[tuple[s
     return out
 
 
+def run_or_skip(failed: list, o, ex: Example, *args, **kwargs) -> list[dict]:
+    """:func:`run_op`'s rows, or none where this device runs out of memory for the problem:
+    then the problem and the error go to ``failed`` and the suite goes on with the rows it
+    has (an 80 GB card cannot hold what a 141 GB one can)."""
+    try:
+        return run_op(o, ex, *args, **kwargs)
+    except RuntimeError as e:
+        if "out of memory" not in str(e).lower():
+            raise
+        mx.clear_cache()
+        failed.append({"op": o.name, "example": ex.label(), "error": str(e)})
+        print(f"[{o.name}] {ex.label()}: not measured ({e})", flush=True)
+        return []
+
+
 def run_op(
     o,
     ex: Example,

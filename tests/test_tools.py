@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
+import pytest
 
 from mlx_primitives.tuning.db import read_json, write_json
 
@@ -74,3 +75,39 @@ def test_readme_tables_come_from_committed_result_files():
         for key in ("device", "mlx_version", "date"):
             assert data[key]
     assert tool.main(["--check"]) == 0
+
+
+def test_a_problem_out_of_memory_is_reported_and_the_suite_goes_on(monkeypatch):
+    """On an 80 GB card MLX's masked attention at 16384 ran out of memory and the whole
+    attention suite was lost; now that problem is listed as not measured, with its error."""
+    from benchmarks import common
+    from mlx_primitives.registry import Example
+
+    def oom(o, ex, *args, **kwargs):
+        raise RuntimeError("cudaMallocAsync(&data, size, stream) failed: out of memory")
+
+    monkeypatch.setattr(common, "run_op", oom)
+    op, ex = make_op(), Example(((16384, 64),), "float16")
+    failed = []
+    assert common.run_or_skip(failed, op, ex, None, None, 0.1) == []
+    assert failed == [
+        {
+            "op": "toy",
+            "example": "16384x64 float16",
+            "error": "cudaMallocAsync(&data, size, stream) failed: out of memory",
+        }
+    ]
+    table = _load("readme_tables").table(
+        {"device": "D", "mlx_version": "0", "date": "2026", "method": "m", "results": []}
+        | {"failed": failed}
+    )
+    assert "Not measured, out of memory on this device: toy 16384x64 float16." in table
+
+    # Any other error is a bug to see, not a row to skip.
+    def broken(o, ex, *args, **kwargs):
+        raise RuntimeError("[toy] wrong result")
+
+    monkeypatch.setattr(common, "run_op", broken)
+    with pytest.raises(RuntimeError, match="wrong result"):
+        common.run_or_skip(failed, op, ex, None, None, 0.1)
+    assert len(failed) == 1

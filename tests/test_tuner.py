@@ -231,6 +231,26 @@ def test_chained_calls_feed_each_output_to_the_next():
     assert all(s is x for s in seen)
 
 
+def test_chain_is_capped_by_a_calls_peak_memory_not_its_output(monkeypatch):
+    """A call with a small output can hold far more while it runs (MLX's attention with a dense
+    mask: tens of GB of scores); chained, several of them in flight ran an 80 GB H100 out of
+    memory. The memory cap counts each call at its peak."""
+    from mlx_primitives.tuning import timing
+
+    x = mx.random.normal((2048,))
+    mx.eval(x)
+
+    def outer_sum(v):  # a 16 MB product for a 4-byte result
+        return (v[:, None] * v[None, :]).sum()
+
+    monkeypatch.setattr(timing, "_chain_bytes", lambda: 32 * 2**20)
+    _, _, cap = timing._prepare((outer_sum, (x,), {}), None, 20e-3, 1000, True)
+    assert 1 <= cap <= 2
+    # An output-sized call keeps the cap its output allows.
+    _, _, cap = timing._prepare((mx.abs, (x,), {}), None, 20e-3, 1000, True)
+    assert cap == 32 * 2**20 // x.nbytes
+
+
 def test_chain_length_follows_the_per_call_cost_not_the_evaluations(monkeypatch):
     """An evaluation's fixed cost (0.2 ms with large outputs on an H200) swamps one unchained
     call: the chain is sized from a short chain that shares it, so 50 us calls fill it."""

@@ -75,6 +75,14 @@ def table(result: dict) -> str:
             f"{d['variant']}{_via(d)} | "
             f"{d['vs_baseline']:.2f}x | {gbs} | {best['variant']} | {best['vs_baseline']:.2f}x |"
         )
+    failed = result.get("failed")
+    if failed:
+        lines += [
+            "",
+            "Not measured, out of memory on this device: "
+            + "; ".join(f"{f['op']} {f['example']}" for f in failed)
+            + ".",
+        ]
     mem = result.get("memory")
     if mem:
         io = mem["io_bytes"]

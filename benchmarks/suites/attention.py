@@ -20,7 +20,7 @@ from mlx_primitives.ops._attention import qkv_shapes
 from mlx_primitives.problem import parse_dtype
 from mlx_primitives.registry import Example, op
 
-from ..common import header, open_db, run_op
+from ..common import header, open_db, run_or_skip
 
 OPS = ("flash_attention", "sliding_window_attention", "chunked_cross_attention")
 # Per size: heads, head_dim and dtype of the seed table and the window and memory problems
@@ -120,11 +120,16 @@ def run(args) -> dict:
         raise SystemExit(f"[attention] unknown sections {sorted(unknown)}: {[*sections, 'memory']}")
     result = {**header("attention"), "sizes": size, "tuned": bool(args.tune), "results": []}
     result["sections"] = chosen
+    result["failed"] = []
     for section, problems in sections.items():
         if section not in chosen:
             continue
         for name, ex, baseline in problems:
-            rows = run_op(op(name), ex, tuner, db, args.budget, baseline=baseline)
+            rows = run_or_skip(
+                result["failed"], op(name), ex, tuner, db, args.budget, baseline=baseline
+            )
+            if not rows:
+                continue
             for r in rows:
                 r["section"] = section
             result["results"].extend(rows)

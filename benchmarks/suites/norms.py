@@ -14,7 +14,7 @@ from mlx_primitives.dsl.kernel import GpuKernel
 from mlx_primitives.hardware import current_backend
 from mlx_primitives.registry import Example, op
 
-from ..common import header, measure, open_db, run_op
+from ..common import header, measure, open_db, run_or_skip
 
 OPS = ("rms_norm", "layer_norm", "rope", "swiglu", "geglu")
 
@@ -94,12 +94,14 @@ def run(args) -> dict:
     if gpu:
         result["copy_ceiling"] = copy_ceiling()
         print(f"copy ceiling: {result['copy_ceiling']['gb_per_s']:.0f} GB/s", flush=True)
-    rows = []
+    rows, failed = [], []
     for name in args.op or OPS:
         o = op(name)
         between = BETWEEN.get(name, []) if sizes == "large" else []
         for ex in [*o.presets[SIZES[sizes]], *between]:
-            op_rows = run_op(o, ex, None if ex in between else tuner, db, args.budget)
+            op_rows = run_or_skip(failed, o, ex, None if ex in between else tuner, db, args.budget)
+            if not op_rows:
+                continue
             rows.extend(op_rows)
             d = op_rows[0]  # the dispatched call
             if gpu:
@@ -118,5 +120,6 @@ def run(args) -> dict:
         "sizes": sizes,
         "tuned": bool(args.tune),
         "results": rows,
+        "failed": failed,
         "dispatch_overhead": dispatch_overhead(),
     }

@@ -100,11 +100,17 @@ def _prepare(call: Call, limit_s: float | None, target_sample_s: float, max_chai
     """The first call (which may compile; never kept), and the chain lengths that fill
     ``target_sample_s`` and that the memory cap allows."""
     fn, args, kwargs = call
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
     start = time.perf_counter()
     out = fn(*args, **kwargs)
     mx.eval(out)
     first = time.perf_counter() - start
-    cap = max(1, _chain_bytes() // max(_nbytes(out), 1))
+    # A chain keeps every output, and the calls the host has run ahead of the device keep
+    # their scratch too, so a call counts at its peak (MLX's attention with a dense mask
+    # holds tens of GB of scores at 16384 queries: three of them do not fit an 80 GB card).
+    footprint = max(mx.get_peak_memory() - before, _nbytes(out))
+    cap = max(1, _chain_bytes() // max(footprint, 1))
     per_call = _run_chain(call, 1, feed)
     # One unchained call also pays the fixed cost of an evaluation: judge it against the
     # limit only when that cost cannot explain it.
