@@ -100,6 +100,7 @@ def _prepare(call: Call, limit_s: float | None, target_sample_s: float, max_chai
     """The first call (which may compile; never kept), and the chain lengths that fill
     ``target_sample_s`` and that the memory cap allows."""
     fn, args, kwargs = call
+    mx.eval([args, kwargs])  # inputs made lazily would count in the call's peak
     mx.reset_peak_memory()
     before = mx.get_active_memory()
     start = time.perf_counter()
