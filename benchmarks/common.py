@@ -19,8 +19,9 @@ from mlx_primitives.tuning.tuner import BUDGETS, Tuner
 METHOD = (
     "per-call latency: median over repeated mx.eval of a chain of calls built before the "
     f"clock starts (up to {timing.MAX_CHAIN} calls filling about "
-    f"{timing.TARGET_SAMPLE_S * 1e3:.0f} ms, their outputs within "
-    f"{timing.CHAIN_MEMORY_SHARE:.0%} of the device's memory; each call fed the previous "
+    f"{timing.TARGET_SAMPLE_S * 1e3:.0f} ms, each call counted at its peak memory within "
+    f"{timing.CHAIN_MEMORY_SHARE:.0%} of the device's memory, a call with large scratch "
+    "chaining fewer; each call fed the previous "
     "call's output as its first input where shape and dtype agree, so the calls run in "
     "order; not for swiglu and geglu, whose outputs drift when fed back), the "
     "implementations of one problem sampled in turn (mlx_primitives.tuning.timing."
@@ -94,19 +95,24 @@ def _variant_configs(o, problem, db: TuningDB | None, chip: str) -> list[tuple[s
     return out
 
 
+# How MLX says a buffer did not fit: CUDA's allocators, its own malloc, Metal's buffer limit.
+_OUT_OF_MEMORY = ("out of memory", "unable to allocate", "maximum allowed buffer size")
+
+
 def run_or_skip(failed: list, o, ex: Example, *args, **kwargs) -> list[dict]:
-    """:func:`run_op`'s rows, or none where this device runs out of memory for the problem:
-    then the problem and the error go to ``failed`` and the suite goes on with the rows it
-    has (an 80 GB card cannot hold what a 141 GB one can)."""
+    """:func:`run_op`'s rows, or none where the device runs out of memory for the problem: it
+    goes to ``failed`` with the error, and the suite keeps the rows it has."""
     try:
         return run_op(o, ex, *args, **kwargs)
-    except RuntimeError as e:
-        if "out of memory" not in str(e).lower():
+    except (RuntimeError, MemoryError) as e:
+        if not any(m in str(e).lower() for m in _OUT_OF_MEMORY):
             raise
-        mx.clear_cache()
-        failed.append({"op": o.name, "example": ex.label(), "error": str(e)})
-        print(f"[{o.name}] {ex.label()}: not measured ({e})", flush=True)
-        return []
+        error = str(e)
+    # Outside the handler: its traceback held the problem's arrays.
+    mx.clear_cache()
+    failed.append({"op": o.name, "example": ex.label(), "error": error})
+    print(f"[{o.name}] {ex.label()}: not measured ({error})", flush=True)
+    return []
 
 
 def run_op(

@@ -111,3 +111,30 @@ def test_a_problem_out_of_memory_is_reported_and_the_suite_goes_on(monkeypatch):
     with pytest.raises(RuntimeError, match="wrong result"):
         common.run_or_skip(failed, op, ex, None, None, 0.1)
     assert len(failed) == 1
+
+
+def test_the_suites_list_a_problem_out_of_memory_and_keep_the_others(monkeypatch):
+    from argparse import Namespace
+
+    from benchmarks import common
+    from benchmarks.suites import attention, norms
+
+    real, seen = common.run_op, []
+
+    def first_fails(o, ex, *args, **kwargs):
+        seen.append(ex)
+        if len(seen) == 1:
+            raise RuntimeError("[malloc] Unable to allocate 68719476736 bytes.")
+        return real(o, ex, *args, **kwargs)
+
+    monkeypatch.setattr(common, "run_op", first_fails)
+    args = Namespace(sizes="small", op=["rms_norm"], tune=None, budget=0.002, section=None)
+    result = norms.run(args)
+    assert [f["example"] for f in result["failed"]] == [seen[0].label()]
+    assert len({r["problem"] for r in result["results"]}) == len(seen) - 1 > 0
+
+    seen.clear()
+    args = Namespace(sizes="small", op=None, tune=None, budget=0.002, section=["window"])
+    result = attention.run(args)
+    assert [f["example"] for f in result["failed"]] == [seen[0].label()]
+    assert result["results"] == []

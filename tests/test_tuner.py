@@ -251,6 +251,12 @@ def test_chain_is_capped_by_a_calls_peak_memory_not_its_output(monkeypatch):
     y = mx.random.normal((2048, 1024)).astype(mx.float16)
     _, _, cap = timing._prepare((mx.abs, (y,), {}), None, 20e-3, 1000, True)
     assert cap == 32 * 2**20 // y.nbytes
+    # Timed together, the heavy call chains what its memory allows and the light one keeps
+    # the chain its speed asks for.
+    light, heavy = timing.bench_many(
+        [(mx.abs, (x,), {}), (outer_sum, (x,), {})], budget_s=0.01, warmup_s=0.0, min_reps=2
+    )
+    assert heavy.chain <= 2 < light.chain
 
 
 def test_chain_length_follows_the_per_call_cost_not_the_evaluations(monkeypatch):

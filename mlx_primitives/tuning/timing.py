@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-# Outputs of one chain stay alive until its evaluation: cap their bytes at this share of the
-# device's memory (at least 512 MiB), so large problems still chain several calls.
+# Outputs of one chain stay alive until its evaluation, and so may the scratch of calls the host
+# runs ahead: cap a chain's calls, each at its peak memory, at this share of the device's
+# memory (at least 512 MiB), so large problems still chain several calls.
 CHAIN_MEMORY_SHARE = 0.12
 MIN_CHAIN_BYTES = 512 * 2**20
 # More than the fixed cost of one mx.eval on any back-end.
@@ -107,9 +108,8 @@ def _prepare(call: Call, limit_s: float | None, target_sample_s: float, max_chai
     out = fn(*args, **kwargs)
     mx.eval(out)
     first = time.perf_counter() - start
-    # A chain keeps every output, and the calls the host has run ahead of the device keep
-    # their scratch too, so a call counts at its peak (MLX's attention with a dense mask
-    # holds tens of GB of scores at 16384 queries: three of them do not fit an 80 GB card).
+    # A call counts at its peak: MLX's attention with a dense mask holds tens of GB of scores
+    # at 16384 queries, and three calls in flight ran an 80 GB card out of memory.
     footprint = max(mx.get_peak_memory() - before, _nbytes(out))
     cap = max(1, _chain_bytes() // max(footprint, 1))
     per_call = _run_chain(call, 1, feed)
@@ -139,7 +139,8 @@ def bench_many(
     limit_s: float | None = None,
     feed: bool = True,
 ) -> list[Timing]:
-    """Time each ``(fn, args, kwargs)``, taking their samples in turn.
+    """Time each ``(fn, args, kwargs)``, taking their samples in turn. Resets MLX's peak-memory
+    counter: each call's peak sizes its chain.
 
     Args:
         warmup_s: time spent running before samples are kept (the first call, which may
@@ -152,12 +153,13 @@ def bench_many(
     """
     prepared = [_prepare(c, limit_s, target_sample_s, max_chain, feed) for c in calls]
     # One chain length for all: it sets how far the fixed cost of an evaluation is amortized,
-    # so calls compared with each other must share it. The fastest call's wish decides,
-    # within every call's memory cap.
-    chain = min(max(p[1] for p in prepared), *(p[2] for p in prepared))
+    # so calls compared with each other share it. The fastest call's wish decides; a call
+    # whose memory allows fewer (a composition with large scratch) runs as many as it can.
+    wish = max(p[1] for p in prepared)
+    chains = [min(wish, cap) for _, _, cap in prepared]
     deadline = time.perf_counter() + warmup_s * len(calls)
     while time.perf_counter() < deadline:
-        for call in calls:
+        for call, chain in zip(calls, chains):
             _run_chain(call, chain, feed)
     samples: list[list[float]] = [[] for _ in calls]
     deadline = time.perf_counter() + budget_s * len(calls)
@@ -169,12 +171,15 @@ def bench_many(
         random.Random(len(samples[0])).shuffle(order)
         for i in order:
             kept = samples[i]
-            kept.append(_run_chain(calls[i], chain, feed))
+            kept.append(_run_chain(calls[i], chains[i], feed))
             if limit_s is not None and len(kept) >= 3 and statistics.median(kept) > limit_s:
                 raise TimeoutError(
                     f"median {statistics.median(kept) * 1e3:.3g} ms is over the limit"
                 )
-    return [summarize(kept, chain, first) for kept, (first, _, _) in zip(samples, prepared)]
+    return [
+        summarize(kept, chain, first)
+        for kept, chain, (first, _, _) in zip(samples, chains, prepared)
+    ]
 
 
 def summarize(samples: Sequence[float], chain: int = 1, first_s: float = 0.0) -> Timing:
