@@ -9,6 +9,7 @@ import mlx.core as mx
 
 import mlx_primitives as mp
 from mlx_primitives import dispatch
+from mlx_primitives.dsl import inference_mode
 from mlx_primitives.hardware import current_backend, detect_chip
 from mlx_primitives.problem import parse_dtype
 from mlx_primitives.registry import Example
@@ -27,7 +28,9 @@ METHOD = (
     "implementations of one problem sampled in turn (mlx_primitives.tuning.timing."
     "bench_many), after a timed warm-up; the dispatch's ratio from the dispatch and the "
     "baseline timed alone, the variants' from all variants timed together; bandwidth counts "
-    "each input read once and each output written once"
+    "each input read once and each output written once; where the dispatch runs a custom "
+    "kernel, it is also timed in mlx_primitives.inference_mode (no gradient wrapper) in the "
+    "same samples"
 )
 
 
@@ -61,6 +64,16 @@ def measure(calls, budget_s: float = 0.3, feed: bool = True) -> list[dict]:
         }  # first call: compiling, where a back-end compiles
         for t in timings
     ]
+
+
+def _inference(fn):
+    """``fn`` called in :func:`mlx_primitives.inference_mode` (while the chain is built)."""
+
+    def call(*args, **kwargs):
+        with inference_mode():
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def open_db(tune: str | None) -> tuple[TuningDB | None, Tuner | None]:
@@ -150,7 +163,10 @@ def run_op(
         raise ValueError(f"[{o.name}] baseline {baseline!r} is not an available variant")
     # The dispatch's ratio comes from it and the baseline timed alone: a slow variant sampled
     # between them (an eager composition's traffic) slows the chain after it.
-    head = measure([(o, args, kwargs), (fns[baseline], args, kwargs)], budget_s, o.feed)
+    head_calls = [(o, args, kwargs), (fns[baseline], args, kwargs)]
+    if o.variant(decision.variant).is_kernel:  # a custom kernel's wrapper
+        head_calls.append((_inference(o), args, kwargs))
+    head = measure(head_calls, budget_s, o.feed)
     timed = measure([(fns[name], args, kwargs) for name, _ in variants], budget_s, o.feed)
     rows = [
         {
@@ -162,6 +178,7 @@ def run_op(
             **head[0],
             "baseline_median_s": head[1]["median_s"],
             "baseline_spread_s": head[1]["spread_s"],
+            **({"inference_median_s": head[2]["median_s"]} if len(head) > 2 else {}),
         }
     ]
     for (name, cfg), t in zip(variants, timed):
@@ -170,5 +187,7 @@ def run_op(
     for r in rows:
         r["baseline"] = baseline
         r["vs_baseline"] = r.get("baseline_median_s", ref) / r["median_s"]
+        if "inference_median_s" in r:
+            r["inference_vs_baseline"] = r["baseline_median_s"] / r["inference_median_s"]
         r["gb_per_s"] = moved / r["median_s"] / 1e9
     return rows

@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from . import registry
 from .dispatch import explain
+from .dsl import inference_mode
 from .nn import (
     ChunkedCrossAttention,
     FlashAttention,
@@ -38,6 +39,7 @@ __all__ = [
     "RoPE",
     "SwiGLU",
     "explain",
+    "inference_mode",
     "geglu",
     "layer_norm",
     "registry",

@@ -7,7 +7,7 @@ import mlx.core as mx
 import pytest
 
 from mlx_primitives import dispatch
-from mlx_primitives.dsl import poisoned
+from mlx_primitives.dsl import inference_mode, poisoned
 from mlx_primitives.hardware import current_backend
 from mlx_primitives.problem import dtype_name
 from mlx_primitives.registry import op as get_op
@@ -128,18 +128,22 @@ def test_kernel_on_non_contiguous_input(name):
                 ref.assert_close(got, want, mx.float16, label=f"{name}/{v.name} {cfg}")
 
 
+def _served_case(o, key: int = 5):
+    """Arguments of the first case past the first (a single row) that every kernel variant of
+    ``o`` has a config for, in float32."""
+    kernels = [v for v in o.variants if v.is_kernel]
+    for shapes, options in CASES[o.name][1:]:
+        args, kwargs = o.example(shapes, mx.float32, mx.random.key(key), **options)
+        problem = o.problem(*args, **kwargs).as_dict(o.dims)
+        if all(covering(v, problem) for v in kernels):
+            return args, kwargs
+    raise AssertionError(f"[{o.name}] no case serves every kernel variant")
+
+
 @pytest.mark.parametrize("name", ["rms_norm", "layer_norm", "rope", "swiglu", "geglu"])
 def test_kernel_gradients_match_reference(name):
     o = get_op(name)
-    kernels = [v for v in o.variants if v.is_kernel]
-
-    def served(case):  # every kernel variant has a config for it
-        args, kwargs = o.example(case[0], mx.float32, mx.random.key(5), **case[1])
-        problem = o.problem(*args, **kwargs).as_dict(o.dims)
-        return all(covering(v, problem) for v in kernels)
-
-    shapes, options = next(c for c in CASES[name][1:] if served(c))
-    args, kwargs = o.example(shapes, mx.float32, mx.random.key(5), **options)
+    args, kwargs = _served_case(o)
     cot = mx.random.normal(o.reference(*args, **kwargs).shape, key=mx.random.key(6))
     pos = [i for i in o.differentiable if args[i] is not None]
 
@@ -160,6 +164,29 @@ def test_kernel_gradients_match_reference(name):
                 ref.assert_close(
                     g, ref.f64(w), mx.float32, atol=1e-4, rtol=1e-3, label=f"{name}/{v.name} grad"
                 )
+
+
+@pytest.mark.parametrize("name", ["rms_norm", "layer_norm", "rope", "swiglu", "geglu"])
+def test_kernel_in_inference_mode_runs_bare(name):
+    """inference_mode gives the same output without the gradient wrapper: a gradient through
+    the kernel is then MLX's error, and is back once the block ends."""
+    o = get_op(name)
+    args, kwargs = _served_case(o, key=7)
+    problem = o.problem(*args, **kwargs).as_dict(o.dims)
+    for v in o.variants:
+        if not v.is_kernel:
+            continue
+        fn = v.build(**covering(v, problem)[0])
+
+        def loss(x, fn=fn):
+            return fn(x, *args[1:], **kwargs).sum()
+
+        wrapped = fn(*args, **kwargs)
+        with inference_mode():
+            assert mx.array_equal(fn(*args, **kwargs), wrapped).item(), f"{name}/{v.name}"
+            with pytest.raises(ValueError, match="vjp"):
+                mx.eval(mx.grad(loss)(args[0]))
+        mx.eval(mx.grad(loss)(args[0]))
 
 
 def test_user_record_dispatches_a_kernel(user_db):

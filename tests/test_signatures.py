@@ -73,6 +73,26 @@ def test_kernel_transforms_go_through_the_reference():
     assert calls  # the forward itself ran for the plain calls
 
 
+def test_inference_mode_skips_the_gradient_wrapper():
+    """In inference_mode a kernel runs bare: the fake kernel's forward stops gradients, so a
+    gradient that is zero there shows the reference's VJP was not used."""
+    fn, reference, calls = _fake_kernel()
+    x, w = mx.random.normal((4, 8)), mx.random.normal((8,))
+
+    def loss(x):
+        return fn(x, w, 1e-5).sum()
+
+    want = mx.grad(lambda x: reference(x, w, 1e-5).sum())(x)
+    assert mx.allclose(mx.grad(loss)(x), want, atol=1e-6)
+    with mp.inference_mode():
+        assert mx.array_equal(fn(x, w, 1e-5), reference(x, w, 1e-5))
+        assert not mx.any(mx.grad(loss)(x)).item()
+    assert mx.allclose(mx.grad(loss)(x), want, atol=1e-6)  # the mode ends with its block
+    with pytest.raises(KeyError), mp.inference_mode():
+        raise KeyError("inside")
+    assert mx.allclose(mx.grad(loss)(x), want, atol=1e-6)  # ... also when the block raises
+
+
 def test_compiled_composition_does_not_retrace_for_each_offset():
     """mx.compile traces anew for each new Python scalar: a decoding loop passes a new offset
     every step, so the compiled variant passes it as an array."""

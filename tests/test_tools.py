@@ -138,3 +138,44 @@ def test_the_suites_list_a_problem_out_of_memory_and_keep_the_others(monkeypatch
     result = attention.run(args)
     assert [f["example"] for f in result["failed"]] == [seen[0].label()]
     assert result["results"] == []
+
+
+def test_a_dispatched_kernel_is_also_timed_in_inference_mode(monkeypatch):
+    """Where the dispatch runs a custom kernel, its row also gives the dispatch timed inside
+    inference_mode, in the same samples, and the README table shows that ratio."""
+    import contextlib
+
+    from benchmarks import common
+    from mlx_primitives.registry import Example, Variant
+
+    real, entered = common.dispatch.choose, []
+    # A variant with a kernel source stands for a custom kernel.
+    toy = make_op([Variant("kernel", lambda: lambda x: x * 2, sources=("rms_norm/row.k",))])
+
+    def kernel(o, problem):
+        return real(o, problem)._replace(variant="kernel")
+
+    @contextlib.contextmanager
+    def spy():
+        entered.append(1)
+        yield
+
+    monkeypatch.setattr(common.dispatch, "choose", kernel)
+    monkeypatch.setattr(common, "inference_mode", spy)
+    # The toy's faulty variants are not what this times.
+    monkeypatch.setattr(common, "_variant_configs", lambda *a: [("default", {}), ("slow", {})])
+    rows = common.run_op(toy, Example(((64, 256),), "float32"), None, None, 0.002)
+    d = rows[0]
+    assert d["impl"] == "dispatch" and entered
+    assert d["inference_vs_baseline"] == d["baseline_median_s"] / d["inference_median_s"] > 0
+    assert not any("inference_median_s" in r for r in rows[1:])
+    result = {"device": "D", "mlx_version": "0", "date": "2026", "method": "m", "results": rows}
+    table = _load("readme_tables").table(result)
+    assert f"| {d['vs_baseline']:.2f}x | {d['inference_vs_baseline']:.2f}x |" in table
+
+    monkeypatch.setattr(common.dispatch, "choose", real)
+    rows = common.run_op(toy, Example(((64, 256),), "float32"), None, None, 0.002)
+    assert "inference_median_s" not in rows[0]  # the built-in has no wrapper to skip
+    assert f"| {rows[0]['vs_baseline']:.2f}x | - |" in _load("readme_tables").table(
+        result | {"results": rows}
+    )

@@ -33,8 +33,9 @@ def _via(d: dict) -> str:
 
 
 def table(result: dict) -> str:
-    """A markdown table: per problem, the tuned dispatch and the best variant against the
-    baseline, with achieved bandwidth (and its share of the copy ceiling on a GPU)."""
+    """A markdown table: per problem, the tuned dispatch (also in inference_mode, where it runs
+    a custom kernel) and the best variant against the baseline, with achieved bandwidth (and
+    its share of the copy ceiling on a GPU)."""
     ceiling = result.get("copy_ceiling", {}).get("gb_per_s")
     head = (
         f"{result['device']}, MLX {result['mlx_version']}, {result['date'][:10]} "
@@ -47,12 +48,18 @@ def table(result: dict) -> str:
             " The percentage after GB/s is of a copy kernel moving the same bytes, measured"
             " right after the problem."
         )
+    if any("inference_vs_baseline" in r for r in result["results"]):
+        head += (
+            ' "In inference_mode": the dispatch timed in the same samples inside'
+            " `mlx_primitives.inference_mode()`, which skips a custom kernel's gradient wrapper"
+            ' ("-" where the dispatch runs no custom kernel).'
+        )
     lines = [
         head,
         "",
-        "| op | shape | dtype | baseline (spread) | tuned dispatch | vs baseline | GB/s "
-        "| best variant | vs baseline |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| op | shape | dtype | baseline (spread) | tuned dispatch | vs baseline "
+        "| in inference_mode | GB/s | best variant | vs baseline |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple, list[dict]] = {}
     for r in result["results"]:
@@ -66,6 +73,9 @@ def table(result: dict) -> str:
         else:
             spread = 100 * base["spread_s"] / base["median_s"]
         best = max((r for r in rows if r["impl"] == "variant"), key=lambda r: r["vs_baseline"])
+        # Only a custom kernel has a gradient wrapper to skip (older files: not measured).
+        inference = d.get("inference_vs_baseline")
+        inference = f"{inference:.2f}x" if inference else "-"
         gbs = f"{d['gb_per_s']:.0f}"
         copy = d.get("copy_gb_per_s", ceiling)
         if copy:
@@ -73,7 +83,8 @@ def table(result: dict) -> str:
         lines.append(
             f"| {d['op']} | {_shape(d)} | {d['dtype']} | {d['baseline']} (±{spread:.0f}%) | "
             f"{d['variant']}{_via(d)} | "
-            f"{d['vs_baseline']:.2f}x | {gbs} | {best['variant']} | {best['vs_baseline']:.2f}x |"
+            f"{d['vs_baseline']:.2f}x | {inference} | {gbs} | {best['variant']} | "
+            f"{best['vs_baseline']:.2f}x |"
         )
     failed = result.get("failed")
     if failed:

@@ -19,6 +19,8 @@ from .dialect import BACKENDS, header, render
 # While set, kernels fill their outputs with NaN before running, so a check catches any
 # element a kernel forgot to write.
 _POISON: ContextVar[float | None] = ContextVar("mlxp_poison", default=None)
+# While set, custom kernels run without their gradient wrapper (see inference_mode).
+_INFERENCE: ContextVar[bool] = ContextVar("mlxp_inference", default=False)
 
 
 @contextlib.contextmanager
@@ -191,6 +193,22 @@ class GpuKernel:
         )
 
 
+@contextlib.contextmanager
+def inference_mode():
+    """Run the custom kernels called in this block without their ``mx.custom_function``.
+
+    That wrapper gives a kernel its gradient; it is one more graph node per call, whose
+    evaluation costs host time that large calls do not fully hide. Graphs built in this block
+    cannot be differentiated through a custom kernel: MLX raises when asked for the VJP of
+    one. Built-ins and compositions are unaffected.
+    """
+    token = _INFERENCE.set(True)
+    try:
+        yield
+    finally:
+        _INFERENCE.reset(token)
+
+
 def with_reference_transforms(forward: Callable, reference: Callable) -> Callable:
     """``forward`` (a custom kernel, which has no transformations of its own) with its VJP,
     JVP and vmap computed through ``reference``.
@@ -199,6 +217,9 @@ def with_reference_transforms(forward: Callable, reference: Callable) -> Callabl
     (by recomputing ``reference``), everything else is held constant.
     """
     fn = mx.custom_function(forward)
+
+    def call(*args):
+        return forward(*args) if _INFERENCE.get() else fn(*args)
 
     def wrt(primals) -> list[int]:
         return [
@@ -241,4 +262,4 @@ def with_reference_transforms(forward: Callable, reference: Callable) -> Callabl
         mapped = mx.vmap(over(inputs, positions), in_axes=tuple(axes[i] for i in positions))
         return mapped(*[inputs[i] for i in positions]), 0
 
-    return fn
+    return call
