@@ -200,7 +200,8 @@ def inference_mode():
     That wrapper gives a kernel its gradient; it is one more graph node per call, whose
     evaluation costs host time that large calls do not fully hide. Graphs built in this block
     cannot be differentiated through a custom kernel: MLX raises when asked for the VJP of
-    one. Built-ins and compositions are unaffected.
+    one, and a function ``mx.compile`` first traces in the block keeps that trace outside it.
+    Built-ins and compositions are unaffected.
     """
     token = _INFERENCE.set(True)
     try:
