@@ -164,7 +164,9 @@ def run_op(
     # The dispatch's ratio comes from it and the baseline timed alone: a slow variant sampled
     # between them (an eager composition's traffic) slows the chain after it.
     head_calls = [(o, args, kwargs), (fns[baseline], args, kwargs)]
-    if o.variant(decision.variant).is_kernel:  # a custom kernel's wrapper
+    # Only a custom kernel has a gradient wrapper to skip. (Were the kernel disabled by its
+    # probe, the default would serve: the row's "variant" and both timings would be its.)
+    if o.variant(decision.variant).is_kernel:
         head_calls.append((_inference(o), args, kwargs))
     head = measure(head_calls, budget_s, o.feed)
     timed = measure([(fns[name], args, kwargs) for name, _ in variants], budget_s, o.feed)

@@ -166,27 +166,32 @@ def test_kernel_gradients_match_reference(name):
                 )
 
 
+def _runs_bare_in_inference_mode(fn, args, kwargs, label):
+    """In inference_mode ``fn`` (a kernel variant) gives the same output without its gradient
+    wrapper: a gradient or vmap through it is then MLX's error, and works again after."""
+
+    def loss(x):
+        return fn(x, *args[1:], **kwargs).sum()
+
+    wrapped = fn(*args, **kwargs)
+    with inference_mode():
+        assert mx.array_equal(fn(*args, **kwargs), wrapped).item(), label
+        with pytest.raises(ValueError, match="vjp"):
+            mx.eval(mx.grad(loss)(args[0]))
+        with pytest.raises(ValueError, match="vmap"):
+            mx.eval(mx.vmap(loss)(args[0][None]))
+    mx.eval(mx.grad(loss)(args[0]))
+
+
 @pytest.mark.parametrize("name", ["rms_norm", "layer_norm", "rope", "swiglu", "geglu"])
 def test_kernel_in_inference_mode_runs_bare(name):
-    """inference_mode gives the same output without the gradient wrapper: a gradient through
-    the kernel is then MLX's error, and is back once the block ends."""
     o = get_op(name)
     args, kwargs = _served_case(o, key=7)
     problem = o.problem(*args, **kwargs).as_dict(o.dims)
     for v in o.variants:
-        if not v.is_kernel:
-            continue
-        fn = v.build(**covering(v, problem)[0])
-
-        def loss(x, fn=fn):
-            return fn(x, *args[1:], **kwargs).sum()
-
-        wrapped = fn(*args, **kwargs)
-        with inference_mode():
-            assert mx.array_equal(fn(*args, **kwargs), wrapped).item(), f"{name}/{v.name}"
-            with pytest.raises(ValueError, match="vjp"):
-                mx.eval(mx.grad(loss)(args[0]))
-        mx.eval(mx.grad(loss)(args[0]))
+        if v.is_kernel:
+            fn = v.build(**covering(v, problem)[0])
+            _runs_bare_in_inference_mode(fn, args, kwargs, f"{name}/{v.name}")
 
 
 def test_user_record_dispatches_a_kernel(user_db):
@@ -380,6 +385,17 @@ def test_attention_kernel_on_views(kernel):
             with poisoned():
                 got = variant.build(**cfg)(q, keys, values, causal=True)
             ref.assert_close(got, want, mx.float16, label=f"{kernel} view {cfg}")
+
+
+@pytest.mark.parametrize("kernel", ATTENTION_CASES)
+def test_attention_kernel_in_inference_mode_runs_bare(kernel):
+    name, q_shape, kv_shape, options = ATTENTION_CASES[kernel][0]
+    dtype = ATTENTION_DTYPES.get(kernel, (mx.float32,))[0]
+    args, kwargs, _ = _attention_call(name, q_shape, kv_shape, options, dtype)
+    o = get_op(name)
+    variant = o.variant(kernel)
+    cfg = covering(variant, o.problem(*args, **kwargs).as_dict(o.dims))[0]
+    _runs_bare_in_inference_mode(variant.build(**cfg), args, kwargs, f"{name} {kernel}")
 
 
 @pytest.mark.parametrize("kernel", ATTENTION_CASES)

@@ -91,6 +91,10 @@ def test_inference_mode_skips_the_gradient_wrapper():
     with pytest.raises(KeyError), mp.inference_mode():
         raise KeyError("inside")
     assert mx.allclose(mx.grad(loss)(x), want, atol=1e-6)  # ... also when the block raises
+    with mp.inference_mode():
+        with mp.inference_mode():
+            pass
+        assert not mx.any(mx.grad(loss)(x)).item()  # a nested block ends only itself
 
 
 def test_compiled_composition_does_not_retrace_for_each_offset():

@@ -148,34 +148,55 @@ def test_a_dispatched_kernel_is_also_timed_in_inference_mode(monkeypatch):
     from benchmarks import common
     from mlx_primitives.registry import Example, Variant
 
-    real, entered = common.dispatch.choose, []
-    # A variant with a kernel source stands for a custom kernel.
-    toy = make_op([Variant("kernel", lambda: lambda x: x * 2, sources=("rms_norm/row.k",))])
+    active, seen = [False], []
 
-    def kernel(o, problem):
-        return real(o, problem)._replace(variant="kernel")
+    def kernel_fn(x):  # records whether its graph is built in inference_mode
+        seen.append(active[0])
+        return x * 2
+
+    # A variant with a kernel source stands for a custom kernel.
+    toy = make_op([Variant("kernel", lambda: kernel_fn, sources=("rms_norm/row.k",))])
+    real = common.dispatch.choose
 
     @contextlib.contextmanager
     def spy():
-        entered.append(1)
-        yield
+        active[0] = True
+        try:
+            yield
+        finally:
+            active[0] = False
 
-    monkeypatch.setattr(common.dispatch, "choose", kernel)
+    timed = []
+
+    def measure(calls, budget_s=0.3, feed=True):  # call i of a measurement takes i + 1 us
+        timed.append(calls)
+        return [
+            {"median_s": (i + 1) * 1e-6, "spread_s": 0.0, "reps": 5, "chain": 1, "first_call_s": 0}
+            for i in range(len(calls))
+        ]
+
+    monkeypatch.setattr(
+        common.dispatch, "choose", lambda o, p: real(o, p)._replace(variant="kernel")
+    )
     monkeypatch.setattr(common, "inference_mode", spy)
+    monkeypatch.setattr(common, "measure", measure)
     # The toy's faulty variants are not what this times.
     monkeypatch.setattr(common, "_variant_configs", lambda *a: [("default", {}), ("slow", {})])
     rows = common.run_op(toy, Example(((64, 256),), "float32"), None, None, 0.002)
     d = rows[0]
-    assert d["impl"] == "dispatch" and entered
-    assert d["inference_vs_baseline"] == d["baseline_median_s"] / d["inference_median_s"] > 0
+    assert (d["median_s"], d["baseline_median_s"], d["inference_median_s"]) == (1e-6, 2e-6, 3e-6)
+    assert d["inference_vs_baseline"] == 2 / 3
     assert not any("inference_median_s" in r for r in rows[1:])
+    # The third call timed with the dispatch is the dispatch, its chain built in the mode.
+    for (fn, args, kwargs), mode in zip(timed[0], (False, None, True)):
+        seen.clear()
+        fn(*args, **kwargs)
+        assert seen == ([] if mode is None else [mode])
     result = {"device": "D", "mlx_version": "0", "date": "2026", "method": "m", "results": rows}
     table = _load("readme_tables").table(result)
-    assert f"| {d['vs_baseline']:.2f}x | {d['inference_vs_baseline']:.2f}x |" in table
+    assert "| 2.00x | 0.67x |" in table
 
     monkeypatch.setattr(common.dispatch, "choose", real)
     rows = common.run_op(toy, Example(((64, 256),), "float32"), None, None, 0.002)
-    assert "inference_median_s" not in rows[0]  # the built-in has no wrapper to skip
-    assert f"| {rows[0]['vs_baseline']:.2f}x | - |" in _load("readme_tables").table(
-        result | {"results": rows}
-    )
+    assert len(timed[2]) == 2 and "inference_median_s" not in rows[0]  # no wrapper to skip
+    assert "| 2.00x | - |" in _load("readme_tables").table(result | {"results": rows})

@@ -197,11 +197,11 @@ class GpuKernel:
 def inference_mode():
     """Run the custom kernels called in this block without their ``mx.custom_function``.
 
-    That wrapper gives a kernel its gradient; it is one more graph node per call, whose
-    evaluation costs host time that large calls do not fully hide. Graphs built in this block
-    cannot be differentiated through a custom kernel: MLX raises when asked for the VJP of
-    one, and a function ``mx.compile`` first traces in the block keeps that trace outside it.
-    Built-ins and compositions are unaffected.
+    That wrapper gives a kernel its gradient, JVP and vmap; it is one more graph node per
+    call, whose evaluation costs host time that large calls do not fully hide. In this block
+    MLX raises when a transformation reaches a custom kernel. The mode is read when a graph is
+    built: a function ``mx.compile`` traced outside the block keeps its wrappers when called
+    in it. Built-ins and compositions are unaffected.
     """
     token = _INFERENCE.set(True)
     try:
@@ -212,7 +212,7 @@ def inference_mode():
 
 def with_reference_transforms(forward: Callable, reference: Callable) -> Callable:
     """``forward`` (a custom kernel, which has no transformations of its own) with its VJP,
-    JVP and vmap computed through ``reference``.
+    JVP and vmap computed through ``reference``; in :func:`inference_mode`, ``forward`` alone.
 
     Both take the same positional arguments; floating arrays among them are differentiated
     (by recomputing ``reference``), everything else is held constant.
