@@ -23,8 +23,8 @@ METHOD = (
     f"{timing.TARGET_SAMPLE_S * 1e3:.0f} ms, each call counted at its peak memory within "
     f"{timing.CHAIN_MEMORY_SHARE:.0%} of the device's memory, a call with large scratch "
     "chaining fewer; each call fed the previous "
-    "call's output as its first input where shape and dtype agree, so the calls run in "
-    "order; not for swiglu and geglu, whose outputs drift when fed back), the "
+    "call's output as its first input (swiglu and geglu: as up) where shape and dtype agree, "
+    "so the calls run in order), the "
     "implementations of one problem sampled in turn (mlx_primitives.tuning.timing."
     "bench_many), after a timed warm-up; the dispatch's ratio from the dispatch and the "
     "baseline timed alone, the variants' from all variants timed together; bandwidth counts "
@@ -50,7 +50,7 @@ def header(suite: str) -> dict:
     }
 
 
-def measure(calls, budget_s: float = 0.3, feed: bool = True) -> list[dict]:
+def measure(calls, budget_s: float = 0.3, feed: int | None = 0) -> list[dict]:
     """Median and spread of each ``(fn, args, kwargs)``, sampled in turn, as row fragments
     (``feed``: as for :func:`bench_many`)."""
     timings = timing.bench_many(calls, budget_s=budget_s, warmup_s=0.1, max_reps=200, feed=feed)

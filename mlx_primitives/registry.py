@@ -148,9 +148,9 @@ class Op:
         check_slices: ``check_slices(args, kwargs)`` gives, for a call too large to check
             whole against the float64 reference, ``[(args, kwargs, select), ...]``: smaller
             calls whose outputs are ``select(outputs)`` of the whole one; None to check whole.
-        feed: whether timing may feed each call's output to the next as its first input (the
-            calls then run in order); False where outputs fed back drift to values no model
-            sees.
+        feed: the argument (by position) that timing feeds each call's output back into, so
+            the calls run in order; another where outputs fed back as the first drift to
+            values that take a slow path; None to time independent calls.
     """
 
     def __init__(
@@ -168,7 +168,7 @@ class Op:
         differentiable: tuple[int, ...] = (0,),
         tolerances: dict[str, tuple[float, float]] | None = None,
         check_slices: Callable[[tuple, dict], list | None] | None = None,
-        feed: bool = True,
+        feed: int | None = 0,
     ):
         self.name = name
         self.dims = tuple(dims)

@@ -77,6 +77,19 @@ def test_readme_tables_come_from_committed_result_files():
     assert tool.main(["--check"]) == 0
 
 
+def test_a_readme_table_can_show_some_ops_of_a_file():
+    """A table may show only some ops of its file (a later run superseded the others' rows)."""
+    tool = _load("readme_tables")
+    marker = "<!-- results:norms-nvidia-h100-80gb-hbm3.json ops=rope,layer_norm -->"
+    readme = marker + "\n<!-- end results -->"
+    body = tool.render(readme)
+    assert body.startswith(marker) and body.endswith("<!-- end results -->")
+    ops = {line.split(" | ")[0][2:] for line in body.splitlines() if line.startswith("| ")}
+    assert ops == {"op", "rope", "layer_norm"}
+    assert "Rows of rope, layer_norm only." in body
+    assert "| rms_norm |" in tool.render(readme.replace(" ops=rope,layer_norm", ""))
+
+
 def test_a_problem_out_of_memory_is_reported_and_the_suite_goes_on(monkeypatch):
     """On an 80 GB card MLX's masked attention at 16384 ran out of memory and the whole
     attention suite was lost; now that problem is listed as not measured, with its error."""
@@ -168,7 +181,7 @@ def test_a_dispatched_kernel_is_also_timed_in_inference_mode(monkeypatch):
 
     timed = []
 
-    def measure(calls, budget_s=0.3, feed=True):  # call i of a measurement takes i + 1 us
+    def measure(calls, budget_s=0.3, feed=0):  # call i of a measurement takes i + 1 us
         timed.append(calls)
         return [
             {"median_s": (i + 1) * 1e-6, "spread_s": 0.0, "reps": 5, "chain": 1, "first_call_s": 0}

@@ -217,18 +217,45 @@ def test_chained_calls_feed_each_output_to_the_next():
         seen.append(a)
         return a * 2
 
-    _run_chain((twice, (x, 1), {}), 3, True)
+    _run_chain((twice, (x, 1), {}), 3, 0)
     assert seen[0] is x
     mx.eval(seen)
     assert [s[0, 0].item() for s in seen] == [1.0, 2.0, 4.0]
     # An output of another shape cannot be passed on: each call gets the inputs as given.
     seen.clear()
-    _run_chain((lambda a, b: (seen.append(a), a.sum())[1], (x, 1), {}), 3, True)
+    _run_chain((lambda a, b: (seen.append(a), a.sum())[1], (x, 1), {}), 3, 0)
     assert all(s is x for s in seen)
-    # An op whose outputs must not come back as inputs (Op.feed False) is never fed.
+    # Op.feed names another argument (swiglu's `up`): that one is fed, the first stays.
+    pairs = []
+    _run_chain((lambda a, b: (pairs.append((a, b)), a + b)[1], (x, x * 3), {}), 3, 1)
+    assert all(a is x for a, _ in pairs)
+    mx.eval(pairs)
+    assert [b[0, 0].item() for _, b in pairs] == [3.0, 4.0, 5.0]
+    # Op.feed None: never fed.
     seen.clear()
-    _run_chain((twice, (x, 1), {}), 3, False)
+    _run_chain((twice, (x, 1), {}), 3, None)
     assert all(s is x for s in seen)
+
+
+def test_each_fed_argument_has_its_ops_output_shape_and_dtype():
+    """A feed that never fits is silently no feed: the calls would overlap again."""
+    import math
+
+    from mlx_primitives import registry
+    from mlx_primitives.problem import parse_dtype
+
+    for o in registry.ops():
+        if o.feed is None:
+            continue
+        ex = min(o.presets["quick"], key=lambda e: sum(math.prod(s) for s in e.shapes))
+        args, kwargs = o.example(
+            ex.shapes, parse_dtype(ex.dtype), mx.random.key(0), **dict(ex.options)
+        )
+        name, params = o.default(o.problem(*args, **kwargs), "cpu")
+        out = o.variant(name).build(**params)(*args, **kwargs)
+        fed = args[o.feed]
+        assert isinstance(out, mx.array), o.name
+        assert (out.shape, out.dtype) == (fed.shape, fed.dtype), o.name
 
 
 def test_chain_is_capped_by_a_calls_peak_memory_not_its_output(monkeypatch):

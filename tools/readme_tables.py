@@ -2,9 +2,10 @@
 
     python tools/readme_tables.py [--check]
 
-Each table sits in README.md between ``<!-- results:FILE -->`` and ``<!-- end results -->``,
-where FILE is a result file in benchmarks/results/; the table is rebuilt from that file, so
-every figure in the README comes from a committed measurement. ``--check`` exits 1 when the
+Each table sits in README.md between ``<!-- results:FILE -->`` (or ``<!-- results:FILE
+ops=A,B -->`` for those ops' rows only) and ``<!-- end results -->``, where FILE is a result
+file in benchmarks/results/; the table is rebuilt from that file, so every figure in the
+README comes from a committed measurement. ``--check`` exits 1 when the
 README is not what the files say (a test runs it).
 """
 
@@ -18,7 +19,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(
-    r"(<!-- results:(?P<file>[\w.-]+) -->\n)(?P<body>.*?)(<!-- end results -->)", re.S
+    r"(<!-- results:(?P<file>[\w.-]+)(?: ops=(?P<ops>[\w,]+))? -->\n)(?P<body>.*?)"
+    r"(<!-- end results -->)",
+    re.S,
 )
 
 
@@ -32,10 +35,10 @@ def _via(d: dict) -> str:
     return f" ({d['source']})" if d.get("source") in ("nearest", "default") else ""
 
 
-def table(result: dict) -> str:
+def table(result: dict, ops: list[str] | None = None) -> str:
     """A markdown table: per problem, the tuned dispatch (also in inference_mode, where it runs
     a custom kernel) and the best variant against the baseline, with achieved bandwidth (and
-    its share of the copy ceiling on a GPU)."""
+    its share of the copy ceiling on a GPU); only ``ops``' rows where given."""
     ceiling = result.get("copy_ceiling", {}).get("gb_per_s")
     head = (
         f"{result['device']}, MLX {result['mlx_version']}, {result['date'][:10]} "
@@ -43,6 +46,8 @@ def table(result: dict) -> str:
     )
     if ceiling:
         head += f" Copy ceiling measured in the same run: {ceiling:.0f} GB/s."
+    if ops:
+        head += f" Rows of {', '.join(ops)} only."
     if any("copy_gb_per_s" in r for r in result["results"]):
         head += (
             " The percentage after GB/s is of a copy kernel moving the same bytes, measured"
@@ -59,6 +64,8 @@ def table(result: dict) -> str:
     ]
     groups: dict[tuple, list[dict]] = {}
     for r in result["results"]:
+        if ops and r["op"] not in ops:
+            continue
         groups.setdefault((r["op"], r["problem"]), []).append(r)
     for rows in groups.values():
         d = next(r for r in rows if r["impl"] == "dispatch")
@@ -117,7 +124,8 @@ def table(result: dict) -> str:
 def render(readme: str) -> str:
     def fill(m: re.Match) -> str:
         data = json.loads((ROOT / "benchmarks" / "results" / m["file"]).read_text())
-        return m.group(1) + table(data) + m.group(4)
+        ops = m["ops"].split(",") if m["ops"] else None
+        return m.group(1) + table(data, ops) + m.group(5)
 
     return BLOCK.sub(fill, readme)
 

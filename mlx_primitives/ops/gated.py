@@ -173,7 +173,8 @@ def _presets(**options):
 
 
 # Outputs fed back as the next gate grow to inf in float16 within a timing chain, and the
-# kernels' division then takes its slow path for special values: time calls unfed.
+# kernels' division then takes its slow path for special values; fed back as `up` they are
+# only multiplied, so timing feeds that argument.
 SWIGLU = register(
     Op(
         "swiglu",
@@ -186,7 +187,7 @@ SWIGLU = register(
         variants=[*mlx_variants(swiglu_reference), *_kernel_variants(_swiglu_public)],
         presets=_presets(),
         differentiable=(0, 1),
-        feed=False,
+        feed=1,
     )
 )
 
@@ -202,7 +203,7 @@ GEGLU = register(
         variants=[*mlx_variants(geglu_reference), *_kernel_variants(_geglu_public)],
         presets=_presets(approximate="none"),
         differentiable=(0, 1),
-        feed=False,
+        feed=1,
     )
 )
 

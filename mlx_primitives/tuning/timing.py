@@ -3,8 +3,8 @@
 Device work is lazy and asynchronous, so each sample times one ``mx.eval`` of a chain of
 calls, built before the clock starts. Chaining many calls per evaluation keeps the fixed cost
 of one evaluation (larger with large outputs) from deciding between fast kernels. A call whose
-output has the shape and dtype of its first input feeds it to the next call (unless the op says
-not to: ``Op.feed``), so the chain runs in order, as a model's layers do, instead of
+output has the shape and dtype of one of its inputs (the first, or the one ``Op.feed`` names)
+feeds it to the next call, so the chain runs in order, as a model's layers do, instead of
 overlapping on the device. Several callables timed together take their samples in turn
 (round-robin), so a machine that speeds up or slows down during the measurement moves all of
 them alike and their ratios stay fair.
@@ -80,24 +80,27 @@ def _chain_bytes() -> int:
     return max(MIN_CHAIN_BYTES, int(CHAIN_MEMORY_SHARE * memory))
 
 
-def _run_chain(call: Call, chain: int, feed: bool) -> float:
+def _run_chain(call: Call, chain: int, feed: int | None) -> float:
     fn, args, kwargs = call
-    first = args[0] if feed and args and isinstance(args[0], mx.array) else None
+    fed = feed is not None and feed < len(args) and isinstance(args[feed], mx.array)
+    first = args[feed] if fed else None
     current, outs = list(args), []
     for _ in range(chain):
         out = fn(*current, **kwargs)
         outs.append(out)
-        # Each call takes the one before's output where it has the first input's shape and
+        # Each call takes the one before's output where it has the fed input's shape and
         # dtype: on CUDA independent calls run concurrently, hiding a small grid's idle SMs.
         fits = isinstance(out, mx.array) and first is not None and out.shape == first.shape
         if fits and out.dtype == first.dtype:
-            current[0] = out
+            current[feed] = out
     start = time.perf_counter()
     mx.eval(outs)
     return (time.perf_counter() - start) / chain
 
 
-def _prepare(call: Call, limit_s: float | None, target_sample_s: float, max_chain: int, feed: bool):
+def _prepare(
+    call: Call, limit_s: float | None, target_sample_s: float, max_chain: int, feed: int | None
+):
     """The first call (which may compile; never kept), and the chain lengths that fill
     ``target_sample_s`` and that the memory cap allows."""
     fn, args, kwargs = call
@@ -137,7 +140,7 @@ def bench_many(
     target_sample_s: float = TARGET_SAMPLE_S,
     max_chain: int = MAX_CHAIN,
     limit_s: float | None = None,
-    feed: bool = True,
+    feed: int | None = 0,
 ) -> list[Timing]:
     """Time each ``(fn, args, kwargs)``, taking their samples in turn. Resets MLX's peak-memory
     counter: each call's peak sizes its chain.
@@ -149,7 +152,8 @@ def bench_many(
         target_sample_s: calls are chained until one evaluation takes about this long.
         limit_s: a per-call latency above which timing stops with ``TimeoutError`` (a
             candidate far slower than the default is not worth finishing).
-        feed: feed each call's output to the next where it fits (the op's ``feed``).
+        feed: the argument each call's output is fed to in the next call where it fits (the
+            op's ``feed``); None to time independent calls.
     """
     prepared = [_prepare(c, limit_s, target_sample_s, max_chain, feed) for c in calls]
     # One chain length for all: it sets how far the fixed cost of an evaluation is amortized,
