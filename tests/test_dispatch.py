@@ -315,6 +315,21 @@ def test_dispatched_call_equals_direct_call(user_db):
     assert mx.array_equal(op(X), double(X))
 
 
+def test_a_record_that_kept_the_default_serves_it_unprobed_and_unguarded(user_db, monkeypatch):
+    """A record that chose the default (as most records of host-bound sizes do) serves the
+    default's own callable: nothing to verify, nothing to fall back to."""
+    op = make_op()
+    probed = []
+    monkeypatch.setattr(dispatch, "_probe", lambda o, p, fn: probed.append(p))
+    _user(user_db, record(op, X, "default"))
+    assert dispatch.choose(op, op.problem(X)).source == "user"
+    fn = dispatch.route(op, *op._problem(X))
+    assert fn.__name__ == "double" and not probed
+    _user(user_db, record(op, X, "tiled", {"block": 64, "unroll": 1}))
+    fn = dispatch.route(op, *op._problem(X))
+    assert fn.__name__ == "guarded" and len(probed) == 1
+
+
 def test_variant_failing_at_call_time_falls_back_for_good(user_db):
     """A tuned variant that passes its probe but raises on some call (a transformation it
     lacks, say) is disabled, and that call and later ones get the default."""
