@@ -12,19 +12,30 @@ from mlx_primitives import dispatch
 from mlx_primitives.dsl import inference_mode
 from mlx_primitives.hardware import current_backend, detect_chip
 from mlx_primitives.problem import parse_dtype
-from mlx_primitives.registry import Example
+from mlx_primitives.registry import Example, ops
 from mlx_primitives.tuning import timing
 from mlx_primitives.tuning.db import TuningDB, default_user_url, exists
 from mlx_primitives.tuning.tuner import BUDGETS, Tuner
+
+
+def _feeding() -> str:
+    """The ops whose chains feed another input than the first, or none (``Op.feed``)."""
+    ordinal = ("first", "second", "third", "fourth", "fifth")
+    groups: dict[str, list[str]] = {}
+    for o in ops():
+        if o.feed != 0:
+            how = "not fed" if o.feed is None else f"as their {ordinal[o.feed]} input"
+            groups.setdefault(how, []).append(o.name)
+    return "".join(f"; {' and '.join(names)}: {how}" for how, names in groups.items())
+
 
 METHOD = (
     "per-call latency: median over repeated mx.eval of a chain of calls built before the "
     f"clock starts (up to {timing.MAX_CHAIN} calls filling about "
     f"{timing.TARGET_SAMPLE_S * 1e3:.0f} ms, each call counted at its peak memory within "
     f"{timing.CHAIN_MEMORY_SHARE:.0%} of the device's memory, a call with large scratch "
-    "chaining fewer; each call fed the previous "
-    "call's output as its first input (swiglu and geglu: as up) where shape and dtype agree, "
-    "so the calls run in order), the "
+    "chaining fewer; each call fed the previous call's output as its first input where shape "
+    f"and dtype agree, so the calls run in order{_feeding()}), the "
     "implementations of one problem sampled in turn (mlx_primitives.tuning.timing."
     "bench_many), after a timed warm-up; the dispatch's ratio from the dispatch and the "
     "baseline timed alone, the variants' from all variants timed together; bandwidth counts "

@@ -8,9 +8,9 @@ registered variant with parameters inside its declared space, was written by thi
 from the same kernel sources, runs on this back-end, supports the problem and, where it chose
 something other than the default, shows a gain beyond the tuner's noise rule
 (``timing.noise``).
-A tuned variant is probed once per problem and process before it serves calls; one that fails
-to build, raises or disagrees with the reference is disabled for the process, with one warning,
-and the call falls back to the default.
+A tuned variant other than the default is probed once per problem and process before it
+serves calls; one that fails to build, raises or disagrees with the reference is disabled for
+the process, with one warning, and the call falls back to the default.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from .tuning import timing
 if TYPE_CHECKING:
     from .registry import Op
 
-# Before a tuned variant serves a problem, a probe runs it once per process on a small case of
-# that problem (at most this size in each bucketed dim) and checks it against the reference.
+# Before a tuned variant other than the default serves a problem, a probe runs it once per
+# process on a small case of that problem (at most this size in each bucketed dim) and checks
+# it against the reference.
 PROBE_MAX_DIM = 16
 # A record serves an untuned problem whose size (Problem.size) is within this many powers of
 # two of its own, whatever the mix of batch, heads and sequence. On an H100, kernels tuned for

@@ -182,6 +182,9 @@ class Op:
         self.differentiable = differentiable
         self.tolerances = tolerances or {}
         self.check_slices = check_slices
+        # bool is an int: Op(feed=False) would feed the first argument.
+        if feed is not None and (type(feed) is not int or feed < 0):
+            raise TypeError(f"[{name}] feed must be an argument position or None, got {feed!r}")
         self.feed = feed
         names = [v.name for v in self.variants]
         if len(set(names)) != len(names):

@@ -77,6 +77,13 @@ def test_readme_tables_come_from_committed_result_files():
     assert tool.main(["--check"]) == 0
 
 
+def test_result_files_say_how_each_op_was_fed():
+    from benchmarks import common
+
+    assert "swiglu and geglu: as their second input" in common.METHOD
+    assert "rms_norm" not in common.METHOD  # fed as the first input, like most ops
+
+
 def test_a_readme_table_can_show_some_ops_of_a_file():
     """A table may show only some ops of its file (a later run superseded the others' rows)."""
     tool = _load("readme_tables")
@@ -87,6 +94,8 @@ def test_a_readme_table_can_show_some_ops_of_a_file():
     ops = {line.split(" | ")[0][2:] for line in body.splitlines() if line.startswith("| ")}
     assert ops == {"op", "rope", "layer_norm"}
     assert "Rows of rope, layer_norm only." in body
+    with pytest.raises(ValueError, match=r"\[readme_tables\] ops \['swigl'\] not in"):
+        tool.render(readme.replace("rope,layer_norm", "rope,swigl"))
     assert "| rms_norm |" in tool.render(readme.replace(" ops=rope,layer_norm", ""))
 
 
@@ -179,10 +188,11 @@ def test_a_dispatched_kernel_is_also_timed_in_inference_mode(monkeypatch):
         finally:
             active[0] = False
 
-    timed = []
+    timed, feeds = [], []
 
     def measure(calls, budget_s=0.3, feed=0):  # call i of a measurement takes i + 1 us
         timed.append(calls)
+        feeds.append(feed)
         return [
             {"median_s": (i + 1) * 1e-6, "spread_s": 0.0, "reps": 5, "chain": 1, "first_call_s": 0}
             for i in range(len(calls))
@@ -195,7 +205,9 @@ def test_a_dispatched_kernel_is_also_timed_in_inference_mode(monkeypatch):
     monkeypatch.setattr(common, "measure", measure)
     # The toy's faulty variants are not what this times.
     monkeypatch.setattr(common, "_variant_configs", lambda *a: [("default", {}), ("slow", {})])
+    toy.feed = None  # the op's feed reaches every measurement
     rows = common.run_op(toy, Example(((64, 256),), "float32"), None, None, 0.002)
+    assert feeds == [None, None]
     d = rows[0]
     assert (d["median_s"], d["baseline_median_s"], d["inference_median_s"]) == (1e-6, 2e-6, 3e-6)
     assert d["inference_vs_baseline"] == 2 / 3

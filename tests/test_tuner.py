@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from mlx_primitives.registry import Example, Variant
+from mlx_primitives.registry import Example, Op, Variant
 from mlx_primitives.tuning import tuner as tuner_mod
 from mlx_primitives.tuning.db import TuningDB
 from mlx_primitives.tuning.tuner import BUDGETS, Budget, Candidate, Result, Tuner, beats, decide
@@ -231,10 +231,64 @@ def test_chained_calls_feed_each_output_to_the_next():
     assert all(a is x for a, _ in pairs)
     mx.eval(pairs)
     assert [b[0, 0].item() for _, b in pairs] == [3.0, 4.0, 5.0]
+    # The fed argument's shape decides, not the first's: a row vector first, a matrix fed.
+    pairs.clear()
+    row = mx.ones((8,))
+    _run_chain((lambda a, b: (pairs.append((a, b)), a + b)[1], (row, x), {}), 3, 1)
+    assert all(a is row for a, _ in pairs) and pairs[1][1] is not x
+    # A position past the arguments feeds nothing.
+    pairs.clear()
+    _run_chain((lambda a, b: (pairs.append((a, b)), a + b)[1], (x, x), {}), 3, 2)
+    assert all(a is x and b is x for a, b in pairs)
     # Op.feed None: never fed.
     seen.clear()
     _run_chain((twice, (x, 1), {}), 3, None)
     assert all(s is x for s in seen)
+
+
+def test_swiglu_and_geglu_feed_up_and_feed_is_a_position():
+    """Fed back as the gate, swiglu's and geglu's outputs grow to inf in float16 and their
+    kernels' division takes a slow path; `up` is only multiplied."""
+    from mlx_primitives import registry
+
+    assert registry.op("swiglu").feed == registry.op("geglu").feed == 1
+    for bad in (False, True, -1, 1.0):
+        with pytest.raises(TypeError, match=r"\[toy\] feed must be an argument position"):
+            Op(**{**_op_fields(), "feed": bad})
+
+
+def _op_fields() -> dict:
+    op = make_op()
+    return {
+        "name": op.name,
+        "dims": op.dims,
+        "problem": op._problem,
+        "reference": op.reference,
+        "example": op.example,
+        "case": op.case,
+        "default": op._default,
+        "variants": op.variants,
+        "presets": op.presets,
+    }
+
+
+def test_the_tuner_times_with_its_ops_feed(db, monkeypatch):
+    seen = []
+
+    def spy(real):
+        def timed(*args, feed=0, **kwargs):
+            seen.append((real.__name__, feed))
+            return real(*args, feed=feed, **kwargs)
+
+        return timed
+
+    monkeypatch.setattr(tuner_mod, "bench", spy(tuner_mod.bench))
+    monkeypatch.setattr(tuner_mod, "bench_many", spy(tuner_mod.bench_many))
+    op = make_op()
+    op.feed = None
+    Tuner(db, FAST).tune(op, EX)
+    assert {name for name, _ in seen} == {"bench", "bench_many"}
+    assert {feed for _, feed in seen} == {None}
 
 
 def test_each_fed_argument_has_its_ops_output_shape_and_dtype():

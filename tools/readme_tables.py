@@ -125,6 +125,9 @@ def render(readme: str) -> str:
     def fill(m: re.Match) -> str:
         data = json.loads((ROOT / "benchmarks" / "results" / m["file"]).read_text())
         ops = m["ops"].split(",") if m["ops"] else None
+        missing = set(ops or ()) - {r["op"] for r in data["results"]}
+        if missing:
+            raise ValueError(f"[readme_tables] ops {sorted(missing)} not in {m['file']}")
         return m.group(1) + table(data, ops) + m.group(5)
 
     return BLOCK.sub(fill, readme)

@@ -83,15 +83,15 @@ def _chain_bytes() -> int:
 def _run_chain(call: Call, chain: int, feed: int | None) -> float:
     fn, args, kwargs = call
     fed = feed is not None and feed < len(args) and isinstance(args[feed], mx.array)
-    first = args[feed] if fed else None
+    fed_arg = args[feed] if fed else None
     current, outs = list(args), []
     for _ in range(chain):
         out = fn(*current, **kwargs)
         outs.append(out)
         # Each call takes the one before's output where it has the fed input's shape and
         # dtype: on CUDA independent calls run concurrently, hiding a small grid's idle SMs.
-        fits = isinstance(out, mx.array) and first is not None and out.shape == first.shape
-        if fits and out.dtype == first.dtype:
+        fits = isinstance(out, mx.array) and fed_arg is not None and out.shape == fed_arg.shape
+        if fits and out.dtype == fed_arg.dtype:
             current[feed] = out
     start = time.perf_counter()
     mx.eval(outs)
