@@ -155,8 +155,10 @@ def run_op(
     if tuner is not None:
         tuner.tune(o, ex)
     problem = o.problem(*args, **kwargs)
-    decision = dispatch.choose(o, problem)
     out = o(*args, **kwargs)
+    # After the first call: a tuned variant that failed its probe there is disabled, and the
+    # decision then names the default that serves instead.
+    decision = dispatch.choose(o, problem)
     moved = sum(a.nbytes for a in args if isinstance(a, mx.array)) + out.nbytes
     base = {
         "op": o.name,
@@ -175,8 +177,7 @@ def run_op(
     # The dispatch's ratio comes from it and the baseline timed alone: a slow variant sampled
     # between them (an eager composition's traffic) slows the chain after it.
     head_calls = [(o, args, kwargs), (fns[baseline], args, kwargs)]
-    # Only a custom kernel has a gradient wrapper to skip. (Were the kernel disabled by its
-    # probe, the default would serve: the row's "variant" and both timings would be its.)
+    # Only a custom kernel has a gradient wrapper to skip.
     if o.variant(decision.variant).is_kernel:
         head_calls.append((_inference(o), args, kwargs))
     head = measure(head_calls, budget_s, o.feed)

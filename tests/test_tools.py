@@ -77,6 +77,26 @@ def test_readme_tables_come_from_committed_result_files():
     assert tool.main(["--check"]) == 0
 
 
+def test_a_row_names_the_default_when_the_tuned_variant_failed_its_probe(user_db, monkeypatch):
+    """The dispatch row says what served: a record's variant that fails its probe on the first
+    call is disabled, and the default serves and is named."""
+    from benchmarks import common
+    from mlx_primitives.registry import Example
+    from mlx_primitives.tuning.db import TuningDB
+
+    toy = make_op()
+    db = TuningDB(str(user_db))
+    db.put(record(toy, mx.ones((64, 256)), "wrong"))
+    db.close()
+    common.dispatch.reset()
+    fake = {"median_s": 1e-6, "spread_s": 0.0, "reps": 5, "chain": 1, "first_call_s": 0}
+    monkeypatch.setattr(common, "measure", lambda calls, *a: [dict(fake) for _ in calls])
+    monkeypatch.setattr(common, "_variant_configs", lambda *a: [("default", {})])
+    with pytest.warns(RuntimeWarning, match="variant 'wrong' failed"):
+        rows = common.run_op(toy, Example(((64, 256),), "float32"), None, None, 0.002)
+    assert (rows[0]["variant"], rows[0]["source"]) == ("default", "default")
+
+
 def test_result_files_say_how_each_op_was_fed():
     from benchmarks import common
 
