@@ -31,7 +31,8 @@ def _feeding() -> str:
 
 METHOD = (
     "per-call latency: median over repeated mx.eval of a chain of calls built before the "
-    f"clock starts (up to {timing.MAX_CHAIN} calls filling about "
+    "clock starts, on inputs computed once and never waited on one by one, as a model's step "
+    f"leaves them (up to {timing.MAX_CHAIN} calls filling about "
     f"{timing.TARGET_SAMPLE_S * 1e3:.0f} ms, each call counted at its peak memory within "
     f"{timing.CHAIN_MEMORY_SHARE:.0%} of the device's memory, a call with large scratch "
     "chaining fewer; each call fed the previous call's output as its first input where shape "

@@ -312,6 +312,30 @@ def test_each_fed_argument_has_its_ops_output_shape_and_dtype():
         assert (out.shape, out.dtype) == (fed.shape, fed.dtype), o.name
 
 
+def test_timing_never_waits_on_a_calls_inputs(monkeypatch):
+    """mx.eval of arrays already computed waits on each and marks it "available"; MLX's CUDA
+    attention then runs its vector kernel for a decode instead of cuDNN, which it runs on
+    inputs a model's step leaves "evaluated". Timing computes the inputs without that."""
+    from mlx.utils import tree_flatten
+
+    from mlx_primitives.tuning import timing
+
+    real, evaluated = mx.eval, []
+
+    def spy(*arrays):
+        evaluated.extend(id(a) for _, a in tree_flatten(arrays))
+        return real(*arrays)
+
+    x = mx.random.normal((64, 32))  # lazy: computed by the timing itself
+    w = mx.ones((32,))
+    mx.eval(w)
+    monkeypatch.setattr(timing.mx, "eval", spy)
+    t = timing.bench(lambda a, b: a * b, (x, w), budget_s=0.01, warmup_s=0.0, min_reps=2)
+    assert t.median_s > 0 and evaluated
+    assert id(x) not in evaluated and id(w) not in evaluated
+    assert mx.allclose(x * 1, x).item()
+
+
 def test_chain_is_capped_by_a_calls_peak_memory_not_its_output(monkeypatch):
     """A call with a small output can hold far more while it runs (MLX's attention with a dense
     mask: tens of GB of scores); chained, several of them in flight ran an 80 GB H100 out of

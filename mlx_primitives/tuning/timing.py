@@ -104,7 +104,11 @@ def _prepare(
     """The first call (which may compile; never kept), and the chain lengths that fill
     ``target_sample_s`` and that the memory cap allows."""
     fn, args, kwargs = call
-    mx.eval([args, kwargs])  # inputs made lazily would count in the call's peak
+    # Inputs made lazily would count in the call's peak. They are computed without waiting on
+    # each (mx.eval of computed arrays would), as a model's step leaves its arrays: MLX's CUDA
+    # attention takes cuDNN for a decode only on inputs not waited on since (DEVELOPERS.md).
+    mx.async_eval([args, kwargs])
+    mx.synchronize()
     mx.reset_peak_memory()
     before = mx.get_active_memory()
     start = time.perf_counter()
