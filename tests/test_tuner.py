@@ -320,20 +320,27 @@ def test_timing_never_waits_on_a_calls_inputs(monkeypatch):
 
     from mlx_primitives.tuning import timing
 
-    real, evaluated = mx.eval, []
+    evaluated, steps = [], []
 
-    def spy(*arrays):
-        evaluated.extend(id(a) for _, a in tree_flatten(arrays))
-        return real(*arrays)
+    def spy(name, real):
+        def call(*arrays, **kwargs):
+            steps.append(name)
+            if name == "eval":
+                evaluated.extend(id(a) for _, a in tree_flatten(arrays))
+            return real(*arrays, **kwargs)
+
+        return call
 
     x = mx.random.normal((64, 32))  # lazy: computed by the timing itself
     w = mx.ones((32,))
     mx.eval(w)
-    monkeypatch.setattr(timing.mx, "eval", spy)
+    for name in ("eval", "async_eval", "synchronize", "reset_peak_memory"):
+        monkeypatch.setattr(timing.mx, name, spy(name, getattr(mx, name)))
     t = timing.bench(lambda a, b: a * b, (x, w), budget_s=0.01, warmup_s=0.0, min_reps=2)
     assert t.median_s > 0 and evaluated
     assert id(x) not in evaluated and id(w) not in evaluated
-    assert mx.allclose(x * 1, x).item()
+    # Computed, and finished, before the peak-memory count starts.
+    assert steps[:3] == ["async_eval", "synchronize", "reset_peak_memory"]
 
 
 def test_chain_is_capped_by_a_calls_peak_memory_not_its_output(monkeypatch):

@@ -107,6 +107,7 @@ def _prepare(
     # Inputs made lazily would count in the call's peak. They are computed without waiting on
     # each (mx.eval of computed arrays would), as a model's step leaves its arrays: MLX's CUDA
     # attention takes cuDNN for a decode only on inputs not waited on since (DEVELOPERS.md).
+    # synchronize() waits on the default stream, where the ops make their inputs.
     mx.async_eval([args, kwargs])
     mx.synchronize()
     mx.reset_peak_memory()
