@@ -97,6 +97,23 @@ def test_a_row_names_the_default_when_the_tuned_variant_failed_its_probe(user_db
     assert (rows[0]["variant"], rows[0]["source"]) == ("default", "default")
 
 
+def test_dispatch_overhead_reports_its_parts():
+    """Overhead differs by host (2.0 to 4.6 us on GPU hosts): the file records the argument
+    checks and the cache lookup apart, and the README line shows them."""
+    from benchmarks.suites.norms import dispatch_overhead
+
+    o = dispatch_overhead(200)
+    assert set(o) == {"dispatch_s", "direct_s", "overhead_s", "checks_s", "lookup_s", "goal_s"}
+    assert 0 < o["lookup_s"] < o["dispatch_s"] and 0 < o["checks_s"] < o["dispatch_s"]
+    head = {"device": "D", "mlx_version": "0", "date": "2026", "method": "m", "results": []}
+    table = _load("readme_tables").table(head | {"dispatch_overhead": o})
+    assert f"the argument checks alone took {o['checks_s'] * 1e6:.1f} us" in table
+    old = {k: o[k] for k in ("overhead_s", "goal_s")}
+    assert "argument checks alone" not in _load("readme_tables").table(
+        head | {"dispatch_overhead": old}
+    )
+
+
 def test_result_files_say_how_each_op_was_fed():
     from benchmarks import common
 

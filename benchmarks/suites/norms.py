@@ -66,24 +66,33 @@ def copy_ceiling(moved: int = 2**31, budget_s: float = 0.5) -> dict:
 
 def dispatch_overhead(n: int = 20000) -> dict:
     """Host time per call of ``mp.rms_norm`` over calling the chosen variant directly (no
-    evaluation: graph construction only, where the dispatcher's cost lives)."""
+    evaluation: graph construction only, where the dispatcher's cost lives), and two of its
+    parts: the argument checks that make the problem key, and the cache lookup."""
     o = op("rms_norm")
     x, w = mx.ones((4, 64)), mx.ones((64,))
     decision = dispatch.choose(o, o.problem(x, w, 1e-5))
     direct = o.variant(decision.variant).build(**decision.params)
     o(x, w, 1e-5)  # fill the process cache: the benchmark is of a cache hit
+    dtype, values = o._problem(x, w, 1e-5)
 
-    def per_call(fn) -> float:
+    def per_call(fn, *args) -> float:
         best = float("inf")
         for _ in range(5):
             start = time.perf_counter()
             for _ in range(n):
-                fn(x, w, 1e-5)
+                fn(*args)
             best = min(best, (time.perf_counter() - start) / n)
         return best
 
-    d, v = per_call(o), per_call(direct)
-    return {"dispatch_s": d, "direct_s": v, "overhead_s": d - v, "goal_s": 3e-6}
+    d, v = per_call(o, x, w, 1e-5), per_call(direct, x, w, 1e-5)
+    return {
+        "dispatch_s": d,
+        "direct_s": v,
+        "overhead_s": d - v,
+        "checks_s": per_call(o._problem, x, w, 1e-5),
+        "lookup_s": per_call(dispatch.route, o, dtype, values),
+        "goal_s": 3e-6,
+    }
 
 
 def run(args) -> dict:
