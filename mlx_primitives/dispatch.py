@@ -114,7 +114,7 @@ def _resolve(op: Op, problem: Problem) -> Callable:
     variant = op.variant(decision.variant)
     # The default needs no probe (a reference check at the first call) and has nothing to fall
     # back to, whether a record chose it or not; most records of host-bound sizes keep it.
-    if decision.source == "default" or (decision.variant, decision.params) == op.default(problem):
+    if (decision.variant, decision.params) == op.default(problem):
         return variant.build(**decision.params)
     try:
         fn = variant.build(**decision.params)

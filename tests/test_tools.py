@@ -214,7 +214,8 @@ def test_a_dispatched_kernel_is_also_timed_in_inference_mode(monkeypatch):
         return x * 2
 
     # A variant with a kernel source stands for a custom kernel.
-    toy = make_op([Variant("kernel", lambda: kernel_fn, sources=("rms_norm/row.k",))])
+    # feed None: the op's feed reaches every measurement.
+    toy = make_op([Variant("kernel", lambda: kernel_fn, sources=("rms_norm/row.k",))], feed=None)
     real = common.dispatch.choose
 
     @contextlib.contextmanager
@@ -242,7 +243,6 @@ def test_a_dispatched_kernel_is_also_timed_in_inference_mode(monkeypatch):
     monkeypatch.setattr(common, "measure", measure)
     # The toy's faulty variants are not what this times.
     monkeypatch.setattr(common, "_variant_configs", lambda *a: [("default", {}), ("slow", {})])
-    toy.feed = None  # the op's feed reaches every measurement
     rows = common.run_op(toy, Example(((64, 256),), "float32"), None, None, 0.002)
     assert feeds == [None, None]
     d = rows[0]

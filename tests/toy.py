@@ -28,7 +28,7 @@ def _raise(x):
     raise ValueError("boom at call time")
 
 
-def make_op(extra: list[Variant] | None = None) -> Op:
+def make_op(extra: list[Variant] | None = None, feed: int | None = 0) -> Op:
     variants = [
         Variant("default", lambda: double),
         Variant("slow", lambda: _slow),
@@ -62,6 +62,7 @@ def make_op(extra: list[Variant] | None = None) -> Op:
         default=lambda p, backend: ("default", {}),
         variants=variants,
         presets={"quick": [Example(((64, 256),), "float32")]},
+        feed=feed,
     )
 
 
