@@ -11,10 +11,10 @@ from __future__ import annotations
 import re
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import pytest
-from clang.cindex import Diagnostic, Index, TokenKind
 
 from mlx_primitives import registry
 from mlx_primitives._paths import data_dir, kernel_source
@@ -22,6 +22,18 @@ from mlx_primitives.dsl import dialect
 from mlx_primitives.dsl.kernel import GpuKernel, compact
 
 from .kernel_sources import DTYPES, METAL_ATTRIBUTES, full_source, kernel_launches, op_cases
+
+if TYPE_CHECKING:
+    from clang.cindex import Index
+
+
+def cindex():
+    """libclang's bindings, imported at first use: the GPU machines have no libclang, and
+    `pytest -m gpu` collects this module there before deselecting its tests."""
+    from clang import cindex as module
+
+    return module
+
 
 SHIMS = Path(__file__).parent / "data" / "shims"
 CLANG_ARGS = [
@@ -109,7 +121,7 @@ def check_source(index: Index, path: Path, source: str, backend: str, segments=(
     lines = source.splitlines()
     reports = []
     for diag in unit.diagnostics:
-        if diag.severity < Diagnostic.Error:
+        if diag.severity < cindex().Diagnostic.Error:
             continue
         loc = diag.location
         where = f"{loc.file}:{loc.line}:{loc.column}"
@@ -196,8 +208,10 @@ def test_aligned_bodies_are_compiled_for_both_alignments():
 def _tokens(text: str) -> list[tuple[int, str]]:
     """(line, spelling) of each token of ``text`` but comments, lines renumbered from 0 in
     the order they hold tokens (so dropping blank and comment lines renumbers nothing)."""
-    unit = Index.create().parse("t.cpp", args=["-x", "c++"], unsaved_files=[("t.cpp", text)])
-    tokens = [t for t in unit.get_tokens(extent=unit.cursor.extent) if t.kind != TokenKind.COMMENT]
+    clang = cindex()
+    unit = clang.Index.create().parse("t.cpp", args=["-x", "c++"], unsaved_files=[("t.cpp", text)])
+    comment = clang.TokenKind.COMMENT
+    tokens = [t for t in unit.get_tokens(extent=unit.cursor.extent) if t.kind != comment]
     lines = {n: i for i, n in enumerate(dict.fromkeys(t.location.line for t in tokens))}
     return [(lines[t.location.line], t.spelling) for t in tokens]
 
@@ -257,7 +271,7 @@ def test_kernel_parses(rel, backend, tmp_path):
     assert mine, f"no launch of {rel}"
     kernel = mine[0].kernel
     body = kernel_source(rel)
-    index = Index.create()
+    index = cindex().Index.create()
     failures, sources = [], set()
     for i, launch in enumerate(mine):
         try:
@@ -394,7 +408,7 @@ def test_checker_reports_a_broken_kernel(name, backend, tmp_path):
         body=broken,
     )
     segments = _segments(launch.kernel, backend, source, broken)
-    index = Index.create()
+    index = cindex().Index.create()
     assert not check_source(index, tmp_path / "ok.cpp", launch.source(backend), backend)
     reports = check_source(index, tmp_path / "broken.cpp", source, backend, segments)
     assert reports
@@ -419,7 +433,7 @@ def test_metal_shim_keeps_address_spaces_apart(tmp_path):
         list(launch.input_sizes),
         list(launch.output_dtypes),
     )
-    index = Index.create()
+    index = cindex().Index.create()
     cuda = full_source(launch.kernel, "cuda", *args, body=body)
     metal = full_source(launch.kernel, "metal", *args, body=body)
     assert not check_source(index, tmp_path / "k.cu.cpp", cuda, "cuda")
