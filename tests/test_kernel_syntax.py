@@ -120,8 +120,9 @@ def check_source(index: Index, path: Path, source: str, backend: str, segments=(
     unit = index.parse(str(path), args=args)
     lines = source.splitlines()
     reports = []
+    error = cindex().Diagnostic.Error
     for diag in unit.diagnostics:
-        if diag.severity < cindex().Diagnostic.Error:
+        if diag.severity < error:
             continue
         loc = diag.location
         where = f"{loc.file}:{loc.line}:{loc.column}"
