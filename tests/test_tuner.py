@@ -339,12 +339,12 @@ def test_chain_is_capped_by_a_calls_peak_memory_not_its_output(monkeypatch):
         return (v[:, None] * v[None, :]).sum()
 
     monkeypatch.setattr(timing, "_chain_bytes", lambda: 32 * 2**20)
-    _, _, cap = timing._prepare((outer_sum, (x,), {}), None, 20e-3, 1000, True)
+    _, _, cap = timing._prepare((outer_sum, (x,), {}), None, 20e-3, 1000, 0)
     assert 1 <= cap <= 2
     # An output-sized call keeps the cap its output allows, even where its input is still
     # lazy (attention's random K and V, made in float32 first, cut decode chains tenfold).
     y = mx.random.normal((2048, 1024)).astype(mx.float16)
-    _, _, cap = timing._prepare((mx.abs, (y,), {}), None, 20e-3, 1000, True)
+    _, _, cap = timing._prepare((mx.abs, (y,), {}), None, 20e-3, 1000, 0)
     assert cap == 32 * 2**20 // y.nbytes
     # Timed together, the heavy call chains what its memory allows and the light one keeps
     # the chain its speed asks for.
@@ -361,7 +361,7 @@ def test_chain_length_follows_the_per_call_cost_not_the_evaluations(monkeypatch)
 
     fixed_s, per_call_s = 200e-6, 50e-6
     monkeypatch.setattr(timing, "_run_chain", lambda call, n, feed: fixed_s / n + per_call_s)
-    _, wanted, _ = timing._prepare((mx.abs, (mx.ones((4,)),), {}), None, 20e-3, 1000, True)
+    _, wanted, _ = timing._prepare((mx.abs, (mx.ones((4,)),), {}), None, 20e-3, 1000, 0)
     # From one call: 20 ms / 250 us = 80 calls; from four: 20 ms / 100 us = 200.
     assert wanted == int(20e-3 / (fixed_s / timing.PROBE_CHAIN + per_call_s))
     assert wanted > 150
@@ -369,7 +369,7 @@ def test_chain_length_follows_the_per_call_cost_not_the_evaluations(monkeypatch)
     chains = []
     monkeypatch.setattr(timing, "_run_chain", lambda call, n, feed: chains.append(n) or 5e-3)
     monkeypatch.setattr(timing, "_chain_bytes", lambda: 1)
-    timing._prepare((mx.abs, (mx.ones((4,)),), {}), None, 20e-3, 1000, True)
+    timing._prepare((mx.abs, (mx.ones((4,)),), {}), None, 20e-3, 1000, 0)
     assert chains == [1]
     with pytest.raises(TimeoutError):
         timing._prepare((mx.abs, (mx.ones((4,)),), {}), 1e-4, 20e-3, 1000, True)
