@@ -307,7 +307,7 @@ def _rope_calls(op, dtype):
     # dims=8 rotates a quarter of each head and makes a table of 4 (Metal constant) floats.
     flags = itertools.product(("BHSD", "BSHD"), (False, True), (64, 8), (False, True), (3, None))
     for layout, traditional, dims, freqs, offset in flags:
-        shape = (2, 8, 16, 64) if layout == "BHSD" else (2, 16, 8, 64)
+        shape = (2, 8, 32, 64) if layout == "BHSD" else (2, 32, 8, 64)
         options = {"layout": layout, "traditional": traditional, "dims": dims, "freqs": freqs}
         (x, _), kwargs = _example(op, (shape,), dtype, **options)
         # None: one offset per batch entry (the kernel's PER_BATCH).

@@ -169,6 +169,24 @@ def test_rope_kernel_configs_fit_a_group_of_registers():
     assert not [c for c in allowed if c["fast_math"] and c["angles"] == "cached"]
 
 
+def test_rope_tiled_configs_fit_threadgroup_memory():
+    """A tile's cos and sin (padded rows) must fit Metal's 32 KB and, declared twice in the
+    CUDA body (both alignments), CUDA's 48 KB; tiles longer than the sequence only idle."""
+    tiled = get_op("rope").variant("tiled")
+    problem = {"dtype": "float16", "head_dim": 256, "dims": 256, "heads": 8, "seq": 4096}
+    problem.update(traditional=False, freqs=False)
+    cfg = {"vec": 8, "unroll": 2, "threads": 256, "angles": "computed", "fast_math": True}
+    # 32 positions x (128 angles + 16 pad) x cos and sin x 4 bytes = 36 KB, twice on CUDA.
+    assert not tiled.allows(problem, {**cfg, "positions": 32})
+    assert tiled.allows(problem, {**cfg, "positions": 16})
+    assert not tiled.allows({**problem, "seq": 8}, {**cfg, "positions": 16})
+    assert tiled.allows({**problem, "seq": 1}, {**cfg, "positions": 1})
+    # No cos/sin tables from MLX (the tile makes its own), and freqs need the table.
+    assert not tiled.allows(problem, {**cfg, "positions": 16, "angles": "cached"})
+    assert not tiled.allows({**problem, "freqs": True}, {**cfg, "positions": 16})
+    assert tiled.allows({**problem, "freqs": True}, {**cfg, "positions": 16, "angles": "table"})
+
+
 @pytest.mark.parametrize("dims", [7, 64])
 def test_rms_norm_module_is_a_drop_in(dims):
     ours, theirs = mp.RMSNorm(dims, eps=1e-6), nn.RMSNorm(dims, eps=1e-6)

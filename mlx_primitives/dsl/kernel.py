@@ -38,6 +38,9 @@ KERNEL_DTYPES = ("float32", "float16", "bfloat16")
 _FLOAT32_MAX = 3.4028234663852886e38
 # MLX passes grid sizes (in threads) as 32-bit ints.
 _MAX_GRID = 2**31 - 1
+# Threadgroup memory a kernel may take without opting in, by back-end (a CUDA body compiled
+# for both alignments declares its $shared arrays twice).
+SHARED = {"cuda": 49152, "metal": 32768}
 
 
 def _drop_comment(line: str) -> str:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-from ..dsl.kernel import GpuKernel, float_bits, itemsize, with_reference_transforms
+from ..dsl.kernel import SHARED, GpuKernel, float_bits, itemsize, with_reference_transforms
 from ..hardware import current_backend, detect_chip
 from ..registry import GPU_BACKENDS, Variant
 from . import _attention as att
@@ -45,9 +45,6 @@ SPACE = {
 MAX_Q_LEN = 16
 # Floats of query slices a thread keeps (and as many accumulators) before it spills.
 MAX_REGISTERS = 64
-# Threadgroup memory a kernel may take without opting in, by back-end. The portable decode
-# kernel's configs must fit both (its merge of key streams); the others fit their own.
-SHARED = {"cuda": 49152, "metal": 32768}
 FLASH_SPACE = {"warps": (4, 2, 8), "rows": (4, 2, 8), "keys": (1, 2)}
 MMA_SPACE = {"split": (2048, 1024, 4096, 512, 256), "warps": (4, 8, 2)}
 # Query rows of a KV head one mma tile holds (its M side), and the largest head dim whose
@@ -77,6 +74,7 @@ def supports(problem: dict, p: dict) -> bool:
     return (
         lanes // 2 < d // vec  # no lane without data twice over
         and rows * vec * chunks <= MAX_REGISTERS
+        # The portable kernel's merge of key streams fits both back-ends.
         and streams * rows * (d + 2) * 4 <= min(SHARED.values())
         and p["split"] >= streams * p["unroll"]  # every stream has keys
         and p["split"] <= max(_visible_keys(problem), 128)  # larger: the one-split plan again

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import mlx.core as mx
 
-from ..dsl.kernel import GpuKernel, float_bits, itemsize, with_reference_transforms
+from ..dsl.kernel import SHARED, GpuKernel, float_bits, itemsize, with_reference_transforms
 from ..problem import EXACT, Dim, bucket
 from ..registry import GPU_BACKENDS, Example, Op, Variant, register
 from ._common import (
@@ -148,7 +149,14 @@ _ROTATE = GpuKernel(
     headers=("_dialect/trig.{backend}.h",),
     aligned=("x", "y"),
 )
-# Where the kernel's angles come from (its ANGLES template constant).
+_TILED = GpuKernel(
+    "rope/tiled.k",
+    ["x", "offset", "table"],
+    ["y"],
+    headers=("_dialect/trig.{backend}.h",),
+    aligned=("x", "y"),
+)
+# Where the kernels' angles come from (their ANGLES template constant).
 ANGLES = {"computed": 0, "table": 1, "cached": 2}
 
 
@@ -159,52 +167,39 @@ def _inv_freq(dims: int, base: float) -> mx.array:
     return mx.array([base ** (-2.0 * i / dims) for i in range(half)], dtype=mx.float32)
 
 
-def _kernel_forward(vec: int, heads_per_thread: int, threads: int, angles: str, fast_math: bool):
+def _inverse(dims: int, base: float | None, freqs: mx.array | None) -> mx.array:
+    """The float32 inverse frequencies a kernel reads as its table."""
+    return _inv_freq(dims, base) if freqs is None else 1.0 / freqs.astype(mx.float32)
+
+
+def _kernel_call(launch: Callable) -> Callable:
+    """A kernel variant's callable, with the op's signature and gradients.
+
+    Args:
+        launch: ``launch(x4, off, template, base, scale, freqs)`` runs a kernel on ``x4``
+            (the input as 4-D) and returns its output; ``off`` holds the int32 position
+            offsets (1 or B) and ``template`` the constants every rope kernel takes.
+    """
+
     def forward(x, dims, traditional, base, scale, offset, freqs, layout):
         bshd = layout == "BSHD"
         shape = x.shape
         # Explicit sizes make this a no-op for 4-D x (a -1 always adds a graph node).
         x4 = x if bshd else x.reshape(shape[0], math.prod(shape[1:-2]), *shape[-2:])
-        b, d = x4.shape[0], x4.shape[-1]
-        s, h = (x4.shape[1], x4.shape[2]) if bshd else (x4.shape[2], x4.shape[1])
         off = mx.array([offset], mx.int32) if not isinstance(offset, mx.array) else offset
         off = off.astype(mx.int32).reshape(off.size)
-        if angles == "computed":
-            table = off  # a placeholder the kernel never reads
-        else:
-            inv = _inv_freq(dims, base) if freqs is None else 1.0 / freqs.astype(mx.float32)
-            table = inv
-            if angles == "cached":
-                pos = (mx.arange(s, dtype=mx.float32) + off.astype(mx.float32)[:, None]) * scale
-                theta = pos[..., None] * inv
-                table = mx.stack([mx.cos(theta), mx.sin(theta)])
-        step = vec // 2 if traditional else vec
-        chunks = dims // 2 // step + (d - dims) // vec
-        total = b * s * -(-h // heads_per_thread) * chunks
         template = {
             "T": x.dtype,
-            "D": d,
-            "H": h,
+            "D": x4.shape[-1],
+            "H": x4.shape[2] if bshd else x4.shape[1],
             "DIMS": dims,
             "TRAD": traditional,
             "BSHD": bshd,
-            "VEC": vec,
-            "HPT": heads_per_thread,
-            "ANGLES": ANGLES[angles],
-            "FAST": fast_math,
             "PER_BATCH": off.size > 1,
             "BASE_BITS": float_bits(base or 1.0),
             "SCALE_BITS": float_bits(scale),
         }
-        (y,) = _ROTATE(
-            [x4, off, table],
-            template=template,
-            grid=(-(-total // threads) * threads, 1, 1),
-            threadgroup=(threads, 1, 1),
-            output_shapes=[x4.shape],
-            output_dtypes=[x.dtype],
-        )
-        return y.reshape(shape)
+        return launch(x4, off, template, base, scale, freqs).reshape(shape)
 
     fn = with_reference_transforms(forward, _positional(reference))
 
@@ -214,6 +209,62 @@ def _kernel_forward(vec: int, heads_per_thread: int, threads: int, angles: str, 
         return fn(x, dims, traditional, base, scale, offset, freqs, layout)
 
     return call
+
+
+def _run(kernel: GpuKernel, x4, off, table, template: dict, threads: int, total: int):
+    (y,) = kernel(
+        [x4, off, table],
+        template=template,
+        grid=(-(-total // threads) * threads, 1, 1),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[x4.shape],
+        output_dtypes=[x4.dtype],
+    )
+    return y
+
+
+def _chunks(template: dict, vec: int) -> int:
+    """Chunks of a head's row: VEC elements of the rotated part (with their partners of the
+    other half unless traditional), then of the part passed through."""
+    dims = template["DIMS"]
+    rotated = dims // vec if template["TRAD"] else dims // 2 // vec
+    return rotated + (template["D"] - dims) // vec
+
+
+def _rotate_forward(vec: int, heads_per_thread: int, threads: int, angles: str, fast_math: bool):
+    def launch(x4, off, template, base, scale, freqs):
+        b, s = x4.shape[0], x4.shape[1 if template["BSHD"] else 2]
+        # Computed angles read no table: off is a placeholder.
+        table = off if angles == "computed" else _inverse(template["DIMS"], base, freqs)
+        if angles == "cached":
+            pos = (mx.arange(s, dtype=mx.float32) + off.astype(mx.float32)[:, None]) * scale
+            theta = pos[..., None] * table
+            table = mx.stack([mx.cos(theta), mx.sin(theta)])
+        total = b * s * -(-template["H"] // heads_per_thread) * _chunks(template, vec)
+        consts = {"VEC": vec, "HPT": heads_per_thread, "ANGLES": ANGLES[angles], "FAST": fast_math}
+        return _run(_ROTATE, x4, off, table, template | consts, threads, total)
+
+    return _kernel_call(launch)
+
+
+def _tiled_forward(
+    vec: int, positions: int, unroll: int, threads: int, angles: str, fast_math: bool
+):
+    def launch(x4, off, template, base, scale, freqs):
+        b, s = x4.shape[0], x4.shape[1 if template["BSHD"] else 2]
+        table = off if angles == "computed" else _inverse(template["DIMS"], base, freqs)
+        consts = {
+            "VEC": vec,
+            "P": positions,
+            "UNROLL": unroll,
+            "ANGLES": ANGLES[angles],
+            "FAST": fast_math,
+        }
+        # One group per tile of positions of a sequence.
+        total = b * -(-s // positions) * threads
+        return _run(_TILED, x4, off, table, template | consts, threads, total)
+
+    return _kernel_call(launch)
 
 
 def _positional(f):
@@ -232,25 +283,47 @@ def _positional(f):
     return g
 
 
-def _kernel_supports(p: dict, params: dict) -> bool:
-    vec, size = params["vec"], itemsize(p["dtype"])
-    if size is None or vec * size > 16:
+def _chunks_fit(p: dict, vec: int) -> bool:
+    """Whether rows split into chunks of ``vec`` elements (16 bytes at most): the rotated
+    part's pairs in place, or one of each half, then the part passed through."""
+    size = itemsize(p["dtype"])
+    if size is None or vec * size > 16 or (p["head_dim"] - p["dims"]) % vec:
         return False
-    if (p["head_dim"] - p["dims"]) % vec:
-        return False
-    # A chunk is VEC elements of the rotated part: pairs in place, or one of each half.
     rotated = p["dims"] if p["traditional"] else p["dims"] // 2
-    fits = rotated % vec == 0 and (vec % 2 == 0 or not p["traditional"])
+    return rotated % vec == 0 and (vec % 2 == 0 or not p["traditional"])
+
+
+def _angles_fit(p: dict, params: dict) -> bool:
+    return not (p["freqs"] and params["angles"] == "computed") and not (
+        # Cached angles come from MLX's cos and sin: fast_math would change nothing.
+        params["fast_math"] and params["angles"] == "cached"
+    )
+
+
+def _rotate_supports(p: dict, params: dict) -> bool:
+    vec = params["vec"]
+    if not (_chunks_fit(p, vec) and _angles_fit(p, params)):
+        return False
     # A thread holds its heads' loads at once: past 64 KB per group of them, a 512-thread
     # group asks for more registers than an SM has and fails to launch.
-    held = params["heads_per_thread"] * vec * size * (1 if p["traditional"] else 2)
+    held = params["heads_per_thread"] * vec * itemsize(p["dtype"]) * (2 - p["traditional"])
+    return params["heads_per_thread"] <= p["heads"] and held * params["threads"] <= 65536
+
+
+def _tiled_supports(p: dict, params: dict) -> bool:
+    vec, positions = params["vec"], params["positions"]
+    if not (_chunks_fit(p, vec) and _angles_fit(p, params)) or params["angles"] == "cached":
+        return False
+    # A tile's cos and sin (float32, each row padded by a chunk per pair), declared twice in
+    # the CUDA body.
+    half = p["dims"] // 2
+    angles = 2 * positions * (half + half // (vec // 2 if p["traditional"] else vec)) * 4
+    held = params["unroll"] * vec * itemsize(p["dtype"]) * (2 - p["traditional"])
     return (
-        fits
-        and params["heads_per_thread"] <= p["heads"]
+        positions <= p["seq"]  # a tile longer than the (bucketed) sequence only idles
+        and 2 * angles <= SHARED["cuda"]
+        and angles <= SHARED["metal"]
         and held * params["threads"] <= 65536
-        and not (p["freqs"] and params["angles"] == "computed")
-        # Cached angles come from MLX's cos and sin: fast_math would change nothing.
-        and not (params["fast_math"] and params["angles"] == "cached")
     )
 
 
@@ -338,7 +411,7 @@ OP = register(
             *mlx_variants(reference, _builtin, "mx.fast.rope", dynamic=("offset",)),
             Variant(
                 "rotate",
-                _kernel_forward,
+                _rotate_forward,
                 backends=GPU_BACKENDS,
                 space={
                     "vec": (8, 2, 4),
@@ -347,9 +420,26 @@ OP = register(
                     "angles": ("computed", "table", "cached"),
                     "fast_math": (True, False),
                 },
-                supports=_kernel_supports,
+                supports=_rotate_supports,
                 sources=_ROTATE.files,
                 description="custom kernel: cos/sin shared by the heads at a position",
+            ),
+            Variant(
+                "tiled",
+                _tiled_forward,
+                backends=GPU_BACKENDS,
+                space={
+                    "vec": (8, 2, 4),
+                    "positions": (8, 1, 2, 4, 16, 32),
+                    "unroll": (2, 1, 4),
+                    "threads": (256, 128, 512),
+                    "angles": ("computed", "table"),
+                    "fast_math": (True, False),
+                },
+                supports=_tiled_supports,
+                sources=_TILED.files,
+                description="custom kernel: a group's positions' cos/sin in threadgroup "
+                "memory, shared by every head",
             ),
         ],
         presets=_presets(),
