@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import mlx.core as mx
 
 from .hardware import current_backend, detect_chip
-from .problem import BUCKET, Problem, distance, parse_key
+from .problem import BUCKET, Problem, distance, dtype_name, parse_dtype, parse_key
 from .tuning import timing
 
 if TYPE_CHECKING:
@@ -90,13 +90,13 @@ def mode() -> str:
     return value
 
 
-def route(op: Op, dtype: mx.Dtype, values: tuple) -> Callable:
-    """The callable serving a problem (the hot path: one dict lookup on a hit; the Problem
-    is built only on a miss)."""
+def route(op: Op, dtype: str, values: tuple) -> Callable:
+    """The callable serving a problem, by its dtype's name and values (the hot path: one dict
+    lookup on a hit; the Problem is built only on a miss)."""
     key = (op.name, dtype, values, mx.default_device().type)
     fn = _cache.get(key)
     if fn is None:
-        fn = _cache[key] = _resolve(op, Problem(op.name, dtype, values))
+        fn = _cache[key] = _resolve(op, Problem(op.name, parse_dtype(dtype), values))
     return fn
 
 
@@ -130,7 +130,7 @@ def _resolve(op: Op, problem: Problem) -> Callable:
             return fn(*args, **kwargs)
         except Exception as e:
             _disable(op, variant.name, e)
-            return route(op, problem.dtype, problem.values)(*args, **kwargs)
+            return route(op, dtype_name(problem.dtype), problem.values)(*args, **kwargs)
 
     return guarded
 

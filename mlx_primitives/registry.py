@@ -15,11 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
-import mlx.core as mx
-
 from . import _paths, dispatch
 from .hardware import current_backend
-from .problem import Dim, Problem
+from .problem import Dim, Problem, parse_dtype
 
 ALL_BACKENDS = frozenset({"cpu", "cuda", "metal"})
 GPU_BACKENDS = frozenset({"cuda", "metal"})
@@ -130,8 +128,9 @@ class Op:
     Args:
         name: the op's name, e.g. ``"rms_norm"``.
         dims: the problem dims in key order, each bucketed or exact.
-        problem: validates a call's arguments and returns ``(dtype, values)``, the values
-            in ``dims`` order and already bucketed.
+        problem: validates a call's arguments and returns ``(dtype name, values)``, the
+            values in ``dims`` order and already bucketed (a name, not an ``mx.Dtype``: the
+            dispatch's cache key compares it at every call).
         reference: plain-MLX implementation accumulating in at least float32; called on
             float64 inputs on the CPU it is the float64 reference.
         example: ``example(shapes, dtype, key, **options)`` makes ``(args, kwargs)`` of random
@@ -158,7 +157,7 @@ class Op:
         name: str,
         *,
         dims: Sequence[Dim],
-        problem: Callable[..., tuple[mx.Dtype, tuple]],
+        problem: Callable[..., tuple[str, tuple]],
         reference: Callable,
         example: Callable,
         case: Callable[[dict], tuple[tuple, dict]],
@@ -195,8 +194,8 @@ class Op:
 
     def problem(self, *args, **kwargs) -> Problem:
         """Validate a call's arguments and return its problem key."""
-        dtype, values = self._problem(*args, **kwargs)
-        return Problem(self.name, dtype, values)
+        kind, values = self._problem(*args, **kwargs)
+        return Problem(self.name, parse_dtype(kind), values)
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:
@@ -208,8 +207,8 @@ class Op:
         return self._default(problem.as_dict(self.dims), backend or current_backend())
 
     def __call__(self, *args, **kwargs):
-        dtype, values = self._problem(*args, **kwargs)
-        return dispatch.route(self, dtype, values)(*args, **kwargs)
+        kind, values = self._problem(*args, **kwargs)
+        return dispatch.route(self, kind, values)(*args, **kwargs)
 
 
 _REGISTRY: dict[str, Op] = {}

@@ -9,7 +9,7 @@ import pytest
 
 import mlx_primitives as mp
 from mlx_primitives import dispatch
-from mlx_primitives.problem import EXACT, Dim, bucket
+from mlx_primitives.problem import EXACT, Dim, bucket, dtype_name
 from mlx_primitives.registry import Op
 from mlx_primitives.tuning import db as tdb
 from mlx_primitives.tuning.db import TuningDB
@@ -135,7 +135,10 @@ def test_nearest_is_closest_in_size_then_in_shape(user_db):
     op = Op(
         "toy",
         dims=(Dim("batch"), Dim("rows"), Dim("cols", EXACT)),
-        problem=lambda x: (x.dtype, (bucket(x.shape[0]), bucket(x.shape[1]), x.shape[2])),
+        problem=lambda x: (
+            dtype_name(x.dtype),
+            (bucket(x.shape[0]), bucket(x.shape[1]), x.shape[2]),
+        ),
         reference=base.reference,
         example=base.example,
         case=lambda p: (((p["batch"], p["rows"], p["cols"]),), {}),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from mlx_primitives.problem import EXACT, Dim, bucket
+from mlx_primitives.problem import EXACT, Dim, bucket, dtype_name
 from mlx_primitives.registry import Example, Op, Variant
 
 
@@ -47,7 +47,7 @@ def make_op(extra: list[Variant] | None = None, feed: int | None = 0) -> Op:
     ]
 
     def problem(x):
-        return x.dtype, (bucket(x.size // x.shape[-1]), x.shape[-1])
+        return dtype_name(x.dtype), (bucket(x.size // x.shape[-1]), x.shape[-1])
 
     return Op(
         "toy",

@@ -73,7 +73,7 @@ def dispatch_overhead(n: int = 20000) -> dict:
     decision = dispatch.choose(o, o.problem(x, w, 1e-5))
     direct = o.variant(decision.variant).build(**decision.params)
     o(x, w, 1e-5)  # fill the process cache: the benchmark is of a cache hit
-    dtype, values = o._problem(x, w, 1e-5)
+    kind, values = o._problem(x, w, 1e-5)
 
     def per_call(fn, *args) -> float:
         best = float("inf")
@@ -90,7 +90,7 @@ def dispatch_overhead(n: int = 20000) -> dict:
         "direct_s": v,
         "overhead_s": d - v,
         "checks_s": per_call(o._problem, x, w, 1e-5),
-        "lookup_s": per_call(dispatch.route, o, dtype, values),
+        "lookup_s": per_call(dispatch.route, o, kind, values),
         "goal_s": 3e-6,
     }
 

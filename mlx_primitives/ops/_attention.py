@@ -32,23 +32,28 @@ DIMS = (
 )
 
 
-def check_qkv(op: str, q, k, v, layout: str, scale) -> tuple[int, ...]:
-    """Validate q, k, v and return ``(batch, q_heads, kv_heads, q_len, kv_len, head_dim)``."""
+def check_qkv(op: str, q, k, v, layout: str, scale) -> tuple[str, tuple[int, ...]]:
+    """Validate q, k, v and return the name of their dtype and ``(batch, q_heads, kv_heads,
+    q_len, kv_len, head_dim)``."""
     check_choice(op, "layout", layout, LAYOUTS)
+    kinds, shapes = [], []
     for name, a in (("q", q), ("k", k), ("v", v)):
-        check_array(op, name, a, min_ndim=4)
-        if a.ndim != 4:
-            raise ValueError(f"[{op}] {name} must be 4-D ({layout}), got shape {a.shape}")
-    if not q.dtype == k.dtype == v.dtype:
+        kind, shape = check_array(op, name, a, min_ndim=4)
+        if len(shape) != 4:
+            raise ValueError(f"[{op}] {name} must be 4-D ({layout}), got shape {shape}")
+        kinds.append(kind)
+        shapes.append(shape)
+    if not kinds[0] == kinds[1] == kinds[2]:
         raise TypeError(
             f"[{op}] q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
         )
-    if k.shape != v.shape:
-        raise ValueError(f"[{op}] v has shape {v.shape}, expected {k.shape} like k")
+    q_shape, k_shape, v_shape = shapes
+    if k_shape != v_shape:
+        raise ValueError(f"[{op}] v has shape {v_shape}, expected {k_shape} like k")
     if layout == "BHSD":
-        (b, hq, lq, d), (bk, hkv, lk, dk) = q.shape, k.shape
+        (b, hq, lq, d), (bk, hkv, lk, dk) = q_shape, k_shape
     else:
-        (b, lq, hq, d), (bk, lk, hkv, dk) = q.shape, k.shape
+        (b, lq, hq, d), (bk, lk, hkv, dk) = q_shape, k_shape
     if bk != b:
         raise ValueError(f"[{op}] k has batch {bk}, expected {b} like q")
     if dk != d:
@@ -57,7 +62,7 @@ def check_qkv(op: str, q, k, v, layout: str, scale) -> tuple[int, ...]:
         raise ValueError(f"[{op}] q has {hq} heads, not a multiple of k's {hkv}")
     if scale is not None:
         check_real(op, "scale", scale, positive=True)
-    return b, hq, hkv, lq, lk, d
+    return kinds[0], (b, hq, hkv, lq, lk, d)
 
 
 def problem_values(b, hq, hkv, lq, lk, d, layout) -> tuple:

@@ -21,9 +21,10 @@ _NAMES = {
 }
 
 
-def check_array(op: str, name: str, x, *, min_ndim: int = 1) -> str:
+def check_array(op: str, name: str, x, *, min_ndim: int = 1) -> tuple[str, tuple]:
     """``x`` is a non-empty floating mx.array with at least ``min_ndim`` dims; returns the
-    name of its dtype (each attribute of an mx.array is fetched once: this is the hot path)."""
+    name of its dtype and its shape (each attribute of an mx.array is fetched once, here and
+    in the ops' problem functions: this is the dispatch's hot path)."""
     if not isinstance(x, mx.array):
         raise TypeError(f"[{op}] {name} must be an mlx.core.array, got {type(x).__name__}")
     dtype = x.dtype
@@ -35,7 +36,7 @@ def check_array(op: str, name: str, x, *, min_ndim: int = 1) -> str:
         raise ValueError(f"[{op}] {name} must have at least {min_ndim} dims, got shape {shape}")
     if 0 in shape:
         raise ValueError(f"[{op}] {name} has a zero-size dim: shape {shape}")
-    return kind
+    return kind, shape
 
 
 def check_vector(op: str, name: str, v, size: int) -> str:
@@ -44,20 +45,22 @@ def check_vector(op: str, name: str, v, size: int) -> str:
     present)."""
     if v is None:
         return "none"
-    kind = check_array(op, name, v)
-    if v.shape != (size,):
-        raise ValueError(f"[{op}] {name} has shape {v.shape}, expected ({size},)")
+    kind, shape = check_array(op, name, v)
+    if shape != (size,):
+        raise ValueError(f"[{op}] {name} has shape {shape}, expected ({size},)")
     return kind
 
 
-def check_same(op: str, a_name: str, a, b_name: str, b) -> None:
-    """Two arrays of one shape and dtype (gated activations)."""
-    check_array(op, a_name, a)
-    check_array(op, b_name, b)
-    if a.shape != b.shape:
-        raise ValueError(f"[{op}] {b_name} has shape {b.shape}, expected {a.shape} like {a_name}")
-    if a.dtype != b.dtype:
+def check_same(op: str, a_name: str, a, b_name: str, b) -> tuple[str, tuple]:
+    """Two arrays of one shape and dtype (gated activations); returns the dtype's name and
+    the shape."""
+    kind, shape = check_array(op, a_name, a)
+    b_kind, b_shape = check_array(op, b_name, b)
+    if b_shape != shape:
+        raise ValueError(f"[{op}] {b_name} has shape {b_shape}, expected {shape} like {a_name}")
+    if b_kind != kind:
         raise TypeError(f"[{op}] {b_name} has dtype {b.dtype}, expected {a.dtype} like {a_name}")
+    return kind, shape
 
 
 def check_real(op: str, name: str, value, *, positive: bool = False) -> float:

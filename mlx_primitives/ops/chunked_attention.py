@@ -15,10 +15,10 @@ DIMS = att.DIMS
 
 
 def _problem(q, k, v, *, chunk_size=None, scale=None, layout="BHSD"):
-    b, hq, hkv, lq, lk, d = att.check_qkv(NAME, q, k, v, layout, scale)
+    kind, (b, hq, hkv, lq, lk, d) = att.check_qkv(NAME, q, k, v, layout, scale)
     if chunk_size is not None:
         check_int(NAME, "chunk_size", chunk_size, minimum=1)
-    return q.dtype, att.problem_values(b, hq, hkv, lq, lk, d, layout)
+    return kind, att.problem_values(b, hq, hkv, lq, lk, d, layout)
 
 
 def reference(q, k, v, *, chunk_size=None, scale=None, layout="BHSD"):

@@ -39,12 +39,12 @@ def _mask_kind(op: str, mask, shape: tuple[int, int, int, int]) -> str:
 
 
 def _problem(q, k, v, *, causal=False, scale=None, layout="BHSD", mask=None):
-    b, hq, hkv, lq, lk, d = att.check_qkv(NAME, q, k, v, layout, scale)
+    kind, (b, hq, hkv, lq, lk, d) = att.check_qkv(NAME, q, k, v, layout, scale)
     check_bool(NAME, "causal", causal)
     if causal and lq > lk:
         raise ValueError(f"[{NAME}] causal attention needs q_len <= kv_len, got {lq} > {lk}")
-    kind = _mask_kind(NAME, mask, (b, hq, lq, lk))
-    return q.dtype, (*att.problem_values(b, hq, hkv, lq, lk, d, layout), causal, kind)
+    mask_kind = _mask_kind(NAME, mask, (b, hq, lq, lk))
+    return kind, (*att.problem_values(b, hq, hkv, lq, lk, d, layout), causal, mask_kind)
 
 
 def reference(q, k, v, *, causal=False, scale=None, layout="BHSD", mask=None):

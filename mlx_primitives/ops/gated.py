@@ -20,8 +20,8 @@ GELU_DIMS = (*DIMS, Dim("approximate", EXACT))
 
 def _problem(name: str):
     def problem(gate, up):
-        check_same(name, "gate", gate, "up", up)
-        return gate.dtype, (bucket(gate.size // gate.shape[-1]), gate.shape[-1])
+        kind, shape = check_same(name, "gate", gate, "up", up)
+        return kind, (bucket(gate.size // shape[-1]), shape[-1])
 
     return problem
 
@@ -32,8 +32,8 @@ _geglu_problem = _problem("geglu")
 
 def _gelu_problem(gate, up, approximate="none"):
     check_choice("geglu", "approximate", approximate, APPROXIMATIONS)
-    dtype, values = _geglu_problem(gate, up)
-    return dtype, (*values, approximate)
+    kind, values = _geglu_problem(gate, up)
+    return kind, (*values, approximate)
 
 
 def swiglu_reference(gate: mx.array, up: mx.array) -> mx.array:

@@ -23,12 +23,12 @@ DIMS = (Dim("rows"), Dim("dims", EXACT), Dim("weight", EXACT), Dim("bias", EXACT
 
 
 def _problem(x, weight, bias, eps=1e-5):
-    check_array(NAME, "x", x)
-    n = x.shape[-1]
+    kind, shape = check_array(NAME, "x", x)
+    n = shape[-1]
     weight_kind = check_vector(NAME, "weight", weight, n)
     bias_kind = check_vector(NAME, "bias", bias, n)
     check_real(NAME, "eps", eps)
-    return x.dtype, (bucket(x.size // n), n, weight_kind, bias_kind)
+    return kind, (bucket(x.size // n), n, weight_kind, bias_kind)
 
 
 def reference(

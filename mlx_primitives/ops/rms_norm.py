@@ -23,11 +23,11 @@ DIMS = (Dim("rows"), Dim("dims", EXACT), Dim("weight", EXACT))
 
 
 def _problem(x, weight, eps=1e-5):
-    check_array(NAME, "x", x)
-    n = x.shape[-1]
+    kind, shape = check_array(NAME, "x", x)
+    n = shape[-1]
     weight_kind = check_vector(NAME, "weight", weight, n)
     check_real(NAME, "eps", eps)
-    return x.dtype, (bucket(x.size // n), n, weight_kind)
+    return kind, (bucket(x.size // n), n, weight_kind)
 
 
 def reference(x: mx.array, weight: mx.array | None, eps: float = 1e-5) -> mx.array:

@@ -61,12 +61,10 @@ def _problem(
     x, dims, *, traditional=False, base=10000.0, scale=1.0, offset=0, freqs=None, layout="BHSD"
 ):
     check_choice(NAME, "layout", layout, LAYOUTS)
-    check_array(NAME, "x", x, min_ndim=3)
-    if layout == "BSHD" and x.ndim != 4:
-        raise ValueError(
-            f"[{NAME}] x must be (batch, seq, heads, head_dim) for BSHD, got {x.shape}"
-        )
-    head_dim = x.shape[-1]
+    kind, shape = check_array(NAME, "x", x, min_ndim=3)
+    if layout == "BSHD" and len(shape) != 4:
+        raise ValueError(f"[{NAME}] x must be (batch, seq, heads, head_dim) for BSHD, got {shape}")
+    head_dim = shape[-1]
     check_int(NAME, "dims", dims, minimum=2)
     if dims % 2 or dims > head_dim:
         raise ValueError(f"[{NAME}] dims must be even and at most {head_dim}, got {dims}")
@@ -77,13 +75,13 @@ def _problem(
     if base is not None:
         check_real(NAME, "base", base, positive=True)
     check_vector(NAME, "freqs", freqs, dims // 2)
-    _check_offset(offset, x.shape[0])
+    _check_offset(offset, shape[0])
     if layout == "BHSD":
-        seq, heads = x.shape[-2], math.prod(x.shape[1:-2])
+        seq, heads = shape[-2], math.prod(shape[1:-2])
     else:
-        seq, heads = x.shape[1], x.shape[2]
+        seq, heads = shape[1], shape[2]
     values = (
-        bucket(x.shape[0]),
+        bucket(shape[0]),
         bucket(heads),
         bucket(seq),
         head_dim,
@@ -93,7 +91,7 @@ def _problem(
         freqs is not None,
         isinstance(offset, mx.array) and offset.size > 1,
     )
-    return x.dtype, values
+    return kind, values
 
 
 def reference(

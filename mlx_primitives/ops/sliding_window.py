@@ -19,12 +19,12 @@ DIMS = (*att.DIMS, Dim("window"))
 
 
 def _problem(q, k, v, window_size, *, scale=None, layout="BHSD"):
-    b, hq, hkv, lq, lk, d = att.check_qkv(NAME, q, k, v, layout, scale)
+    kind, (b, hq, hkv, lq, lk, d) = att.check_qkv(NAME, q, k, v, layout, scale)
     check_int(NAME, "window_size", window_size, minimum=1)
     if lq > lk:
         raise ValueError(f"[{NAME}] needs q_len <= kv_len, got {lq} > {lk}")
     window = min(window_size, lk)  # a window past the start is the causal mask
-    return q.dtype, (*att.problem_values(b, hq, hkv, lq, lk, d, layout), bucket(window))
+    return kind, (*att.problem_values(b, hq, hkv, lq, lk, d, layout), bucket(window))
 
 
 def reference(q, k, v, window_size, *, scale=None, layout="BHSD"):
