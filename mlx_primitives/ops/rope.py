@@ -210,6 +210,7 @@ def _kernel_call(launch: Callable) -> Callable:
 
 
 def _run(kernel: GpuKernel, x4, off, table, template: dict, threads: int, total: int):
+    """Launch a rope kernel on ``total`` threads (rounded up to whole groups)."""
     (y,) = kernel(
         [x4, off, table],
         template=template,
@@ -248,6 +249,8 @@ def _rotate_forward(vec: int, heads_per_thread: int, threads: int, angles: str, 
 def _tiled_forward(
     vec: int, positions: int, unroll: int, threads: int, angles: str, fast_math: bool
 ):
+    """The ``tiled`` kernel (``kernel_variants/rope/tiled.k``) with the op's signature."""
+
     def launch(x4, off, template, base, scale, freqs):
         b, s = x4.shape[0], x4.shape[1 if template["BSHD"] else 2]
         table = off if angles == "computed" else _inverse(template["DIMS"], base, freqs)
@@ -312,8 +315,8 @@ def _tiled_supports(p: dict, params: dict) -> bool:
     vec, positions = params["vec"], params["positions"]
     if not (_chunks_fit(p, vec) and _angles_fit(p, params)) or params["angles"] == "cached":
         return False
-    # A tile's cos and sin (float32, each row padded by a chunk per pair), declared twice in
-    # the CUDA body.
+    # A tile's cos and sin (float32, each position's row padded by one word per rotated
+    # chunk), declared twice in the CUDA body.
     half = p["dims"] // 2
     angles = 2 * positions * (half + half // (vec // 2 if p["traditional"] else vec)) * 4
     held = params["unroll"] * vec * itemsize(p["dtype"]) * (2 - p["traditional"])
