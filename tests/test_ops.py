@@ -181,8 +181,7 @@ def test_rope_tiled_configs_fit_threadgroup_memory():
     assert tiled.allows(problem, {**cfg, "positions": 16})
     assert not tiled.allows({**problem, "seq": 8}, {**cfg, "positions": 16})
     assert tiled.allows({**problem, "seq": 1}, {**cfg, "positions": 1})
-    # No cos/sin tables from MLX (the tile makes its own), and freqs need the table.
-    assert not tiled.allows(problem, {**cfg, "positions": 16, "angles": "cached"})
+    # freqs need the table.
     assert not tiled.allows({**problem, "freqs": True}, {**cfg, "positions": 16})
     assert tiled.allows({**problem, "freqs": True}, {**cfg, "positions": 16, "angles": "table"})
 

@@ -170,13 +170,15 @@ def _inverse(dims: int, base: float | None, freqs: mx.array | None) -> mx.array:
     return _inv_freq(dims, base) if freqs is None else 1.0 / freqs.astype(mx.float32)
 
 
-def _kernel_call(launch: Callable) -> Callable:
+def _kernel_call(launch: Callable, angles: str) -> Callable:
     """A kernel variant's callable, with the op's signature and gradients.
 
     Args:
-        launch: ``launch(x4, off, template, base, scale, freqs)`` runs a kernel on ``x4``
-            (the input as 4-D) and returns its output; ``off`` holds the int32 position
-            offsets (1 or B) and ``template`` the constants every rope kernel takes.
+        launch: ``launch(x4, off, table, scale, template)`` runs a kernel on ``x4`` (the
+            input as 4-D) and returns its output; ``off`` holds the int32 position offsets
+            (1 or B), ``table`` the float32 inverse frequencies (``off`` again, unread, for
+            computed angles) and ``template`` the constants every rope kernel takes.
+        angles: the variant's ``angles`` parameter.
     """
 
     def forward(x, dims, traditional, base, scale, offset, freqs, layout):
@@ -186,6 +188,7 @@ def _kernel_call(launch: Callable) -> Callable:
         x4 = x if bshd else x.reshape(shape[0], math.prod(shape[1:-2]), *shape[-2:])
         off = mx.array([offset], mx.int32) if not isinstance(offset, mx.array) else offset
         off = off.astype(mx.int32).reshape(off.size)
+        table = off if angles == "computed" else _inverse(dims, base, freqs)
         template = {
             "T": x.dtype,
             "D": x4.shape[-1],
@@ -197,7 +200,7 @@ def _kernel_call(launch: Callable) -> Callable:
             "BASE_BITS": float_bits(base or 1.0),
             "SCALE_BITS": float_bits(scale),
         }
-        return launch(x4, off, template, base, scale, freqs).reshape(shape)
+        return launch(x4, off, table, scale, template).reshape(shape)
 
     fn = with_reference_transforms(forward, _positional(reference))
 
@@ -231,10 +234,8 @@ def _chunks(template: dict, vec: int) -> int:
 
 
 def _rotate_forward(vec: int, heads_per_thread: int, threads: int, angles: str, fast_math: bool):
-    def launch(x4, off, template, base, scale, freqs):
+    def launch(x4, off, table, scale, template):
         b, s = x4.shape[0], x4.shape[1 if template["BSHD"] else 2]
-        # Computed angles read no table: off is a placeholder.
-        table = off if angles == "computed" else _inverse(template["DIMS"], base, freqs)
         if angles == "cached":
             pos = (mx.arange(s, dtype=mx.float32) + off.astype(mx.float32)[:, None]) * scale
             theta = pos[..., None] * table
@@ -243,7 +244,7 @@ def _rotate_forward(vec: int, heads_per_thread: int, threads: int, angles: str, 
         consts = {"VEC": vec, "HPT": heads_per_thread, "ANGLES": ANGLES[angles], "FAST": fast_math}
         return _run(_ROTATE, x4, off, table, template | consts, threads, total)
 
-    return _kernel_call(launch)
+    return _kernel_call(launch, angles)
 
 
 def _tiled_forward(
@@ -251,9 +252,8 @@ def _tiled_forward(
 ):
     """The ``tiled`` kernel (``kernel_variants/rope/tiled.k``) with the op's signature."""
 
-    def launch(x4, off, template, base, scale, freqs):
+    def launch(x4, off, table, scale, template):
         b, s = x4.shape[0], x4.shape[1 if template["BSHD"] else 2]
-        table = off if angles == "computed" else _inverse(template["DIMS"], base, freqs)
         consts = {
             "VEC": vec,
             "P": positions,
@@ -265,7 +265,7 @@ def _tiled_forward(
         total = b * -(-s // positions) * threads
         return _run(_TILED, x4, off, table, template | consts, threads, total)
 
-    return _kernel_call(launch)
+    return _kernel_call(launch, angles)
 
 
 def _positional(f):
@@ -301,30 +301,37 @@ def _angles_fit(p: dict, params: dict) -> bool:
     )
 
 
+def _loads_fit(p: dict, vec: int, chunks: int, threads: int) -> bool:
+    """Whether a group of ``threads`` threads, each holding the loads of ``chunks`` chunks at
+    once, fits the registers: past 64 KB of them a 512-thread group asks for more registers
+    than an SM has and fails to launch."""
+    held = chunks * vec * itemsize(p["dtype"]) * (2 - p["traditional"])
+    return held * threads <= 65536
+
+
 def _rotate_supports(p: dict, params: dict) -> bool:
-    vec = params["vec"]
-    if not (_chunks_fit(p, vec) and _angles_fit(p, params)):
-        return False
-    # A thread holds its heads' loads at once: past 64 KB per group of them, a 512-thread
-    # group asks for more registers than an SM has and fails to launch.
-    held = params["heads_per_thread"] * vec * itemsize(p["dtype"]) * (2 - p["traditional"])
-    return params["heads_per_thread"] <= p["heads"] and held * params["threads"] <= 65536
+    vec, heads = params["vec"], params["heads_per_thread"]
+    return (
+        _chunks_fit(p, vec)
+        and _angles_fit(p, params)
+        and heads <= p["heads"]
+        and _loads_fit(p, vec, heads, params["threads"])
+    )
 
 
 def _tiled_supports(p: dict, params: dict) -> bool:
     vec, positions = params["vec"], params["positions"]
-    if not (_chunks_fit(p, vec) and _angles_fit(p, params)) or params["angles"] == "cached":
+    if not (_chunks_fit(p, vec) and _angles_fit(p, params)):
         return False
     # A tile's cos and sin (float32, each position's row padded by one word per rotated
     # chunk), declared twice in the CUDA body.
     half = p["dims"] // 2
     angles = 2 * positions * (half + half // (vec // 2 if p["traditional"] else vec)) * 4
-    held = params["unroll"] * vec * itemsize(p["dtype"]) * (2 - p["traditional"])
     return (
         positions <= p["seq"]  # a tile longer than the (bucketed) sequence only idles
         and 2 * angles <= SHARED["cuda"]
         and angles <= SHARED["metal"]
-        and held * params["threads"] <= 65536
+        and _loads_fit(p, vec, params["unroll"], params["threads"])
     )
 
 
