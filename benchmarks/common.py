@@ -38,9 +38,12 @@ METHOD = (
     "chaining fewer; each call fed the previous call's output as its first input where shape "
     f"and dtype agree, so the calls run in order{_feeding()}), the "
     "implementations of one problem sampled in turn (mlx_primitives.tuning.timing."
-    "bench_many), after a timed warm-up; the dispatch's ratio from the dispatch and the "
-    "baseline timed alone, the variants' from all variants timed together; bandwidth counts "
-    "each input read once and each output written once; where the dispatch runs a custom "
+    "bench_many), after a timed warm-up, each evaluation starting the same time after its "
+    f"chain's build began for all of them ({timing.IDLE_MARGIN}x the slowest build: the "
+    "device's idle time before an evaluation changes its speed); the dispatch's ratio from "
+    "the dispatch and the baseline timed alone, the variants' from all variants timed "
+    "together; bandwidth counts each input read once and each output written once; where the "
+    "dispatch runs a custom "
     "kernel, it is also timed in mlx_primitives.inference_mode (no gradient wrapper) in the "
     "same samples"
 )
@@ -73,6 +76,7 @@ def measure(calls, budget_s: float = 0.3, feed: int | None = 0) -> list[dict]:
             "reps": t.reps,
             "chain": t.chain,
             "first_call_s": t.first_call_s,
+            "idle_s": t.idle_s,
         }  # first call: compiling, where a back-end compiles
         for t in timings
     ]

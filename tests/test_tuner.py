@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import mlx.core as mx
 import pytest
 
@@ -352,6 +354,36 @@ def test_chain_is_capped_by_a_calls_peak_memory_not_its_output(monkeypatch):
         [(mx.abs, (x,), {}), (outer_sum, (x,), {})], budget_s=0.01, warmup_s=0.0, min_reps=2
     )
     assert heavy.chain <= 2 < light.chain
+
+
+def test_evaluations_start_alike_after_their_builds():
+    """The device's idle time before an evaluation changes its speed (on an H100, 0.5 ms more
+    of it slowed calls of one to 64 rows by 1-4%): every call timed together waits the same
+    time from the start of its chain's build, the slowest build's with a margin."""
+    from mlx_primitives.tuning import timing
+
+    x = mx.ones((4,))
+    begun = time.perf_counter()
+    per_call = timing._run_chain((mx.abs, (x,), {}), 2, 0, idle_s=0.05)
+    # The wait comes before the clock starts.
+    assert time.perf_counter() - begun >= 0.05
+    assert per_call < 0.01
+
+    def slow_build(a):
+        time.sleep(1e-3)
+        return mx.abs(a)
+
+    fast, slow = timing.bench_many(
+        [(mx.abs, (x,), {}), (slow_build, (x,), {})],
+        budget_s=0.01,
+        warmup_s=0.0,
+        min_reps=2,
+        max_chain=4,
+    )
+    assert slow.chain == 4
+    assert fast.idle_s == slow.idle_s >= timing.IDLE_MARGIN * 4e-3
+    assert slow.median_s < 1e-3  # the sleeps were built, not timed
+    assert {t.idle_s for t in timing.paired([fast, slow])} == {fast.idle_s}
 
 
 def test_chain_length_follows_the_per_call_cost_not_the_evaluations(monkeypatch):

@@ -7,7 +7,9 @@ output has the shape and dtype of one of its inputs (the first, or the one ``Op.
 feeds it to the next call, so the chain runs in order, as a model's layers do, instead of
 overlapping on the device. Several callables timed together take their samples in turn
 (round-robin), so a machine that speeds up or slows down during the measurement moves all of
-them alike and their ratios stay fair.
+them alike and their ratios stay fair; and each of their evaluations starts the same time after
+its chain's build began, since the device's idle time before an evaluation changes how fast it
+runs.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import mlx.core as mx
 
@@ -32,6 +34,14 @@ PROBE_CHAIN = 4
 # A timed chain has calls enough to fill this long, at most MAX_CHAIN of them.
 TARGET_SAMPLE_S = 20e-3
 MAX_CHAIN = 200
+
+# Every evaluation of calls timed together starts this much longer after its chain's build
+# began than the slowest of their builds takes: on an H100, calls of one to 64 rows ran 1-2%
+# slower (up to 5%) after a longer build, of Python work or of sleep, so an implementation
+# with more host work per call (the dispatch) was timed slower on the same graph.
+IDLE_MARGIN = 1.25
+# Builds of each chain timed to set that idle time.
+IDLE_PROBES = 3
 
 # Differences below this fraction of a latency are noise, whatever the measured spread says.
 NOISE = 0.02
@@ -59,6 +69,9 @@ class Timing:
     chain: int
     first_call_s: float
     samples: tuple[float, ...] = field(default=(), repr=False)
+    # Seconds from the start of each chain's build to its evaluation, the same for every call
+    # timed together (bench_many).
+    idle_s: float = 0.0
 
     @property
     def stderr_s(self) -> float:
@@ -80,7 +93,8 @@ def _chain_bytes() -> int:
     return max(MIN_CHAIN_BYTES, int(CHAIN_MEMORY_SHARE * memory))
 
 
-def _run_chain(call: Call, chain: int, feed: int | None) -> float:
+def _build(call: Call, chain: int, feed: int | None) -> list:
+    """The outputs of ``chain`` calls, unevaluated."""
     fn, args, kwargs = call
     fed = feed is not None and feed < len(args) and isinstance(args[feed], mx.array)
     fed_arg = args[feed] if fed else None
@@ -93,9 +107,34 @@ def _run_chain(call: Call, chain: int, feed: int | None) -> float:
         fits = isinstance(out, mx.array) and fed_arg is not None and out.shape == fed_arg.shape
         if fits and out.dtype == fed_arg.dtype:
             current[feed] = out
+    return outs
+
+
+def _run_chain(call: Call, chain: int, feed: int | None, idle_s: float = 0.0) -> float:
+    """Seconds per call of one evaluation of ``chain`` calls, started ``idle_s`` after the
+    build began (at once where the build took longer)."""
+    begun = time.perf_counter()
+    outs = _build(call, chain, feed)
+    # A busy wait: sleep overshoots by tens of microseconds.
+    while time.perf_counter() - begun < idle_s:
+        pass
     start = time.perf_counter()
     mx.eval(outs)
     return (time.perf_counter() - start) / chain
+
+
+def _idle(calls: Sequence[Call], chains: Sequence[int], feed: int | None) -> float:
+    """The idle time before every evaluation of ``calls``: their slowest build (median of a
+    few), with a margin."""
+    slowest = 0.0
+    for call, chain in zip(calls, chains):
+        builds = []
+        for _ in range(IDLE_PROBES):
+            begun = time.perf_counter()
+            _build(call, chain, feed)
+            builds.append(time.perf_counter() - begun)
+        slowest = max(slowest, statistics.median(builds))
+    return IDLE_MARGIN * slowest
 
 
 def _prepare(
@@ -166,10 +205,11 @@ def bench_many(
     # whose memory allows fewer (a composition with large scratch) runs as many as it can.
     wish = max(p[1] for p in prepared)
     chains = [min(wish, cap) for _, _, cap in prepared]
+    idle = _idle(calls, chains, feed)
     deadline = time.perf_counter() + warmup_s * len(calls)
     while time.perf_counter() < deadline:
         for call, chain in zip(calls, chains):
-            _run_chain(call, chain, feed)
+            _run_chain(call, chain, feed, idle)
     samples: list[list[float]] = [[] for _ in calls]
     deadline = time.perf_counter() + budget_s * len(calls)
     while len(samples[0]) < min_reps or (
@@ -180,13 +220,13 @@ def bench_many(
         random.Random(len(samples[0])).shuffle(order)
         for i in order:
             kept = samples[i]
-            kept.append(_run_chain(calls[i], chains[i], feed))
+            kept.append(_run_chain(calls[i], chains[i], feed, idle))
             if limit_s is not None and len(kept) >= 3 and statistics.median(kept) > limit_s:
                 raise TimeoutError(
                     f"median {statistics.median(kept) * 1e3:.3g} ms is over the limit"
                 )
     return [
-        summarize(kept, chain, first)
+        replace(summarize(kept, chain, first), idle_s=idle)
         for kept, chain, (first, _, _) in zip(samples, chains, prepared)
     ]
 
@@ -207,13 +247,11 @@ def paired(timings: Sequence[Timing]) -> list[Timing]:
         ratios = summarize([a / b for a, b in zip(t.samples, ref.samples)])
         scale = ref.median_s
         out.append(
-            Timing(
-                ratios.median_s * scale,
-                ratios.spread_s * scale,
-                ratios.reps,
-                t.chain,
-                t.first_call_s,
-                t.samples,
+            replace(
+                t,
+                median_s=ratios.median_s * scale,
+                spread_s=ratios.spread_s * scale,
+                reps=ratios.reps,
             )
         )
     return out
