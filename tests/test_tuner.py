@@ -356,10 +356,10 @@ def test_chain_is_capped_by_a_calls_peak_memory_not_its_output(monkeypatch):
     assert heavy.chain <= 2 < light.chain
 
 
-def test_evaluations_start_alike_after_their_builds():
-    """The device's idle time before an evaluation changes its speed (on an H100, 0.5 ms more
-    of it slowed calls of one to 64 rows by 1-4%): every call timed together waits the same
-    time from the start of its chain's build, the slowest build's with a margin."""
+def test_evaluations_start_alike_after_their_builds(monkeypatch):
+    """The device's idle time before an evaluation changes its speed: every call timed
+    together waits the same time from the start of its chain's build, the slowest build's
+    with a margin."""
     from mlx_primitives.tuning import timing
 
     x = mx.ones((4,))
@@ -373,6 +373,14 @@ def test_evaluations_start_alike_after_their_builds():
         time.sleep(1e-3)
         return mx.abs(a)
 
+    waits = []
+    run_chain = timing._run_chain
+
+    def spy(call, chain, feed, idle_s=0.0):
+        waits.append(idle_s)
+        return run_chain(call, chain, feed, idle_s)
+
+    monkeypatch.setattr(timing, "_run_chain", spy)
     fast, slow = timing.bench_many(
         [(mx.abs, (x,), {}), (slow_build, (x,), {})],
         budget_s=0.01,
@@ -382,6 +390,9 @@ def test_evaluations_start_alike_after_their_builds():
     )
     assert slow.chain == 4
     assert fast.idle_s == slow.idle_s >= timing.IDLE_MARGIN * 4e-3
+    # Every sample waits it; only the chain-length probes before them start at once.
+    assert waits.count(fast.idle_s) == fast.reps + slow.reps
+    assert set(waits) == {0.0, fast.idle_s}
     assert slow.median_s < 1e-3  # the sleeps were built, not timed
     assert {t.idle_s for t in timing.paired([fast, slow])} == {fast.idle_s}
 

@@ -36,9 +36,9 @@ TARGET_SAMPLE_S = 20e-3
 MAX_CHAIN = 200
 
 # Every evaluation of calls timed together starts this much longer after its chain's build
-# began than the slowest of their builds takes: on an H100, calls of one to 64 rows ran 1-2%
-# slower (up to 5%) after a longer build, of Python work or of sleep, so an implementation
-# with more host work per call (the dispatch) was timed slower on the same graph.
+# began than the slowest of their builds takes (a call timed alone: its own build): a longer
+# idle device before an evaluation slowed it, which timed the dispatch, with more host work
+# per call, slower on the same graph (DEVELOPERS.md, "What the idle device taught the timing").
 IDLE_MARGIN = 1.25
 # Builds of each chain timed to set that idle time.
 IDLE_PROBES = 3
