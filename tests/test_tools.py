@@ -199,6 +199,27 @@ def test_the_suites_list_a_problem_out_of_memory_and_keep_the_others(monkeypatch
     assert result["results"] == []
 
 
+def test_the_host_suite_times_builds_and_both_starts():
+    from argparse import Namespace
+
+    from benchmarks.suites import host
+
+    args = Namespace(op=["swiglu"], budget=0.002, section=None)
+    rows = host.run(args)["results"]
+    build = [r for r in rows if r["section"] == "build"]
+    assert [r["impl"] for r in build] == ["baseline", "dispatch", "variant"]
+    assert all(r["build_s"] > 0 for r in build)
+    idle = [r for r in rows if r["section"] == "idle"]
+    # 1 and 64 rows, four implementations, each start.
+    assert len(idle) == 2 * 4 * 2
+    assert {r["idle_s"] for r in idle if not r["equal_start"]} == {0.0}
+    for example in {r["example"] for r in idle}:
+        waits = {r["idle_s"] for r in idle if r["equal_start"] and r["example"] == example}
+        assert len(waits) == 1 and waits.pop() > 0
+    with pytest.raises(SystemExit, match=r"\[host\] unknown sections \['bild'\]"):
+        host.run(Namespace(op=["swiglu"], budget=0.002, section=["bild"]))
+
+
 def test_a_dispatched_kernel_is_also_timed_in_inference_mode(monkeypatch):
     """Where the dispatch runs a custom kernel, its row also gives the dispatch timed inside
     inference_mode, in the same samples, and the README table shows that ratio."""

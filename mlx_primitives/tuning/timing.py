@@ -185,6 +185,7 @@ def bench_many(
     max_chain: int = MAX_CHAIN,
     limit_s: float | None = None,
     feed: int | None = 0,
+    equal_start: bool = True,
 ) -> list[Timing]:
     """Time each ``(fn, args, kwargs)``, taking their samples in turn. Resets MLX's peak-memory
     counter: each call's peak sizes its chain.
@@ -198,6 +199,8 @@ def bench_many(
             candidate far slower than the default is not worth finishing).
         feed: the argument each call's output is fed to in the next call where it fits (the
             op's ``feed``); None to time independent calls.
+        equal_start: False to start each evaluation right after its own build (what the
+            equal start removes; benchmarks/suites/host.py measures it).
     """
     prepared = [_prepare(c, limit_s, target_sample_s, max_chain, feed) for c in calls]
     # One chain length for all: it sets how far the fixed cost of an evaluation is amortized,
@@ -205,7 +208,7 @@ def bench_many(
     # whose memory allows fewer (a composition with large scratch) runs as many as it can.
     wish = max(p[1] for p in prepared)
     chains = [min(wish, cap) for _, _, cap in prepared]
-    idle = _idle(calls, chains, feed)
+    idle = _idle(calls, chains, feed) if equal_start else 0.0
     deadline = time.perf_counter() + warmup_s * len(calls)
     while time.perf_counter() < deadline:
         for call, chain in zip(calls, chains):

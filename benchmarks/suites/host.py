@@ -1,0 +1,157 @@
+"""What the chain timing of the other suites leaves out, for the first five ops.
+
+- ``build``: host time to build one call's graph (no evaluation) at each op's largest problem
+  (of its default tuning preset on a GPU, of its quick one on the CPU): the baseline, the
+  dispatch, the variant it serves called directly, and that variant in ``inference_mode``;
+- ``idle``: at small problems, where the dispatch serves the baseline itself, the dispatch,
+  the baseline, the baseline again and the baseline with a 0.5 ms sleep every 100 calls,
+  timed together with :func:`~mlx_primitives.tuning.timing.bench_many`'s equal start and
+  with each evaluation right after its own build.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import mlx.core as mx
+
+from mlx_primitives import dispatch
+from mlx_primitives.hardware import current_backend
+from mlx_primitives.problem import parse_dtype
+from mlx_primitives.registry import Example, op
+from mlx_primitives.tuning import timing
+
+from ..common import _inference, header
+
+OPS = ("rms_norm", "layer_norm", "rope", "swiglu", "geglu")
+SECTIONS = ("build", "idle")
+# The idle section's problems: each op's default problems in float16 below this many elements
+# (1 and 64 rows, rope's decode), where MLX's cost per call dominates.
+SMALL = 2**20
+
+
+def _case(o, ex: Example):
+    args, kwargs = o.example(ex.shapes, parse_dtype(ex.dtype), mx.random.key(0), **dict(ex.options))
+    mx.eval(args)
+    problem = o.problem(*args, **kwargs)
+    name, params = o.default(problem)
+    baseline = o.variant(name).build(**params)
+    decision = dispatch.choose(o, problem)
+    return args, kwargs, baseline, decision
+
+
+def _per_call_s(fn, args, kwargs, n: int = 3000) -> float:
+    """Best of three loops of ``n`` graph constructions, per call."""
+    for _ in range(100):
+        fn(*args, **kwargs)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn(*args, **kwargs)
+        best = min(best, (time.perf_counter() - start) / n)
+    return best
+
+
+def build_rows(o, preset: str) -> list[dict]:
+    ex = max(o.presets[preset], key=lambda e: math.prod(e.shapes[0]))
+    args, kwargs, baseline, decision = _case(o, ex)
+    served = o.variant(decision.variant).build(**decision.params)
+    mx.eval(o(*args, **kwargs), served(*args, **kwargs))  # compiled before the clock
+    calls = {"baseline": baseline, "dispatch": o, "variant": served}
+    if o.variant(decision.variant).is_kernel:
+        calls["variant in inference_mode"] = _inference(served)
+    return [
+        {
+            "op": o.name,
+            "example": ex.label(),
+            "variant": decision.variant,
+            "impl": impl,
+            "build_s": _per_call_s(fn, args, kwargs),
+        }
+        for impl, fn in calls.items()
+    ]
+
+
+def _sleepy(fn):
+    """``fn`` that sleeps 0.5 ms every 100 calls: a longer build without more Python."""
+    count = [0]
+
+    def call(*args, **kwargs):
+        count[0] += 1
+        if count[0] % 100 == 0:
+            time.sleep(5e-4)
+        return fn(*args, **kwargs)
+
+    return call
+
+
+def idle_rows(o, budget_s: float) -> list[dict]:
+    rows = []
+    for ex in o.presets["default"]:
+        if ex.dtype != "float16" or math.prod(ex.shapes[0]) >= SMALL:
+            continue
+        args, kwargs, baseline, decision = _case(o, ex)
+        impls = {
+            "dispatch": o,
+            "baseline": baseline,
+            "baseline again": baseline,
+            "baseline after sleeps": _sleepy(baseline),
+        }
+        for equal in (False, True):
+            timed = timing.bench_many(
+                [(fn, args, kwargs) for fn in impls.values()],
+                budget_s=budget_s,
+                warmup_s=0.1,
+                max_reps=200,
+                feed=o.feed,
+                equal_start=equal,
+            )
+            base = timed[1]
+            for impl, t in zip(impls, timed):
+                ratios = [b / s for b, s in zip(base.samples, t.samples)]
+                rows.append(
+                    {
+                        "op": o.name,
+                        "example": ex.label(),
+                        "variant": decision.variant,
+                        "equal_start": equal,
+                        "impl": impl,
+                        "median_s": t.median_s,
+                        "vs_baseline": base.median_s / t.median_s,
+                        "paired_vs_baseline": statistics.median(ratios),
+                        "reps": t.reps,
+                        "chain": t.chain,
+                        "idle_s": t.idle_s,
+                    }
+                )
+    return rows
+
+
+def run(args) -> dict:
+    chosen = args.section or list(SECTIONS)
+    unknown = set(chosen) - set(SECTIONS)
+    if unknown:
+        raise SystemExit(f"[host] unknown sections {sorted(unknown)}: {list(SECTIONS)}")
+    result = header("host")
+    result["method"] = (
+        "build: host seconds per call to build one call's graph, no evaluation (best of three "
+        "loops of 3000 calls); idle: mlx_primitives.tuning.timing.bench_many of the listed "
+        "implementations together, with each evaluation right after its own build "
+        "(equal_start false) and with every evaluation starting the same time after its "
+        "chain's build began (true); vs_baseline from medians, paired_vs_baseline the median "
+        "of each round's ratio"
+    )
+    result["sections"] = chosen
+    result["results"] = []
+    preset = "default" if current_backend() != "cpu" else "quick"
+    for name in args.op or OPS:
+        o = op(name)
+        if "build" in chosen:
+            result["results"] += [{"section": "build", **r} for r in build_rows(o, preset)]
+        if "idle" in chosen:
+            result["results"] += [{"section": "idle", **r} for r in idle_rows(o, args.budget)]
+        print(f"[host] {name} done", flush=True)
+    return result
