@@ -65,10 +65,14 @@ def header(suite: str) -> dict:
     }
 
 
-def measure(calls, budget_s: float = 0.3, feed: int | None = 0) -> list[dict]:
+def measure(
+    calls, budget_s: float = 0.3, feed: int | None = 0, min_idle_s: float = 0.0
+) -> list[dict]:
     """Median and spread of each ``(fn, args, kwargs)``, sampled in turn, as row fragments
-    (``feed``: as for :func:`bench_many`)."""
-    timings = timing.bench_many(calls, budget_s=budget_s, warmup_s=0.1, max_reps=200, feed=feed)
+    (``feed`` and ``min_idle_s``: as for :func:`bench_many`)."""
+    timings = timing.bench_many(
+        calls, budget_s=budget_s, warmup_s=0.1, max_reps=200, feed=feed, min_idle_s=min_idle_s
+    )
     return [
         {
             "median_s": t.median_s,

@@ -3,6 +3,8 @@ gradients of every variant against the op's reference; the modules as drop-ins."
 
 from __future__ import annotations
 
+import importlib
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -145,6 +147,15 @@ def test_rope_per_batch_offsets():
     offset = mx.array([0, 4, 9])
     got = mp.rope(x, 8, offset=offset)
     ref.assert_close(got, ref.rope(x, 8, offset=np.array([0, 4, 9])), mx.float32, atol=1e-5)
+
+
+def test_rope_kernels_read_an_int_offset_past_the_scalar_pool():
+    """MLX's CUDA back-end keeps arrays of 8 bytes or less in host memory that a kernel reads
+    over the bus: an int offset reaches the kernels as 16 bytes, made once per value."""
+    rope = importlib.import_module("mlx_primitives.ops.rope")
+    off = rope._offset_array(7)
+    assert off.dtype == mx.int32 and off.nbytes > 8 and off[0].item() == 7
+    assert rope._offset_array(7) is off
 
 
 def test_rope_layouts_agree():

@@ -199,6 +199,18 @@ def test_the_suites_list_a_problem_out_of_memory_and_keep_the_others(monkeypatch
     assert result["results"] == []
 
 
+def test_the_copy_ceiling_waits_as_the_op_it_is_compared_with(monkeypatch):
+    """The same-size copy starts from an idle device as long as the op's evaluations did,
+    not after its own shorter build."""
+    from benchmarks.suites import norms
+
+    # The copy kernel needs a GPU: a stand-in that copies on any back-end.
+    monkeypatch.setattr(norms, "_COPY", lambda inputs, **kwargs: [mx.array(inputs[0]) + 0])
+    row = norms.copy_ceiling(4096, budget_s=0.002, idle_s=0.01)
+    assert row["idle_s"] == 0.01 and row["gb_per_s"] > 0
+    assert norms.copy_ceiling(4096, budget_s=0.002)["idle_s"] < 0.01
+
+
 def test_the_host_suite_times_builds_and_both_starts():
     from argparse import Namespace
 
@@ -216,6 +228,10 @@ def test_the_host_suite_times_builds_and_both_starts():
     for example in {r["example"] for r in idle}:
         waits = {r["idle_s"] for r in idle if r["equal_start"] and r["example"] == example}
         assert len(waits) == 1 and waits.pop() > 0
+    args = Namespace(op=["rope"], budget=0.002, section=["offset"])
+    offset = host.run(args)["results"]
+    assert [r["impl"] for r in offset] == ["python int", "4-byte array"]
+    assert offset[0]["vs_python_int"] == 1.0 and all(r["median_s"] > 0 for r in offset)
     with pytest.raises(SystemExit, match=r"\[host\] unknown sections \['bild'\]"):
         host.run(Namespace(op=["swiglu"], budget=0.002, section=["bild"]))
 

@@ -395,6 +395,11 @@ def test_evaluations_start_alike_after_their_builds(monkeypatch):
     assert set(waits) == {0.0, fast.idle_s}
     assert slow.median_s < 1e-3  # the sleeps were built, not timed
     assert {t.idle_s for t in timing.paired([fast, slow])} == {fast.idle_s}
+    # A call timed apart can be made to wait as long as the calls it is compared with.
+    (alone,) = timing.bench_many(
+        [(mx.abs, (x,), {})], budget_s=0.01, warmup_s=0.0, min_reps=2, min_idle_s=0.02
+    )
+    assert alone.idle_s == 0.02
 
 
 def test_chain_length_follows_the_per_call_cost_not_the_evaluations(monkeypatch):

@@ -51,7 +51,8 @@ def table(result: dict, ops: list[str] | None = None) -> str:
     if any("copy_gb_per_s" in r for r in result["results"]):
         head += (
             " The percentage after GB/s is of a copy kernel moving the same bytes, measured"
-            " right after the problem."
+            " right after the problem, each evaluation starting as long after its chain's"
+            " build began as the dispatch's did."
         )
     if any("inference_vs_baseline" in r for r in result["results"]):
         head += ' "-" under "in inference_mode": the dispatch runs no custom kernel.'

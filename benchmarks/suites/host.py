@@ -6,7 +6,10 @@
 - ``idle``: at small problems, where the dispatch serves the baseline itself, the dispatch,
   the baseline, the baseline again and the baseline with a 0.5 ms sleep every 100 calls,
   timed together with :func:`~mlx_primitives.tuning.timing.bench_many`'s equal start and
-  with each evaluation right after its own build.
+  with each evaluation right after its own build;
+- ``offset`` (rope only): the dispatch at rope's large problems (on the CPU, its largest) with
+  a Python offset and with the same offset passed as a 4-byte array made per call, which
+  MLX's CUDA back-end keeps in host memory (DEVELOPERS.md, "Where rope's offset lives").
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from mlx_primitives.tuning import timing
 from ..common import _inference, header
 
 OPS = ("rms_norm", "layer_norm", "rope", "swiglu", "geglu")
-SECTIONS = ("build", "idle")
+SECTIONS = ("build", "idle", "offset")
 # The idle section's problems: each op's default problems in float16 below this many elements
 # (1 and 64 rows, rope's decode), where MLX's cost per call dominates.
 SMALL = 2**20
@@ -88,6 +91,18 @@ def _sleepy(fn):
     return call
 
 
+def _timed(o, impls: dict, args, kwargs, budget_s: float, **options) -> list[timing.Timing]:
+    """``impls`` on one problem, timed together (fed as the op feeds)."""
+    return timing.bench_many(
+        [(fn, args, kwargs) for fn in impls.values()],
+        budget_s=budget_s,
+        warmup_s=0.1,
+        max_reps=200,
+        feed=o.feed,
+        **options,
+    )
+
+
 def idle_rows(o, budget_s: float) -> list[dict]:
     rows = []
     for ex in o.presets["default"]:
@@ -101,14 +116,7 @@ def idle_rows(o, budget_s: float) -> list[dict]:
             "baseline after sleeps": _sleepy(baseline),
         }
         for equal in (False, True):
-            timed = timing.bench_many(
-                [(fn, args, kwargs) for fn in impls.values()],
-                budget_s=budget_s,
-                warmup_s=0.1,
-                max_reps=200,
-                feed=o.feed,
-                equal_start=equal,
-            )
+            timed = _timed(o, impls, args, kwargs, budget_s, equal_start=equal)
             base = timed[1]
             for impl, t in zip(impls, timed):
                 ratios = [b / s for b, s in zip(base.samples, t.samples)]
@@ -130,6 +138,35 @@ def idle_rows(o, budget_s: float) -> list[dict]:
     return rows
 
 
+def offset_rows(o, preset: str, budget_s: float) -> list[dict]:
+    examples = [e for e in o.presets[preset] if math.prod(e.shapes[0]) >= SMALL]
+    rows = []
+    for ex in examples or [max(o.presets[preset], key=lambda e: math.prod(e.shapes[0]))]:
+        args, kwargs, _, decision = _case(o, ex)
+
+        def scalar_array(*a, **k):
+            return o(*a, **{**k, "offset": mx.array(k["offset"], mx.int32)})
+
+        impls = {"python int": o, "4-byte array": scalar_array}
+        timed = _timed(o, impls, args, kwargs, budget_s)
+        for impl, t in zip(impls, timed):
+            rows.append(
+                {
+                    "op": o.name,
+                    "example": ex.label(),
+                    "variant": decision.variant,
+                    "impl": impl,
+                    "median_s": t.median_s,
+                    "vs_python_int": timed[0].median_s / t.median_s,
+                    "gb_per_s": 2 * args[0].nbytes / t.median_s / 1e9,
+                    "reps": t.reps,
+                    "chain": t.chain,
+                    "idle_s": t.idle_s,
+                }
+            )
+    return rows
+
+
 def run(args) -> dict:
     chosen = args.section or list(SECTIONS)
     unknown = set(chosen) - set(SECTIONS)
@@ -142,7 +179,9 @@ def run(args) -> dict:
         "implementations together, with each evaluation right after its own build "
         "(equal_start false) and with every evaluation starting the same time after its "
         "chain's build began (true); vs_baseline from medians, paired_vs_baseline the median "
-        "of each round's ratio"
+        "of each round's ratio; offset: the same bench_many of rope's dispatch with the "
+        "example's Python offset and with that offset as mx.array(offset, mx.int32) made per "
+        "call, bandwidth counting the input read and the output written once"
     )
     result["sections"] = chosen
     result["results"] = []
@@ -153,5 +192,8 @@ def run(args) -> dict:
             result["results"] += [{"section": "build", **r} for r in build_rows(o, preset)]
         if "idle" in chosen:
             result["results"] += [{"section": "idle", **r} for r in idle_rows(o, args.budget)]
+        if "offset" in chosen and name == "rope":
+            rows = offset_rows(o, preset, args.budget)
+            result["results"] += [{"section": "offset", **r} for r in rows]
         print(f"[host] {name} done", flush=True)
     return result

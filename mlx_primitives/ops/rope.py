@@ -170,14 +170,25 @@ def _inverse(dims: int, base: float | None, freqs: mx.array | None) -> mx.array:
     return _inv_freq(dims, base) if freqs is None else 1.0 / freqs.astype(mx.float32)
 
 
+@functools.lru_cache(maxsize=64)
+def _offset_array(offset: int) -> mx.array:
+    """A Python offset as the int32 vector the kernels read (element 0), made once per value.
+
+    Four elements, as MLX's CUDA back-end keeps arrays of 8 bytes or less in host memory that
+    every warp then reads over the bus (DEVELOPERS.md, "Where rope's offset lives").
+    """
+    return mx.array([offset] * 4, mx.int32)
+
+
 def _kernel_call(launch: Callable, angles: str) -> Callable:
     """A kernel variant's callable, with the op's signature and gradients.
 
     Args:
         launch: ``launch(x4, off, table, scale, template)`` runs a kernel on ``x4`` (the
             input as 4-D) and returns its output; ``off`` holds the int32 position offsets
-            (1 or B), ``table`` the float32 inverse frequencies (``off`` again, unread, for
-            computed angles) and ``template`` the constants every rope kernel takes.
+            (B of them, or one in element 0: template ``PER_BATCH`` says which), ``table``
+            the float32 inverse frequencies (``off`` again, unread, for computed angles) and
+            ``template`` the constants every rope kernel takes.
         angles: the variant's ``angles`` parameter.
     """
 
@@ -186,8 +197,11 @@ def _kernel_call(launch: Callable, angles: str) -> Callable:
         shape = x.shape
         # Explicit sizes make this a no-op for 4-D x (a -1 always adds a graph node).
         x4 = x if bshd else x.reshape(shape[0], math.prod(shape[1:-2]), *shape[-2:])
-        off = mx.array([offset], mx.int32) if not isinstance(offset, mx.array) else offset
-        off = off.astype(mx.int32).reshape(off.size)
+        if isinstance(offset, mx.array):
+            off = offset.astype(mx.int32).reshape(offset.size)
+            per_batch = off.size > 1
+        else:
+            off, per_batch = _offset_array(offset), False
         table = off if angles == "computed" else _inverse(dims, base, freqs)
         template = {
             "T": x.dtype,
@@ -196,7 +210,7 @@ def _kernel_call(launch: Callable, angles: str) -> Callable:
             "DIMS": dims,
             "TRAD": traditional,
             "BSHD": bshd,
-            "PER_BATCH": off.size > 1,
+            "PER_BATCH": per_batch,
             "BASE_BITS": float_bits(base or 1.0),
             "SCALE_BITS": float_bits(scale),
         }
@@ -237,6 +251,7 @@ def _rotate_forward(vec: int, heads_per_thread: int, threads: int, angles: str, 
     def launch(x4, off, table, scale, template):
         b, s = x4.shape[0], x4.shape[1 if template["BSHD"] else 2]
         if angles == "cached":
+            off = off if template["PER_BATCH"] else off[:1]
             pos = (mx.arange(s, dtype=mx.float32) + off.astype(mx.float32)[:, None]) * scale
             theta = pos[..., None] * table
             table = mx.stack([mx.cos(theta), mx.sin(theta)])

@@ -186,6 +186,7 @@ def bench_many(
     limit_s: float | None = None,
     feed: int | None = 0,
     equal_start: bool = True,
+    min_idle_s: float = 0.0,
 ) -> list[Timing]:
     """Time each ``(fn, args, kwargs)``, taking their samples in turn. Resets MLX's peak-memory
     counter: each call's peak sizes its chain.
@@ -201,6 +202,8 @@ def bench_many(
             op's ``feed``); None to time independent calls.
         equal_start: False to start each evaluation right after its own build (what the
             equal start removes; benchmarks/suites/host.py measures it).
+        min_idle_s: the least time from a chain's build to its evaluation, to time calls as
+            something timed apart waited (a copy compared with an op).
     """
     prepared = [_prepare(c, limit_s, target_sample_s, max_chain, feed) for c in calls]
     # One chain length for all: it sets how far the fixed cost of an evaluation is amortized,
@@ -208,7 +211,7 @@ def bench_many(
     # whose memory allows fewer (a composition with large scratch) runs as many as it can.
     wish = max(p[1] for p in prepared)
     chains = [min(wish, cap) for _, _, cap in prepared]
-    idle = _idle(calls, chains, feed) if equal_start else 0.0
+    idle = max(_idle(calls, chains, feed) if equal_start else 0.0, min_idle_s)
     deadline = time.perf_counter() + warmup_s * len(calls)
     while time.perf_counter() < deadline:
         for call, chain in zip(calls, chains):
