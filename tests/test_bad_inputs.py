@@ -93,6 +93,7 @@ CASES = [
     ),
     (mp.rope, (h, 8), {"base": -1.0}, ValueError, "[rope] base must be a finite positive"),
     (mp.rope, (h, 8), {"offset": 1.5}, TypeError, "[rope] offset must be an integer"),
+    (mp.rope, (h, 8), {"offset": 2**31}, ValueError, "[rope] offset must fit in int32"),
     (
         mp.rope,
         (h, 8),

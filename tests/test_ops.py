@@ -149,13 +149,38 @@ def test_rope_per_batch_offsets():
     ref.assert_close(got, ref.rope(x, 8, offset=np.array([0, 4, 9])), mx.float32, atol=1e-5)
 
 
-def test_rope_kernels_read_an_int_offset_past_the_scalar_pool():
-    """MLX's CUDA back-end keeps arrays of 8 bytes or less in host memory that a kernel reads
-    over the bus: an int offset reaches the kernels as 16 bytes, made once per value."""
+def test_rope_kernels_get_their_offset_as_the_kernel_reads_it(monkeypatch):
+    """What rope's kernels are handed, launch skipped: ``PER_BATCH`` only for a per-batch
+    array; cached angles with one table row unless per batch; an int offset as 16 bytes made
+    once per value (MLX's CUDA back-end keeps 8 bytes or less in host memory)."""
     rope = importlib.import_module("mlx_primitives.ops.rope")
-    off = rope._offset_array(7)
-    assert off.dtype == mx.int32 and off.nbytes > 8 and off[0].item() == 7
-    assert rope._offset_array(7) is off
+    seen = []
+
+    def launch(kernel, x4, off, table, template, threads, total):
+        seen.append((off, table, template))
+        return x4
+
+    monkeypatch.setattr(rope, "_run", launch)
+    v = get_op("rope").variant("rotate")
+    config = {"vec": 2, "heads_per_thread": 1, "threads": 128, "fast_math": False}
+    computed = v.build(angles="computed", **config)
+    cached = v.build(angles="cached", **config)
+    x = mx.zeros((3, 2, 5, 8))
+    for offset, per_batch in (
+        (7, False),
+        (np.int64(7), False),
+        (mx.array(7), False),
+        (mx.array([7]), False),
+        (mx.array([1, 2, 3]), True),
+    ):
+        computed(x, 8, offset=offset)
+        cached(x, 8, offset=offset)
+        (off, _, template), (_, table, cached_template) = seen[-2:]
+        assert template["PER_BATCH"] is cached_template["PER_BATCH"] is per_batch
+        assert table.shape == (2, 3 if per_batch else 1, 5, 4)
+        assert off[0].item() == (1 if per_batch else 7)
+    # The computed-angles launches of 7 and np.int64(7): one array.
+    assert seen[0][0].nbytes > 8 and seen[2][0] is seen[0][0]
 
 
 def test_rope_layouts_agree():

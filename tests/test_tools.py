@@ -230,7 +230,7 @@ def test_the_host_suite_times_builds_and_both_starts():
         assert len(waits) == 1 and waits.pop() > 0
     args = Namespace(op=["rope"], budget=0.002, section=["offset"])
     offset = host.run(args)["results"]
-    assert [r["impl"] for r in offset] == ["python int", "4-byte array"]
+    assert [r["impl"] for r in offset] == ["python int", "new python int each call", "4-byte array"]
     assert offset[0]["vs_python_int"] == 1.0 and all(r["median_s"] > 0 for r in offset)
     with pytest.raises(SystemExit, match=r"\[host\] unknown sections \['bild'\]"):
         host.run(Namespace(op=["swiglu"], budget=0.002, section=["bild"]))

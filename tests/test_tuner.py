@@ -400,6 +400,16 @@ def test_evaluations_start_alike_after_their_builds(monkeypatch):
         [(mx.abs, (x,), {})], budget_s=0.01, warmup_s=0.0, min_reps=2, min_idle_s=0.02
     )
     assert alone.idle_s == 0.02
+    # ... and never less than its own build asks for.
+    (own,) = timing.bench_many(
+        [(slow_build, (x,), {})],
+        budget_s=0.01,
+        warmup_s=0.0,
+        min_reps=2,
+        max_chain=4,
+        min_idle_s=1e-6,
+    )
+    assert own.idle_s >= timing.IDLE_MARGIN * 4e-3
 
 
 def test_chain_length_follows_the_per_call_cost_not_the_evaluations(monkeypatch):

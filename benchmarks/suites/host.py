@@ -8,12 +8,14 @@
   timed together with :func:`~mlx_primitives.tuning.timing.bench_many`'s equal start and
   with each evaluation right after its own build;
 - ``offset`` (rope only): the dispatch at rope's large problems (on the CPU, its largest) with
-  a Python offset and with the same offset passed as a 4-byte array made per call, which
-  MLX's CUDA back-end keeps in host memory (DEVELOPERS.md, "Where rope's offset lives").
+  a Python offset, with a new Python offset each call, and with the offset passed as a 4-byte
+  array made per call, which MLX's CUDA back-end keeps in host memory (DEVELOPERS.md, "Where
+  rope's offset lives").
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import time
@@ -138,16 +140,27 @@ def idle_rows(o, budget_s: float) -> list[dict]:
     return rows
 
 
+def _offset_impls(o) -> dict:
+    """rope's dispatch with the call's offset, with a new offset each call (as a KV cache's
+    moves), and with the call's offset as a 4-byte array made per call."""
+    fresh = itertools.count(10**6)
+
+    def new_int(*args, **kwargs):
+        return o(*args, **{**kwargs, "offset": next(fresh)})
+
+    def scalar_array(*args, **kwargs):
+        return o(*args, **{**kwargs, "offset": mx.array(kwargs["offset"], mx.int32)})
+
+    return {"python int": o, "new python int each call": new_int, "4-byte array": scalar_array}
+
+
 def offset_rows(o, preset: str, budget_s: float) -> list[dict]:
     examples = [e for e in o.presets[preset] if math.prod(e.shapes[0]) >= SMALL]
     rows = []
     for ex in examples or [max(o.presets[preset], key=lambda e: math.prod(e.shapes[0]))]:
         args, kwargs, _, decision = _case(o, ex)
 
-        def scalar_array(*a, **k):
-            return o(*a, **{**k, "offset": mx.array(k["offset"], mx.int32)})
-
-        impls = {"python int": o, "4-byte array": scalar_array}
+        impls = _offset_impls(o)
         timed = _timed(o, impls, args, kwargs, budget_s)
         for impl, t in zip(impls, timed):
             rows.append(
@@ -180,8 +193,9 @@ def run(args) -> dict:
         "(equal_start false) and with every evaluation starting the same time after its "
         "chain's build began (true); vs_baseline from medians, paired_vs_baseline the median "
         "of each round's ratio; offset: the same bench_many of rope's dispatch with the "
-        "example's Python offset and with that offset as mx.array(offset, mx.int32) made per "
-        "call, bandwidth counting the input read and the output written once"
+        "example's Python offset, with a new Python offset each call, and with the example's "
+        "offset as mx.array(offset, mx.int32) made per call, bandwidth counting the input "
+        "read and the output written once"
     )
     result["sections"] = chosen
     result["results"] = []

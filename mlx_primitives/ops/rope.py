@@ -54,7 +54,10 @@ def _check_offset(offset, batch: int) -> None:
                 f"got shape {offset.shape}"
             )
     else:
-        check_int(NAME, "offset", offset)
+        offset = check_int(NAME, "offset", offset)
+        # Positions are int32 on every path (mx.fast.rope's offset too).
+        if not -(2**31) <= offset < 2**31:
+            raise ValueError(f"[{NAME}] offset must fit in int32, got {offset}")
 
 
 def _problem(
@@ -201,7 +204,7 @@ def _kernel_call(launch: Callable, angles: str) -> Callable:
             off = offset.astype(mx.int32).reshape(offset.size)
             per_batch = off.size > 1
         else:
-            off, per_batch = _offset_array(offset), False
+            off, per_batch = _offset_array(int(offset)), False
         table = off if angles == "computed" else _inverse(dims, base, freqs)
         template = {
             "T": x.dtype,
@@ -251,6 +254,7 @@ def _rotate_forward(vec: int, heads_per_thread: int, threads: int, angles: str, 
     def launch(x4, off, table, scale, template):
         b, s = x4.shape[0], x4.shape[1 if template["BSHD"] else 2]
         if angles == "cached":
+            # One table row unless per batch (an int offset comes as four equal elements).
             off = off if template["PER_BATCH"] else off[:1]
             pos = (mx.arange(s, dtype=mx.float32) + off.astype(mx.float32)[:, None]) * scale
             theta = pos[..., None] * table

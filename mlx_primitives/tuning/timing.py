@@ -202,8 +202,8 @@ def bench_many(
             op's ``feed``); None to time independent calls.
         equal_start: False to start each evaluation right after its own build (what the
             equal start removes; benchmarks/suites/host.py measures it).
-        min_idle_s: the least time from a chain's build to its evaluation, to time calls as
-            something timed apart waited (a copy compared with an op).
+        min_idle_s: the least time from the start of a chain's build to its evaluation, to
+            time calls as something timed apart waited (a copy compared with an op).
     """
     prepared = [_prepare(c, limit_s, target_sample_s, max_chain, feed) for c in calls]
     # One chain length for all: it sets how far the fixed cost of an evaluation is amortized,
