@@ -183,6 +183,21 @@ def test_rope_kernels_get_their_offset_as_the_kernel_reads_it(monkeypatch):
     assert seen[0][0].nbytes > 8 and seen[2][0] is seen[0][0]
 
 
+def test_rope_kernel_vmaps_with_freqs_and_an_array_offset(monkeypatch):
+    """vmap runs through the reference, arrays after non-arrays keeping their own axes (the
+    launch is skipped: it needs a GPU)."""
+    rope = importlib.import_module("mlx_primitives.ops.rope")
+    monkeypatch.setattr(rope, "_run", lambda kernel, x4, *rest: x4)
+    o = get_op("rope")
+    config = {"vec": 2, "heads_per_thread": 1, "threads": 128, "fast_math": False}
+    fn = o.variant("rotate").build(angles="table", **config)
+    x = mx.random.normal((4, 2, 3, 5, 8))
+    freqs, offset = mx.exp(mx.random.uniform(0.0, 3.0, (4,))), mx.array(3)
+    got = mx.vmap(lambda x: fn(x, 8, base=None, freqs=freqs, offset=offset))(x)
+    want = mx.stack([o.reference(a, 8, base=None, freqs=freqs, offset=offset) for a in x])
+    assert mx.allclose(got, want, atol=1e-5).item()
+
+
 def test_rope_layouts_agree():
     x = mx.random.normal((2, 6, 3, 16))  # BSHD
     a = mp.rope(x, 16, layout="BSHD", offset=2)

@@ -73,6 +73,32 @@ def test_kernel_transforms_go_through_the_reference():
     assert calls  # the forward itself ran for the plain calls
 
 
+@pytest.mark.parametrize("with_weight", [False, True])
+def test_kernel_transforms_keep_arrays_after_other_arguments_apart(with_weight):
+    """Arrays after non-array arguments (rope's freqs and offset, layer_norm's bias after a
+    None weight) keep their own vmap axes and gradients: MLX pairs a custom function's vmap
+    axes with its arguments counting the non-arrays too."""
+
+    def reference(x, scale, w, b, shift):
+        return (x * scale + (0 if w is None else w) + b) * shift
+
+    fn = with_reference_transforms(lambda *a: mx.stop_gradient(reference(*a)), reference)
+    xs, b = mx.random.normal((8, 8)), mx.random.normal((8,))
+    w = mx.random.normal((8,)) if with_weight else None
+    # b unmapped, of the mapped size: a wrong axis would map it silently.
+    got = mx.vmap(lambda x: fn(x, 2.0, w, b, 3.0))(xs)
+    assert mx.allclose(got, reference(xs, 2.0, w, b, 3.0), atol=1e-6)
+    # Only b mapped.
+    got = mx.vmap(lambda b: fn(xs[0], 2.0, w, b, 3.0))(xs)
+    assert mx.allclose(got, reference(xs[0], 2.0, w, xs, 3.0), atol=1e-6)
+    want = mx.grad(lambda b: reference(xs, 2.0, w, b, 3.0).sum())(b)
+    assert mx.allclose(mx.grad(lambda b: fn(xs, 2.0, w, b, 3.0).sum())(b), want)
+    tangent = mx.random.normal((8,))
+    want = mx.jvp(lambda b: reference(xs, 2.0, w, b, 3.0), [b], [tangent])[1][0]
+    got = mx.jvp(lambda b: fn(xs, 2.0, w, b, 3.0), [b], [tangent])[1][0]
+    assert mx.allclose(got, want)
+
+
 def test_inference_mode_skips_the_gradient_wrapper():
     """In inference_mode a kernel runs bare: the fake kernel's forward stops gradients, so a
     gradient that is zero there shows the reference's VJP was not used."""

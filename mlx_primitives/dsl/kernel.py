@@ -213,6 +213,40 @@ def inference_mode():
         _INFERENCE.reset(token)
 
 
+_ARRAY = mx.array
+
+
+class _Rest:
+    """The non-array arguments of a call and where its arrays go: one opaque leaf to MLX."""
+
+    __slots__ = ("at", "values")
+
+    def __init__(self, at: tuple[int, ...], values: tuple):
+        self.at, self.values = at, values
+
+    def merge(self, arrays) -> list:
+        """The call's arguments in their order, with ``arrays`` in the array positions."""
+        out, arrays, values = [], iter(arrays), iter(self.values)
+        for i in range(len(self.at) + len(self.values)):
+            out.append(next(arrays) if i in self.at else next(values))
+        return out
+
+
+def _pack(args: tuple) -> list:
+    """``args`` as the arrays, then a :class:`_Rest` of everything else."""
+    at = tuple(i for i, a in enumerate(args) if isinstance(a, mx.array))
+    rest = _Rest(at, tuple(a for a in args if not isinstance(a, mx.array)))
+    return [*(args[i] for i in at), rest]
+
+
+def _unpack(primals) -> tuple[list, _Rest]:
+    """The arrays of a custom function's arguments and the rest, packed or not."""
+    if isinstance(primals[-1], _Rest):
+        return list(primals[:-1]), primals[-1]
+    n = next((i for i, a in enumerate(primals) if not isinstance(a, mx.array)), len(primals))
+    return list(primals[:n]), _Rest(tuple(range(n)), tuple(primals[n:]))
+
+
 def with_reference_transforms(forward: Callable, reference: Callable) -> Callable:
     """``forward`` (a custom kernel, which has no transformations of its own) with its VJP,
     JVP and vmap computed through ``reference``; in :func:`inference_mode`, ``forward`` alone.
@@ -220,50 +254,69 @@ def with_reference_transforms(forward: Callable, reference: Callable) -> Callabl
     Both take the same positional arguments; floating arrays among them are differentiated
     (by recomputing ``reference``), everything else is held constant.
     """
-    fn = mx.custom_function(forward)
+
+    def packed(*args):
+        if isinstance(args[-1], _Rest):
+            return forward(*args[-1].merge(args[:-1]))
+        return forward(*args)
+
+    fn = mx.custom_function(packed)
 
     def call(*args):
-        return forward(*args) if _INFERENCE.get() else fn(*args)
+        if _INFERENCE.get():
+            return forward(*args)
+        # MLX 0.32 pairs a custom function's vmap axes with its arguments counting the
+        # non-arrays too (python/src/transforms.cpp): an array after a non-array is packed.
+        other = False
+        for a in args:
+            if type(a) is not _ARRAY:  # isinstance with mx.array costs 4x on a per-call path
+                other = True
+            elif other:
+                return fn(*_pack(args))
+        return fn(*args)
 
-    def wrt(primals) -> list[int]:
-        return [
-            i
-            for i, p in enumerate(primals)
-            if isinstance(p, mx.array) and mx.issubdtype(p.dtype, mx.floating)
-        ]
+    def floating(arrays) -> list[int]:
+        return [i for i, a in enumerate(arrays) if mx.issubdtype(a.dtype, mx.floating)]
 
-    def over(primals, positions):
-        def ref(*arrays):
-            full = list(primals)
-            for i, a in zip(positions, arrays):
-                full[i] = a
-            return reference(*full)
+    def over(arrays, rest: _Rest, chosen: list[int]):
+        """``reference`` as a function of the arrays numbered ``chosen``, the rest fixed."""
+
+        def ref(*values):
+            full = list(arrays)
+            for i, v in zip(chosen, values):
+                full[i] = v
+            return reference(*rest.merge(full))
 
         return ref
 
     @fn.vjp
     def _vjp(primals, cotangent, output):
-        positions = wrt(primals)
-        _, grads = mx.vjp(over(primals, positions), [primals[i] for i in positions], [cotangent])
+        arrays, rest = _unpack(primals)
+        chosen = floating(arrays)
+        _, grads = mx.vjp(over(arrays, rest, chosen), [arrays[i] for i in chosen], [cotangent])
         out = [None] * len(primals)
-        for i, g in zip(positions, grads):
+        for i, g in zip(chosen, grads):
             out[i] = g
         return tuple(out)
 
     @fn.jvp
     def _jvp(primals, tangents):
-        positions = wrt(primals)
+        arrays, rest = _unpack(primals)
+        # MLX passes None for the arrays the outer jvp holds constant.
+        chosen = [i for i in floating(arrays) if tangents[i] is not None]
         _, (out,) = mx.jvp(
-            over(primals, positions),
-            [primals[i] for i in positions],
-            [tangents[i] for i in positions],
+            over(arrays, rest, chosen),
+            [arrays[i] for i in chosen],
+            [tangents[i] for i in chosen],
         )
         return out
 
     @fn.vmap
     def _vmap(inputs, axes):
-        positions = [i for i, a in enumerate(inputs) if isinstance(a, mx.array)]
-        mapped = mx.vmap(over(inputs, positions), in_axes=tuple(axes[i] for i in positions))
-        return mapped(*[inputs[i] for i in positions]), 0
+        arrays, rest = _unpack(inputs)
+        mapped = mx.vmap(
+            over(arrays, rest, list(range(len(arrays)))), in_axes=tuple(axes[: len(arrays)])
+        )
+        return mapped(*arrays), 0
 
     return call
