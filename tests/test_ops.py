@@ -192,9 +192,12 @@ def test_rope_kernel_vmaps_with_freqs_and_an_array_offset(monkeypatch):
     config = {"vec": 2, "heads_per_thread": 1, "threads": 128, "fast_math": False}
     fn = o.variant("rotate").build(angles="table", **config)
     x = mx.random.normal((4, 2, 3, 5, 8))
-    freqs, offset = mx.exp(mx.random.uniform(0.0, 3.0, (4,))), mx.array(3)
-    got = mx.vmap(lambda x: fn(x, 8, base=None, freqs=freqs, offset=offset))(x)
-    want = mx.stack([o.reference(a, 8, base=None, freqs=freqs, offset=offset) for a in x])
+    # freqs mapped too (one set per entry), after the non-array arguments.
+    freqs, offset = mx.exp(mx.random.uniform(0.0, 3.0, (4, 4))), mx.array(3)
+    got = mx.vmap(lambda x, f: fn(x, 8, base=None, freqs=f, offset=offset))(x, freqs)
+    want = mx.stack(
+        [o.reference(a, 8, base=None, freqs=f, offset=offset) for a, f in zip(x, freqs)]
+    )
     assert mx.allclose(got, want, atol=1e-5).item()
 
 

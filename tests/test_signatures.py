@@ -4,6 +4,7 @@ and vectorize through the op's reference."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import mlx.core as mx
@@ -97,6 +98,39 @@ def test_kernel_transforms_keep_arrays_after_other_arguments_apart(with_weight):
     want = mx.jvp(lambda b: reference(xs, 2.0, w, b, 3.0), [b], [tangent])[1][0]
     got = mx.jvp(lambda b: fn(xs, 2.0, w, b, 3.0), [b], [tangent])[1][0]
     assert mx.allclose(got, want)
+
+
+def _loss(f, args: tuple, i: int, a):
+    """The sum of ``f(*args)`` with argument ``i`` replaced by ``a``."""
+    full = list(args)
+    full[i] = a
+    return f(*full).sum()
+
+
+def test_kernel_gradients_skip_integer_arrays_before_floating_ones():
+    """An integer array (rope's offset) before a floating one: MLX takes the VJP's gradients
+    by array position, so the held-constant array still needs its entry."""
+
+    def shift(x, off, scale, w):
+        return (x + off.astype(x.dtype)) * w * scale
+
+    def swapped(x, off, w, scale):
+        return shift(x, off, scale, w)
+
+    x, w = mx.random.normal((3, 4)), mx.random.normal((4,))
+    off = mx.array([1, 2, 3, 4], mx.int32)
+    # w after a non-array (packed), and the arrays first (as they are).
+    for reference, args, at_w in ((shift, (x, off, 2.0, w), 3), (swapped, (x, off, w, 2.0), 2)):
+        fn = with_reference_transforms(functools.partial(_frozen, reference), reference)
+        for i in (0, at_w):
+            want = mx.grad(functools.partial(_loss, reference, args, i))(args[i])
+            got = mx.grad(functools.partial(_loss, fn, args, i))(args[i])
+            assert got.shape == want.shape and mx.allclose(got, want)
+
+
+def _frozen(reference, *args):
+    """``reference`` without gradients of its own: a stand-in for a custom kernel."""
+    return mx.stop_gradient(reference(*args))
 
 
 def test_inference_mode_skips_the_gradient_wrapper():

@@ -226,17 +226,23 @@ class _Rest:
 
     def merge(self, arrays) -> list:
         """The call's arguments in their order, with ``arrays`` in the array positions."""
-        out, arrays, values = [], iter(arrays), iter(self.values)
-        for i in range(len(self.at) + len(self.values)):
-            out.append(next(arrays) if i in self.at else next(values))
+        out = list(self.values)
+        for i, a in zip(self.at, arrays):
+            out.insert(i, a)
         return out
 
 
 def _pack(args: tuple) -> list:
     """``args`` as the arrays, then a :class:`_Rest` of everything else."""
-    at = tuple(i for i, a in enumerate(args) if isinstance(a, mx.array))
-    rest = _Rest(at, tuple(a for a in args if not isinstance(a, mx.array)))
-    return [*(args[i] for i in at), rest]
+    arrays, at, values = [], [], []
+    for i, a in enumerate(args):
+        if isinstance(a, mx.array):
+            arrays.append(a)
+            at.append(i)
+        else:
+            values.append(a)
+    arrays.append(_Rest(tuple(at), tuple(values)))
+    return arrays
 
 
 def _unpack(primals) -> tuple[list, _Rest]:
@@ -254,25 +260,20 @@ def with_reference_transforms(forward: Callable, reference: Callable) -> Callabl
     Both take the same positional arguments; floating arrays among them are differentiated
     (by recomputing ``reference``), everything else is held constant.
     """
-
-    def packed(*args):
-        if isinstance(args[-1], _Rest):
-            return forward(*args[-1].merge(args[:-1]))
-        return forward(*args)
-
-    fn = mx.custom_function(packed)
+    # MLX 0.32 pairs a custom function's vmap axes with its arguments counting the non-arrays
+    # too (python/src/transforms.cpp): a call with an array after a non-array goes packed.
+    fn = mx.custom_function(forward)
+    fn_packed = mx.custom_function(lambda *packed: forward(*packed[-1].merge(packed[:-1])))
 
     def call(*args):
         if _INFERENCE.get():
             return forward(*args)
-        # MLX 0.32 pairs a custom function's vmap axes with its arguments counting the
-        # non-arrays too (python/src/transforms.cpp): an array after a non-array is packed.
         other = False
         for a in args:
             if type(a) is not _ARRAY:  # isinstance with mx.array costs 4x on a per-call path
                 other = True
             elif other:
-                return fn(*_pack(args))
+                return fn_packed(*_pack(args))
         return fn(*args)
 
     def floating(arrays) -> list[int]:
@@ -289,17 +290,17 @@ def with_reference_transforms(forward: Callable, reference: Callable) -> Callabl
 
         return ref
 
-    @fn.vjp
     def _vjp(primals, cotangent, output):
         arrays, rest = _unpack(primals)
         chosen = floating(arrays)
         _, grads = mx.vjp(over(arrays, rest, chosen), [arrays[i] for i in chosen], [cotangent])
-        out = [None] * len(primals)
+        # MLX drops None entries, then takes the arrays' gradients by position: every array
+        # gets one (zeros where held constant); only the non-arrays after them may be None.
+        out = [mx.zeros_like(a) for a in arrays] + [None] * (len(primals) - len(arrays))
         for i, g in zip(chosen, grads):
             out[i] = g
         return tuple(out)
 
-    @fn.jvp
     def _jvp(primals, tangents):
         arrays, rest = _unpack(primals)
         # MLX passes None for the arrays the outer jvp holds constant.
@@ -311,7 +312,6 @@ def with_reference_transforms(forward: Callable, reference: Callable) -> Callabl
         )
         return out
 
-    @fn.vmap
     def _vmap(inputs, axes):
         arrays, rest = _unpack(inputs)
         mapped = mx.vmap(
@@ -319,4 +319,8 @@ def with_reference_transforms(forward: Callable, reference: Callable) -> Callabl
         )
         return mapped(*arrays), 0
 
+    for f in (fn, fn_packed):
+        f.vjp(_vjp)
+        f.jvp(_jvp)
+        f.vmap(_vmap)
     return call
