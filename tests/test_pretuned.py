@@ -9,7 +9,7 @@ import pytest
 
 from mlx_primitives import dispatch
 from mlx_primitives.hardware import Chip, detect_chip
-from mlx_primitives.problem import parse_key
+from mlx_primitives.problem import parse_dtype, parse_key
 from mlx_primitives.registry import op
 from mlx_primitives.tuning import db as tdb
 
@@ -34,6 +34,22 @@ def test_shipped_databases_are_valid_and_current():
             parse_key(r["problem"], o.dims)
             # Kernel edits make records stale; a shipped database must be re-tuned with them.
             assert not dispatch.is_stale(o, r), f"stale shipped record {r['problem']}"
+
+
+@pytest.mark.parametrize("name", ["rms_norm", "layer_norm", "rope", "swiglu", "geglu"])
+def test_shipped_databases_cover_the_default_preset(name):
+    # A preset problem without a record falls to the nearest one or the default; a new preset
+    # problem must be tuned on every shipped chip.
+    o = op(name)
+    wanted = set()
+    for ex in o.presets["default"]:
+        args, kwargs = o.example(
+            ex.shapes, parse_dtype(ex.dtype), mx.random.key(0), **dict(ex.options)
+        )
+        wanted.add(o.problem(*args, **kwargs).key(o.dims))
+    for slug, records in _shipped():
+        have = {r["problem"] for r in records if r["op"] == name}
+        assert wanted <= have, f"{slug} lacks {sorted(wanted - have)}"
 
 
 def test_another_chips_database_is_ignored_here():

@@ -411,6 +411,7 @@ def _presets():
         for shape, lay in (
             ((4, 32, 2048, 128), "BHSD"),
             ((4, 2048, 32, 128), "BSHD"),
+            ((1, 32, 1024, 128), "BHSD"),
             ((8, 32, 1, 128), "BHSD"),
         )
         for t in ("float16", "bfloat16")
