@@ -10,7 +10,7 @@ import pytest
 from mlx_primitives import dispatch
 from mlx_primitives.hardware import Chip, detect_chip
 from mlx_primitives.problem import parse_dtype, parse_key
-from mlx_primitives.registry import op
+from mlx_primitives.registry import op, ops
 from mlx_primitives.tuning import db as tdb
 
 H200 = Chip(
@@ -36,11 +36,10 @@ def test_shipped_databases_are_valid_and_current():
             assert not dispatch.is_stale(o, r), f"stale shipped record {r['problem']}"
 
 
-@pytest.mark.parametrize("name", ["rms_norm", "layer_norm", "rope", "swiglu", "geglu"])
-def test_shipped_databases_cover_the_default_preset(name):
+@pytest.mark.parametrize("o", ops(), ids=lambda o: o.name)
+def test_shipped_databases_cover_the_default_preset(o):
     # A preset problem without a record falls to the nearest one or the default; a new preset
     # problem must be tuned on every shipped chip.
-    o = op(name)
     wanted = set()
     for ex in o.presets["default"]:
         args, kwargs = o.example(
@@ -48,7 +47,7 @@ def test_shipped_databases_cover_the_default_preset(name):
         )
         wanted.add(o.problem(*args, **kwargs).key(o.dims))
     for slug, records in _shipped():
-        have = {r["problem"] for r in records if r["op"] == name}
+        have = {r["problem"] for r in records if r["op"] == o.name}
         assert wanted <= have, f"{slug} lacks {sorted(wanted - have)}"
 
 
