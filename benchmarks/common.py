@@ -9,12 +9,12 @@ import mlx.core as mx
 
 import mlx_primitives as mp
 from mlx_primitives import dispatch
-from mlx_primitives.dsl import inference_mode
+from mlx_primitives.dialect import inference_mode
 from mlx_primitives.hardware import current_backend, detect_chip
 from mlx_primitives.problem import parse_dtype
 from mlx_primitives.registry import Example, ops
+from mlx_primitives.store.database import TuningDB, default_user_url, exists
 from mlx_primitives.tuning import timing
-from mlx_primitives.tuning.db import TuningDB, default_user_url, exists
 from mlx_primitives.tuning.tuner import BUDGETS, Tuner
 
 
@@ -108,12 +108,12 @@ def _variant_configs(o, problem, db: TuningDB | None, chip: str) -> list[tuple[s
     """Each variant once: at the fastest config its tuning trials found for this problem, else
     at its first allowed config (a kernel compile per config rules out timing them all)."""
     best: dict[str, tuple[float, dict]] = {}
-    key = problem.key(o.dims)
+    key = problem.key
     for t in db.trials(chip=chip, op=o.name) if db else []:
         mine = t["problem"] == key and t["status"] == "ok"
         if mine and (t["variant"] not in best or t["median_s"] < best[t["variant"]][0]):
             best[t["variant"]] = (t["median_s"], t["params"])
-    pdict = problem.as_dict(o.dims)
+    pdict = problem.as_dict()
     out = []
     for v in o.variants:
         if not v.available():
@@ -160,11 +160,12 @@ def run_op(
     ``baseline`` (default: the op's default, which is not always a built-in: name it to
     compare with one)."""
     dtype = parse_dtype(ex.dtype)
-    args, kwargs = o.example(ex.shapes, dtype, mx.random.key(0), **dict(ex.options))
+    args = o.example(ex.shapes, dtype, mx.random.key(0), **dict(ex.options))
+    kwargs = {}
     if tuner is not None:
         tuner.tune(o, ex)
-    problem = o.problem(*args, **kwargs)
-    out = o(*args, **kwargs)
+    problem = o.problem(*args)
+    out = o(*args)
     # After the first call: a tuned variant that failed its probe there is disabled, and the
     # decision then names the default that serves instead.
     decision = dispatch.choose(o, problem)
@@ -174,7 +175,7 @@ def run_op(
         "shape": list(ex.shapes[0]),
         "dtype": ex.dtype,
         "options": dict(ex.options),
-        "problem": problem.key(o.dims),
+        "problem": problem.key,
         "bytes": moved,
     }
     chip = tuner.chip.slug if tuner else decision.chip

@@ -1,7 +1,8 @@
 """Run a benchmark suite: ``python -m benchmarks.runner --suite norms [-o results.json]``.
 
 Timings are ratios measured in one run on one device; the result file names the device, the
-MLX version and the date, and is what the README's figures are generated from.
+MLX version and the date, and is what the benchmark pages in docs/benchmarks/ and the README's
+results table are generated from (tools/docs_pages.py).
 """
 
 from __future__ import annotations

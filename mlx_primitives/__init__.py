@@ -3,8 +3,8 @@
 __version__ = "0.1.0"
 
 from . import registry
+from .dialect import inference_mode
 from .dispatch import explain
-from .dsl import inference_mode
 from .nn import (
     ChunkedCrossAttention,
     FlashAttention,

@@ -32,6 +32,6 @@ def kernel_source(rel: str) -> str:
 def dialect_source() -> bytes:
     """The dialect layer (its tokens and both preludes): every kernel's hash covers it."""
     preludes = data_dir("kernel_variants") / "_dialect"
-    parts = [(_PACKAGE / "dsl" / "dialect.py").read_bytes()]
+    parts = [(_PACKAGE / "dialect" / "render.py").read_bytes()]
     parts += [(preludes / name).read_bytes() for name in ("cuda.h", "metal.h")]
     return b"\n".join(parts)

@@ -3,30 +3,28 @@
 The lookup chain for a problem not yet in the process cache: the user database, then the
 shipped (pretuned) database for this chip, each by exact problem; then the nearest tuned
 problem (same exact dims, closest in size, then in shape; at most ``NEAREST_MAX_DISTANCE``
-powers of two apart in size); then the op's default. A record is used only if it names a
-registered variant with parameters inside its declared space, was written by this MLX version
-from the same kernel sources, runs on this back-end, supports the problem and, where it chose
-something other than the default, shows a gain beyond the tuner's noise rule
-(``timing.noise``).
-A tuned variant other than the default is probed once per problem and process before it
-serves calls; one that fails to build, raises or disagrees with the reference is disabled for
-the process, with one warning, and the call falls back to the default.
+powers of two apart in size); then the op's default. Which records may serve is the record's
+own rule (:meth:`TuningRecord.unusable`). A tuned variant other than the default is probed
+once per problem and process before it serves calls; one that fails to build, raises or
+disagrees with the reference is disabled for the process, with one warning, and the call
+falls back to the default.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
 import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
 import mlx.core as mx
 
+from .check import run_checked
 from .hardware import current_backend, detect_chip
-from .problem import BUCKET, Problem, distance, dtype_name, parse_dtype, parse_key
-from .tuning import timing
+from .problem import BUCKET, Problem, parse_dtype
+from .record import RecordError, TuningRecord
+from .store import database, shipped
 
 if TYPE_CHECKING:
     from .registry import Op
@@ -36,15 +34,13 @@ if TYPE_CHECKING:
 # it against the reference.
 PROBE_MAX_DIM = 16
 # A record serves an untuned problem whose size (Problem.size) is within this many powers of
-# two of its own, whatever the mix of batch, heads and sequence. On an H100, kernels tuned for
-# 16384 rows ran 1 to 1024 rows slower than the defaults; records served rope and layer_norm
-# at a half and a quarter of their size 1.5-1.6x faster than the built-ins (the H100 norms
-# results), and rope's kernel was level with the built-in or behind it from an eighth of its
-# tuned size down (uncommitted H200 runs). Shape is not bounded: only ranked.
+# two of its own, whatever the mix of batch, heads and sequence: kernels tuned for large
+# problems ran small ones slower than the defaults, while a half and a quarter of the size
+# kept the gain (docs/notes). Shape is not bounded: only ranked.
 NEAREST_MAX_DISTANCE = 2
 
 _cache: dict[tuple, Callable] = {}
-_entries: dict[tuple[str, str], list[tuple[Problem, dict, str]]] = {}
+_entries: dict[tuple[str, str], list[tuple[Problem, TuningRecord, str]]] = {}
 _disabled: set[tuple[str, str]] = set()
 _warned: set[str] = set()
 
@@ -92,11 +88,11 @@ def mode() -> str:
 
 def route(op: Op, dtype: str, values: tuple) -> Callable:
     """The callable serving a problem, by its dtype's name and values (the hot path: one dict
-    lookup on a hit; the Problem is built only on a miss)."""
+    lookup on a hit; the Problem is made only on a miss)."""
     key = (op.name, dtype, values, mx.default_device().type)
     fn = _cache.get(key)
     if fn is None:
-        fn = _cache[key] = _resolve(op, Problem(op.name, parse_dtype(dtype), values))
+        fn = _cache[key] = _resolve(op, Problem(op.name, dtype, values, op.dims))
     return fn
 
 
@@ -113,7 +109,7 @@ def _resolve(op: Op, problem: Problem) -> Callable:
     decision = choose(op, problem)
     variant = op.variant(decision.variant)
     # The default needs no probe (a reference check at the first call) and has nothing to fall
-    # back to, whether a record chose it or not; most records of host-bound sizes keep it.
+    # back to, whether a record chose it or not.
     if (decision.variant, decision.params) == op.default(problem):
         return variant.build(**decision.params)
     try:
@@ -130,22 +126,20 @@ def _resolve(op: Op, problem: Problem) -> Callable:
             return fn(*args, **kwargs)
         except Exception as e:
             _disable(op, variant.name, e)
-            return route(op, dtype_name(problem.dtype), problem.values)(*args, **kwargs)
+            return route(op, problem.dtype, problem.values)(*args, **kwargs)
 
     return guarded
 
 
 def _probe(op: Op, problem: Problem, fn: Callable) -> None:
     """Run a freshly chosen variant once on a small case of ``problem`` against the reference."""
-    from .tuning.check import run_checked
-
     small = {
         d.name: min(v, PROBE_MAX_DIM) if d.kind == BUCKET else v
         for d, v in zip(op.dims, problem.values)
     }
-    shapes, options = op.case(small)
-    args, kwargs = op.example(shapes, problem.dtype, mx.random.key(0), **options)
-    result = run_checked(op, fn, args, kwargs, problem.dtype)
+    shapes, options = op.case({"dtype": problem.dtype, **small})
+    args = op.example(shapes, parse_dtype(problem.dtype), mx.random.key(0), **options)
+    result = run_checked(op, fn, args, problem.dtype)
     if not result.ok:
         raise RuntimeError(f"probe failed: {result.reason}")
 
@@ -154,60 +148,51 @@ def choose(op: Op, problem: Problem) -> Decision:
     """Decide which variant serves ``problem`` on the current back-end."""
     backend = current_backend()
     chip = detect_chip(backend).slug
-    key = problem.key(op.dims)
-    pdict = problem.as_dict(op.dims)
+
+    def decision(variant: str, params: dict, source: str, reason: str) -> Decision:
+        return Decision(op.name, problem.key, variant, params, source, reason, chip)
 
     def default(reason: str) -> Decision:
-        name, params = op.default(problem, backend)
-        return Decision(op.name, key, name, params, "default", reason, chip)
+        return decision(*op.default(problem, backend), "default", reason)
 
     if mode() == "default":
         return default("MLXP_DISPATCH=default bypasses tuned records")
+
+    def unusable(rec: TuningRecord, p: Problem) -> str | None:
+        if (op.name, rec.variant) in _disabled:
+            return f"variant {rec.variant} is disabled in this process"
+        return rec.unusable(op, p, backend)
+
     entries = _load_entries(op, chip)
     skipped = []
     for source in ("user", "pretuned"):
         for p, rec, src in entries:
             if src == source and p == problem:
-                why = _unusable(op, rec, pdict, backend)
+                why = unusable(rec, problem)
                 if why is None:
-                    return Decision(
-                        op.name,
-                        key,
-                        rec["variant"],
-                        rec["params"],
-                        source,
-                        f"tuned for this problem on {chip}",
-                        chip,
+                    return decision(
+                        rec.variant, rec.params, source, f"tuned for this problem on {chip}"
                     )
                 skipped.append(f"{source} record skipped: {why}")
     nearest, far = None, math.inf
     for p, rec, src in entries:
-        d = distance(problem, p, op.dims)
-        if not 0 < d.shape < math.inf or _unusable(op, rec, pdict, backend) is not None:
+        d = problem.distance(p)
+        if not 0 < d.shape < math.inf or unusable(rec, problem) is not None:
             continue
         if d.size > NEAREST_MAX_DISTANCE:
             far = min(far, d.size)
             continue
-        # Closest in size, then in shape; then the larger problem (on an H100, layer_norm at
-        # 4096 rows, between records for 1024 and 16384 rows, ran 1.6x the built-in with the
-        # larger's kernel); then a user record, then one that kept the default.
-        smaller = p.size(op.dims) < problem.size(op.dims)
-        kept = rec["variant"] == rec["default_variant"]
-        rank = (d, smaller, src != "user", not kept, rec["problem"])
+        # Closest in size, then in shape; then the larger problem (its kernel serves the
+        # smaller one better than the smaller's serves the larger); then a user record, then
+        # one that kept the default.
+        rank = (d, p.size < problem.size, src != "user", not rec.kept_default, rec.problem)
         if nearest is None or rank < nearest[0]:
             nearest = (rank, rec, src)
     if nearest is not None:
         _, rec, src = nearest
-        return Decision(
-            op.name,
-            key,
-            rec["variant"],
-            rec["params"],
-            "nearest",
-            f"nearest tuned problem {rec['problem']} ({src} record)",
-            chip,
-        )
-    reason = f"no usable tuning record for {key} on {chip}"
+        reason = f"nearest tuned problem {rec.problem} ({src} record)"
+        return decision(rec.variant, rec.params, "nearest", reason)
+    reason = f"no usable tuning record for {problem.key} on {chip}"
     if far < math.inf:
         skipped.append(
             f"the nearest tuned problem is {far:g} powers of two away in size (at most "
@@ -216,120 +201,35 @@ def choose(op: Op, problem: Problem) -> Decision:
     return default("; ".join([reason, *skipped]))
 
 
-_SLUG = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
-_TEXT_FIELDS = {
-    "chip": 128,
-    "op": 64,
-    "problem": 512,
-    "variant": 128,
-    "mlx_version": 64,
-    "package_version": 64,
-    "source_hash": 64,
-    "created_at": 64,
-}
-_TIME_FIELDS = ("median_s", "spread_s", "default_median_s")
-
-
-def invalid(op: Op, rec: dict) -> str | None:
-    """What makes ``rec`` malformed for ``op`` (types, sizes, an unknown variant, parameters
-    outside the variant's space, a problem key that does not parse), or None. Nothing in a
-    record is ever evaluated: it names a registered variant and scalar parameters, or it is
-    ignored."""
-    if not isinstance(rec, dict):
-        return "not a mapping"
-    for field, limit in _TEXT_FIELDS.items():
-        value = rec.get(field)
-        if not isinstance(value, str) or len(value) > limit:
-            return f"{field} is not a string of at most {limit} characters"
-    if not _SLUG.match(rec["chip"]) or rec["op"] != op.name:
-        return "chip or op does not match"
-    for field in _TIME_FIELDS:
-        value = rec.get(field)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not (0 <= value < math.inf)
-        ):
-            return f"{field} is not a finite non-negative number"
-    try:
-        variant = op.variant(rec["variant"])
-    except KeyError:
-        return f"unknown variant {rec['variant'][:64]!r}"
-    try:
-        variant.validate(rec.get("params"))
-        op.variant(rec.get("default_variant", "")).validate(rec.get("default_params"))
-        parse_key(rec["problem"], op.dims)
-    except (ValueError, KeyError, TypeError) as e:
-        return str(e)[:200]
-    return None
-
-
-def _unusable(op: Op, rec: dict, pdict: dict, backend: str) -> str | None:
-    """Why a record cannot serve ``pdict`` here, or None when it can."""
-    why = invalid(op, rec)
-    if why is not None:
-        warn_once(f"[{op.name}] ignoring a tuning record: {why}")
-        return why
-    name = rec["variant"]
-    variant = op.variant(name)
-    if rec["mlx_version"] != mx.__version__:
-        return f"stale: tuned with MLX {rec['mlx_version'][:32]}, running {mx.__version__}"
-    if rec["source_hash"] != variant.source_hash:
-        return "stale: the kernel source changed since it was tuned"
-    if not variant.available(backend):
-        return f"variant {name} does not run on {backend}"
-    if (op.name, name) in _disabled:
-        return f"variant {name} is disabled in this process"
-    if not variant.allows(pdict, rec["params"]):
-        return f"variant {name} with these params does not support this problem"
-    # The tuner's noise rule, for records it made under an older one.
-    base, mine = rec["default_median_s"], rec["median_s"]
-    if name != rec["default_variant"] and mine >= base * (1 - timing.noise(base)):
-        gain = base / mine if mine else math.inf
-        return f"its {gain:.2f}x over the default is within the noise at {base * 1e6:.3g} us a call"
-    return None
-
-
-def is_stale(op: Op, rec: dict) -> bool:
-    """True when a record was tuned with another MLX version or other kernel sources."""
-    try:
-        variant = op.variant(rec["variant"])
-    except KeyError:
-        return True
-    return rec.get("mlx_version") != mx.__version__ or rec.get("source_hash") != variant.source_hash
-
-
-def _load_entries(op: Op, chip: str) -> list[tuple[Problem, dict, str]]:
+def _load_entries(op: Op, chip: str) -> list[tuple[Problem, TuningRecord, str]]:
     cached = _entries.get((op.name, chip))
     if cached is not None:
         return cached
-    from .tuning import db as tdb
-
     entries = []
     for source, records in (
-        ("user", _user_records(tdb, chip, op.name)),
-        ("pretuned", _shipped_records(tdb, chip, op.name)),
+        ("user", _user_records(chip, op.name)),
+        ("pretuned", _shipped_records(chip, op.name)),
     ):
         for rec in records:
             try:
-                entries.append((parse_key(rec["problem"], op.dims), rec, source))
-            except (ValueError, TypeError, KeyError) as e:
-                warn_once(f"[{op.name}] ignoring a {source} tuning record: {str(e)[:200]}")
+                entries.append((rec.problem_of(op), rec, source))
+            except RecordError as e:
+                warn_once(f"[{op.name}] ignoring a {source} tuning record: {e}")
     _entries[(op.name, chip)] = entries
     return entries
 
 
-def _user_records(tdb, chip: str, op_name: str) -> list[dict]:
-    url = tdb.default_user_url()
-    if not tdb.exists(url):
+def _user_records(chip: str, op_name: str) -> list[TuningRecord]:
+    url = database.default_user_url()
+    if not database.exists(url):
         return []
     try:
-        db = tdb.TuningDB(url, create=False)
+        db = database.TuningDB(url, create=False)
         try:
             return db.records(chip=chip, op=op_name)
         finally:
             db.close()
-    except tdb.EmptyDatabaseError:  # created this moment by a tuning process: nothing yet
+    except database.EmptyDatabaseError:  # created this moment by a tuning process: nothing yet
         return []
     except Exception as e:  # a broken user database must never break a call
         warn_once(
@@ -339,22 +239,27 @@ def _user_records(tdb, chip: str, op_name: str) -> list[dict]:
         return []
 
 
-def _shipped_records(tdb, chip: str, op_name: str) -> list[dict]:
-    path = tdb.shipped_path(chip)
+def _shipped_records(chip: str, op_name: str) -> list[TuningRecord]:
+    path = shipped.path(chip)
     if path is None:
         return []
     try:
-        records = tdb.read_json(path)
-    except tdb.DatabaseError as e:
+        entries = shipped.read(path)
+    except database.DatabaseError as e:
         warn_once(f"[mlx_primitives] ignoring the shipped tuning database {path}: {e}")
         return []
-    if not all(isinstance(r, dict) for r in records):
-        warn_once(f"[mlx_primitives] ignoring entries of {path} that are not records")
-    return [
-        r
-        for r in records
-        if isinstance(r, dict) and r.get("chip") == chip and r.get("op") == op_name
-    ]
+    out = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            warn_once(f"[mlx_primitives] ignoring an entry of {path} that is not a record")
+            continue
+        if entry.get("chip") != chip or entry.get("op") != op_name:
+            continue
+        try:
+            out.append(TuningRecord.from_dict(entry))
+        except RecordError as e:
+            warn_once(f"[{op_name}] ignoring a record of {path}: {e}")
+    return out
 
 
 def explain(op_name: str, *args, **kwargs) -> Decision:

@@ -1,9 +1,10 @@
-"""Problem keys: which tuning record serves a call.
+"""Problems: which tuning record serves a call.
 
 A problem is an op, a dtype and the dims that matter for speed. Dims are either *bucketed*
 (rounded up to a power of two: batch, rows, sequence length) or *exact* (head_dim, hidden
-size, flags such as the layout). The key is a plain tuple so that the dispatcher's cache hit
-costs one dict lookup; the canonical string is made only when a record is read or written.
+size, flags such as the layout). The dispatcher's cache is keyed by the raw values, so that a
+hit costs one dict lookup; a :class:`Problem` is made only on a miss, and its canonical string
+only when a record is read or written.
 """
 
 from __future__ import annotations
@@ -44,31 +45,88 @@ def bucket(n: int) -> int:
 
 
 class Dim(NamedTuple):
-    """A dim of an op's problem key: its name and whether it is bucketed or exact."""
+    """A dim of an op's problem: its name and whether it is bucketed or exact."""
 
     name: str
     kind: str = BUCKET
 
 
+class Distance(NamedTuple):
+    """How far apart two problems are, in powers of two; compares size first."""
+
+    size: float  # log2 gap between the problems' sizes (Problem.size)
+    shape: float  # sum of the log2 gaps of each bucketed dim
+
+
+_FAR = Distance(math.inf, math.inf)
+
+
 class Problem(NamedTuple):
-    """One problem of one op: ``(op, dtype, values)``, values in the op's ``dims`` order."""
+    """One problem of one op: its dtype's name and its values in ``dims`` order.
+
+    Args:
+        op: the op's name.
+        dtype: the name of the dtype, e.g. ``"float16"``.
+        values: one value per dim, bucketed dims already rounded up.
+        dims: the op's dims.
+    """
 
     op: str
-    dtype: mx.Dtype
+    dtype: str
     values: tuple
+    dims: tuple[Dim, ...]
 
-    def key(self, dims: tuple[Dim, ...]) -> str:
-        """The canonical string, e.g. ``rms_norm|float16|rows=1024,dims=4096``."""
-        fields = ",".join(f"{d.name}={_fmt(v)}" for d, v in zip(dims, self.values))
-        return f"{self.op}|{dtype_name(self.dtype)}|{fields}"
+    @property
+    def key(self) -> str:
+        """The canonical string, e.g. ``rms_norm|float16|rows=1024,dims=4096,weight=float16``."""
+        fields = ",".join(f"{d.name}={_fmt(v)}" for d, v in zip(self.dims, self.values))
+        return f"{self.op}|{self.dtype}|{fields}"
 
-    def as_dict(self, dims: tuple[Dim, ...]) -> dict:
+    def as_dict(self) -> dict:
         """``{"dtype": "float16", dim: value, ...}``: what variants' constraints look at."""
-        return {"dtype": dtype_name(self.dtype), **{d.name: v for d, v in zip(dims, self.values)}}
+        return {"dtype": self.dtype, **{d.name: v for d, v in zip(self.dims, self.values)}}
 
-    def size(self, dims: tuple[Dim, ...]) -> int:
+    @property
+    def size(self) -> int:
         """The product of the bucketed dims: the work, roughly, for the ops here."""
-        return math.prod(v for d, v in zip(dims, self.values) if d.kind == BUCKET)
+        return math.prod(v for d, v in zip(self.dims, self.values) if d.kind == BUCKET)
+
+    @classmethod
+    def parse(cls, key: str, dims: tuple[Dim, ...]) -> Problem:
+        """Inverse of :attr:`key`; ValueError when the string does not fit ``dims``."""
+        if not isinstance(key, str) or len(key) > 512:
+            raise ValueError("a problem key is a string of at most 512 characters")
+        parts = key.split("|")
+        if len(parts) != 3:
+            raise ValueError(f"malformed problem key {key!r}")
+        op, dtype, fields = parts
+        pairs = [f.split("=", 1) for f in fields.split(",")] if fields else []
+        if [p[0] for p in pairs] != [d.name for d in dims] or any(len(p) != 2 for p in pairs):
+            raise ValueError(f"problem key {key!r} does not name the dims {[d.name for d in dims]}")
+        if not all(_VALUE.match(v) for _, v in pairs):
+            raise ValueError(f"problem key {key[:80]!r} has a value outside [A-Za-z0-9_.+-]")
+        values = tuple(_unfmt(v) for _, v in pairs)
+        for d, v in zip(dims, values):
+            if d.kind == BUCKET and (not isinstance(v, int) or v < 1 or v != bucket(v)):
+                raise ValueError(f"problem key {key!r}: {d.name}={v} is not a power of two")
+        return cls(op, dtype_name(parse_dtype(dtype)), values, tuple(dims))
+
+    def distance(self, other: Problem) -> Distance:
+        """How far apart two problems are over their bucketed dims: in size, then in shape.
+
+        Infinite unless op, dtype and every exact dim agree: a record tuned for another hidden
+        size or layout says nothing about this one.
+        """
+        if self.op != other.op or self.dtype != other.dtype:
+            return _FAR
+        shape = 0.0
+        for d, x, y in zip(self.dims, self.values, other.values):
+            if d.kind == EXACT:
+                if x != y:
+                    return _FAR
+            else:
+                shape += abs(math.log2(x) - math.log2(y))
+        return Distance(abs(math.log2(self.size) - math.log2(other.size)), shape)
 
 
 def _fmt(value) -> str:
@@ -87,48 +145,3 @@ def _unfmt(text: str):
 
 
 _VALUE = re.compile(r"^[A-Za-z0-9_.+-]{1,32}$")
-
-
-def parse_key(key: str, dims: tuple[Dim, ...]) -> Problem:
-    """Inverse of :meth:`Problem.key`; ValueError when the string does not fit ``dims``."""
-    if not isinstance(key, str) or len(key) > 512:
-        raise ValueError("a problem key is a string of at most 512 characters")
-    parts = key.split("|")
-    if len(parts) != 3:
-        raise ValueError(f"malformed problem key {key!r}")
-    op, dtype, fields = parts
-    pairs = [f.split("=", 1) for f in fields.split(",")] if fields else []
-    if [p[0] for p in pairs] != [d.name for d in dims] or any(len(p) != 2 for p in pairs):
-        raise ValueError(f"problem key {key!r} does not name the dims {[d.name for d in dims]}")
-    if not all(_VALUE.match(v) for _, v in pairs):
-        raise ValueError(f"problem key {key[:80]!r} has a value outside [A-Za-z0-9_.+-]")
-    values = tuple(_unfmt(v) for _, v in pairs)
-    for d, v in zip(dims, values):
-        if d.kind == BUCKET and (not isinstance(v, int) or v < 1 or v != bucket(v)):
-            raise ValueError(f"problem key {key!r}: {d.name}={v} is not a power of two")
-    return Problem(op, parse_dtype(dtype), values)
-
-
-class Distance(NamedTuple):
-    """How far apart two problems are, in powers of two; compares size first."""
-
-    size: float  # log2 gap between the problems' sizes (Problem.size)
-    shape: float  # sum of the log2 gaps of each bucketed dim
-
-
-def distance(a: Problem, b: Problem, dims: tuple[Dim, ...]) -> Distance:
-    """How far apart two problems are over their bucketed dims: in size, then in shape.
-
-    Infinite unless op, dtype and every exact dim agree: a record tuned for another hidden
-    size or layout says nothing about this one.
-    """
-    if a.op != b.op or a.dtype != b.dtype:
-        return Distance(math.inf, math.inf)
-    shape = 0.0
-    for d, x, y in zip(dims, a.values, b.values):
-        if d.kind == EXACT:
-            if x != y:
-                return Distance(math.inf, math.inf)
-        else:
-            shape += abs(math.log2(x) - math.log2(y))
-    return Distance(abs(math.log2(a.size(dims)) - math.log2(b.size(dims))), shape)

@@ -1,23 +1,29 @@
 """Ops and their variants.
 
-An :class:`Op` is a public operation (``rms_norm``): its reference, its problem key, its
-default and its variants. A :class:`Variant` is one implementation with a declared parameter
-space; ``build(**params)`` returns a callable with the op's own signature. Calling an op
-routes through :mod:`mlx_primitives.dispatch`.
+An :class:`Op` is a public operation (``rms_norm``): its signature, its reference, its
+problem, its default and its variants. The signature is stated once, by the op's public
+function; everything inside takes the call's arguments in that order, all given (the
+canonical form :meth:`Op.bind` makes). A :class:`Variant` is one implementation with a
+declared parameter space; ``build(**params)`` returns a callable that takes the op's own
+signature. Calling an op routes through :mod:`mlx_primitives.dispatch`.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
+import inspect
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import mlx.core as mx
+
 from . import _paths, dispatch
 from .hardware import current_backend
-from .problem import Dim, Problem, parse_dtype
+from .problem import Dim, Problem
 
 ALL_BACKENDS = frozenset({"cpu", "cuda", "metal"})
 GPU_BACKENDS = frozenset({"cuda", "metal"})
@@ -32,7 +38,8 @@ class Variant:
 
     Args:
         name: unique within the op.
-        factory: ``factory(**params)`` returns a callable with the op's signature.
+        factory: ``factory(**params)`` returns a callable taking the op's arguments in their
+            canonical order, all given.
         backends: the MLX back-ends it runs on (``cpu``, ``cuda``, ``metal``).
         space: each parameter and its allowed values, the first being the variant's default.
         supports: ``supports(problem_dict, params)`` says whether a configuration can serve a
@@ -51,6 +58,7 @@ class Variant:
 
     def __post_init__(self):
         self._built: dict[tuple, Callable] = {}
+        self._accepting: Callable[[Callable], Callable] = lambda fn: fn  # set by its Op
         for key, values in self.space.items():
             if not values or not all(type(v) in _PARAM_TYPES for v in values):
                 raise ValueError(f"[{self.name}] parameter {key!r} needs scalar allowed values")
@@ -90,11 +98,12 @@ class Variant:
         return self.supports is None or bool(self.supports(problem, params))
 
     def build(self, **params) -> Callable:
-        """The callable for ``params`` (validated; memoised per process)."""
+        """The callable for ``params``, taking the op's signature (validated; memoised per
+        process)."""
         key = tuple(sorted(self.validate(params).items()))
         fn = self._built.get(key)
         if fn is None:
-            fn = self._built[key] = self.factory(**params)
+            fn = self._built[key] = self._accepting(self.factory(**params))
         return fn
 
     @cached_property
@@ -127,15 +136,17 @@ class Op:
 
     Args:
         name: the op's name, e.g. ``"rms_norm"``.
+        signature: the op's public function, whose signature (names, order, defaults) is the
+            op's: calls are bound to it once, and everything below takes the arguments in its
+            order, all given.
         dims: the problem dims in key order, each bucketed or exact.
-        problem: validates a call's arguments and returns ``(dtype name, values)``, the
-            values in ``dims`` order and already bucketed (a name, not an ``mx.Dtype``: the
-            dispatch's cache key compares it at every call).
+        problem: validates a call's arguments and returns ``(dtype, values)``: the dtype's
+            name and the values in ``dims`` order, already bucketed.
         reference: plain-MLX implementation accumulating in at least float32; called on
             float64 inputs on the CPU it is the float64 reference.
-        example: ``example(shapes, dtype, key, **options)`` makes ``(args, kwargs)`` of random
-            inputs; ``shapes`` may give only the leading array arguments, ``options`` set the
-            op's flags (layout, ...).
+        example: ``example(shapes, dtype, key, **options)`` makes the arguments of a call on
+            random inputs; ``shapes`` may give only the leading array arguments, ``options``
+            set the op's flags (layout, ...).
         case: ``case(problem_dict)`` gives ``(shapes, options)`` of a problem (bucketed dims
             taken as sizes): the inverse of ``problem`` that probes and ``explain`` use.
         default: ``default(problem_dict, backend)`` names the safe variant and its params.
@@ -143,10 +154,10 @@ class Op:
         presets: ``{"quick"|"default"|"full": [Example, ...]}`` shapes the tuner covers.
         differentiable: arguments (by position) that gradients are checked for.
         tolerances: ``{dtype name: (atol, rtol)}`` where the op needs other tolerances than
-            :data:`mlx_primitives.tuning.check.TOLERANCES` (and says why).
-        check_slices: ``check_slices(args, kwargs)`` gives, for a call too large to check
-            whole against the float64 reference, ``[(args, kwargs, select), ...]``: smaller
-            calls whose outputs are ``select(outputs)`` of the whole one; None to check whole.
+            :data:`mlx_primitives.check.TOLERANCES` (and says why).
+        check_slices: ``check_slices(args)`` gives, for a call too large to check whole
+            against the float64 reference, ``[(args, select), ...]``: smaller calls whose
+            outputs are ``select(outputs)`` of the whole one; None to check whole.
         feed: the argument (by position) that timing feeds each call's output back into, so
             the calls run in order; another where outputs fed back as the first drift to
             values that take a slow path; None to time independent calls.
@@ -156,6 +167,7 @@ class Op:
         self,
         name: str,
         *,
+        signature: Callable,
         dims: Sequence[Dim],
         problem: Callable[..., tuple[str, tuple]],
         reference: Callable,
@@ -166,14 +178,16 @@ class Op:
         presets: dict[str, list[Example]],
         differentiable: tuple[int, ...] = (0,),
         tolerances: dict[str, tuple[float, float]] | None = None,
-        check_slices: Callable[[tuple, dict], list | None] | None = None,
+        check_slices: Callable[[tuple], list | None] | None = None,
         feed: int | None = 0,
     ):
         self.name = name
+        self.signature = inspect.signature(signature)
+        self.params = tuple(self.signature.parameters)
         self.dims = tuple(dims)
         self._problem = problem
-        self.reference = reference
-        self.example = example
+        self.reference = self.accepting(reference)
+        self._example = example
         self.case = case
         self._default = default
         self.variants = list(variants)
@@ -188,14 +202,42 @@ class Op:
         names = [v.name for v in self.variants]
         if len(set(names)) != len(names):
             raise ValueError(f"[{name}] duplicate variant names in {names}")
+        for v in self.variants:
+            v._accepting = self.accepting
 
     def __repr__(self) -> str:
         return f"Op({self.name!r}, variants={[v.name for v in self.variants]})"
 
+    def bind(self, *args, **kwargs) -> tuple:
+        """A call's arguments in the op's canonical order, defaults filled in."""
+        if not kwargs and len(args) == len(self.params):
+            return args
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"[{self.name}] {e}") from None
+        bound.apply_defaults()
+        return tuple(bound.arguments[name] for name in self.params)
+
+    def accepting(self, fn: Callable) -> Callable:
+        """``fn``, which takes the canonical arguments, taking the op's own signature."""
+        n, bind = len(self.params), self.bind
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            return fn(*(args if not kwargs and len(args) == n else bind(*args, **kwargs)))
+
+        call.__signature__ = self.signature
+        return call
+
+    def example(self, shapes, dtype: mx.Dtype, key: mx.array, **options) -> tuple:
+        """The arguments, in canonical order, of a call on random inputs of ``shapes``."""
+        return self.bind(*self._example(shapes, dtype, key, **options))
+
     def problem(self, *args, **kwargs) -> Problem:
-        """Validate a call's arguments and return its problem key."""
-        kind, values = self._problem(*args, **kwargs)
-        return Problem(self.name, parse_dtype(kind), values)
+        """Validate a call's arguments and return its problem."""
+        dtype, values = self._problem(*self.bind(*args, **kwargs))
+        return Problem(self.name, dtype, values, self.dims)
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:
@@ -204,11 +246,13 @@ class Op:
         raise KeyError(f"[{self.name}] no variant named {name!r}")
 
     def default(self, problem: Problem, backend: str | None = None) -> tuple[str, dict]:
-        return self._default(problem.as_dict(self.dims), backend or current_backend())
+        return self._default(problem.as_dict(), backend or current_backend())
 
     def __call__(self, *args, **kwargs):
-        kind, values = self._problem(*args, **kwargs)
-        return dispatch.route(self, kind, values)(*args, **kwargs)
+        if kwargs or len(args) != len(self.params):
+            args = self.bind(*args, **kwargs)
+        dtype, values = self._problem(*args)
+        return dispatch.route(self, dtype, values)(*args)
 
 
 _REGISTRY: dict[str, Op] = {}

@@ -6,6 +6,9 @@ import mlx.core as mx
 import pytest
 
 from mlx_primitives import dispatch
+from mlx_primitives.store.database import TuningDB
+
+GPU = mx.cuda.is_available() or mx.metal.is_available()
 
 
 def pytest_ignore_collect(collection_path, config):
@@ -16,11 +19,15 @@ def pytest_ignore_collect(collection_path, config):
 
 
 def pytest_collection_modifyitems(config, items):
-    if mx.cuda.is_available() or mx.metal.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a GPU back-end (CUDA or Metal)")
+    """``gpu`` tests need a GPU back-end; ``cpu`` tests assume the default device is the CPU
+    (what untuned dispatch picks there, the CPU's own chip records)."""
+    skip = (
+        pytest.mark.skip(reason="assumes a CPU-only host")
+        if GPU
+        else pytest.mark.skip(reason="needs a GPU back-end (CUDA or Metal)")
+    )
     for item in items:
-        if "gpu" in item.keywords:
+        if ("cpu" if GPU else "gpu") in item.keywords:
             item.add_marker(skip)
 
 
@@ -33,3 +40,25 @@ def user_db(tmp_path, monkeypatch):
     dispatch.reset()
     yield path
     dispatch.reset()
+
+
+@pytest.fixture
+def open_db(tmp_path):
+    """``open_db(path=None, create=True)``: a TuningDB (the test's user database by default),
+    closed after the test."""
+    opened = []
+
+    def open_(path=None, create: bool = True) -> TuningDB:
+        db = TuningDB(str(path or tmp_path / "tuning.sqlite"), create=create)
+        opened.append(db)
+        return db
+
+    yield open_
+    for db in opened:
+        db.close()
+
+
+@pytest.fixture
+def db(open_db) -> TuningDB:
+    """The test's user database, open (created)."""
+    return open_db()

@@ -22,8 +22,8 @@ from unittest import mock
 import mlx.core as mx
 
 from mlx_primitives import registry
-from mlx_primitives.dsl.dialect import header
-from mlx_primitives.dsl.kernel import GpuKernel
+from mlx_primitives.dialect.render import header
+from mlx_primitives.dialect.kernel import GpuKernel
 
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
@@ -277,9 +277,10 @@ def _intercepted(calls: list) -> Iterator[None]:
         yield
 
 
-# Each op's calls: ``calls(op, dtype)`` yields ``(label, args, kwargs)`` covering the template
-# flags its kernels take, and the parameters crossed with every call rather than covered once.
-Calls = Callable[[registry.Op, mx.Dtype], Iterator[tuple[str, tuple, dict]]]
+# Each op's calls: ``calls(op, dtype)`` yields ``(label, args)`` (the op's arguments in order)
+# covering the template flags its kernels take, and the parameters crossed with every call
+# rather than covered once.
+Calls = Callable[[registry.Op, mx.Dtype], Iterator[tuple[str, tuple]]]
 
 
 def _example(op, shapes, dtype, seed=0, **options):
@@ -291,16 +292,24 @@ def _norm_calls(op, dtype):
     affines = ("wb", "w", "b", "") if op.name == "layer_norm" else ("w", "")
     for d in (4096, 256, 6):
         for affine in affines:
-            args, kwargs = _example(op, ((16, d),), dtype)
+            args = _example(op, ((16, d),), dtype)
             args = (args[0], *(a if n in affine else None for a, n in zip(args[1:-1], "wb")))
-            yield f"{d=} affine={affine or 'none'}", (*args, 1e-5), kwargs
+            yield f"{d=} affine={affine or 'none'}", (*args, 1e-5)
         if dtype != mx.float32:  # a float32 weight makes the output float32
-            args, kwargs = _example(op, ((16, d),), dtype)
+            args = _example(op, ((16, d),), dtype)
             args = (args[0], args[1].astype(mx.float32), *args[2:])
-            yield f"{d=} float32 weight", args, kwargs
+            yield f"{d=} float32 weight", args
     # -0.0 passes the argument checks; its bits are a negative template constant.
-    args, kwargs = _example(op, ((16, 256),), dtype)
-    yield "eps=-0.0", (*args[:-1], -0.0), kwargs
+    args = _example(op, ((16, 256),), dtype)
+    yield "eps=-0.0", (*args[:-1], -0.0)
+
+
+def _with(op, args: tuple, **changes) -> tuple:
+    """``args`` with the named arguments replaced."""
+    out = list(args)
+    for name, value in changes.items():
+        out[op.params.index(name)] = value
+    return tuple(out)
 
 
 def _rope_calls(op, dtype):
@@ -309,53 +318,46 @@ def _rope_calls(op, dtype):
     for layout, traditional, dims, freqs, offset in flags:
         shape = (2, 8, 32, 64) if layout == "BHSD" else (2, 32, 8, 64)
         options = {"layout": layout, "traditional": traditional, "dims": dims, "freqs": freqs}
-        (x, _), kwargs = _example(op, (shape,), dtype, **options)
+        args = _example(op, (shape,), dtype, **options)
         # None: one offset per batch entry (the kernel's PER_BATCH).
-        kwargs["offset"] = mx.array([3, 5], mx.int32) if offset is None else offset
+        offset = mx.array([3, 5], mx.int32) if offset is None else offset
         label = f"{layout} {traditional=} {dims=} {freqs=} per_batch={offset is None}"
-        yield label, (x, dims), kwargs
-    (x, _), kwargs = _example(op, ((2, 8, 16, 64),), dtype)
-    yield "scale=-0.0", (x, 64), {**kwargs, "scale": -0.0}
+        yield label, _with(op, args, offset=offset)
+    args = _example(op, ((2, 8, 16, 64),), dtype)
+    yield "scale=-0.0", _with(op, args, scale=-0.0)
     # 6 elements: x itself in Metal's constant address space.
-    (x, _), kwargs = _example(op, ((1, 1, 3, 2),), dtype, traditional=True, dims=2)
-    yield "tiny traditional", (x, 2), kwargs
+    yield "tiny traditional", _example(op, ((1, 1, 3, 2),), dtype, traditional=True, dims=2)
 
 
 def _gated_calls(op, dtype):
     approximations = ("none", "tanh", "fast") if op.name == "geglu" else (None,)
     # 1x4: inputs of fewer than 8 elements go to Metal's constant address space.
     for shape, approximate in itertools.product(((8, 1024), (3, 6), (1, 4)), approximations):
-        args, _ = _example(op, (shape,), dtype)
-        # Positional, as geglu() passes it: the kernel variants take no keyword.
-        args = args if approximate is None else (*args, approximate)
-        yield f"{shape=} {approximate=}", args, {}
+        args = _example(op, (shape,), dtype)
+        args = args if approximate is None else (*args[:2], approximate)
+        yield f"{shape=} {approximate=}", args
 
 
 def _attention_calls(op, dtype):
     # Head dims 64 and 80 (a partial lane group), GQA 4 and 1, both layouts, 1 and 3 queries.
+    window = op.name == "sliding_window_attention"
     for layout, d, heads, lq in itertools.product(("BHSD", "BSHD"), (64, 80), (4, 1), (1, 3)):
         if layout == "BSHD":
             shapes = ((2, lq, 4, d), (2, 40, 4 // heads, d))
         else:
             shapes = ((2, 4, lq, d), (2, 4 // heads, 40, d))
         label = f"{layout} {d=} group={heads} q_len={lq}"
-        if op.name == "sliding_window_attention":
-            (q, k, v, _), kwargs = _example(op, shapes, dtype, layout=layout)
-            yield label, (q, k, v, 16), kwargs
+        if window:
+            yield label, _example(op, shapes, dtype, layout=layout, window=16)
             continue
         for causal in (False, True):
-            args, kwargs = _example(op, shapes, dtype, layout=layout, causal=causal)
-            yield f"{label} {causal=}", args, kwargs
+            yield f"{label} {causal=}", _example(op, shapes, dtype, layout=layout, causal=causal)
     # A prefill (every query tile size is allowed) and a long cache (every split size).
-    args, kwargs = _example(op, ((1, 2, 40, 96), (1, 1, 40, 96)), dtype, causal=True)
-    if op.name == "sliding_window_attention":
-        args, kwargs = (*args[:3], 7), {"layout": "BHSD", "scale": None}
-    yield "prefill", args, kwargs
-    # A long cache, where every split size is allowed.
-    args, kwargs = _example(op, ((1, 8, 1, 128), (1, 2, 5000, 128)), dtype)
-    if op.name == "sliding_window_attention":
-        args = (*args[:3], 4096)  # a window as long as the largest split
-    yield "long cache", args, kwargs
+    options = {"window": 7} if window else {"causal": True}
+    yield "prefill", _example(op, ((1, 2, 40, 96), (1, 1, 40, 96)), dtype, **options)
+    # A long cache, where every split size is allowed: a window as long as the largest split.
+    options = {"window": 4096} if window else {}
+    yield "long cache", _example(op, ((1, 8, 1, 128), (1, 2, 5000, 128)), dtype, **options)
 
 
 CALLS: dict[str, tuple[Calls, tuple[str, ...]]] = {
@@ -397,9 +399,9 @@ def _plan(variant: registry.Variant, cases: list, crossed: tuple[str, ...]) -> l
 
 
 def op_cases(op: registry.Op, dtype: mx.Dtype) -> list[tuple[tuple, dict]]:
-    """``((label, args, kwargs), problem dict)`` for each representative call of ``op``."""
+    """``((label, args), problem dict)`` for each representative call of ``op``."""
     calls = CALLS[op.name][0](op, dtype)
-    return [(call, op.problem(*call[1], **call[2]).as_dict(op.dims)) for call in calls]
+    return [(call, op.problem(*call[1]).as_dict()) for call in calls]
 
 
 def kernel_launches() -> list[Launch]:
@@ -416,12 +418,12 @@ def kernel_launches() -> list[Launch]:
         for dtype in DTYPES:
             cases = op_cases(op, dtype)
             for variant in kernel_variants:
-                for (label, args, kwargs), params in _plan(variant, cases, crossed):
+                for (label, args), params in _plan(variant, cases, crossed):
                     recorded: list = []
                     with _intercepted(recorded):
                         # The factory, not build(): nothing is memoised on the variant.
                         fn = variant.factory(**variant.validate(params))
-                        mx.eval(fn(*args, **kwargs))
+                        mx.eval(fn(*args))
                     for kernel, inputs, template, output_dtypes in recorded:
                         launches.append(
                             Launch(

@@ -32,9 +32,7 @@ def layer_norm(x, w, b, eps):
     return y if b is None else y + f64(b)
 
 
-def rope(
-    x, dims, *, traditional=False, base=10000.0, scale=1.0, offset=0, freqs=None, layout="BHSD"
-):
+def rope(x, dims, traditional=False, base=10000.0, scale=1.0, offset=0, freqs=None, layout="BHSD"):
     x = f64(x)
     if layout == "BSHD":
         x = x.swapaxes(1, 2)

@@ -199,13 +199,13 @@ def test_untuned_long_attention_runs_blocked_on_the_cpu(name):
     options = {"causal": True} if name == "flash_attention" else {}
     for heads, seq, expected in ((1, 2048, o.variants[0].name), (2, 8192, "blocked")):
         shapes = att.qkv_shapes(1, heads, heads, seq, seq, 64, "BHSD")
-        args, kwargs = o.example(shapes, mx.float32, mx.random.key(0), **options)
-        problem = o.problem(*args, **kwargs)
+        args = o.example(shapes, mx.float32, mx.random.key(0), **options)
+        problem = o.problem(*args)
         variant, params = o.default(problem, "cpu")
         assert variant == expected, (name, seq)
-        assert o.variant(variant).allows(problem.as_dict(o.dims), params)
+        assert o.variant(variant).allows(problem.as_dict(), params)
     # From LONG_SCORES on, wide blocks are left out: the scheduler would hold several at once.
-    blocked, long = o.variant("blocked"), problem.as_dict(o.dims)
+    blocked, long = o.variant("blocked"), problem.as_dict()
     assert not blocked.allows(long, {"block_q": 512, "block_k": 512})
     assert blocked.allows(long, {"block_q": 512, "block_k": 128})
 
@@ -348,14 +348,14 @@ SLICED = [
 @pytest.mark.parametrize("name,shapes,options", SLICED)
 def test_large_calls_are_checked_on_slices_of_query_rows(name, shapes, options, monkeypatch):
     from mlx_primitives.ops import _attention
-    from mlx_primitives.tuning.check import TOLERANCES, check_outputs, expected
+    from mlx_primitives.check import TOLERANCES, check_outputs, expected
 
     monkeypatch.setattr(_attention, "CHECK_SCORES", 0)  # every call counts as large
     o = op(name)
-    args, kwargs = o.example(shapes, mx.float32, mx.random.key(1), **options)
-    want = expected(o, args, kwargs)
+    args = o.example(shapes, mx.float32, mx.random.key(1), **options)
+    want = expected(o, args)
     assert len(want) == 3 and all(select is not None for select, _ in want)
-    whole = o.reference(*args, **kwargs)
+    whole = o.reference(*args)
     # Each slice's own reference is that slice of the whole call's.
     for select, part in want:
         ref.assert_close(select([whole])[0], ref.f64(part[0]), mx.float32, label=name)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 
+import mlx.core as mx
 import pytest
 
+from mlx_primitives.hardware import current_backend, detect_chip
+from mlx_primitives.store import shipped
 from mlx_primitives.tuning.cli import main
-from mlx_primitives.tuning.db import TuningDB
+
+from .toy import record
 
 TUNE = ["--op", "rms_norm", "--shape", "8x64", "--dtype", "float32", "--preset", "quick"]
 
@@ -22,6 +26,12 @@ def run_json(capsys, *argv):
     code, out, _ = run(capsys, *argv, "--json")
     assert code == 0
     return json.loads(out)
+
+
+def user_rows(capsys, *argv) -> list[dict]:
+    """``show --json``'s records of the user database (a chip with a shipped database has
+    pretuned ones too)."""
+    return [r for r in run_json(capsys, "show", *argv) if r["source"] == "user"]
 
 
 def test_list(capsys):
@@ -51,7 +61,7 @@ def test_tune_one_problem_then_show_and_explain(capsys, user_db):
         rec["problem"] == "rms_norm|float32|rows=8,dims=64,weight=float32" and rec["stale"] is False
     )
     assert rec["speedup"] == pytest.approx(rec["default_median_s"] / rec["median_s"])
-    shown = run_json(capsys, "show")
+    shown = user_rows(capsys)
     assert [(r["problem"], r["variant"]) for r in shown] == [(rec["problem"], rec["variant"])]
     explained = run_json(
         capsys, "explain", "rms_norm", "--shape", "8x64", "--shape", "64", "--dtype", "float32"
@@ -73,10 +83,10 @@ def test_tune_resumes(capsys):
     assert code == 0 and "1 problems already tuned" in out
 
 
-def test_time_budget_stops_starting_problems(capsys, user_db):
+def test_time_budget_stops_starting_problems(capsys, open_db):
     code, out, _ = run(capsys, "tune", "--op", "swiglu", "--preset", "quick", "--time-budget", "0")
     assert code == 0 and "not started" in out
-    assert not TuningDB(str(user_db)).records()
+    assert open_db(create=False).records() == []
 
 
 def test_explain_default_text(capsys):
@@ -125,7 +135,7 @@ def test_usage_errors_exit_2(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-def test_export_import(capsys, tmp_path):
+def test_export_import(capsys, tmp_path, open_db):
     run(capsys, *TUNE)
     path = tmp_path / "out.json"
     code, out, _ = run(capsys, "export", str(path))
@@ -133,7 +143,7 @@ def test_export_import(capsys, tmp_path):
     other = tmp_path / "other.sqlite"
     code, out, _ = run(capsys, "import", str(path), "--db", str(other))
     assert code == 0 and "imported 1 records" in out
-    assert len(TuningDB(str(other)).records()) == 1
+    assert open_db(other).records() == open_db().records()
 
 
 def test_import_of_a_bad_file_fails_cleanly(capsys, tmp_path):
@@ -145,7 +155,8 @@ def test_import_of_a_bad_file_fails_cleanly(capsys, tmp_path):
 
 def test_doctor(capsys, user_db):
     report = run_json(capsys, "doctor")
-    assert report["backend"] == "cpu" and "slug" in report["chip"]
+    assert report["backend"] == current_backend()
+    assert report["chip"]["slug"] == detect_chip().slug
     assert report["user_db"]["status"].startswith("absent")
     user_db.write_bytes(b"garbage" * 200)
     code, out, err = run(capsys, "doctor", "--json")
@@ -160,7 +171,7 @@ def test_clear(capsys, user_db):
     assert "cleared 0 records" in out
     code, out, _ = run(capsys, "clear")
     assert code == 0 and "cleared 1 records" in out
-    assert run_json(capsys, "show") == []
+    assert user_rows(capsys) == []
 
 
 def test_clear_moves_an_unusable_database_aside(capsys, user_db):
@@ -170,6 +181,114 @@ def test_clear_moves_an_unusable_database_aside(capsys, user_db):
     assert not user_db.exists()
     (aside,) = user_db.parent.glob("tuning.sqlite.unusable-*")
     assert aside.read_bytes() == b"garbage" * 200
+
+
+def _rms_record(variant: str = "eager", **overrides):
+    from mlx_primitives.registry import op
+
+    args = (mx.ones((8, 64)), mx.ones((64,)), 1e-5)
+    return record(op("rms_norm"), args, variant, default_variant="builtin", **overrides)
+
+
+def _other_chip() -> str:
+    """A shipped chip that is not this one (both NVIDIA cards ship: one always differs)."""
+    return next(c for c in shipped.chips() if c != detect_chip().slug)
+
+
+def test_show_export_and_clear_take_this_chips_records_unless_told(capsys, db, tmp_path):
+    """A record of another chip in the user database is kept and shown with --chip, never
+    mixed into this chip's."""
+    here, other = detect_chip().slug, _other_chip()
+    db.put(_rms_record())
+    db.put(_rms_record(chip=other, variant="compiled"))
+
+    def shown(*argv):
+        return {(r["chip"], r["variant"]) for r in user_rows(capsys, *argv)}
+
+    assert shown() == {(here, "eager")}
+    assert shown("--chip", other) == {(other, "compiled")}
+    assert shown("--chip", "all") == {(here, "eager"), (other, "compiled")}
+    pretuned = [r for r in run_json(capsys, "show", "--chip", other) if r["source"] == "pretuned"]
+    assert pretuned and {r["chip"] for r in pretuned} == {other}
+    everything = run_json(capsys, "show", "--chip", "all")
+    assert {r["chip"] for r in everything if r["source"] == "pretuned"} == set(shipped.chips())
+
+    path = tmp_path / "other.json"
+    code, out, _ = run(capsys, "export", str(path), "--chip", other)
+    assert code == 0 and "exported 1 records" in out
+    assert [(e["chip"], e["variant"]) for e in shipped.read(path)] == [(other, "compiled")]
+
+    code, out, _ = run(capsys, "clear")
+    assert code == 0 and f"cleared 1 records of {here}" in out
+    assert [r.chip for r in db.records()] == [other]
+    code, out, _ = run(capsys, "clear", "--chip", "all")
+    assert code == 0 and "cleared 1 records from" in out
+    assert db.records() == []
+
+
+def test_show_and_doctor_mark_stale_records(capsys, db):
+    """A record holds for the MLX minor series it was tuned on."""
+    major, minor, *_ = mx.__version__.split(".")
+    db.put(_rms_record())
+    db.put(
+        _rms_record(
+            problem="rms_norm|float32|rows=32,dims=64,weight=float32",
+            mlx_version=f"{major}.{int(minor) + 1}.0",
+        )
+    )
+    db.put(
+        _rms_record(
+            problem="rms_norm|float32|rows=64,dims=64,weight=float32",
+            mlx_version=f"{major}.{minor}.999",
+        )
+    )  # another patch: still current
+    rows = user_rows(capsys)
+    assert [(r["problem"].split("|")[2].split(",")[0], r["stale"], r["invalid"]) for r in rows] == [
+        ("rows=32", True, None),
+        ("rows=64", False, None),
+        ("rows=8", False, None),
+    ]
+    assert rows[2]["speedup"] == pytest.approx(2.0)
+    code, out, _ = run(capsys, "show")
+    assert code == 0 and "eager (stale)" in out
+    report = run_json(capsys, "doctor")["user_db"]
+    assert (report["status"], report["records"], report["this_chip"], report["stale"]) == (
+        "ok",
+        3,
+        3,
+        1,
+    )
+
+
+def test_show_marks_a_record_that_does_not_fit_its_op(capsys, db):
+    """Well formed (so the store keeps it) but naming a variant rms_norm lacks: shown as
+    invalid and stale, with the fields that identify it."""
+    db.put(_rms_record("nope"))
+    (row,) = user_rows(capsys)
+    assert row["stale"] is True and row["speedup"] is None
+    assert "no variant named 'nope'" in row["invalid"]
+    assert run_json(capsys, "doctor")["user_db"]["stale"] == 1
+    code, out, _ = run(capsys, "show")
+    assert code == 0 and "(invalid: " in out
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="package bug: cli._row drops every field of a TuningRecord that does not fit its op "
+    "(`shown = entry if isinstance(entry, dict) else {}`)",
+)
+def test_show_keeps_the_fields_of_a_record_that_does_not_fit_its_op(capsys, db):
+    rec = _rms_record("nope")
+    db.put(rec)
+    (row,) = user_rows(capsys)
+    assert (row["chip"], row["op"], row["problem"], row["variant"]) == (
+        rec.chip,
+        rec.op,
+        rec.problem,
+        "nope",
+    )
+    code, out, _ = run(capsys, "show")
+    assert "rms_norm" in out and "rows=8" in out
 
 
 def test_show_reports_a_broken_database(capsys, user_db):

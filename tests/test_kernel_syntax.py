@@ -18,8 +18,8 @@ import pytest
 
 from mlx_primitives import registry
 from mlx_primitives._paths import data_dir, kernel_source
-from mlx_primitives.dsl import dialect
-from mlx_primitives.dsl.kernel import GpuKernel, compact
+from mlx_primitives.dialect import render as dialect
+from mlx_primitives.dialect.kernel import GpuKernel, compact
 
 from .kernel_sources import DTYPES, METAL_ATTRIBUTES, full_source, kernel_launches, op_cases
 
@@ -446,7 +446,8 @@ def test_metal_shim_keeps_address_spaces_apart(tmp_path):
 def test_every_kernel_variant_has_gpu_cases():
     """tests/test_gpu.py runs each kernel op's variants over its cases: a new kernel op must
     bring cases, or its kernels would go untested on the GPU."""
-    from .test_gpu import ATTENTION_CASES, CASES
+    from .cases import ATTENTION_CASES
+    from .cases import KERNEL_CASES as CASES
 
     attention = {(c[0], kernel) for kernel, cases in ATTENTION_CASES.items() for c in cases}
     covered = set(CASES) | {name for name, _ in attention}

@@ -15,55 +15,8 @@ from mlx_primitives.hardware import current_backend
 from mlx_primitives.registry import op as get_op
 
 from . import references as ref
-
-DTYPES = [mx.float32, mx.float16, mx.bfloat16]
-
-# (shapes, options) per op: lengths 1, 3 and 1000, non-power-of-two dims, no weights.
-CASES = {
-    "rms_norm": [
-        (((1, 1),), {}),
-        (((3, 7),), {}),
-        (((1000, 33),), {}),
-        (((2, 3, 1000),), {}),
-        (((5, 4097),), {}),
-        (((3, 8),), {"weight": "none"}),
-        (((4, 64),), {"weight": "float32"}),
-    ],
-    "layer_norm": [
-        (((1, 1),), {}),
-        (((3, 7),), {}),
-        (((1000, 33),), {"weight": "none", "bias": "none"}),
-        (((2, 3, 1000),), {"bias": "none"}),
-        (((5, 4097),), {"weight": "none"}),
-    ],
-    "rope": [
-        (((1, 1, 1, 2),), {}),
-        (((2, 3, 5, 6),), {"traditional": True}),
-        (((1, 4, 1000, 32),), {"dims": 16}),
-        (((2, 5, 3, 64),), {"layout": "BSHD"}),
-        (((2, 7, 3, 10),), {"layout": "BSHD", "traditional": True, "dims": 6}),
-        (((1, 3, 17, 8),), {"freqs": True}),
-        (((3, 9, 16),), {}),
-        (((2, 2, 3, 5, 12),), {"offset": 7}),
-        (((3, 4, 5, 16),), {"per_batch": True}),
-        (((3, 5, 4, 16),), {"per_batch": True, "layout": "BSHD"}),
-    ],
-    "swiglu": [(((1,),), {}), (((3, 7),), {}), (((1000, 33),), {}), (((2, 3, 1000),), {})],
-    "geglu": [
-        (((1,),), {}),
-        (((3, 7),), {"approximate": "none"}),
-        (((1000, 33),), {"approximate": "tanh"}),
-        (((2, 3, 1000),), {"approximate": "fast"}),
-    ],
-}
-
-REFERENCES = {
-    "rms_norm": lambda a, k: ref.rms_norm(*a),
-    "layer_norm": lambda a, k: ref.layer_norm(*a),
-    "rope": lambda a, k: ref.rope(*a, **k),
-    "swiglu": lambda a, k: ref.swiglu(*a),
-    "geglu": lambda a, k: ref.geglu(*a, **k),
-}
+from .cases import CPU_CASES as CASES
+from .cases import DTYPES, REFERENCES
 
 
 def _variants(name):
@@ -91,10 +44,10 @@ def _tolerance(name, dtype):
 def test_variant_matches_float64_reference(name, variant, cfg, shapes, options, dtype):
     o = get_op(name)
     fn = o.variant(variant).build(**cfg)
-    args, kwargs = o.example(shapes, dtype, mx.random.key(hash((name, shapes)) % 2**31), **options)
-    got = fn(*args, **kwargs)
-    want = REFERENCES[name](args, kwargs)
-    assert got.dtype == o.reference(*args, **kwargs).dtype  # promoted like MLX's own ops
+    args = o.example(shapes, dtype, mx.random.key(hash((name, shapes)) % 2**31), **options)
+    got = fn(*args)
+    want = REFERENCES[name](args)
+    assert got.dtype == o.reference(*args).dtype  # promoted like MLX's own ops
     ref.assert_close(got, want, dtype, label=f"{name}/{variant}", **_tolerance(name, dtype))
 
 
@@ -102,11 +55,9 @@ def test_variant_matches_float64_reference(name, variant, cfg, shapes, options, 
 def test_public_function_matches_reference(name):
     o = get_op(name)
     shapes, options = CASES[name][2]
-    args, kwargs = o.example(shapes, mx.float32, mx.random.key(1), **options)
-    got = getattr(mp, name)(*args, **kwargs)
-    ref.assert_close(
-        got, REFERENCES[name](args, kwargs), mx.float32, **_tolerance(name, mx.float32)
-    )
+    args = o.example(shapes, mx.float32, mx.random.key(1), **options)
+    got = getattr(mp, name)(**dict(zip(o.params, args)))
+    ref.assert_close(got, REFERENCES[name](args), mx.float32, **_tolerance(name, mx.float32))
 
 
 def _grad_params():
@@ -121,8 +72,8 @@ def test_variant_gradients_match_reference(name, variant, cfg, case):
     o = get_op(name)
     fn = o.variant(variant).build(**cfg)
     shapes, options = case
-    args, kwargs = o.example(shapes, mx.float32, mx.random.key(7), **options)
-    cot = mx.random.normal(o.reference(*args, **kwargs).shape, key=mx.random.key(8))
+    args = o.example(shapes, mx.float32, mx.random.key(7), **options)
+    cot = mx.random.normal(o.reference(*args).shape, key=mx.random.key(8))
     positions = [i for i in o.differentiable if args[i] is not None]
 
     def loss(f):
@@ -130,7 +81,7 @@ def test_variant_gradients_match_reference(name, variant, cfg, case):
             full = list(args)
             for i, d in zip(positions, diff):
                 full[i] = d
-            return (f(*full, **kwargs) * cot).sum()
+            return (f(*full) * cot).sum()
 
         return mx.grad(inner, argnums=list(range(len(positions))))
 
@@ -153,7 +104,7 @@ def test_rope_kernels_get_their_offset_as_the_kernel_reads_it(monkeypatch):
     """What rope's kernels are handed, launch skipped: ``PER_BATCH`` only for a per-batch
     array; cached angles with one table row unless per batch; an int offset as 16 bytes made
     once per value (MLX's CUDA back-end keeps 8 bytes or less in host memory)."""
-    rope = importlib.import_module("mlx_primitives.ops.rope")
+    rope = importlib.import_module("mlx_primitives.ops._rope_kernels")
     seen = []
 
     def launch(kernel, x4, off, table, template, threads, total):
@@ -186,7 +137,7 @@ def test_rope_kernels_get_their_offset_as_the_kernel_reads_it(monkeypatch):
 def test_rope_kernel_vmaps_with_freqs_and_an_array_offset(monkeypatch):
     """vmap runs through the reference, arrays after non-arrays keeping their own axes (the
     launch is skipped: it needs a GPU)."""
-    rope = importlib.import_module("mlx_primitives.ops.rope")
+    rope = importlib.import_module("mlx_primitives.ops._rope_kernels")
     monkeypatch.setattr(rope, "_run", lambda kernel, x4, *rest: x4)
     o = get_op("rope")
     config = {"vec": 2, "heads_per_thread": 1, "threads": 128, "fast_math": False}

@@ -15,10 +15,7 @@ from mlx_primitives.problem import (
     Dim,
     Problem,
     bucket,
-    distance,
-    dtype_name,
     parse_dtype,
-    parse_key,
 )
 
 DIMS = (Dim("rows"), Dim("dims", EXACT), Dim("layout", EXACT), Dim("causal", EXACT))
@@ -44,27 +41,27 @@ def test_bucket_examples(n, expected):
 
 
 problems = st.builds(
-    lambda r, d, lay, c, t: Problem("op", t, (bucket(r), d, lay, c)),
+    lambda r, d, lay, c, t: Problem("op", t, (bucket(r), d, lay, c), DIMS),
     st.integers(1, 2**20),
     st.integers(1, 65536),
     st.sampled_from(["BSHD", "BHSD"]),
     st.booleans(),
-    st.sampled_from([mx.float32, mx.float16, mx.bfloat16]),
+    st.sampled_from(["float32", "float16", "bfloat16"]),
 )
 
 
 @given(problems)
 def test_key_round_trips(p):
-    key = p.key(DIMS)
-    assert parse_key(key, DIMS) == p
-    assert key.startswith(f"op|{dtype_name(p.dtype)}|rows=")
+    key = p.key
+    assert Problem.parse(key, DIMS) == p
+    assert key.startswith(f"op|{p.dtype}|rows=")
 
 
 @given(problems, problems)
 def test_distance_is_a_metric_on_buckets(a, b):
-    d = distance(a, b, DIMS)
-    assert d == distance(b, a, DIMS)
-    assert distance(a, a, DIMS) == (0, 0)
+    d = a.distance(b)
+    assert d == b.distance(a)
+    assert a.distance(a) == (0, 0)
     same_exact = a.dtype == b.dtype and a.values[1:] == b.values[1:]
     assert (d.size < math.inf and d.shape < math.inf) == same_exact
     if same_exact:  # one bucketed dim: size and shape agree
@@ -73,10 +70,11 @@ def test_distance_is_a_metric_on_buckets(a, b):
 
 def test_distance_in_size_nets_the_bucketed_dims_out():
     dims = (Dim("batch"), Dim("seq"), Dim("d", EXACT))
-    a, b = Problem("op", mx.float16, (4, 2048, 64)), Problem("op", mx.float16, (1, 4096, 64))
-    assert distance(a, b, dims) == (1, 3)  # half the size; 2 + 1 buckets in shape
-    c = Problem("op", mx.float16, (16, 512, 64))
-    assert distance(a, c, dims) == (0, 4) and distance(a, c, dims) < distance(a, b, dims)
+    a = Problem("op", "float16", (4, 2048, 64), dims)
+    b = Problem("op", "float16", (1, 4096, 64), dims)
+    assert a.distance(b) == (1, 3)  # half the size; 2 + 1 buckets in shape
+    c = Problem("op", "float16", (16, 512, 64), dims)
+    assert a.distance(c) == (0, 4) and a.distance(c) < a.distance(b)
 
 
 @pytest.mark.parametrize(
@@ -92,7 +90,7 @@ def test_distance_in_size_nets_the_bucketed_dims_out():
 )
 def test_parse_key_rejects_malformed(key):
     with pytest.raises(ValueError):
-        parse_key(key, DIMS)
+        Problem.parse(key, DIMS)
 
 
 def test_parse_dtype():
@@ -103,8 +101,8 @@ def test_parse_dtype():
 
 
 def test_as_dict_has_dtype_and_dims():
-    p = Problem("op", mx.float16, (8, 64, "BSHD", False))
-    assert p.as_dict(DIMS) == {
+    p = Problem("op", "float16", (8, 64, "BSHD", False), DIMS)
+    assert p.as_dict() == {
         "dtype": "float16",
         "rows": 8,
         "dims": 64,

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
+import subprocess
+import sys
+
+import mlx.core as mx
 import pytest
 
 import mlx_primitives as mp
@@ -26,10 +31,8 @@ def test_every_op_has_presets_and_a_default_it_declares():
 
             from mlx_primitives.problem import parse_dtype
 
-            args, kwargs = o.example(
-                ex.shapes, parse_dtype(ex.dtype), mx.random.key(0), **dict(ex.options)
-            )
-            problem = o.problem(*args, **kwargs)
+            args = o.example(ex.shapes, parse_dtype(ex.dtype), mx.random.key(0), **dict(ex.options))
+            problem = o.problem(*args)
             name, params = o.default(problem)
             o.variant(name).validate(params)
 
@@ -93,3 +96,38 @@ def test_gpu_only_variant_is_unavailable_on_cpu():
 def test_duplicate_variant_names_rejected():
     with pytest.raises(ValueError, match="duplicate variant"):
         make_op([Variant("default", lambda: None)])
+
+
+def test_routing_loads_nothing_of_the_tuner():
+    """The dispatcher routes from stores and records alone: importing it (and making a call)
+    loads no module of mlx_primitives.tuning (tuner, timing, CLI)."""
+    code = (
+        "import sys, mlx.core as mx\n"
+        "import mlx_primitives.dispatch\n"
+        "import mlx_primitives as mp\n"
+        "mp.rms_norm(mx.ones((2, 8)), None)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('mlx_primitives.tuning')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.mark.parametrize("o", ops(), ids=lambda o: o.name)
+def test_each_op_states_its_signature_once(o):
+    """The op's signature is its public function's; calls bind to it by name or position."""
+    public = getattr(mp, o.name)
+    assert o.signature == inspect.signature(public)
+    assert o.params == tuple(inspect.signature(public).parameters)
+
+
+def test_calls_bind_to_one_canonical_form():
+    o = op("rope")
+    x = mx.ones((1, 2, 3, 8))
+    full = (x, 8, False, 10000.0, 1.0, 3, None, "BHSD")
+    assert o.bind(x, 8, offset=3) == full
+    assert o.bind(*full) == full
+    assert o.problem(x, 8, offset=3) == o.problem(*full)
+    with pytest.raises(TypeError, match=r"\[rope\] .*unexpected keyword argument 'ofset'"):
+        o.bind(x, 8, ofset=3)
+    with pytest.raises(TypeError, match=r"\[rope\] missing a required argument: 'dims'"):
+        o(x)

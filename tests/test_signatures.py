@@ -11,7 +11,7 @@ import mlx.core as mx
 import pytest
 
 import mlx_primitives as mp
-from mlx_primitives.dsl.kernel import with_reference_transforms
+from mlx_primitives.dialect.kernel import with_reference_transforms
 from mlx_primitives.registry import ops
 
 from . import references as ref
@@ -164,16 +164,14 @@ def test_compiled_composition_does_not_retrace_for_each_offset():
 
     traces = []
 
-    def composition(x, *, offset=0):
+    def composition(x, offset):
         traces.append(1)
         return x + offset
 
-    compiled = next(
-        v for v in mlx_variants(composition, dynamic=("offset",)) if v.name == "compiled"
-    )
-    fn = compiled.build()
+    compiled = next(v for v in mlx_variants(composition, dynamic=(1,)) if v.name == "compiled")
+    fn = compiled.factory()
     for offset in range(20):
-        assert fn(mx.zeros(3), offset=offset).tolist() == [offset] * 3
+        assert fn(mx.zeros(3), offset).tolist() == [offset] * 3
     assert len(traces) == 1
     assert mp.registry.op("rope").variant("compiled").build()(
         mx.ones((1, 1, 2, 4)), 4, offset=7

@@ -9,7 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from mlx_primitives.tuning.db import read_json, write_json
+from mlx_primitives.store import shipped
 
 from .toy import make_op, record
 
@@ -23,26 +23,34 @@ def _load(name):
     return module
 
 
-def test_compare_reports_added_removed_and_changed(tmp_path):
+def test_compare_reports_added_removed_and_changed(tmp_path, capsys):
     op = make_op()
     a = [record(op, mx.ones((4, 64)), "default"), record(op, mx.ones((64, 64)), "slow")]
     b = [
         record(op, mx.ones((4, 64)), "tiled", {"block": 32, "unroll": 1}),
         record(op, mx.ones((512, 64)), "default"),
     ]
-    lines = _load("compare_db").compare(a, b)
-    assert any(line.startswith("+ toy toy|float32|rows=512") for line in lines)
-    assert any(line.startswith("- toy toy|float32|rows=64") for line in lines)
-    assert any(
-        line.startswith("~ toy toy|float32|rows=4") and "-> tiled(block=32,unroll=1)" in line
-        for line in lines
-    )
-    write_json(tmp_path / "a.json", a)
-    assert _load("compare_db").main([str(tmp_path / "a.json"), str(tmp_path / "a.json")]) == 0
+    tool = _load("compare_db")
+    lines = tool.compare([r.to_dict() for r in a], [r.to_dict() for r in b])
+    assert lines == [
+        "+ toy toy|float32|rows=512,cols=64: default() 2.00x",
+        "- toy toy|float32|rows=64,cols=64: slow() 2.00x",
+        "~ toy toy|float32|rows=4,cols=64: default() 2.00x -> tiled(block=32,unroll=1) 2.00x",
+    ]
+    # From the files mlxp-tune export writes.
+    shipped.write(tmp_path / "a.json", a)
+    shipped.write(tmp_path / "b.json", b)
+    capsys.readouterr()
+    assert tool.main([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    assert capsys.readouterr().out.splitlines() == lines
+    assert tool.main([str(tmp_path / "a.json"), str(tmp_path / "a.json")]) == 0
+    assert capsys.readouterr().out.strip() == "no differences in winners"
 
 
 def test_pretune_exports_this_chip(tmp_path, capsys):
     from mlx_primitives.hardware import detect_chip
+    from mlx_primitives.record import TuningRecord
+    from mlx_primitives.registry import op
 
     code = _load("pretune").main(
         [
@@ -58,36 +66,28 @@ def test_pretune_exports_this_chip(tmp_path, capsys):
     )
     assert code == 0
     slug = detect_chip().slug
-    records = read_json(tmp_path / f"{slug}.json")
-    assert records and {r["chip"] for r in records} == {slug}
-    assert {r["op"] for r in records} == {"rms_norm"}
-    assert json.loads((tmp_path / f"{slug}.json").read_text())["format"] == "mlx-primitives-tuning"
+    path = tmp_path / f"{slug}.json"
+    records = [TuningRecord.from_dict(e) for e in shipped.read(path)]  # each well formed
+    assert records and {r.chip for r in records} == {slug}
+    assert {r.op for r in records} == {"rms_norm"}
+    rms_norm = op("rms_norm")
+    for r in records:  # each fits rms_norm and is current, so dispatch on this chip uses it
+        r.problem_of(rms_norm)
+        assert r.stale(rms_norm) is None
+    # One per problem of the preset, and only this chip's file was written.
+    assert len({r.problem for r in records}) == len(records) == len(rms_norm.presets["quick"])
+    assert [p.name for p in tmp_path.glob("*.json")] == [path.name]
+    assert json.loads(path.read_text())["format"] == shipped.FORMAT
 
 
-def test_readme_tables_come_from_committed_result_files():
-    """Every results table in the README is what its committed result file says."""
-    tool = _load("readme_tables")
-    readme = (TOOLS.parent / "README.md").read_text()
-    blocks = list(tool.BLOCK.finditer(readme))
-    assert blocks, "the README has no results tables"
-    for m in blocks:
-        data = json.loads((TOOLS.parent / "benchmarks" / "results" / m["file"]).read_text())
-        for key in ("device", "mlx_version", "date"):
-            assert data[key]
-    assert tool.main(["--check"]) == 0
-
-
-def test_a_row_names_the_default_when_the_tuned_variant_failed_its_probe(user_db, monkeypatch):
+def test_a_row_names_the_default_when_the_tuned_variant_failed_its_probe(db, monkeypatch):
     """The dispatch row says what served: a record's variant that fails its probe on the first
     call is disabled, and the default serves and is named."""
     from benchmarks import common
     from mlx_primitives.registry import Example
-    from mlx_primitives.tuning.db import TuningDB
 
     toy = make_op()
-    db = TuningDB(str(user_db))
     db.put(record(toy, mx.ones((64, 256)), "wrong"))
-    db.close()
     common.dispatch.reset()
     fake = {"median_s": 1e-6, "spread_s": 0.0, "reps": 5, "chain": 1, "first_call_s": 0}
     monkeypatch.setattr(common, "measure", lambda calls, *a: [dict(fake) for _ in calls])
@@ -106,10 +106,10 @@ def test_dispatch_overhead_reports_its_parts():
     assert set(o) == {"dispatch_s", "direct_s", "overhead_s", "checks_s", "lookup_s", "goal_s"}
     assert 0 < o["lookup_s"] < o["dispatch_s"] and 0 < o["checks_s"] < o["dispatch_s"]
     head = {"device": "D", "mlx_version": "0", "date": "2026", "method": "m", "results": []}
-    table = _load("readme_tables").table(head | {"dispatch_overhead": o})
+    table = _load("docs_pages").table(head | {"dispatch_overhead": o})
     assert f"the argument checks alone took {o['checks_s'] * 1e6:.1f} us" in table
     old = {k: o[k] for k in ("overhead_s", "goal_s")}
-    assert "argument checks alone" not in _load("readme_tables").table(
+    assert "argument checks alone" not in _load("docs_pages").table(
         head | {"dispatch_overhead": old}
     )
 
@@ -119,21 +119,6 @@ def test_result_files_say_how_each_op_was_fed():
 
     assert "swiglu and geglu: as their second input" in common.METHOD
     assert "rms_norm" not in common.METHOD  # fed as the first input, like most ops
-
-
-def test_a_readme_table_can_show_some_ops_of_a_file():
-    """A table may show only some ops of its file (a later run superseded the others' rows)."""
-    tool = _load("readme_tables")
-    marker = "<!-- results:norms-nvidia-h100-80gb-hbm3.json ops=rope,layer_norm -->"
-    readme = marker + "\n<!-- end results -->"
-    body = tool.render(readme)
-    assert body.startswith(marker) and body.endswith("<!-- end results -->")
-    ops = {line.split(" | ")[0][2:] for line in body.splitlines() if line.startswith("| ")}
-    assert ops == {"op", "rope", "layer_norm"}
-    assert "Rows of rope, layer_norm only." in body
-    with pytest.raises(ValueError, match=r"\[readme_tables\] ops \['swigl'\] not in"):
-        tool.render(readme.replace("rope,layer_norm", "rope,swigl"))
-    assert "| rms_norm |" in tool.render(readme.replace(" ops=rope,layer_norm", ""))
 
 
 def test_a_problem_out_of_memory_is_reported_and_the_suite_goes_on(monkeypatch):
@@ -156,7 +141,7 @@ def test_a_problem_out_of_memory_is_reported_and_the_suite_goes_on(monkeypatch):
             "error": "cudaMallocAsync(&data, size, stream) failed: out of memory",
         }
     ]
-    table = _load("readme_tables").table(
+    table = _load("docs_pages").table(
         {"device": "D", "mlx_version": "0", "date": "2026", "method": "m", "results": []}
         | {"failed": failed}
     )
@@ -292,10 +277,10 @@ def test_a_dispatched_kernel_is_also_timed_in_inference_mode(monkeypatch):
         fn(*args, **kwargs)
         assert seen == ([] if mode is None else [mode])
     result = {"device": "D", "mlx_version": "0", "date": "2026", "method": "m", "results": rows}
-    table = _load("readme_tables").table(result)
+    table = _load("docs_pages").table(result)
     assert "| 2.00x | 0.67x |" in table
 
     monkeypatch.setattr(common.dispatch, "choose", real)
     rows = common.run_op(toy, Example(((64, 256),), "float32"), None, None, 0.002)
     assert len(timed[2]) == 2 and "inference_median_s" not in rows[0]  # no wrapper to skip
-    assert "| 2.00x | - |" in _load("readme_tables").table(result | {"results": rows})
+    assert "| 2.00x | - |" in _load("docs_pages").table(result | {"results": rows})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import mlx.core as mx
@@ -9,7 +10,6 @@ import pytest
 
 from mlx_primitives.registry import Example, Variant
 from mlx_primitives.tuning import tuner as tuner_mod
-from mlx_primitives.tuning.db import TuningDB
 from mlx_primitives.tuning.tuner import BUDGETS, Budget, Candidate, Result, Tuner, beats, decide
 
 from .toy import double, make_op
@@ -77,18 +77,13 @@ def test_stderr_of_the_median_shrinks_with_samples():
     assert few.stderr_s == 1.2533 * (0.2 / 1.349) / 2
 
 
-@pytest.fixture
-def db(tmp_path):
-    return TuningDB(str(tmp_path / "t.sqlite"))
-
-
 def test_tuning_rejects_faulty_candidates_with_reasons(db):
     op = make_op()
     outcome = Tuner(db, FAST).tune(op, EX)
     rec = outcome.record
-    assert rec is not None and rec["variant"] != "slow"
-    assert rec["default_variant"] == "default" and rec["default_median_s"] > 0
-    assert rec["median_s"] <= rec["default_median_s"]
+    assert rec is not None and rec.variant != "slow"
+    assert rec.default_variant == "default" and rec.default_median_s > 0
+    assert rec.median_s <= rec.default_median_s
     trials = {t["variant"]: t for t in db.trials()}
     assert "gpu_only" not in trials  # not available on this back-end
     assert trials["nan"]["status"] == "rejected" and "NaN" in trials["nan"]["reason"]
@@ -97,7 +92,7 @@ def test_tuning_rejects_faulty_candidates_with_reasons(db):
     assert "compiler exploded" in trials["broken_build"]["reason"]
     # Correct but slow: measured, or abandoned for being 100x slower than the default.
     assert trials["slow"]["status"] == "ok" or "too slow" in trials["slow"]["reason"]
-    assert db.records()[0]["problem"] == "toy|float32|rows=64,cols=256"
+    assert db.records()[0].problem == "toy|float32|rows=64,cols=256"
 
 
 def test_candidate_far_slower_than_default_is_abandoned(db, monkeypatch):
@@ -119,18 +114,16 @@ def test_resume_skips_finished_problems_and_force_retunes(db):
     assert forced.record is not None
     new = db.trials()[n:]
     assert new[0]["variant"] == "default"
-    if prev["variant"] != "default":
-        assert (new[1]["variant"], new[1]["params"]) == (prev["variant"], prev["params"])
+    if prev.variant != "default":
+        assert (new[1]["variant"], new[1]["params"]) == (prev.variant, prev.params)
 
 
 def test_stale_record_is_retuned(db):
     op = make_op()
     Tuner(db, FAST).tune(op, EX)
-    rec = db.records()[0]
-    rec["mlx_version"] = "0.0.1"
-    db.put(rec)
+    db.put(dataclasses.replace(db.records()[0], mlx_version="0.0.1"))
     outcome = Tuner(db, FAST).tune(op, EX)
-    assert outcome.record is not None and outcome.record["mlx_version"] == mx.__version__
+    assert outcome.record is not None and outcome.record.mlx_version == mx.__version__
 
 
 def test_tpe_limits_measurements_to_the_trial_budget(db):
@@ -176,9 +169,9 @@ def test_warm_runs_candidates_in_worker_processes():
     o = op("rms_norm")
     x, w = mx.ones((8, 64)), mx.ones((64,))
     problem = o.problem(x, w, 1e-5)
-    cands = candidates(o, problem.as_dict(o.dims), "cpu")
-    assert warm(o, problem.as_dict(o.dims), mx.float32, cands) == 0  # no kernels on the CPU
-    ran = warm(o, problem.as_dict(o.dims), mx.float32, cands, workers=2, kernels_only=False)
+    cands = candidates(o, problem, "cpu")
+    assert warm(o, problem, cands) == 0  # no kernels on the CPU
+    ran = warm(o, problem, cands, workers=2, kernels_only=False)
     assert ran == len(cands) == 3
 
 
@@ -190,12 +183,10 @@ def test_warm_survives_a_worker_that_dies(monkeypatch):
 
     o = op("rms_norm")
     problem = o.problem(mx.ones((8, 64)), mx.ones((64,)), 1e-5)
-    cands = candidates(o, problem.as_dict(o.dims), "cpu")
+    cands = candidates(o, problem, "cpu")
     jobs = [*cands, Candidate.of("builtin", {})]
     monkeypatch.setattr(warm_mod, "_compile", _die_on_builtin)
-    ran = warm_mod.warm(
-        o, problem.as_dict(o.dims), mx.float32, jobs, workers=2, kernels_only=False, timeout_s=60
-    )
+    ran = warm_mod.warm(o, problem, jobs, workers=2, kernels_only=False, timeout_s=60)
     assert 0 <= ran < len(jobs)
 
 
@@ -287,11 +278,9 @@ def test_each_fed_argument_has_its_ops_output_shape_and_dtype():
         if o.feed is None:
             continue
         ex = min(o.presets["quick"], key=lambda e: sum(math.prod(s) for s in e.shapes))
-        args, kwargs = o.example(
-            ex.shapes, parse_dtype(ex.dtype), mx.random.key(0), **dict(ex.options)
-        )
-        name, params = o.default(o.problem(*args, **kwargs), "cpu")
-        out = o.variant(name).build(**params)(*args, **kwargs)
+        args = o.example(ex.shapes, parse_dtype(ex.dtype), mx.random.key(0), **dict(ex.options))
+        name, params = o.default(o.problem(*args), "cpu")
+        out = o.variant(name).build(**params)(*args)
         fed = args[o.feed]
         assert isinstance(out, mx.array), o.name
         assert (out.shape, out.dtype) == (fed.shape, fed.dtype), o.name

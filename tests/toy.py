@@ -5,6 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from mlx_primitives.problem import EXACT, Dim, bucket, dtype_name
+from mlx_primitives.record import TuningRecord
 from mlx_primitives.registry import Example, Op, Variant
 
 
@@ -49,33 +50,40 @@ def make_op(extra: list[Variant] | None = None, feed: int | None = 0) -> Op:
     def problem(x):
         return dtype_name(x.dtype), (bucket(x.size // x.shape[-1]), x.shape[-1])
 
-    return Op(
+    def toy(x):
+        return OP(x)
+
+    OP = Op(
         "toy",
+        signature=toy,
         dims=(Dim("rows"), Dim("cols", EXACT)),
         problem=problem,
         reference=double,
-        example=lambda shapes, dtype, key: (
-            (mx.random.normal(shapes[0], key=key).astype(dtype),),
-            {},
-        ),
+        example=lambda shapes, dtype, key: (mx.random.normal(shapes[0], key=key).astype(dtype),),
         case=lambda p: (((p["rows"], p["cols"]),), {}),
         default=lambda p, backend: ("default", {}),
         variants=variants,
         presets={"quick": [Example(((64, 256),), "float32")]},
         feed=feed,
     )
+    return OP
 
 
-def record(toy: Op, x, variant: str, params: dict | None = None, **overrides) -> dict:
+def record(toy: Op, x, variant: str, params: dict | None = None, **overrides) -> TuningRecord:
     """A valid tuning record for ``toy(x)`` (``toy(*x)`` for a tuple) on this machine, with
     ``overrides`` applied."""
+    return TuningRecord.from_dict(record_data(toy, x, variant, params, **overrides))
+
+
+def record_data(toy: Op, x, variant: str, params: dict | None = None, **overrides) -> dict:
+    """:func:`record`'s JSON form, with ``overrides`` applied (which may make it malformed)."""
     from mlx_primitives import __version__
     from mlx_primitives.hardware import detect_chip
 
     rec = {
         "chip": detect_chip().slug,
         "op": toy.name,
-        "problem": toy.problem(*(x if isinstance(x, tuple) else (x,))).key(toy.dims),
+        "problem": toy.problem(*(x if isinstance(x, tuple) else (x,))).key,
         "variant": variant,
         "params": params or {},
         "median_s": 1e-5,

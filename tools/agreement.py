@@ -18,7 +18,7 @@ from pathlib import Path
 
 def run_twice(preset: str, op_names: list[str] | None) -> dict:
     from mlx_primitives.registry import ops
-    from mlx_primitives.tuning.db import TuningDB
+    from mlx_primitives.store.database import TuningDB
     from mlx_primitives.tuning.tuner import BUDGETS, Tuner
 
     selected = [o for o in ops() if not op_names or o.name in op_names]
@@ -39,12 +39,15 @@ def run_twice(preset: str, op_names: list[str] | None) -> dict:
     differ = []
     for p in problems:
         ra, rb = a[p], b[p]
-        if (ra["variant"], ra["params"]) != (rb["variant"], rb["params"]):
+        if (ra.variant, ra.params) != (rb.variant, rb.params):
             differ.append(
                 {
                     "problem": p,
                     "runs": [
-                        {k: r[k] for k in ("variant", "params", "median_s", "default_median_s")}
+                        {
+                            k: getattr(r, k)
+                            for k in ("variant", "params", "median_s", "default_median_s")
+                        }
                         for r in (ra, rb)
                     ],
                 }

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mlx_primitives.tuning.db import read_json
+from mlx_primitives.store.shipped import read
 
 
 def _key(r: dict) -> tuple:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("old")
     p.add_argument("new")
     args = p.parse_args(argv)
-    lines = compare(read_json(args.old), read_json(args.new))
+    lines = compare(read(args.old), read(args.new))
     print("\n".join(lines) if lines else "no differences in winners")
     return 0
 

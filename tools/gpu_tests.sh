@@ -3,8 +3,10 @@
 # `gpu`, split into SHARDS runs of pytest at once. NVRTC compiles on the CPU dominate them, so
 # 8 shards on 16 cores take minutes where one run takes over twenty.
 #   [SHARDS=8] bash tools/gpu_tests.sh [DIR] [pytest args that select tests...]
-# DIR (default ./gpu-tests) gets the test ids, one log per shard and a status line per shard;
-# the exit status is 1 when the collection or any shard failed, or no test was collected.
+# DIR (default ./gpu-tests) gets the test ids, one log per shard, a status line per shard and
+# summary.json (device, MLX version, date, commit, counts: tools/test_summary.py; commit it as
+# tests/results/gpu-<chip>.json); the exit status is 1 when the collection or any shard
+# failed, or no test was collected.
 set -uo pipefail
 shopt -s nullglob
 out=${1:-gpu-tests}
@@ -38,4 +40,5 @@ for ids in "$out"/shard.??; do
 done
 wait
 cat "$out/status"
+python3 "$(dirname "$0")/test_summary.py" "$out" || true
 ! grep -qv ': exit 0 ' "$out/status"

@@ -79,7 +79,7 @@ def memory(size: str) -> dict:
     h, d, dtype = SCALE[size]
     heads = 1 if size == "small" else 8
     o = op("flash_attention")
-    args, kwargs = o.example(
+    args = o.example(
         qkv_shapes(1, heads, heads, 16384, 16384, d, "BHSD"),
         parse_dtype(dtype),
         mx.random.key(0),
@@ -91,8 +91,8 @@ def memory(size: str) -> dict:
     if current_backend() != "cpu":
         fns.append(("flash", o.variant("flash").build(warps=4, rows=4, keys=1)))
     for name, fn in fns:
-        rows[name] = peak_memory(fn, args, kwargs)
-    rows["dispatch_variant"] = dispatch.choose(o, o.problem(*args, **kwargs)).variant
+        rows[name] = peak_memory(fn, args, {})
+    rows["dispatch_variant"] = dispatch.choose(o, o.problem(*args)).variant
     rows["naive_scores_bytes"] = heads * 16384 * 16384 * 4  # float32 scores of the dense path
     return rows
 

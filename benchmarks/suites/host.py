@@ -9,8 +9,8 @@
   with each evaluation right after its own build;
 - ``offset`` (rope only): the dispatch at rope's large problems (on the CPU, its largest) with
   a Python offset, with a new Python offset each call, and with the offset passed as a 4-byte
-  array made per call, which MLX's CUDA back-end keeps in host memory (DEVELOPERS.md, "Where
-  rope's offset lives").
+  array made per call, which MLX's CUDA back-end keeps in host memory
+  (docs/notes/2026-11-27-rope-offset-scalar-pool.md).
 """
 
 from __future__ import annotations
@@ -38,9 +38,10 @@ SMALL = 2**20
 
 
 def _case(o, ex: Example):
-    args, kwargs = o.example(ex.shapes, parse_dtype(ex.dtype), mx.random.key(0), **dict(ex.options))
+    args = o.example(ex.shapes, parse_dtype(ex.dtype), mx.random.key(0), **dict(ex.options))
+    kwargs = {}
     mx.eval(args)
-    problem = o.problem(*args, **kwargs)
+    problem = o.problem(*args)
     name, params = o.default(problem)
     baseline = o.variant(name).build(**params)
     decision = dispatch.choose(o, problem)
@@ -144,12 +145,13 @@ def _offset_impls(o) -> dict:
     """rope's dispatch with the call's offset, with a new offset each call (as a KV cache's
     moves), and with the call's offset as a 4-byte array made per call."""
     fresh = itertools.count(10**6)
+    at = o.params.index("offset")
 
-    def new_int(*args, **kwargs):
-        return o(*args, **{**kwargs, "offset": next(fresh)})
+    def new_int(*args):
+        return o(*args[:at], next(fresh), *args[at + 1 :])
 
-    def scalar_array(*args, **kwargs):
-        return o(*args, **{**kwargs, "offset": mx.array(kwargs["offset"], mx.int32)})
+    def scalar_array(*args):
+        return o(*args[:at], mx.array(args[at], mx.int32), *args[at + 1 :])
 
     return {"python int": o, "new python int each call": new_int, "4-byte array": scalar_array}
 

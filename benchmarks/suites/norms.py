@@ -10,7 +10,7 @@ import time
 import mlx.core as mx
 
 from mlx_primitives import dispatch
-from mlx_primitives.dsl.kernel import GpuKernel
+from mlx_primitives.dialect.kernel import GpuKernel
 from mlx_primitives.hardware import current_backend
 from mlx_primitives.registry import Example, op
 
@@ -77,7 +77,7 @@ def dispatch_overhead(n: int = 20000) -> dict:
     decision = dispatch.choose(o, o.problem(x, w, 1e-5))
     direct = o.variant(decision.variant).build(**decision.params)
     o(x, w, 1e-5)  # fill the process cache: the benchmark is of a cache hit
-    kind, values = o._problem(x, w, 1e-5)
+    dtype, values = o._problem(x, w, 1e-5)
 
     def per_call(fn, *args) -> float:
         best = float("inf")
@@ -94,7 +94,7 @@ def dispatch_overhead(n: int = 20000) -> dict:
         "direct_s": v,
         "overhead_s": d - v,
         "checks_s": per_call(o._problem, x, w, 1e-5),
-        "lookup_s": per_call(dispatch.route, o, kind, values),
+        "lookup_s": per_call(dispatch.route, o, dtype, values),
         "goal_s": 3e-6,
     }
 

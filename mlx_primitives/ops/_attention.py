@@ -36,14 +36,14 @@ def check_qkv(op: str, q, k, v, layout: str, scale) -> tuple[str, tuple[int, ...
     """Validate q, k, v and return the name of their dtype and ``(batch, q_heads, kv_heads,
     q_len, kv_len, head_dim)``."""
     check_choice(op, "layout", layout, LAYOUTS)
-    kinds, shapes = [], []
+    dtypes, shapes = [], []
     for name, a in (("q", q), ("k", k), ("v", v)):
-        kind, shape = check_array(op, name, a, min_ndim=4)
+        dtype, shape = check_array(op, name, a, min_ndim=4)
         if len(shape) != 4:
             raise ValueError(f"[{op}] {name} must be 4-D ({layout}), got shape {shape}")
-        kinds.append(kind)
+        dtypes.append(dtype)
         shapes.append(shape)
-    if not kinds[0] == kinds[1] == kinds[2]:
+    if not dtypes[0] == dtypes[1] == dtypes[2]:
         raise TypeError(
             f"[{op}] q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
         )
@@ -62,7 +62,7 @@ def check_qkv(op: str, q, k, v, layout: str, scale) -> tuple[str, tuple[int, ...
         raise ValueError(f"[{op}] q has {hq} heads, not a multiple of k's {hkv}")
     if scale is not None:
         check_real(op, "scale", scale, positive=True)
-    return kinds[0], (b, hq, hkv, lq, lk, d)
+    return dtypes[0], (b, hq, hkv, lq, lk, d)
 
 
 def problem_values(b, hq, hkv, lq, lk, d, layout) -> tuple:
@@ -221,8 +221,8 @@ def check_slices(
     """Check slices (:class:`~mlx_primitives.registry.Op`) of a large attention call: the
     first, middle and last ``CHECK_ROWS`` query rows, each with the keys those rows may see
     (under a causal mask or a window a contiguous range, so the slice's own bottom-right
-    alignment gives the same positions). ``call(q, k, v, mask)`` makes a slice's
-    ``(args, kwargs)``; None where the whole call is cheap to check."""
+    alignment gives the same positions). ``call(q, k, v, mask)`` makes a slice's arguments;
+    None where the whole call is cheap to check."""
     ax = 2 if layout == "BHSD" else 1
     b, lq, lk = q.shape[0], q.shape[ax], k.shape[ax]
     if b * q.shape[3 - ax] * lq * lk <= CHECK_SCORES:
@@ -240,8 +240,7 @@ def check_slices(
                 rows if full.shape[2] > 1 else slice(None),
                 keys if full.shape[3] > 1 else slice(None),
             ]
-        args, kwargs = call(*part, block)
-        out.append((args, kwargs, _row_selector(rows, ax)))
+        out.append((call(*part, block), _row_selector(rows, ax)))
     return out
 
 
@@ -261,7 +260,8 @@ MAX_DENSE_SCORES = 2**30
 # attention would form them all: the blocked composition serves instead, within LONG_MAX_BLOCKS.
 LONG_SCORES = 2**27
 LONG_BLOCKS = {"block_q": 128, "block_k": 128}
-LONG_MAX_BLOCKS = {"block_q": 512, "block_k": 128}  # wider ones peak higher (DEVELOPERS.md)
+# Wider blocks peak higher (docs/notes/2026-11-26-blocked-attention-memory.md).
+LONG_MAX_BLOCKS = {"block_q": 512, "block_k": 128}
 
 
 def untuned(problem: dict, backend: str, builtin: str) -> tuple[str, dict]:

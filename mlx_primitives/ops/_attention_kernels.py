@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-from ..dsl.kernel import SHARED, GpuKernel, float_bits, itemsize, with_reference_transforms
+from ..dialect.kernel import SHARED, GpuKernel, float_bits, itemsize, with_reference_transforms
 from ..hardware import current_backend, detect_chip
 from ..registry import GPU_BACKENDS, Variant
 from . import _attention as att
@@ -240,11 +240,11 @@ def _blocked_reference(q, k, v, causal, scale, layout, window):
     )
 
 
-def flash_variant(public: Callable[[Callable], Callable]) -> Variant:
-    """The flash kernel as a variant; ``public`` as for :func:`decode_variant`."""
+def flash_variant(wrap: Callable[[Callable], Callable]) -> Variant:
+    """The flash kernel as a variant; ``wrap`` as for :func:`decode_variant`."""
     return Variant(
         "flash",
-        lambda warps, rows, keys: public(_flash(warps, rows, keys)),
+        lambda warps, rows, keys: wrap(_flash(warps, rows, keys)),
         backends=GPU_BACKENDS,
         space=FLASH_SPACE,
         supports=flash_supports,
@@ -253,12 +253,12 @@ def flash_variant(public: Callable[[Callable], Callable]) -> Variant:
     )
 
 
-def decode_variant(public: Callable[[Callable], Callable]) -> Variant:
-    """The decode kernel as a variant; ``public(fn)`` gives ``fn(q, k, v, causal, scale,
-    layout, window)`` the op's own signature."""
+def decode_variant(wrap: Callable[[Callable], Callable]) -> Variant:
+    """The decode kernel as a variant; ``wrap(fn)`` makes ``fn(q, k, v, causal, scale,
+    layout, window)`` take the op's arguments."""
     return Variant(
         "decode",
-        lambda split, warps, vec, lanes, unroll: public(
+        lambda split, warps, vec, lanes, unroll: wrap(
             _split_kv(DECODE, split, warps, {"VEC": vec, "LPK": lanes, "UNROLL": unroll})
         ),
         backends=GPU_BACKENDS,
@@ -269,12 +269,12 @@ def decode_variant(public: Callable[[Callable], Callable]) -> Variant:
     )
 
 
-def decode_mma_variant(public: Callable[[Callable], Callable]) -> Variant:
-    """The tensor-core decode kernel as a variant (CUDA only); ``public`` as for
+def decode_mma_variant(wrap: Callable[[Callable], Callable]) -> Variant:
+    """The tensor-core decode kernel as a variant (CUDA only); ``wrap`` as for
     :func:`decode_variant`."""
     return Variant(
         "decode_mma",
-        lambda split, warps: public(_split_kv(DECODE_MMA, split, warps, {})),
+        lambda split, warps: wrap(_split_kv(DECODE_MMA, split, warps, {})),
         backends=frozenset({"cuda"}),
         space=MMA_SPACE,
         supports=mma_supports,

@@ -6,7 +6,6 @@ Errors name the op in brackets and the offending argument, e.g.
 
 from __future__ import annotations
 
-import functools
 import math
 from numbers import Integral, Real
 
@@ -27,40 +26,39 @@ def check_array(op: str, name: str, x, *, min_ndim: int = 1) -> tuple[str, tuple
     in the ops' problem functions: this is the dispatch's hot path)."""
     if not isinstance(x, mx.array):
         raise TypeError(f"[{op}] {name} must be an mlx.core.array, got {type(x).__name__}")
-    dtype = x.dtype
-    kind = _NAMES.get(dtype)
-    if kind is None:
-        raise TypeError(f"[{op}] {name} must have a floating dtype, got {dtype}")
+    dtype = _NAMES.get(x.dtype)
+    if dtype is None:
+        raise TypeError(f"[{op}] {name} must have a floating dtype, got {x.dtype}")
     shape = x.shape
     if len(shape) < min_ndim:
         raise ValueError(f"[{op}] {name} must have at least {min_ndim} dims, got shape {shape}")
     if 0 in shape:
         raise ValueError(f"[{op}] {name} has a zero-size dim: shape {shape}")
-    return kind, shape
+    return dtype, shape
 
 
 def check_vector(op: str, name: str, v, size: int) -> str:
-    """``v`` is None or a floating vector of ``size`` elements; returns its problem-key value:
-    its dtype's name, or "none" (kernels are built per dtype of each argument and per argument
+    """``v`` is None or a floating vector of ``size`` elements; returns its problem value: its
+    dtype's name, or "none" (kernels are built per dtype of each argument and per argument
     present)."""
     if v is None:
         return "none"
-    kind, shape = check_array(op, name, v)
+    dtype, shape = check_array(op, name, v)
     if shape != (size,):
         raise ValueError(f"[{op}] {name} has shape {shape}, expected ({size},)")
-    return kind
+    return dtype
 
 
 def check_same(op: str, a_name: str, a, b_name: str, b) -> tuple[str, tuple]:
     """Two arrays of one shape and dtype (gated activations); returns the dtype's name and
     the shape."""
-    kind, shape = check_array(op, a_name, a)
-    b_kind, b_shape = check_array(op, b_name, b)
+    dtype, shape = check_array(op, a_name, a)
+    b_dtype, b_shape = check_array(op, b_name, b)
     if b_shape != shape:
         raise ValueError(f"[{op}] {b_name} has shape {b_shape}, expected {shape} like {a_name}")
-    if b_kind != kind:
+    if b_dtype != dtype:
         raise TypeError(f"[{op}] {b_name} has dtype {b.dtype}, expected {a.dtype} like {a_name}")
-    return kind, shape
+    return dtype, shape
 
 
 def check_real(op: str, name: str, value, *, positive: bool = False) -> float:
@@ -100,12 +98,12 @@ def check_choice(op: str, name: str, value, choices: tuple) -> None:
         raise ValueError(f"[{op}] {name} must be one of {list(choices)}, got {value!r}")
 
 
-def vector_example(kind: str | None, shape, dtype: mx.Dtype, key, scale: float, shift: float):
-    """A random optional vector for examples: of ``dtype`` when ``kind`` is None, absent for
-    "none", else of the dtype ``kind`` names."""
-    if kind == "none":
+def vector_example(given: str | None, shape, dtype: mx.Dtype, key, scale: float, shift: float):
+    """A random optional vector for examples: of ``dtype`` when ``given`` is None, absent for
+    "none", else of the dtype ``given`` names."""
+    if given == "none":
         return None
-    return random(shape, dtype if kind is None else getattr(mx, kind), key, scale, shift)
+    return random(shape, dtype if given is None else getattr(mx, given), key, scale, shift)
 
 
 def accumulator(dtype: mx.Dtype) -> mx.Dtype:
@@ -154,23 +152,25 @@ def mlx_variants(composition, builtin=None, builtin_name: str = "", dynamic: tup
     composition of MLX ops run eagerly, and the same composition under ``mx.compile``.
 
     Args:
-        composition: the op as MLX ops, with the op's signature (usually its reference).
-        builtin: MLX's own implementation, wrapped to the op's signature.
-        dynamic: keyword arguments that vary from call to call (a position offset): passed
-            to the compiled composition as arrays, since mx.compile traces anew for every new
-            Python scalar.
+        composition: the op as MLX ops, taking the op's arguments (usually its reference).
+        builtin: MLX's own implementation, taking the op's arguments.
+        dynamic: positions of arguments that vary from call to call (a position offset):
+            passed to the compiled composition as arrays, since mx.compile traces anew for
+            every new Python scalar.
     """
     from ..registry import Variant
 
     def compiled():
         fn = mx.compile(composition)
+        if not dynamic:
+            return fn
 
-        @functools.wraps(composition)
-        def call(*args, **kwargs):
-            for name in dynamic:
-                if name in kwargs and not isinstance(kwargs[name], mx.array):
-                    kwargs[name] = mx.array(kwargs[name])
-            return fn(*args, **kwargs)
+        def call(*args):
+            args = list(args)
+            for i in dynamic:
+                if not isinstance(args[i], mx.array):
+                    args[i] = mx.array(args[i])
+            return fn(*args)
 
         return call
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-from ..dsl.kernel import GpuKernel, float_bits, itemsize, with_reference_transforms
+from ..dialect.kernel import GpuKernel, float_bits, itemsize, with_reference_transforms
 from ..registry import GPU_BACKENDS, Variant
 
 # Float registers a thread may hold for its part of a row before the row family spills.
@@ -55,13 +55,10 @@ def _looped_supports(problem: dict, p: dict) -> bool:
 _VECTORS = {"w": ("W", "HAS_W"), "b": ("B_", "HAS_B")}
 
 
-def norm_variants(
-    op: str, reference: Callable, names: tuple[str, ...], public: Callable[[Callable], Callable]
-) -> list[Variant]:
-    """The ``row`` and ``looped`` kernel variants of ``op``. Their kernels take
-    ``(x, *vectors, eps)`` positionally; ``names`` are the kernel's names of the vectors
-    (``"w"``, ``"b"``), each an optional vector of ``x.shape[-1]`` elements, and
-    ``public(fn)`` gives ``fn`` the op's own signature."""
+def norm_variants(op: str, reference: Callable, names: tuple[str, ...]) -> list[Variant]:
+    """The ``row`` and ``looped`` kernel variants of ``op``, whose arguments are
+    ``(x, *vectors, eps)``; ``names`` are the kernel's names of the vectors (``"w"``,
+    ``"b"``), each an optional vector of ``x.shape[-1]`` elements."""
     arrays = ("x", *names, "y")
     row = GpuKernel(f"{op}/row.k", ["x", *names], ["y"], aligned=arrays)
     looped = GpuKernel(f"{op}/looped.k", ["x", *names], ["y"], aligned=arrays)
@@ -97,7 +94,7 @@ def norm_variants(
             )
             return y.reshape(x.shape)
 
-        return public(with_reference_transforms(forward, reference))
+        return with_reference_transforms(forward, reference)
 
     return [
         Variant(

@@ -14,26 +14,28 @@ NAME = "chunked_cross_attention"
 DIMS = att.DIMS
 
 
-def _problem(q, k, v, *, chunk_size=None, scale=None, layout="BHSD"):
-    kind, (b, hq, hkv, lq, lk, d) = att.check_qkv(NAME, q, k, v, layout, scale)
+def _problem(q, k, v, chunk_size, scale, layout):
+    dtype, (b, hq, hkv, lq, lk, d) = att.check_qkv(NAME, q, k, v, layout, scale)
     if chunk_size is not None:
         check_int(NAME, "chunk_size", chunk_size, minimum=1)
-    return kind, att.problem_values(b, hq, hkv, lq, lk, d, layout)
+    return dtype, att.problem_values(b, hq, hkv, lq, lk, d, layout)
 
 
-def reference(q, k, v, *, chunk_size=None, scale=None, layout="BHSD"):
+def reference(q, k, v, chunk_size, scale, layout):
     return att.reference(q, k, v, scale=scale, layout=layout)
 
 
-def _check_slices(args, kwargs):
-    def call(q, k, v, _mask):
-        return (q, k, v), kwargs
+def _check_slices(args):
+    q, k, v, chunk_size, scale, layout = args
 
-    return att.check_slices(*args, kwargs.get("layout", "BHSD"), call)
+    def call(q, k, v, _mask):
+        return q, k, v, chunk_size, scale, layout
+
+    return att.check_slices(q, k, v, layout, call)
 
 
 def _chunked(chunk: int):
-    def fn(q, k, v, *, chunk_size=None, scale=None, layout="BHSD"):
+    def fn(q, k, v, chunk_size, scale, layout):
         lq = q.shape[2] if layout == "BHSD" else q.shape[1]
         return att.blocked(
             q, k, v, scale=scale, layout=layout, block_q=lq, block_k=chunk_size or chunk
@@ -42,13 +44,13 @@ def _chunked(chunk: int):
     return fn
 
 
-def _plain(q, k, v, *, chunk_size=None, scale=None, layout="BHSD"):
-    return _builtin(q, k, v, scale=scale, layout=layout)
+def _plain(q, k, v, chunk_size, scale, layout):
+    return _builtin(q, k, v, False, scale, layout, None)
 
 
 def _cross_example(shapes, dtype, key, layout="BHSD", **_):
-    args, _kw = _example(shapes, dtype, key, layout=layout)
-    return args, {"layout": layout, "scale": None}
+    q, k, v, *_rest = _example(shapes, dtype, key, layout=layout)
+    return q, k, v, None, None, layout
 
 
 def _cross_case(p):
@@ -66,34 +68,6 @@ def _presets():
     ]
     full = default + [ex(2, 8, 2, q, 32768, 128, "float16") for q in (64, 512)]
     return {"quick": quick, "default": default, "full": full}
-
-
-OP = register(
-    Op(
-        NAME,
-        dims=DIMS,
-        problem=_problem,
-        reference=reference,
-        example=_cross_example,
-        case=_cross_case,
-        default=lambda problem, backend: ("builtin", {}),
-        variants=[
-            Variant("builtin", lambda: _plain, description="mx.fast.scaled_dot_product_attention"),
-            att.dense_variant(reference),
-            Variant(
-                "chunked",
-                _chunked,
-                space={"chunk": (1024, 256, 512, 2048, 4096)},
-                supports=lambda p, c: c["chunk"] <= max(p["kv_len"], 256),
-                description="composition: online softmax over chunks of keys",
-            ),
-        ],
-        presets=_presets(),
-        differentiable=(0, 1, 2),
-        tolerances=att.TOLERANCES,
-        check_slices=_check_slices,
-    )
-)
 
 
 def chunked_cross_attention(
@@ -117,6 +91,35 @@ def chunked_cross_attention(
         layout: ``"BHSD"`` or ``"BSHD"``.
     """
     if chunk_size is not None:
-        OP.problem(q, k, v, chunk_size=chunk_size, scale=scale, layout=layout)
-        return _chunked(chunk_size)(q, k, v, scale=scale, layout=layout)
-    return OP(q, k, v, scale=scale, layout=layout)
+        OP.problem(q, k, v, chunk_size, scale, layout)
+        return _chunked(chunk_size)(q, k, v, chunk_size, scale, layout)
+    return OP(q, k, v, chunk_size, scale, layout)
+
+
+OP = register(
+    Op(
+        NAME,
+        signature=chunked_cross_attention,
+        dims=DIMS,
+        problem=_problem,
+        reference=reference,
+        example=_cross_example,
+        case=_cross_case,
+        default=lambda problem, backend: ("builtin", {}),
+        variants=[
+            Variant("builtin", lambda: _plain, description="mx.fast.scaled_dot_product_attention"),
+            att.dense_variant(reference),
+            Variant(
+                "chunked",
+                _chunked,
+                space={"chunk": (1024, 256, 512, 2048, 4096)},
+                supports=lambda p, c: c["chunk"] <= max(p["kv_len"], 256),
+                description="composition: online softmax over chunks of keys",
+            ),
+        ],
+        presets=_presets(),
+        differentiable=(0, 1, 2),
+        tolerances=att.TOLERANCES,
+        check_slices=_check_slices,
+    )
+)

@@ -38,31 +38,29 @@ def _mask_kind(op: str, mask, shape: tuple[int, int, int, int]) -> str:
     return "additive"
 
 
-def _problem(q, k, v, *, causal=False, scale=None, layout="BHSD", mask=None):
-    kind, (b, hq, hkv, lq, lk, d) = att.check_qkv(NAME, q, k, v, layout, scale)
+def _problem(q, k, v, causal, scale, layout, mask):
+    dtype, (b, hq, hkv, lq, lk, d) = att.check_qkv(NAME, q, k, v, layout, scale)
     check_bool(NAME, "causal", causal)
     if causal and lq > lk:
         raise ValueError(f"[{NAME}] causal attention needs q_len <= kv_len, got {lq} > {lk}")
     mask_kind = _mask_kind(NAME, mask, (b, hq, lq, lk))
-    return kind, (*att.problem_values(b, hq, hkv, lq, lk, d, layout), causal, mask_kind)
+    return dtype, (*att.problem_values(b, hq, hkv, lq, lk, d, layout), causal, mask_kind)
 
 
-def reference(q, k, v, *, causal=False, scale=None, layout="BHSD", mask=None):
+def reference(q, k, v, causal, scale, layout, mask):
     return att.reference(q, k, v, scale=scale, causal=causal, mask=mask, layout=layout)
 
 
-def _check_slices(args, kwargs):
-    q, k, v = args
-    causal, mask = kwargs.get("causal", False), kwargs.get("mask")
+def _check_slices(args):
+    q, k, v, causal, scale, layout, mask = args
 
     def call(q, k, v, mask):
-        return (q, k, v), {**kwargs, "mask": mask}
+        return q, k, v, causal, scale, layout, mask
 
-    layout = kwargs.get("layout", "BHSD")
     return att.check_slices(q, k, v, layout, call, causal=causal, mask=mask)
 
 
-def _builtin(q, k, v, *, causal=False, scale=None, layout="BHSD", mask=None):
+def _builtin(q, k, v, causal, scale, layout, mask):
     q, k, v = (att.to_bhsd(a, layout) for a in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if causal:
@@ -74,7 +72,7 @@ def _builtin(q, k, v, *, causal=False, scale=None, layout="BHSD", mask=None):
 
 
 def _blocked(block_q: int, block_k: int):
-    def fn(q, k, v, *, causal=False, scale=None, layout="BHSD", mask=None):
+    def fn(q, k, v, causal, scale, layout, mask):
         return att.blocked(
             q,
             k,
@@ -111,8 +109,11 @@ def _blocked_supports(p: dict, params: dict) -> bool:
     return att.block_steps(p["q_len"], p["kv_len"], bq, bk, causal, window) <= MAX_BLOCK_STEPS
 
 
-def _kernel_public(fn):
-    def call(q, k, v, *, causal=False, scale=None, layout="BHSD", mask=None):
+def _kernel_args(fn):
+    """A kernel launcher ``fn(q, k, v, causal, scale, layout, window)`` taking the op's
+    arguments."""
+
+    def call(q, k, v, causal, scale, layout, mask):
         if mask is not None:
             raise ValueError(f"[{NAME}] the custom kernels take no mask")
         return fn(q, k, v, causal, scale, layout, 0)
@@ -129,13 +130,13 @@ def _example(shapes, dtype, key, causal=False, layout="BHSD", mask="none", kv_he
     else:
         k_shape = att.qkv_shapes(b, h, kv_heads or h, lq, lq, d, layout)[1]
     lk = k_shape[2] if layout == "BHSD" else k_shape[1]
-    kwargs = {"causal": causal, "layout": layout, "scale": None, "mask": None}
+    array = None
     if mask == "bool":
-        kwargs["mask"] = mx.random.uniform(shape=(lq, lk), key=km) > 0.2
+        array = mx.random.uniform(shape=(lq, lk), key=km) > 0.2
     elif mask == "additive":
-        kwargs["mask"] = mx.random.normal((1, h, lq, lk), key=km).astype(dtype)
-    args = (random(q_shape, dtype, kq), random(k_shape, dtype, kk), random(k_shape, dtype, kv_))
-    return args, kwargs
+        array = mx.random.normal((1, h, lq, lk), key=km).astype(dtype)
+    q, k, v = (random(q_shape, dtype, kq), random(k_shape, dtype, kk), random(k_shape, dtype, kv_))
+    return q, k, v, causal, None, layout, array
 
 
 def _case(p):
@@ -178,39 +179,6 @@ def _presets():
     return {"quick": quick, "default": default, "full": full}
 
 
-OP = register(
-    Op(
-        NAME,
-        dims=DIMS,
-        problem=_problem,
-        reference=reference,
-        example=_example,
-        case=_case,
-        default=lambda problem, backend: att.untuned(problem, backend, "builtin"),
-        variants=[
-            Variant(
-                "builtin", lambda: _builtin, description="mx.fast.scaled_dot_product_attention"
-            ),
-            att.dense_variant(reference),
-            Variant(
-                "blocked",
-                _blocked,
-                space=BLOCKS,
-                supports=_blocked_supports,
-                description="composition: online softmax over key blocks, O(n) memory",
-            ),
-            decode_variant(_kernel_public),
-            decode_mma_variant(_kernel_public),
-            flash_variant(_kernel_public),
-        ],
-        presets=_presets(),
-        differentiable=(0, 1, 2),
-        tolerances=att.TOLERANCES,
-        check_slices=_check_slices,
-    )
-)
-
-
 def flash_attention(
     q: mx.array,
     k: mx.array,
@@ -232,4 +200,38 @@ def flash_attention(
         layout: ``"BHSD"`` or ``"BSHD"``; the output has the layout of ``q``.
         mask: boolean (True attends) or additive, broadcastable to (B, Hq, Lq, Lk).
     """
-    return OP(q, k, v, causal=causal, scale=scale, layout=layout, mask=mask)
+    return OP(q, k, v, causal, scale, layout, mask)
+
+
+OP = register(
+    Op(
+        NAME,
+        signature=flash_attention,
+        dims=DIMS,
+        problem=_problem,
+        reference=reference,
+        example=_example,
+        case=_case,
+        default=lambda problem, backend: att.untuned(problem, backend, "builtin"),
+        variants=[
+            Variant(
+                "builtin", lambda: _builtin, description="mx.fast.scaled_dot_product_attention"
+            ),
+            att.dense_variant(reference),
+            Variant(
+                "blocked",
+                _blocked,
+                space=BLOCKS,
+                supports=_blocked_supports,
+                description="composition: online softmax over key blocks, O(n) memory",
+            ),
+            decode_variant(_kernel_args),
+            decode_mma_variant(_kernel_args),
+            flash_variant(_kernel_args),
+        ],
+        presets=_presets(),
+        differentiable=(0, 1, 2),
+        tolerances=att.TOLERANCES,
+        check_slices=_check_slices,
+    )
+)

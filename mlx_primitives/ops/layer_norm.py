@@ -22,18 +22,16 @@ NAME = "layer_norm"
 DIMS = (Dim("rows"), Dim("dims", EXACT), Dim("weight", EXACT), Dim("bias", EXACT))
 
 
-def _problem(x, weight, bias, eps=1e-5):
-    kind, shape = check_array(NAME, "x", x)
+def _problem(x, weight, bias, eps):
+    dtype, shape = check_array(NAME, "x", x)
     n = shape[-1]
-    weight_kind = check_vector(NAME, "weight", weight, n)
-    bias_kind = check_vector(NAME, "bias", bias, n)
+    weight_dtype = check_vector(NAME, "weight", weight, n)
+    bias_dtype = check_vector(NAME, "bias", bias, n)
     check_real(NAME, "eps", eps)
-    return kind, (bucket(x.size // n), n, weight_kind, bias_kind)
+    return dtype, (bucket(x.size // n), n, weight_dtype, bias_dtype)
 
 
-def reference(
-    x: mx.array, weight: mx.array | None, bias: mx.array | None, eps: float = 1e-5
-) -> mx.array:
+def reference(x: mx.array, weight: mx.array | None, bias: mx.array | None, eps: float) -> mx.array:
     """The composition: mean and variance in float32 (float64 for float64 inputs)."""
     out_dtype = mx.result_type(*(a for a in (x, weight, bias) if a is not None))
     acc = accumulator(out_dtype)
@@ -58,45 +56,19 @@ def _example(shapes, dtype, key, weight=None, bias=None):
     x = random(x_shape, dtype, k1, 1.0, 0.5)
     w = vector_example(weight, w_shape, dtype, k2, 0.1, 1.0)
     b = vector_example(bias, b_shape, dtype, k3, 0.1, 0.0)
-    return (x, w, b, 1e-5), {}
+    return x, w, b, 1e-5
 
 
 def _case(p):
     return ((p["rows"], p["dims"]),), {"weight": p["weight"], "bias": p["bias"]}
 
 
-def _public(fn):
-    """``fn`` (positional arguments) with the op's own signature."""
-    return lambda x, weight, bias, eps=1e-5: fn(x, weight, bias, eps)
-
-
-def _builtin(x, weight, bias, eps=1e-5):
+def _builtin(x, weight, bias, eps):
     return mx.fast.layer_norm(x, weight, bias, eps)
 
 
 def _default(problem, backend):
     return "builtin", {}
-
-
-OP = register(
-    Op(
-        NAME,
-        dims=DIMS,
-        problem=_problem,
-        reference=reference,
-        example=_example,
-        case=_case,
-        default=_default,
-        variants=[
-            *mlx_variants(reference, _builtin, "mx.fast.layer_norm"),
-            *norm_variants(NAME, reference, ("w", "b"), _public),
-        ],
-        presets=row_presets(
-            4096, (1, 64, 1024, 16384), ((64, 512), (512, 1024)), (768, 1024, 2048, 5120, 8192)
-        ),
-        differentiable=(0, 1, 2),
-    )
-)
 
 
 def layer_norm(
@@ -113,3 +85,25 @@ def layer_norm(
         eps: added to the variance for numerical stability.
     """
     return OP(x, weight, bias, eps)
+
+
+OP = register(
+    Op(
+        NAME,
+        signature=layer_norm,
+        dims=DIMS,
+        problem=_problem,
+        reference=reference,
+        example=_example,
+        case=_case,
+        default=_default,
+        variants=[
+            *mlx_variants(reference, _builtin, "mx.fast.layer_norm"),
+            *norm_variants(NAME, reference, ("w", "b")),
+        ],
+        presets=row_presets(
+            4096, (1, 64, 1024, 16384), ((64, 512), (512, 1024)), (768, 1024, 2048, 5120, 8192)
+        ),
+        differentiable=(0, 1, 2),
+    )
+)

@@ -22,15 +22,15 @@ NAME = "rms_norm"
 DIMS = (Dim("rows"), Dim("dims", EXACT), Dim("weight", EXACT))
 
 
-def _problem(x, weight, eps=1e-5):
-    kind, shape = check_array(NAME, "x", x)
+def _problem(x, weight, eps):
+    dtype, shape = check_array(NAME, "x", x)
     n = shape[-1]
-    weight_kind = check_vector(NAME, "weight", weight, n)
+    weight_dtype = check_vector(NAME, "weight", weight, n)
     check_real(NAME, "eps", eps)
-    return kind, (bucket(x.size // n), n, weight_kind)
+    return dtype, (bucket(x.size // n), n, weight_dtype)
 
 
-def reference(x: mx.array, weight: mx.array | None, eps: float = 1e-5) -> mx.array:
+def reference(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
     """The composition: statistics and scaling in float32 (float64 for float64 inputs)."""
     out_dtype = x.dtype if weight is None else mx.result_type(x, weight)
     acc = accumulator(out_dtype)
@@ -46,45 +46,19 @@ def _example(shapes, dtype, key, weight=None):
     x_shape = tuple(shapes[0])
     w_shape = tuple(shapes[1]) if len(shapes) > 1 else x_shape[-1:]
     w = vector_example(weight, w_shape, dtype, k2, 0.1, 1.0)
-    return (random(x_shape, dtype, k1), w, 1e-5), {}
+    return random(x_shape, dtype, k1), w, 1e-5
 
 
 def _case(p):
     return ((p["rows"], p["dims"]),), {"weight": p["weight"]}
 
 
-def _public(fn):
-    """``fn`` (positional arguments) with the op's own signature."""
-    return lambda x, weight, eps=1e-5: fn(x, weight, eps)
-
-
-def _builtin(x, weight, eps=1e-5):
+def _builtin(x, weight, eps):
     return mx.fast.rms_norm(x, weight, eps)
 
 
 def _default(problem, backend):
     return "builtin", {}
-
-
-OP = register(
-    Op(
-        NAME,
-        dims=DIMS,
-        problem=_problem,
-        reference=reference,
-        example=_example,
-        case=_case,
-        default=_default,
-        variants=[
-            *mlx_variants(reference, _builtin, "mx.fast.rms_norm"),
-            *norm_variants(NAME, reference, ("w",), _public),
-        ],
-        presets=row_presets(
-            4096, (1, 64, 1024, 16384), ((64, 512), (512, 1024)), (768, 1024, 2048, 5120, 8192)
-        ),
-        differentiable=(0, 1),
-    )
-)
 
 
 def rms_norm(x: mx.array, weight: mx.array | None, eps: float = 1e-5) -> mx.array:
@@ -98,3 +72,25 @@ def rms_norm(x: mx.array, weight: mx.array | None, eps: float = 1e-5) -> mx.arra
         eps: added to the mean square for numerical stability.
     """
     return OP(x, weight, eps)
+
+
+OP = register(
+    Op(
+        NAME,
+        signature=rms_norm,
+        dims=DIMS,
+        problem=_problem,
+        reference=reference,
+        example=_example,
+        case=_case,
+        default=_default,
+        variants=[
+            *mlx_variants(reference, _builtin, "mx.fast.rms_norm"),
+            *norm_variants(NAME, reference, ("w",)),
+        ],
+        presets=row_presets(
+            4096, (1, 64, 1024, 16384), ((64, 512), (512, 1024)), (768, 1024, 2048, 5120, 8192)
+        ),
+        differentiable=(0, 1),
+    )
+)

@@ -18,30 +18,29 @@ NAME = "sliding_window_attention"
 DIMS = (*att.DIMS, Dim("window"))
 
 
-def _problem(q, k, v, window_size, *, scale=None, layout="BHSD"):
-    kind, (b, hq, hkv, lq, lk, d) = att.check_qkv(NAME, q, k, v, layout, scale)
+def _problem(q, k, v, window_size, scale, layout):
+    dtype, (b, hq, hkv, lq, lk, d) = att.check_qkv(NAME, q, k, v, layout, scale)
     check_int(NAME, "window_size", window_size, minimum=1)
     if lq > lk:
         raise ValueError(f"[{NAME}] needs q_len <= kv_len, got {lq} > {lk}")
     window = min(window_size, lk)  # a window past the start is the causal mask
-    return kind, (*att.problem_values(b, hq, hkv, lq, lk, d, layout), bucket(window))
+    return dtype, (*att.problem_values(b, hq, hkv, lq, lk, d, layout), bucket(window))
 
 
-def reference(q, k, v, window_size, *, scale=None, layout="BHSD"):
+def reference(q, k, v, window_size, scale, layout):
     return att.reference(q, k, v, scale=scale, causal=True, window=window_size, layout=layout)
 
 
-def _check_slices(args, kwargs):
-    q, k, v, window = args
+def _check_slices(args):
+    q, k, v, window, scale, layout = args
 
     def call(q, k, v, _mask):
-        return (q, k, v, window), kwargs
+        return q, k, v, window, scale, layout
 
-    layout = kwargs.get("layout", "BHSD")
     return att.check_slices(q, k, v, layout, call, causal=True, window=window)
 
 
-def _dense_mask(q, k, v, window_size, *, scale=None, layout="BHSD"):
+def _dense_mask(q, k, v, window_size, scale, layout):
     """MLX's fused attention with the window as a dense boolean mask (O(seq^2) memory)."""
     q, k, v = (att.to_bhsd(a, layout) for a in (q, k, v))
     lq, lk = q.shape[2], k.shape[2]
@@ -52,7 +51,7 @@ def _dense_mask(q, k, v, window_size, *, scale=None, layout="BHSD"):
 
 
 def _blocked(block_q: int, block_k: int):
-    def fn(q, k, v, window_size, *, scale=None, layout="BHSD"):
+    def fn(q, k, v, window_size, scale, layout):
         return att.blocked(
             q,
             k,
@@ -68,16 +67,19 @@ def _blocked(block_q: int, block_k: int):
     return fn
 
 
-def _kernel_public(fn):
-    def call(q, k, v, window_size, *, scale=None, layout="BHSD"):
+def _kernel_args(fn):
+    """A kernel launcher ``fn(q, k, v, causal, scale, layout, window)`` taking the op's
+    arguments."""
+
+    def call(q, k, v, window_size, scale, layout):
         return fn(q, k, v, True, scale, layout, window_size)
 
     return call
 
 
 def _window_example(shapes, dtype, key, layout="BHSD", window=16, **_):
-    args, _kw = _example(shapes, dtype, key, layout=layout)
-    return (*args, window), {"layout": layout, "scale": None}
+    q, k, v, *_rest = _example(shapes, dtype, key, layout=layout)
+    return q, k, v, window, None, layout
 
 
 def _window_case(p):
@@ -96,41 +98,6 @@ def _presets():
     ]
     full = default + [ex(2, 16, 4, s, 64, w, "bfloat16") for s in (2048, 8192) for w in (128, 1024)]
     return {"quick": quick, "default": default, "full": full}
-
-
-OP = register(
-    Op(
-        NAME,
-        dims=DIMS,
-        problem=_problem,
-        reference=reference,
-        example=_window_example,
-        case=_window_case,
-        default=lambda problem, backend: att.untuned(problem, backend, "builtin_masked"),
-        variants=[
-            Variant(
-                "builtin_masked",
-                lambda: _dense_mask,
-                description="mx.fast.scaled_dot_product_attention with a dense mask",
-            ),
-            att.dense_variant(reference),
-            Variant(
-                "blocked",
-                _blocked,
-                space=BLOCKS,
-                supports=_blocked_supports,
-                description="composition: only the key blocks inside the window",
-            ),
-            decode_variant(_kernel_public),
-            decode_mma_variant(_kernel_public),
-            flash_variant(_kernel_public),
-        ],
-        presets=_presets(),
-        differentiable=(0, 1, 2),
-        tolerances=att.TOLERANCES,
-        check_slices=_check_slices,
-    )
-)
 
 
 def sliding_window_attention(
@@ -152,4 +119,40 @@ def sliding_window_attention(
         scale: scores are multiplied by this; default ``1 / sqrt(D)``.
         layout: ``"BHSD"`` or ``"BSHD"``.
     """
-    return OP(q, k, v, window_size, scale=scale, layout=layout)
+    return OP(q, k, v, window_size, scale, layout)
+
+
+OP = register(
+    Op(
+        NAME,
+        signature=sliding_window_attention,
+        dims=DIMS,
+        problem=_problem,
+        reference=reference,
+        example=_window_example,
+        case=_window_case,
+        default=lambda problem, backend: att.untuned(problem, backend, "builtin_masked"),
+        variants=[
+            Variant(
+                "builtin_masked",
+                lambda: _dense_mask,
+                description="mx.fast.scaled_dot_product_attention with a dense mask",
+            ),
+            att.dense_variant(reference),
+            Variant(
+                "blocked",
+                _blocked,
+                space=BLOCKS,
+                supports=_blocked_supports,
+                description="composition: only the key blocks inside the window",
+            ),
+            decode_variant(_kernel_args),
+            decode_mma_variant(_kernel_args),
+            flash_variant(_kernel_args),
+        ],
+        presets=_presets(),
+        differentiable=(0, 1, 2),
+        tolerances=att.TOLERANCES,
+        check_slices=_check_slices,
+    )
+)

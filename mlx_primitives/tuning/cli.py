@@ -14,21 +14,14 @@ import time
 import mlx.core as mx
 
 from .. import __version__, dispatch
+from ..check import TUNED_DTYPES
 from ..hardware import current_backend, detect_chip
 from ..problem import parse_dtype
+from ..record import RecordError, TuningRecord
 from ..registry import Example, Op, ops
 from ..registry import op as get_op
-from .check import TUNED_DTYPES
-from .db import (
-    DatabaseError,
-    TuningDB,
-    default_user_url,
-    exists,
-    read_json,
-    shipped_chips,
-    shipped_path,
-    url_path,
-)
+from ..store import shipped
+from ..store.database import DatabaseError, TuningDB, default_user_url, exists, url_path
 from .tuner import BUDGETS, CANDIDATE_TIMEOUT_S, EXIT_HUNG, Budget, Tuner
 
 COMMANDS = ("tune", "list", "show", "explain", "export", "import", "doctor", "clear")
@@ -94,14 +87,28 @@ def _open(args, *, create: bool) -> TuningDB:
     return TuningDB(url, create=create)
 
 
-def _row(rec: dict, source: str) -> dict:
+def _checked(entry) -> tuple[TuningRecord | None, str | None]:
+    """A database record or an export's entry as a record that fits a registered op, or why
+    it is not one."""
+    try:
+        rec = entry if isinstance(entry, TuningRecord) else TuningRecord.from_dict(entry)
+        rec.problem_of(get_op(rec.op))
+    except KeyError:
+        return None, f"unknown op {str(entry.get('op') if isinstance(entry, dict) else '')[:64]!r}"
+    except RecordError as e:
+        return None, str(e)
+    return rec, None
+
+
+def _row(entry, source: str) -> dict:
     """A record as shown: with its speedup, whether it is stale, and why it is unusable."""
-    o = next((x for x in ops() if x.name == rec.get("op")), None)
-    why = "unknown op" if o is None else dispatch.invalid(o, rec)
-    out = {**rec, "source": source, "invalid": why}
-    out["stale"] = why is not None or dispatch.is_stale(o, rec)
-    usable = why is None and rec["median_s"] > 0
-    out["speedup"] = rec["default_median_s"] / rec["median_s"] if usable else None
+    rec, why = _checked(entry)
+    if rec is None:
+        shown = entry if isinstance(entry, dict) else {}
+        return {**shown, "source": source, "invalid": why, "stale": True, "speedup": None}
+    out = {**rec.to_dict(), "source": source, "invalid": None}
+    out["stale"] = rec.stale(get_op(rec.op)) is not None
+    out["speedup"] = rec.speedup if rec.median_s > 0 else None
     return out
 
 
@@ -246,11 +253,11 @@ def cmd_show(args) -> int:
         db = TuningDB(url, create=False)
         user = db.records(chip=None if chip == "all" else chip)
         db.close()
-    shipped = []
-    for slug in shipped_chips() if chip == "all" else [chip]:
-        if shipped_path(slug) is not None:
-            shipped.extend(r for r in read_json(shipped_path(slug)) if isinstance(r, dict))
-    rows = [_row(r, "user") for r in user] + [_row(r, "pretuned") for r in shipped]
+    pretuned = []
+    for slug in shipped.chips() if chip == "all" else [chip]:
+        if shipped.path(slug) is not None:
+            pretuned.extend(r for r in shipped.read(shipped.path(slug)) if isinstance(r, dict))
+    rows = [_row(r, "user") for r in user] + [_row(r, "pretuned") for r in pretuned]
     if args.op:
         rows = [r for r in rows if r["op"] in args.op]
     if args.json:
@@ -272,10 +279,8 @@ def cmd_explain(args) -> int:
         raise UsageError("explain needs --shape for each array argument")
     ex = _example(args)
     try:
-        call_args, kwargs = o.example(
-            ex.shapes, parse_dtype(ex.dtype), mx.random.key(0), **dict(ex.options)
-        )
-        decision = dispatch.choose(o, o.problem(*call_args, **kwargs))
+        call = o.example(ex.shapes, parse_dtype(ex.dtype), mx.random.key(0), **dict(ex.options))
+        decision = dispatch.choose(o, o.problem(*call))
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
     if args.json:
@@ -290,26 +295,27 @@ def cmd_explain(args) -> int:
 def cmd_export(args) -> int:
     db = _open(args, create=False)
     chip = None if args.chip in (None, "all") else args.chip
-    n = db.export(args.path, chip=chip)
-    print(f"exported {n} records to {args.path}")
+    records = db.records(chip=chip)
+    shipped.write(args.path, records)
+    print(f"exported {len(records)} records to {args.path}")
     return 0
 
 
 def cmd_import(args) -> int:
-    records = read_json(args.path)
-    known = {o.name: o for o in ops()}
     valid, skipped = [], []
-    for r in records:
-        o = known.get(r.get("op")) if isinstance(r, dict) else None
-        why = "unknown op" if o is None else dispatch.invalid(o, r)
-        (skipped if why else valid).append((r, why))
+    for entry in shipped.read(args.path):
+        rec, why = _checked(entry)
+        if rec is None:
+            skipped.append(why)
+        else:
+            valid.append(rec)
     db = _open(args, create=True)
-    for r, _ in valid:
-        db.put(r)
+    for rec in valid:
+        db.put(rec)
     dispatch.reset()
     print(f"imported {len(valid)} records into {db.url}")
     if skipped:
-        print(f"skipped {len(skipped)} malformed records, e.g.: {skipped[0][1]}", file=sys.stderr)
+        print(f"skipped {len(skipped)} malformed records, e.g.: {skipped[0]}", file=sys.stderr)
     return 0
 
 
@@ -323,7 +329,7 @@ def cmd_doctor(args) -> int:
         "backend": backend,
         "chip": chip.to_dict(),
         "user_db": {"url": url},
-        "shipped_db": {"chips": shipped_chips(), "this_chip": chip.slug in shipped_chips()},
+        "shipped_db": {"chips": shipped.chips(), "this_chip": chip.slug in shipped.chips()},
         "dispatch": dispatch.mode(),
     }
     status = 0
@@ -336,7 +342,7 @@ def cmd_doctor(args) -> int:
             report["user_db"].update(
                 status="ok" if db.integrity_ok() else "integrity check failed",
                 records=len(records),
-                this_chip=sum(r["chip"] == chip.slug for r in records),
+                this_chip=sum(r.chip == chip.slug for r in records),
                 stale=sum(_row(r, "user")["stale"] for r in records),
             )
             db.close()

@@ -36,27 +36,13 @@ TARGET_SAMPLE_S = 20e-3
 MAX_CHAIN = 200
 
 # Every evaluation of calls timed together starts this much longer after its chain's build
-# began than the slowest of their builds takes (a call timed alone: its own build): a longer
-# idle device before an evaluation slowed it, which timed the dispatch, with more host work
-# per call, slower on the same graph (DEVELOPERS.md, "What the idle device taught the timing").
+# began than the slowest of their builds takes (a call timed alone: its own build): how long
+# the device idled before an evaluation changes its speed (docs/notes).
 IDLE_MARGIN = 1.25
 # Builds of each chain timed to set that idle time.
 IDLE_PROBES = 3
 
-# Differences below this fraction of a latency are noise, whatever the measured spread says.
-NOISE = 0.02
-# Below this latency a call is mostly the host's cost per operation, which moves between
-# processes by more: on an H200, layer_norm's `row` at 1024 rows in bfloat16 (14 us a call)
-# measured 1.07x the built-in while tuning and 0.93-0.94x in two later benchmark runs.
-SHORT_CALL_S = 20e-6
-SHORT_NOISE = 0.10
-
 Call = tuple[Callable, tuple, dict]
-
-
-def noise(median_s: float) -> float:
-    """The fraction of a ``median_s`` latency below which a difference is noise."""
-    return SHORT_NOISE if median_s < SHORT_CALL_S else NOISE
 
 
 @dataclass(frozen=True)
@@ -145,7 +131,8 @@ def _prepare(
     fn, args, kwargs = call
     # Inputs made lazily would count in the call's peak. They are computed without waiting on
     # each (mx.eval of computed arrays would), as a model's step leaves its arrays: MLX's CUDA
-    # attention takes cuDNN for a decode only on inputs not waited on since (DEVELOPERS.md).
+    # attention takes cuDNN for a decode only on inputs not waited on since
+    # (docs/notes/2026-11-27-mlx-decode-attention-two-paths.md).
     # synchronize() waits on the default stream, where the ops make their inputs.
     mx.async_eval([args, kwargs])
     mx.synchronize()

@@ -28,18 +28,19 @@ import mlx.core as mx
 import optuna
 
 from .. import __version__, dispatch
-from ..dsl import poisoned
+from ..check import as_list, check_outputs, expected, tolerance
+from ..dialect import poisoned
 from ..hardware import current_backend, detect_chip
-from ..problem import EXACT, parse_dtype
+from ..problem import EXACT, Problem, parse_dtype
+from ..record import RecordError, TuningRecord, noise
 from ..registry import Example, Op
-from .check import TOLERANCES, as_list, check_outputs, expected
-from .db import TuningDB, now
-from .timing import TARGET_SAMPLE_S, bench, bench_many, noise, paired
+from ..store.database import TuningDB, now
+from .timing import TARGET_SAMPLE_S, bench, bench_many, paired
 from .warm import warm
 
 # Finalists, timed again interleaved to decide: the FASTEST_FINALISTS fastest of the search,
 # then the earliest in the fixed order within FINALIST of the fastest, MAX_FINALISTS in all
-# (wide: on a busy 2-core machine one search timed identical candidates 2.1x apart).
+# (wide: on a busy machine the search times identical candidates far apart).
 FINALIST = 4.0
 FASTEST_FINALISTS = 4
 MAX_FINALISTS = 8
@@ -129,7 +130,7 @@ class Outcome:
     op: str
     problem: str
     example: Example
-    record: dict | None
+    record: TuningRecord | None
     results: list[Result] = field(default_factory=list)
     note: str = ""
 
@@ -177,8 +178,9 @@ def _alive(reason: str, created_at: str, timeout_s: float) -> bool:
     return (datetime.now(timezone.utc) - started).total_seconds() < timeout_s
 
 
-def candidates(op: Op, pdict: dict, backend: str) -> list[Candidate]:
+def candidates(op: Op, problem: Problem, backend: str) -> list[Candidate]:
     """Every configuration of every variant that runs here and supports the problem."""
+    pdict = problem.as_dict()
     out = []
     for v in op.variants:
         if not v.available(backend):
@@ -222,21 +224,20 @@ class Tuner:
         """Tune one problem of ``op`` given by ``example``."""
         dtype = parse_dtype(example.dtype)
         options = dict(example.options)
-        args, kwargs = op.example(example.shapes, dtype, mx.random.key(self.seed), **options)
-        problem = op.problem(*args, **kwargs)
-        pkey = problem.key(op.dims)
-        pdict = problem.as_dict(op.dims)
-        previous = self._previous(op, pkey)
-        if previous is not None and not self.force and not dispatch.is_stale(op, previous):
+        args = op.example(example.shapes, dtype, mx.random.key(self.seed), **options)
+        problem = op.problem(*args)
+        pkey = problem.key
+        previous = self._previous(op, problem)
+        if previous is not None and not self.force and previous.stale(op) is None:
             return Outcome(op.name, pkey, example, None, note="already tuned")
 
-        order = candidates(op, pdict, self.backend)
+        order = candidates(op, problem, self.backend)
         default = Candidate.of(*op.default(problem, self.backend))
         results: dict[Candidate, Result] = self._unfinished(op, pkey)
         order = [c for c in order if c not in results or c == default]
         first = [default]
         if previous is not None:
-            prev = Candidate.of(previous["variant"], previous["params"])
+            prev = Candidate.of(previous.variant, previous.params)
             if prev in order and prev != default:
                 first.append(prev)
         # Each variant's own default (its first allowed config in the fixed order) is timed
@@ -255,14 +256,11 @@ class Tuner:
         )
         if self.backend == "cuda" and group not in self._warmed:
             self._warmed.add(group)
-            warm(op, pdict, problem.dtype, order)
+            warm(op, problem, order)
 
         self._fresh += 1
-        check_args, check_kwargs = op.example(
-            example.shapes, dtype, mx.random.key(self._fresh), **options
-        )
-        want = expected(op, check_args, check_kwargs)
-        tolerance = op.tolerances.get(example.dtype, TOLERANCES[example.dtype])
+        check_args = op.example(example.shapes, dtype, mx.random.key(self._fresh), **options)
+        check = (check_args, expected(op, check_args), tolerance(op, problem.dtype))
         results.pop(default, None)  # the default is always measured
 
         def evaluate(c: Candidate) -> Result:
@@ -270,9 +268,8 @@ class Tuner:
                 limit = None
                 if c != default and results[default].status == "ok":
                     limit = ABANDON_FACTOR * results[default].median_s
-                check = (check_args, check_kwargs, want, tolerance)
                 results[c] = self._recorded(
-                    op, pkey, c, lambda: self._evaluate(op, c, args, kwargs, check, limit)
+                    op, pkey, c, lambda: self._evaluate(op, c, args, check, limit)
                 )
             return results[c]
 
@@ -289,26 +286,25 @@ class Tuner:
         self._search(first, rest, evaluate)
 
         winner, base = self._final(
-            op, list(results.values()), results[default], [default, *order], args, kwargs
+            op, list(results.values()), results[default], [default, *order], args
         )
-        variant = op.variant(winner.candidate.variant)
-        record = {
-            "chip": self.chip.slug,
-            "op": op.name,
-            "problem": pkey,
-            "variant": winner.candidate.variant,
-            "params": winner.candidate.param_dict,
-            "median_s": winner.median_s,
-            "spread_s": winner.spread_s,
-            "default_variant": default.variant,
-            "default_params": default.param_dict,
-            "default_median_s": base.median_s,
-            "error": winner.error,
-            "mlx_version": mx.__version__,
-            "package_version": __version__,
-            "source_hash": variant.source_hash,
-            "created_at": now(),
-        }
+        record = TuningRecord(
+            chip=self.chip.slug,
+            op=op.name,
+            problem=pkey,
+            variant=winner.candidate.variant,
+            params=winner.candidate.param_dict,
+            median_s=winner.median_s,
+            spread_s=winner.spread_s,
+            default_variant=default.variant,
+            default_params=default.param_dict,
+            default_median_s=base.median_s,
+            error=winner.error,
+            mlx_version=mx.__version__,
+            package_version=__version__,
+            source_hash=op.variant(winner.candidate.variant).source_hash,
+            created_at=now(),
+        )
         self.db.put(record)
         dispatch.reset()
         return Outcome(op.name, pkey, example, record, list(results.values()))
@@ -362,7 +358,7 @@ class Tuner:
         self.db.finish_trial(trial_id, result.trial(op.name, pkey))
         return result
 
-    def _final(self, op: Op, results: list[Result], default: Result, order, args, kwargs):
+    def _final(self, op: Op, results: list[Result], default: Result, order, args):
         """Time the finalists (the fastest few, the earliest close ones, and the default) again
         with their samples interleaved, so drift of the machine between the search's
         measurements cannot decide, and pick the winner from these; returns (winner, default)."""
@@ -390,7 +386,7 @@ class Tuner:
         if not finalists or finalists == [default]:
             return default, default
         calls = [
-            (op.variant(r.candidate.variant).build(**r.candidate.param_dict), args, kwargs)
+            (op.variant(r.candidate.variant).build(**r.candidate.param_dict), args, {})
             for r in finalists
         ]
         budget_s = max(self.budget.bench_s, 0.05)
@@ -410,10 +406,14 @@ class Tuner:
         base = default if far else again[0]
         return decide(again, base, order), base
 
-    def _previous(self, op: Op, pkey: str) -> dict | None:
-        """This problem's record, if there is a well-formed one (a malformed one is replaced)."""
+    def _previous(self, op: Op, problem: Problem) -> TuningRecord | None:
+        """This problem's record, if there is one that fits the op (another is replaced)."""
         for rec in self.db.records(chip=self.chip.slug, op=op.name):
-            if rec["problem"] == pkey and dispatch.invalid(op, rec) is None:
+            if rec.problem == problem.key:
+                try:
+                    rec.problem_of(op)
+                except RecordError:
+                    return None
                 return rec
         return None
 
@@ -476,23 +476,22 @@ class Tuner:
                 break
             study.optimize(objective, n_trials=1)
 
-    def _evaluate(self, op: Op, c: Candidate, args, kwargs, check, limit_s) -> Result:
-        check_args, check_kwargs, want, tolerance = check
+    def _evaluate(self, op: Op, c: Candidate, args, check, limit_s) -> Result:
+        check_args, want, tol = check
         try:
             fn = op.variant(c.variant).build(**c.param_dict)
             with poisoned():
-                got = as_list(fn(*check_args, **check_kwargs))
+                got = as_list(fn(*check_args))
                 mx.eval(got)
         except Exception as e:  # a candidate that cannot build or run is rejected, not fatal
             return Result(c, "rejected", f"{type(e).__name__}: {str(e)[:500]}")
-        verdict = check_outputs(got, want, tolerance)
+        verdict = check_outputs(got, want, tol)
         if not verdict.ok:
             return Result(c, "rejected", verdict.reason, error=verdict.error)
         try:
             t = bench(
                 fn,
                 args,
-                kwargs,
                 budget_s=self.budget.bench_s,
                 limit_s=limit_s,
                 target_sample_s=self.budget.sample_s,

@@ -15,7 +15,7 @@ from multiprocessing import get_context
 import mlx.core as mx
 
 from ..hardware.cpu import available_cores
-from ..problem import BUCKET, dtype_name
+from ..problem import BUCKET, Problem
 
 MAX_WORKERS = 8
 # Each bucketed dim of the small case a worker runs (the exact dims are what kernels are
@@ -31,8 +31,8 @@ def _compile(job: tuple) -> bool:
     try:
         o = op(op_name)
         shapes, options = o.case(problem)
-        args, kwargs = o.example(shapes, parse_dtype(dtype), mx.random.key(0), **options)
-        mx.eval(o.variant(variant).build(**params)(*args, **kwargs))
+        args = o.example(shapes, parse_dtype(dtype), mx.random.key(0), **options)
+        mx.eval(o.variant(variant).build(**params)(*args))
         return True
     except Exception:  # reported by the tuner, which runs the same candidate
         return False
@@ -40,8 +40,7 @@ def _compile(job: tuple) -> bool:
 
 def warm(
     op,
-    problem: dict,
-    dtype: mx.Dtype,
+    problem: Problem,
     candidates: list,
     *,
     workers: int | None = None,
@@ -60,11 +59,11 @@ def warm(
     """
     workers = workers or min(MAX_WORKERS, max(1, available_cores() - 1))
     small = {
-        d.name: min(problem[d.name], _SMALL) if d.kind == BUCKET else problem[d.name]
-        for d in op.dims
+        d.name: min(v, _SMALL) if d.kind == BUCKET else v
+        for d, v in zip(problem.dims, problem.values)
     }
     jobs = [
-        (op.name, small, dtype_name(dtype), c.variant, c.param_dict)
+        (op.name, {"dtype": problem.dtype, **small}, problem.dtype, c.variant, c.param_dict)
         for c in candidates
         if op.variant(c.variant).is_kernel or not kernels_only
     ]

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from ..dsl import poisoned
-from ..problem import dtype_name
+from .dialect import poisoned
+from .problem import dtype_name
 
 # (atol, rtol) per output dtype: a few units of the dtype's rounding, which is what a
 # correct float32-accumulating kernel gets wrong against float64.
@@ -52,24 +52,24 @@ def to_float64(value):
     return value
 
 
-def reference_float64(reference: Callable, args: tuple, kwargs: dict) -> list[mx.array]:
-    """``reference(*args, **kwargs)`` computed in float64 on the CPU, then rounded once to
-    float32 (7 digits: far below every tolerance) so comparisons can run on the device."""
+def reference_float64(reference: Callable, args: tuple) -> list[mx.array]:
+    """``reference(*args)`` computed in float64 on the CPU, then rounded once to float32 (7
+    digits: far below every tolerance) so comparisons can run on the device."""
     with mx.stream(mx.cpu):
-        out = reference(*to_float64(args), **{k: to_float64(v) for k, v in kwargs.items()})
+        out = reference(*to_float64(args))
         out = [o.astype(mx.float32) for o in as_list(out)]
         mx.eval(out)
     return out
 
 
-def expected(op, args: tuple, kwargs: dict) -> list[tuple[Callable | None, list[mx.array]]]:
+def expected(op, args: tuple) -> list[tuple[Callable | None, list[mx.array]]]:
     """``(select, want)`` pairs a candidate's outputs are compared with: the whole call's
     float64 reference (``select`` None), or each of the op's check slices' with the function
-    that selects that slice of the outputs."""
-    slices = op.check_slices(args, kwargs) if op.check_slices else None
+    that selects that slice of the outputs. ``args`` are the op's arguments in order."""
+    slices = op.check_slices(args) if op.check_slices else None
     if not slices:
-        return [(None, reference_float64(op.reference, args, kwargs))]
-    return [(select, reference_float64(op.reference, a, kw)) for a, kw, select in slices]
+        return [(None, reference_float64(op.reference, args))]
+    return [(select, reference_float64(op.reference, a)) for a, select in slices]
 
 
 def check_outputs(got: list, want: list, tolerance: tuple[float, float]) -> CheckResult:
@@ -129,19 +129,24 @@ def compare(got: list, want: list[mx.array], tolerance: tuple[float, float]) -> 
     return CheckResult(True, worst)
 
 
-def run_checked(op, fn: Callable, args: tuple, kwargs: dict, dtype) -> CheckResult:
-    """Run ``fn`` with poisoned outputs and compare with ``op``'s reference in float64."""
+def tolerance(op, dtype: str) -> tuple[float, float]:
+    """``op``'s (atol, rtol) for outputs of the dtype named ``dtype``."""
+    return op.tolerances.get(dtype, TOLERANCES[dtype])
+
+
+def run_checked(op, fn: Callable, args: tuple, dtype: str) -> CheckResult:
+    """Run ``fn(*args)`` with poisoned outputs and compare with ``op``'s reference in float64;
+    ``dtype`` names the inputs' dtype."""
     try:
         with poisoned():
-            out = as_list(fn(*args, **kwargs))
+            out = as_list(fn(*args))
             mx.eval(out)
     except Exception as e:  # any failure of a candidate is a rejection, not a crash
         return CheckResult(False, float("inf"), f"{type(e).__name__}: {e}")
-    name = dtype_name(dtype)
-    return check_outputs(out, expected(op, args, kwargs), op.tolerances.get(name, TOLERANCES[name]))
+    return check_outputs(out, expected(op, args), tolerance(op, dtype))
 
 
-def verify(op, fn: Callable, shapes, dtype, *, seed: int = 0, **options) -> CheckResult:
+def verify(op, fn: Callable, shapes, dtype: mx.Dtype, *, seed: int = 0, **options) -> CheckResult:
     """Check ``fn`` (with ``op``'s signature) on fresh random inputs of ``shapes``."""
-    args, kwargs = op.example(shapes, dtype, mx.random.key(seed), **options)
-    return run_checked(op, fn, args, kwargs, dtype)
+    args = op.example(shapes, dtype, mx.random.key(seed), **options)
+    return run_checked(op, fn, args, dtype_name(dtype))

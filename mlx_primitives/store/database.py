@@ -1,10 +1,8 @@
-"""The tuning database: SQLAlchemy 2 models on SQLite.
+"""The user's tuning database: SQLAlchemy 2 on SQLite (or any SQLAlchemy URL).
 
-One row of ``records`` is the tuned choice for one (chip, op, problem); ``trials`` keeps every
-candidate the tuner looked at, rejected ones with their reason. The user database lives at
-``MLXP_TUNING_DB`` (a path or a SQLAlchemy URL) or in the platformdirs user data folder. Shipped
-databases are exports: JSON text in ``tuning_db/<chip-slug>.json`` (reviewable in a diff), read
-by the dispatcher as they are and never written by it.
+One row of ``records`` is a :class:`~mlx_primitives.record.TuningRecord`; ``trials`` keeps
+every candidate the tuner looked at, rejected ones with their reason. The database lives at
+``MLXP_TUNING_DB`` (a path or a SQLAlchemy URL) or in the platformdirs user data folder.
 """
 
 from __future__ import annotations
@@ -14,13 +12,18 @@ import json
 import os
 import sqlite3
 import time
+import warnings
+from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlalchemy import (
+    Column,
     Float,
+    Index,
     Integer,
     String,
+    Table,
     Text,
     UniqueConstraint,
     create_engine,
@@ -32,32 +35,15 @@ from sqlalchemy import (
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from ..record import RecordError, TuningRecord
+
 SCHEMA_VERSION = 1
-FORMAT = "mlx-primitives-tuning"
 _HINT = (
     ". `mlxp-tune doctor` says more; `mlxp-tune clear` moves an unusable database aside (it is "
     "never overwritten)"
 )
 # SQLite waits this long for another process's write lock before giving up.
 BUSY_TIMEOUT_MS = 60_000
-
-RECORD_FIELDS = (
-    "chip",
-    "op",
-    "problem",
-    "variant",
-    "params",
-    "median_s",
-    "spread_s",
-    "default_variant",
-    "default_params",
-    "default_median_s",
-    "error",
-    "mlx_version",
-    "package_version",
-    "source_hash",
-    "created_at",
-)
 
 
 class DatabaseError(RuntimeError):
@@ -78,34 +64,21 @@ class _Meta(_Base):
     value: Mapped[str] = mapped_column(String(256))
 
 
-class TuningRecord(_Base):
-    """The tuned choice for one problem on one chip."""
+def _column(f) -> Column:
+    if f.type == "str":
+        return Column(f.name, String(f.metadata["max"]), nullable=False)
+    return Column(f.name, Float if f.type == "float" else Text, nullable=False)
 
-    __tablename__ = "records"
-    __table_args__ = (UniqueConstraint("chip", "op", "problem"),)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    chip: Mapped[str] = mapped_column(String(128), index=True)
-    op: Mapped[str] = mapped_column(String(64))
-    problem: Mapped[str] = mapped_column(String(512))
-    variant: Mapped[str] = mapped_column(String(128))
-    params: Mapped[str] = mapped_column(Text)
-    median_s: Mapped[float] = mapped_column(Float)
-    spread_s: Mapped[float] = mapped_column(Float)
-    default_variant: Mapped[str] = mapped_column(String(128))
-    default_params: Mapped[str] = mapped_column(Text)
-    default_median_s: Mapped[float] = mapped_column(Float)
-    error: Mapped[float] = mapped_column(Float)
-    mlx_version: Mapped[str] = mapped_column(String(64))
-    package_version: Mapped[str] = mapped_column(String(64))
-    source_hash: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[str] = mapped_column(String(64))
-
-    def to_dict(self) -> dict:
-        out = {f: getattr(self, f) for f in RECORD_FIELDS}
-        for f in ("params", "default_params"):
-            out[f] = _loads(out[f])
-        return out
+# The records table has a column per field of TuningRecord, in its order.
+_records = Table(
+    "records",
+    _Base.metadata,
+    Column("id", Integer, primary_key=True),
+    *(_column(f) for f in fields(TuningRecord)),
+    UniqueConstraint("chip", "op", "problem"),
+)
+Index("ix_records_chip", _records.c.chip)
 
 
 class Trial(_Base):
@@ -311,32 +284,43 @@ class TuningDB:
             return row.value if row else None
 
     @_guard
-    def records(self, chip: str | None = None, op: str | None = None) -> list[dict]:
-        """Records as dicts, optionally for one chip and/or op, ordered by chip, op, problem."""
-        query = select(TuningRecord)
+    def records(self, chip: str | None = None, op: str | None = None) -> list[TuningRecord]:
+        """Records, optionally of one chip and/or op, ordered by chip, op, problem. A row that
+        is not a well-formed record is left out with a warning."""
+        query = select(_records)
         if chip is not None:
-            query = query.where(TuningRecord.chip == chip)
+            query = query.where(_records.c.chip == chip)
         if op is not None:
-            query = query.where(TuningRecord.op == op)
-        query = query.order_by(TuningRecord.chip, TuningRecord.op, TuningRecord.problem)
-        with Session(self.engine) as s:
-            return [r.to_dict() for r in s.scalars(query)]
+            query = query.where(_records.c.op == op)
+        query = query.order_by(_records.c.chip, _records.c.op, _records.c.problem)
+        out = []
+        with self.engine.connect() as conn:
+            for row in conn.execute(query).mappings():
+                try:
+                    out.append(TuningRecord.from_row({**row}))
+                except RecordError as e:
+                    warnings.warn(
+                        f"[mlx_primitives] ignoring row {row['id']} of {self.url}: {e}",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+        return out
 
     @_guard
-    def put(self, record: dict) -> None:
+    def put(self, record: TuningRecord) -> None:
         """Insert or replace the record for its (chip, op, problem), atomically."""
-        row = {f: record[f] for f in RECORD_FIELDS}
-        for f in ("params", "default_params"):
-            row[f] = json.dumps(row[f], sort_keys=True)
-        with Session(self._writer) as s, s.begin():
-            s.execute(
-                delete(TuningRecord).where(
-                    TuningRecord.chip == row["chip"],
-                    TuningRecord.op == row["op"],
-                    TuningRecord.problem == row["problem"],
+        if not isinstance(record, TuningRecord):
+            raise TypeError(f"[TuningDB.put] expected a TuningRecord, got {type(record).__name__}")
+        row = record.to_row()
+        with self._writer.begin() as conn:
+            conn.execute(
+                delete(_records).where(
+                    _records.c.chip == row["chip"],
+                    _records.c.op == row["op"],
+                    _records.c.problem == row["problem"],
                 )
             )
-            s.add(TuningRecord(**row))
+            conn.execute(_records.insert().values(**row))
 
     @_guard
     def add_trial(self, chip: str, trial: dict) -> int:
@@ -388,26 +372,20 @@ class TuningDB:
         """Delete records and trials (of one op and/or chip); returns the records deleted."""
         with Session(self._writer) as s, s.begin():
             n = 0
-            for model in (TuningRecord, Trial):
-                stmt = delete(model)
+            for table in (_records, Trial.__table__):
+                stmt = delete(table)
                 if op is not None:
-                    stmt = stmt.where(model.op == op)
+                    stmt = stmt.where(table.c.op == op)
                 if chip is not None:
-                    stmt = stmt.where(model.chip == chip)
+                    stmt = stmt.where(table.c.chip == chip)
                 result = s.execute(stmt)
-                n = result.rowcount if model is TuningRecord else n
+                n = result.rowcount if table is _records else n
             return n
 
     @_guard
     def integrity_ok(self) -> bool:
         with self.engine.connect() as conn:
             return conn.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
-
-    def export(self, path, chip: str | None = None) -> int:
-        """Write the records (of one chip) as JSON text; returns how many."""
-        records = self.records(chip=chip)
-        write_json(path, records)
-        return len(records)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -418,45 +396,3 @@ def exists(url: str) -> bool:
     """Whether a database may be at ``url``: a SQLite file that exists, or any other URL."""
     path = url_path(url)
     return path is None or path.exists()
-
-
-def shipped_path(chip: str) -> Path | None:
-    """The pretuned database shipped for ``chip`` (a slug), if there is one."""
-    from .._paths import data_dir
-
-    path = data_dir("tuning_db") / f"{chip}.json"
-    return path if path.is_file() else None
-
-
-def shipped_chips() -> list[str]:
-    from .._paths import data_dir
-
-    return sorted(p.stem for p in data_dir("tuning_db").glob("*.json"))
-
-
-def write_json(path, records: list[dict]) -> None:
-    """One record per line, sorted, so a change to a shipped database reads well in a diff."""
-    records = sorted(records, key=lambda r: (r["chip"], r["op"], r["problem"]))
-    lines = ",\n".join("  " + json.dumps(r, sort_keys=True) for r in records)
-    body = f'{{"format": "{FORMAT}", "schema": {SCHEMA_VERSION}, "records": [\n{lines}\n]}}\n'
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    tmp.write_text(body)
-    os.replace(tmp, path)
-
-
-def read_json(path) -> list[dict]:
-    """The records of a JSON export, unchecked; DatabaseError when the file is not an export
-    this version reads."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise DatabaseError(f"{path} is not a readable tuning export ({e})") from e
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise DatabaseError(f"{path} is not an mlx-primitives tuning export")
-    if data.get("schema") != SCHEMA_VERSION:
-        raise DatabaseError(f"{path} has schema {data.get('schema')}, expected {SCHEMA_VERSION}")
-    records = data.get("records")
-    if not isinstance(records, list):
-        raise DatabaseError(f"{path} has no list of records")
-    # Each record is judged by its reader (dispatch.invalid): one bad record costs only itself.
-    return records

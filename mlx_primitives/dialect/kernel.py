@@ -14,7 +14,7 @@ import mlx.core as mx
 
 from .._paths import kernel_source
 from ..hardware import current_backend
-from .dialect import BACKENDS, header, render
+from .render import BACKENDS, header, render
 
 # While set, kernels fill their outputs with NaN before running, so a check catches any
 # element a kernel forgot to write.
@@ -270,7 +270,7 @@ def with_reference_transforms(forward: Callable, reference: Callable) -> Callabl
             return forward(*args)
         other = False
         for a in args:
-            if type(a) is not _ARRAY:  # isinstance with mx.array costs 4x on a per-call path
+            if type(a) is not _ARRAY:  # isinstance with mx.array costs more on a per-call path
                 other = True
             elif other:
                 return fn_packed(*_pack(args))

@@ -1,0 +1,1 @@
+"""Where tuning records live: the user's database and the shipped per-chip exports."""
