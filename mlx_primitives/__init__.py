@@ -22,9 +22,11 @@ from .ops import (
     layer_norm,
     rms_norm,
     rope,
+    scaled_dot_product_attention,
     sliding_window_attention,
     swiglu,
 )
+from .patch import patch_mlx, unpatch_mlx
 
 __all__ = [
     "ChunkedCrossAttention",
@@ -42,8 +44,11 @@ __all__ = [
     "geglu",
     "inference_mode",
     "layer_norm",
+    "patch_mlx",
     "registry",
     "rms_norm",
     "rope",
+    "scaled_dot_product_attention",
     "swiglu",
+    "unpatch_mlx",
 ]

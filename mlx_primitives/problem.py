@@ -45,10 +45,14 @@ def bucket(n: int) -> int:
 
 
 class Dim(NamedTuple):
-    """A dim of an op's problem: its name and whether it is bucketed or exact."""
+    """A dim of an op's problem: its name, whether it is bucketed or exact, and for a dim
+    added to an op later, the value every earlier problem had. A key leaves out a dim at that
+    value, so keys (and the records that name them) made before the dim existed still match.
+    """
 
     name: str
     kind: str = BUCKET
+    default: object = None
 
 
 class Distance(NamedTuple):
@@ -79,7 +83,11 @@ class Problem(NamedTuple):
     @property
     def key(self) -> str:
         """The canonical string, e.g. ``rms_norm|float16|rows=1024,dims=4096,weight=float16``."""
-        fields = ",".join(f"{d.name}={_fmt(v)}" for d, v in zip(self.dims, self.values))
+        fields = ",".join(
+            f"{d.name}={_fmt(v)}"
+            for d, v in zip(self.dims, self.values)
+            if d.default is None or v != d.default
+        )
         return f"{self.op}|{self.dtype}|{fields}"
 
     def as_dict(self) -> dict:
@@ -101,11 +109,15 @@ class Problem(NamedTuple):
             raise ValueError(f"malformed problem key {key!r}")
         op, dtype, fields = parts
         pairs = [f.split("=", 1) for f in fields.split(",")] if fields else []
-        if [p[0] for p in pairs] != [d.name for d in dims] or any(len(p) != 2 for p in pairs):
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError(f"malformed problem key {key!r}")
+        given = dict(pairs)
+        names = [d.name for d in dims if d.name in given or d.default is None]
+        if [p[0] for p in pairs] != names:
             raise ValueError(f"problem key {key!r} does not name the dims {[d.name for d in dims]}")
         if not all(_VALUE.match(v) for _, v in pairs):
             raise ValueError(f"problem key {key[:80]!r} has a value outside [A-Za-z0-9_.+-]")
-        values = tuple(_unfmt(v) for _, v in pairs)
+        values = tuple(_unfmt(given[d.name]) if d.name in given else d.default for d in dims)
         for d, v in zip(dims, values):
             if d.kind == BUCKET and (not isinstance(v, int) or v < 1 or v != bucket(v)):
                 raise ValueError(f"problem key {key!r}: {d.name}={v} is not a power of two")

@@ -138,7 +138,7 @@ class Op:
         name: the op's name, e.g. ``"rms_norm"``.
         signature: the op's public function, whose signature (names, order, defaults) is the
             op's: calls are bound to it once, and everything below takes the arguments in its
-            order, all given.
+            order, all given (but ``stream``, which sets the default stream of the call).
         dims: the problem dims in key order, each bucketed or exact.
         problem: validates a call's arguments and returns ``(dtype, values)``: the dtype's
             name and the values in ``dims`` order, already bucketed.
@@ -183,7 +183,8 @@ class Op:
     ):
         self.name = name
         self.signature = inspect.signature(signature)
-        self.params = tuple(self.signature.parameters)
+        # A ``stream`` argument is not the op's: it sets the default stream of the call.
+        self.params = tuple(p for p in self.signature.parameters if p != "stream")
         self.dims = tuple(dims)
         self._problem = problem
         self.reference = self.accepting(reference)
@@ -209,7 +210,8 @@ class Op:
         return f"Op({self.name!r}, variants={[v.name for v in self.variants]})"
 
     def bind(self, *args, **kwargs) -> tuple:
-        """A call's arguments in the op's canonical order, defaults filled in."""
+        """A call's arguments in the op's canonical order, defaults filled in (``stream`` is
+        left out: see :meth:`__call__`)."""
         if not kwargs and len(args) == len(self.params):
             return args
         try:
@@ -224,8 +226,13 @@ class Op:
         n, bind = len(self.params), self.bind
 
         @functools.wraps(fn)
-        def call(*args, **kwargs):
-            return fn(*(args if not kwargs and len(args) == n else bind(*args, **kwargs)))
+        def call(*args, stream=None, **kwargs):
+            if kwargs or len(args) != n:
+                args = bind(*args, **kwargs)
+            if stream is None:
+                return fn(*args)
+            with mx.stream(stream):
+                return fn(*args)
 
         call.__signature__ = self.signature
         return call
@@ -248,9 +255,13 @@ class Op:
     def default(self, problem: Problem, backend: str | None = None) -> tuple[str, dict]:
         return self._default(problem.as_dict(), backend or current_backend())
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args, stream=None, **kwargs):
         if kwargs or len(args) != len(self.params):
             args = self.bind(*args, **kwargs)
+        if stream is not None:
+            # The variant is chosen for the stream's device, so routing runs inside too.
+            with mx.stream(stream):
+                return self(*args)
         dtype, values = self._problem(*args)
         return dispatch.route(self, dtype, values)(*args)
 

@@ -209,7 +209,7 @@ def attention_call(name, q_shape, kv_shape, options, dtype, seed=0):
     options = dict(options)
     scale, layout = options.get("scale"), options.get("layout", "BHSD")
     if name == "sliding_window_attention":
-        args = (q, k, v, options["w"], scale, layout)
+        args = (q, k, v, options["w"], scale, layout, None, None)
     else:
-        args = (q, k, v, options.get("causal", False), scale, layout, None)
+        args = (q, k, v, options.get("causal", False), scale, layout, None, None)
     return args, REFERENCES[name](args)

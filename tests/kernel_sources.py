@@ -22,8 +22,8 @@ from unittest import mock
 import mlx.core as mx
 
 from mlx_primitives import registry
-from mlx_primitives.dialect.render import header
 from mlx_primitives.dialect.kernel import GpuKernel
+from mlx_primitives.dialect.render import header
 
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 

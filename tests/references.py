@@ -93,8 +93,13 @@ def assert_close(got: mx.array, want: np.ndarray, dtype, *, atol=None, rtol=None
     assert not bad.any(), f"{label}: {int(bad.sum())}/{bad.size} off, max abs diff {diff.max():.3g}"
 
 
-def attention(q, k, v, *, causal=False, scale=None, window=None, mask=None, layout="BHSD"):
-    """Softmax attention in float64, GQA by repeating heads; fully masked rows give zeros."""
+def attention(
+    q, k, v, *, causal=False, scale=None, window=None, mask=None, sinks=None, layout="BHSD"
+):
+    """Softmax attention in float64, GQA by repeating heads, with MLX's mask semantics: a
+    boolean, causal or window mask hides a score with a finite minimum (a row that sees no key
+    averages every value), an additive mask is added (a row of -inf gives NaN); ``sinks`` are
+    a softmax column per head whose weight is dropped."""
     q, k, v = (f64(a) for a in (q, k, v))
     if layout == "BSHD":
         q, k, v = (a.swapaxes(1, 2) for a in (q, k, v))
@@ -102,17 +107,28 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, mask=None, layo
     hkv, lk = k.shape[1], k.shape[2]
     k, v = np.repeat(k, hq // hkv, axis=1), np.repeat(v, hq // hkv, axis=1)
     s = q @ k.swapaxes(-1, -2) * (1 / math.sqrt(d) if scale is None else scale)
-    if mask is not None:
-        m = np.array(mask) if mask.dtype == mx.bool_ else f64(mask)
-        s = np.where(m, s, -np.inf) if m.dtype == bool else s + m
+    keep = np.ones((lq, lk), bool)
     i = np.arange(lq)[:, None] + lk - lq
     j = np.arange(lk)[None, :]
     if causal or window is not None:
-        s = np.where(j <= i, s, -np.inf)
+        keep = keep & (j <= i)
     if window is not None:
-        s = np.where(j > i - window, s, -np.inf)
-    top = s.max(-1, keepdims=True)
-    w = np.exp(s - np.where(np.isinf(top), 0, top))
-    total = w.sum(-1, keepdims=True)
-    out = (w @ v) / np.where(total == 0, 1, total)
+        keep = keep & (j > i - window)
+    bias = 0.0
+    if mask is not None:
+        m = np.array(mask) if mask.dtype == mx.bool_ else f64(mask)
+        if m.dtype == bool:
+            keep = keep & m
+        else:
+            bias = m
+    s = np.where(keep, s, np.finfo(np.float64).min / 2) + bias
+    if sinks is not None:
+        column = np.broadcast_to(f64(sinks)[None, :, None, None], (*s.shape[:-1], 1))
+        s = np.concatenate([column, s], axis=-1)
+    with np.errstate(invalid="ignore"):
+        w = np.exp(s - s.max(-1, keepdims=True))
+        w = w / w.sum(-1, keepdims=True)
+    if sinks is not None:
+        w = w[..., 1:]
+    out = w @ v
     return out.swapaxes(1, 2) if layout == "BSHD" else out

@@ -275,9 +275,14 @@ BAD = [
         "[flash_attention] scale",
     ),
     (
-        lambda q, k, v: mp.flash_attention(q, k[:, :, :3], v[:, :, :3], causal=True),
+        lambda q, k, v: mp.flash_attention(q, k, v, sinks=mx.ones((3,))),
         ValueError,
-        "[flash_attention] causal attention needs q_len <= kv_len",
+        "[flash_attention] sinks has shape (3,), expected (4,)",
+    ),
+    (
+        lambda q, k, v: mp.flash_attention(q, k, v, mask=mx.ones((1, 1, 1, 9, 9), mx.bool_)),
+        ValueError,
+        "[flash_attention] mask must have at most 4 dims",
     ),
     (
         lambda q, k, v: mp.flash_attention(q, k, v, mask=mx.ones((5, 5))),
@@ -285,9 +290,9 @@ BAD = [
         "[flash_attention] mask of shape (5, 5) does not broadcast",
     ),
     (
-        lambda q, k, v: mp.flash_attention(q, k, v, mask=mx.ones((9, 9), mx.int32)),
-        TypeError,
-        "[flash_attention] mask must be boolean or floating",
+        lambda q, k, v: mp.flash_attention(q, k, v, mask=mx.ones((9, 9), mx.float64)),
+        ValueError,
+        "[flash_attention] mask has dtype mlx.core.float64, which does not promote to float32",
     ),
     (
         lambda q, k, v: mp.sliding_window_attention(q, k, v, 0),
@@ -347,8 +352,8 @@ SLICED = [
 
 @pytest.mark.parametrize("name,shapes,options", SLICED)
 def test_large_calls_are_checked_on_slices_of_query_rows(name, shapes, options, monkeypatch):
-    from mlx_primitives.ops import _attention
     from mlx_primitives.check import TOLERANCES, check_outputs, expected
+    from mlx_primitives.ops import _attention
 
     monkeypatch.setattr(_attention, "CHECK_SCORES", 0)  # every call counts as large
     o = op(name)

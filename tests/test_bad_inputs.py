@@ -27,14 +27,14 @@ CASES = [
         mp.rms_norm,
         (mx.ones((4, 8), mx.int32), w),
         {},
-        TypeError,
+        ValueError,
         "[rms_norm] x must have a floating",
     ),
     (
         mp.rms_norm,
         (x, mx.ones((8,), mx.int32)),
         {},
-        TypeError,
+        ValueError,
         "[rms_norm] weight must have a floating",
     ),
     (mp.rms_norm, (mx.ones((0, 8)), w), {}, ValueError, "[rms_norm] x has a zero-size dim"),
@@ -92,13 +92,13 @@ CASES = [
         "[rope] freqs has shape (3,)",
     ),
     (mp.rope, (h, 8), {"base": -1.0}, ValueError, "[rope] base must be a finite positive"),
-    (mp.rope, (h, 8), {"offset": 1.5}, TypeError, "[rope] offset must be an integer"),
+    (mp.rope, (h, 8), {"offset": 1.5}, ValueError, "[rope] offset must be an integer"),
     (mp.rope, (h, 8), {"offset": 2**31}, ValueError, "[rope] offset must fit in int32"),
     (
         mp.rope,
         (h, 8),
         {"offset": mx.array([1.0, 2.0])},
-        TypeError,
+        ValueError,
         "[rope] offset must have an integer dtype",
     ),
     (
@@ -109,7 +109,7 @@ CASES = [
         "[rope] offset must be a scalar or a vector of 2",
     ),
     (mp.rope, (h, 8), {"traditional": 1}, TypeError, "[rope] traditional must be a bool"),
-    (mp.rope, (mx.ones((2, 3, 5, 8), mx.int32), 8), {}, TypeError, "[rope] x must have a floating"),
+    (mp.rope, (mx.ones((2, 3, 5, 8), mx.int32), 8), {}, ValueError, "[rope] x must have a floating"),
     # swiglu / geglu
     (
         mp.swiglu,

@@ -110,3 +110,20 @@ def test_as_dict_has_dtype_and_dims():
         "causal": False,
     }
     assert DIMS[0].kind == BUCKET
+
+
+def test_a_dim_added_later_keeps_earlier_keys():
+    """A dim with a default is left out of keys at that value: records made before the dim
+    existed still name the same problems."""
+    old = (Dim("rows"), Dim("dims", EXACT))
+    new = (*old, Dim("sinks", EXACT, default=False))
+    before = Problem("op", "float16", (8, 64), old)
+    now = Problem("op", "float16", (8, 64, False), new)
+    assert now.key == before.key == "op|float16|rows=8,dims=64"
+    assert Problem.parse(before.key, new) == now
+    other = Problem("op", "float16", (8, 64, True), new)
+    assert other.key == "op|float16|rows=8,dims=64,sinks=true"
+    assert Problem.parse(other.key, new) == other
+    assert now.distance(other).size == math.inf  # an exact dim apart
+    with pytest.raises(ValueError, match="does not name the dims"):
+        Problem.parse("op|float16|rows=8,sinks=true,dims=64", new)

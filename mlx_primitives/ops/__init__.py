@@ -6,6 +6,7 @@ from .gated import geglu, swiglu
 from .layer_norm import layer_norm
 from .rms_norm import rms_norm
 from .rope import rope
+from .sdpa import scaled_dot_product_attention
 from .sliding_window import sliding_window_attention
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "layer_norm",
     "rms_norm",
     "rope",
+    "scaled_dot_product_attention",
     "sliding_window_attention",
     "swiglu",
 ]

@@ -5,8 +5,13 @@ Layouts: ``BHSD`` is (batch, heads, seq, head_dim), as ``mx.fast.scaled_dot_prod
 takes it; ``BSHD`` is (batch, seq, heads, head_dim). Grouped-query attention (fewer key/value
 heads than query heads) is computed without repeating keys and values: queries are viewed as
 (batch, kv_heads, group, seq, head_dim) and broadcast against (batch, kv_heads, 1, seq, dim).
-A causal mask or a window is aligned bottom-right when there are fewer queries than keys
-(query i is at position i + kv_len - q_len), as in ``mx.fast.scaled_dot_product_attention``.
+
+Masks mean what they mean to ``mx.fast.scaled_dot_product_attention``: a causal mask or a
+window is aligned bottom-right (query i is at position i + kv_len - q_len), and with more
+queries than keys the first rows see no key; a boolean mask (True attends), a causal mask and
+a window set the scores they hide to a large finite negative, so a row that may attend to no
+key averages every value; an additive mask is added, so a row of -inf gives NaN. Attention
+sinks are one logit per query head, a column of the softmax whose weight is dropped.
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ DIMS = (
     Dim("head_dim", EXACT),
     Dim("layout", EXACT),
 )
+
+
+# What a hidden score becomes: finite, as MLX's attention makes it for boolean masks.
+MASKED = -1e30
 
 
 def check_qkv(op: str, q, k, v, layout: str, scale) -> tuple[str, tuple[int, ...]]:
@@ -65,6 +74,37 @@ def check_qkv(op: str, q, k, v, layout: str, scale) -> tuple[str, tuple[int, ...
     return dtypes[0], (b, hq, hkv, lq, lk, d)
 
 
+def check_mask(op: str, mask, shape: tuple[int, int, int, int], dtype: str) -> str:
+    """``mask`` is None or an array of at most 4 dims broadcastable to ``shape`` (B, Hq, Lq,
+    Lk), boolean or of a dtype that promotes to the inputs' ``dtype`` (as MLX requires);
+    returns its kind: ``"none"``, ``"bool"`` or ``"additive"``."""
+    if mask is None:
+        return "none"
+    if not isinstance(mask, mx.array):
+        raise TypeError(f"[{op}] mask must be an mlx.core.array or None, got {type(mask).__name__}")
+    if mask.ndim > 4:
+        raise ValueError(f"[{op}] mask must have at most 4 dims, got shape {mask.shape}")
+    full = (1,) * (4 - mask.ndim) + mask.shape
+    if any(m not in (1, s) for m, s in zip(full, shape)):
+        raise ValueError(f"[{op}] mask of shape {mask.shape} does not broadcast to {shape}")
+    if mask.dtype == mx.bool_:
+        return "bool"
+    if mx.result_type(mask.dtype, getattr(mx, dtype)) != getattr(mx, dtype):
+        raise ValueError(f"[{op}] mask has dtype {mask.dtype}, which does not promote to {dtype}")
+    return "additive"
+
+
+def check_sinks(op: str, sinks, heads: int) -> bool:
+    """``sinks`` is None or a floating vector of one logit per query head."""
+    if sinks is None:
+        return False
+    if not isinstance(sinks, mx.array) or not mx.issubdtype(sinks.dtype, mx.floating):
+        raise TypeError(f"[{op}] sinks must be a floating mlx.core.array or None")
+    if sinks.shape != (heads,):
+        raise ValueError(f"[{op}] sinks has shape {sinks.shape}, expected ({heads},)")
+    return True
+
+
 def problem_values(b, hq, hkv, lq, lk, d, layout) -> tuple:
     return (bucket(b), bucket(hq), hq // hkv, bucket(lq), bucket(lk), d, layout)
 
@@ -95,15 +135,6 @@ def grouped_mask(mask: mx.array, hq: int, hkv: int) -> mx.array:
     return mask.reshape(mask.shape[0], hkv, hq // hkv, *mask.shape[2:])
 
 
-def additive(mask: mx.array | None) -> mx.array | None:
-    """A boolean mask (True = attend) as 0 / -inf; an additive mask as it is, in float32."""
-    if mask is None:
-        return None
-    if mask.dtype == mx.bool_:
-        return mx.where(mask, 0.0, -math.inf)
-    return mask.astype(mx.float32)
-
-
 def visible(
     lq: int, lk: int, rows: tuple[int, int], cols: tuple[int, int], causal: bool, window: int | None
 ) -> mx.array | None:
@@ -119,9 +150,25 @@ def visible(
     return keep
 
 
-def reference(q, k, v, *, scale=None, causal=False, window=None, mask=None, layout="BHSD"):
-    """Dense attention: scores, softmax and the weighted sum in float32 (float64 for float64
-    inputs); a row that may attend to nothing gives zeros."""
+def _masks(mask, hq: int, hkv: int, dtype: mx.Dtype):
+    """A mask as ``(keep, bias)`` broadcastable to grouped scores: boolean masks keep, additive
+    ones add (in ``dtype``)."""
+    if mask is None:
+        return None, None
+    grouped = grouped_mask(mask, hq, hkv)
+    return (grouped, None) if mask.dtype == mx.bool_ else (None, grouped.astype(dtype))
+
+
+def _sink_logits(sinks, hq: int, hkv: int, dtype: mx.Dtype) -> mx.array:
+    """One logit per query head as (1, Hkv, G, 1, 1)."""
+    return sinks.astype(dtype).reshape(1, hkv, hq // hkv, 1, 1)
+
+
+def reference(
+    q, k, v, *, scale=None, causal=False, window=None, mask=None, sinks=None, layout="BHSD"
+):
+    """Dense attention with MLX's mask semantics (module docstring): scores, softmax and the
+    weighted sum in float32 (float64 for float64 inputs)."""
     dtype, acc = q.dtype, accumulator(q.dtype)
     q, k, v = (to_bhsd(a, layout).astype(acc) for a in (q, k, v))
     b, hq, lq, d = q.shape
@@ -129,16 +176,21 @@ def reference(q, k, v, *, scale=None, causal=False, window=None, mask=None, layo
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     qg, kg, vg = grouped(q, k, v)
     scores = (qg * scale) @ kg.swapaxes(-1, -2)
-    extra = additive(mask)
-    if extra is not None:
-        scores = scores + grouped_mask(extra, hq, hkv).astype(acc)
-    keep = visible(lq, lk, (0, lq), (0, lk), causal, window)
+    keep, bias = _masks(mask, hq, hkv, acc)
+    edge = visible(lq, lk, (0, lq), (0, lk), causal, window)
+    if edge is not None:
+        keep = edge if keep is None else keep & edge
     if keep is not None:
-        scores = mx.where(keep, scores, -math.inf)
-    top = mx.max(scores, axis=-1, keepdims=True)
-    weights = mx.exp(scores - mx.where(mx.isinf(top), 0.0, top))
-    total = mx.sum(weights, axis=-1, keepdims=True)
-    out = ((weights @ vg) / mx.where(total == 0, 1.0, total)).reshape(b, hq, lq, d).astype(dtype)
+        scores = mx.where(keep, scores, MASKED)
+    if bias is not None:
+        scores = scores + bias
+    if sinks is not None:
+        sink = mx.broadcast_to(_sink_logits(sinks, hq, hkv, acc), (*scores.shape[:-1], 1))
+        scores = mx.concatenate([sink, scores], axis=-1)
+    weights = mx.softmax(scores, axis=-1, precise=True)
+    if sinks is not None:
+        weights = weights[..., 1:]
+    out = (weights @ vg).reshape(b, hq, lq, v.shape[-1]).astype(dtype)
     return out.swapaxes(1, 2) if layout == "BSHD" else out
 
 
@@ -160,6 +212,7 @@ def blocked(
     causal=False,
     window=None,
     mask=None,
+    sinks=None,
     layout="BHSD",
     block_q: int,
     block_k: int,
@@ -167,45 +220,60 @@ def blocked(
     """Attention by online softmax over blocks of keys, never forming a q_len x kv_len
     tensor: memory O(block_q x block_k) beyond the inputs and output. Blocks of keys that no
     query of a block may see (above the causal diagonal, outside the window) are skipped, so
-    a window costs O(seq x window) work."""
+    a window costs O(seq x window) work. Masks and sinks mean what they mean to
+    :func:`reference`."""
     dtype = q.dtype
     q, k, v = (to_bhsd(a, layout) for a in (q, k, v))
     b, hq, lq, d = q.shape
-    hkv, lk = k.shape[1], k.shape[2]
+    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     qg, kg, vg = grouped(q, k, v)
-    extra = additive(mask)
-    extra = None if extra is None else grouped_mask(extra, hq, hkv)
+    keep_mask, bias_mask = _masks(mask, hq, hkv, mx.float32)
     off = lk - lq
     # Each block of queries is written into one output, in its final dtype (assembling blocks
     # by concatenation would hold the output twice).
-    out = mx.zeros(qg.shape, dtype)
+    out = mx.zeros((*qg.shape[:-1], dv), dtype)
+    # What a row that may attend to no key gives (without sinks): every value's mean.
+    mean_v = mx.mean(vg.astype(mx.float32), axis=-2, keepdims=True)
     for i0 in range(0, lq, block_q):
         i1 = min(i0 + block_q, lq)
         lo, hi = key_range(i0, i1, lq, lk, causal, window)
         # MLX would compute independent blocks' scores all before using any of them: each
         # block waits for the previous one (mx.depends), so one block's scores live at a time.
         qb = mx.depends(qg[..., i0:i1, :], out).astype(mx.float32) * scale
-        top = mx.full((*qb.shape[:-1], 1), -math.inf)
-        total = mx.zeros((*qb.shape[:-1], 1))
-        acc = mx.depends(mx.zeros(qb.shape[:-1] + (d,)), qb)
+        rows = (*qb.shape[:-1], 1)
+        if sinks is None:
+            top, total = mx.full(rows, -math.inf), mx.zeros(rows)
+        else:  # the sink is the softmax's first column: its weight is dropped
+            top = mx.broadcast_to(_sink_logits(sinks, hq, hkv, mx.float32), rows)
+            total = mx.ones(rows)
+        acc = mx.depends(mx.zeros(qb.shape[:-1] + (dv,)), qb)
         for j0 in range(lo, hi, block_k):
             j1 = min(j0 + block_k, hi)
             # The dependency comes before any work on the block, its float32 copies included.
             # It names the sum too: left off the chain, every block's sum would run last and
             # hold each block's probabilities until then.
             kb, vb = mx.depends([kg[..., j0:j1, :], vg[..., j0:j1, :]], [acc, total])
-            bias = None if extra is None else _block(extra, (i0, i1), (j0, j1))
+            keep = None if keep_mask is None else _block(keep_mask, (i0, i1), (j0, j1))
+            bias = None if bias_mask is None else _block(bias_mask, (i0, i1), (j0, j1))
             # Only blocks that cross the diagonal or the window's edge need an element mask.
             if (causal or window is not None) and not _inside(i0, i1, j0, j1, off, window):
-                keep = visible(lq, lk, (i0, i1), (j0, j1), causal, window)
-                edge = mx.where(keep, 0.0, -math.inf)
-                bias = edge if bias is None else bias + edge
+                edge = visible(lq, lk, (i0, i1), (j0, j1), causal, window)
+                keep = edge if keep is None else keep & edge
             top, total, acc = _step(
-                qb, kb.astype(mx.float32), vb.astype(mx.float32), top, total, acc, bias
+                qb, kb.astype(mx.float32), vb.astype(mx.float32), top, total, acc, keep, bias
             )
-        out[..., i0:i1, :] = (acc / mx.where(total == 0, 1.0, total)).astype(dtype)
-    out = out.reshape(b, hq, lq, d)
+        # 0 / 0 where every score was -inf (an additive mask): NaN, as MLX gives.
+        block = acc / total
+        if sinks is None:
+            # Every key this row visited was hidden, so are the ones it skipped.
+            block = mx.where((top > -math.inf) & (top < MASKED / 2), mean_v, block)
+        out[..., i0:i1, :] = block.astype(dtype)
+    if causal and lq > lk and sinks is None:
+        # The first rows see no key (their blocks visit none): every value's mean.
+        dead = (mx.arange(lq) < lq - lk)[:, None]
+        out = mx.where(dead, mean_v, out).astype(dtype)
+    out = out.reshape(b, hq, lq, dv)
     return out.swapaxes(1, 2) if layout == "BSHD" else out
 
 
@@ -225,7 +293,8 @@ def check_slices(
     None where the whole call is cheap to check."""
     ax = 2 if layout == "BHSD" else 1
     b, lq, lk = q.shape[0], q.shape[ax], k.shape[ax]
-    if b * q.shape[3 - ax] * lq * lk <= CHECK_SCORES:
+    # Rows that see no key average every value: no slice of the keys gives that.
+    if b * q.shape[3 - ax] * lq * lk <= CHECK_SCORES or (causal and lq > lk):
         return None
     out = []
     for a in sorted({0, max(0, (lq - CHECK_ROWS) // 2), max(0, lq - CHECK_ROWS)}):
@@ -299,9 +368,11 @@ def block_steps(
     return steps
 
 
-def _step(qb, kb, vb, top, total, acc, bias):
+def _step(qb, kb, vb, top, total, acc, keep, bias):
     """One block of keys of the online softmax: the running maximum, sum and weighted sum."""
     s = qb @ kb.swapaxes(-1, -2)
+    if keep is not None:
+        s = mx.where(keep, s, MASKED)
     if bias is not None:
         s = s + bias
     new_top = mx.maximum(top, mx.max(s, axis=-1, keepdims=True))

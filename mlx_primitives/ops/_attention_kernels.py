@@ -60,11 +60,16 @@ def _chunks(d: int, vec: int, lanes: int) -> int:
     return -(-(d // vec) // lanes)
 
 
+def _unmasked(problem: dict) -> bool:
+    """The kernels take causal masks and windows, no mask array and no sinks."""
+    return problem.get("mask", "none") == "none" and not problem.get("sinks", False)
+
+
 def supports(problem: dict, p: dict) -> bool:
     """Whether the config can serve ``problem`` (bucketed values are upper bounds)."""
     size = itemsize(problem["dtype"])
     d, vec = problem["head_dim"], p["vec"]
-    if size is None or problem.get("mask", "none") != "none" or problem["q_len"] > MAX_Q_LEN:
+    if size is None or not _unmasked(problem) or problem["q_len"] > MAX_Q_LEN:
         return False
     if d % vec or vec * size > 16:
         return False
@@ -95,7 +100,7 @@ def mma_supports(problem: dict, p: dict) -> bool:
     KV head, a GPU with bfloat16 mma and movmatrix (sm_80 or later; unknown passes: the tuner's
     check decides)."""
     d, rows = problem["head_dim"], problem["group"] * problem["q_len"]
-    if problem["dtype"] not in ("float16", "bfloat16") or problem.get("mask", "none") != "none":
+    if problem["dtype"] not in ("float16", "bfloat16") or not _unmasked(problem):
         return False
     arch = re.fullmatch(r"sm_(\d+)", detect_chip().arch)
     if arch and int(arch.group(1)) < MMA_MIN_SM:
@@ -187,7 +192,7 @@ def flash_supports(problem: dict, p: dict) -> bool:
     """Whether the flash config can serve ``problem`` (bucketed values are upper bounds)."""
     size = itemsize(problem["dtype"])
     d = problem["head_dim"]
-    if size is None or problem.get("mask", "none") != "none" or d % 4 or d > 256:
+    if size is None or not _unmasked(problem) or d % 4 or d > 256:
         return False
     rows, bq = p["rows"], p["warps"] * p["rows"]
     limit = SHARED.get(current_backend(), min(SHARED.values()))

@@ -27,8 +27,8 @@ def check_array(op: str, name: str, x, *, min_ndim: int = 1) -> tuple[str, tuple
     if not isinstance(x, mx.array):
         raise TypeError(f"[{op}] {name} must be an mlx.core.array, got {type(x).__name__}")
     dtype = _NAMES.get(x.dtype)
-    if dtype is None:
-        raise TypeError(f"[{op}] {name} must have a floating dtype, got {x.dtype}")
+    if dtype is None:  # a ValueError, as MLX's own ops raise for a dtype they do not take
+        raise ValueError(f"[{op}] {name} must have a floating dtype, got {x.dtype}")
     shape = x.shape
     if len(shape) < min_ndim:
         raise ValueError(f"[{op}] {name} must have at least {min_ndim} dims, got shape {shape}")

@@ -45,11 +45,11 @@ def _chunked(chunk: int):
 
 
 def _plain(q, k, v, chunk_size, scale, layout):
-    return _builtin(q, k, v, False, scale, layout, None)
+    return _builtin(q, k, v, False, scale, layout, None, None)
 
 
 def _cross_example(shapes, dtype, key, layout="BHSD", **_):
-    q, k, v, *_rest = _example(shapes, dtype, key, layout=layout)
+    q, k, v, *_ = _example(shapes, dtype, key, layout=layout)
     return q, k, v, None, None, layout
 
 
@@ -78,6 +78,7 @@ def chunked_cross_attention(
     chunk_size: int | None = None,
     scale: float | None = None,
     layout: str = "BHSD",
+    stream: mx.Stream | None = None,
 ) -> mx.array:
     """Attention of queries over a long key/value sequence, chunk by chunk (not causal).
 
@@ -89,11 +90,13 @@ def chunked_cross_attention(
             and chunk size, an int always runs the chunked composition with it.
         scale: scores are multiplied by this; default ``1 / sqrt(D)``.
         layout: ``"BHSD"`` or ``"BSHD"``.
+        stream: the stream or device to run on (default: the default stream).
     """
     if chunk_size is not None:
         OP.problem(q, k, v, chunk_size, scale, layout)
-        return _chunked(chunk_size)(q, k, v, chunk_size, scale, layout)
-    return OP(q, k, v, chunk_size, scale, layout)
+        fixed = OP.accepting(_chunked(chunk_size))
+        return fixed(q, k, v, chunk_size, scale, layout, stream=stream)
+    return OP(q, k, v, chunk_size, scale, layout, stream=stream)
 
 
 OP = register(

@@ -7,6 +7,7 @@ import math
 
 import mlx.core as mx
 
+from ..patch import MLX_FAST
 from ..problem import EXACT, Dim
 from ..registry import Example, Op, Variant, register
 from . import _attention as att
@@ -14,65 +15,57 @@ from ._attention_kernels import decode_mma_variant, decode_variant, flash_varian
 from ._common import check_bool, random
 
 NAME = "flash_attention"
-DIMS = (*att.DIMS, Dim("causal", EXACT), Dim("mask", EXACT))
+DIMS = (
+    *att.DIMS,
+    Dim("causal", EXACT),
+    Dim("mask", EXACT),
+    Dim("sinks", EXACT, default=False),
+)
 BLOCKS = {"block_q": (256, 64, 128, 512, 1024, 2048), "block_k": (512, 128, 256, 1024, 2048)}
 
 
-def _mask_kind(op: str, mask, shape: tuple[int, int, int, int]) -> str:
-    if mask is None:
-        return "none"
-    if not isinstance(mask, mx.array):
-        raise TypeError(f"[{op}] mask must be an mlx.core.array or None, got {type(mask).__name__}")
-    b, h, lq, lk = shape
-    if mask.ndim > 4 or mask.ndim < 2 or mask.size == 0:
-        raise ValueError(
-            f"[{op}] mask must have 2 to 4 dims broadcastable to {shape}, got {mask.shape}"
-        )
-    full = (1,) * (4 - mask.ndim) + mask.shape
-    if any(m not in (1, s) for m, s in zip(full, shape)) or full[1] not in (1, h):
-        raise ValueError(f"[{op}] mask of shape {mask.shape} does not broadcast to {shape}")
-    if mask.dtype == mx.bool_:
-        return "bool"
-    if not mx.issubdtype(mask.dtype, mx.floating):
-        raise TypeError(f"[{op}] mask must be boolean or floating, got {mask.dtype}")
-    return "additive"
-
-
-def _problem(q, k, v, causal, scale, layout, mask):
+def _problem(q, k, v, causal, scale, layout, mask, sinks):
     dtype, (b, hq, hkv, lq, lk, d) = att.check_qkv(NAME, q, k, v, layout, scale)
     check_bool(NAME, "causal", causal)
-    if causal and lq > lk:
-        raise ValueError(f"[{NAME}] causal attention needs q_len <= kv_len, got {lq} > {lk}")
-    mask_kind = _mask_kind(NAME, mask, (b, hq, lq, lk))
-    return dtype, (*att.problem_values(b, hq, hkv, lq, lk, d, layout), causal, mask_kind)
+    mask_kind = att.check_mask(NAME, mask, (b, hq, lq, lk), dtype)
+    has_sinks = att.check_sinks(NAME, sinks, hq)
+    values = att.problem_values(b, hq, hkv, lq, lk, d, layout)
+    return dtype, (*values, causal, mask_kind, has_sinks)
 
 
-def reference(q, k, v, causal, scale, layout, mask):
-    return att.reference(q, k, v, scale=scale, causal=causal, mask=mask, layout=layout)
+def reference(q, k, v, causal, scale, layout, mask, sinks):
+    return att.reference(q, k, v, scale=scale, causal=causal, mask=mask, sinks=sinks, layout=layout)
 
 
 def _check_slices(args):
-    q, k, v, causal, scale, layout, mask = args
+    q, k, v, causal, scale, layout, mask, sinks = args
 
     def call(q, k, v, mask):
-        return q, k, v, causal, scale, layout, mask
+        return q, k, v, causal, scale, layout, mask, sinks
 
     return att.check_slices(q, k, v, layout, call, causal=causal, mask=mask)
 
 
-def _builtin(q, k, v, causal, scale, layout, mask):
+def _builtin(q, k, v, causal, scale, layout, mask, sinks):
     q, k, v = (att.to_bhsd(a, layout) for a in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if causal:
-        # The fused kernel takes one mask: fold the causal one into an array mask.
+    if causal and mask is not None:
+        # The fused kernel takes one mask: the causal one folded into the array, hiding a
+        # score as MLX's boolean masks do.
         keep = att.visible(q.shape[2], k.shape[2], (0, q.shape[2]), (0, k.shape[2]), True, None)
-        mask = "causal" if mask is None else att.additive(mask) + mx.where(keep, 0.0, -math.inf)
-    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        if mask.dtype == mx.bool_:
+            mask = mask & keep
+        else:
+            mask = mask.astype(q.dtype)
+            mask = mx.where(keep, mask, mx.finfo(mask.dtype).min)
+    elif causal:
+        mask = "causal"
+    out = MLX_FAST["scaled_dot_product_attention"](q, k, v, scale=scale, mask=mask, sinks=sinks)
     return att.to_bhsd(out, layout)
 
 
 def _blocked(block_q: int, block_k: int):
-    def fn(q, k, v, causal, scale, layout, mask):
+    def fn(q, k, v, causal, scale, layout, mask, sinks):
         return att.blocked(
             q,
             k,
@@ -80,6 +73,7 @@ def _blocked(block_q: int, block_k: int):
             scale=scale,
             causal=causal,
             mask=mask,
+            sinks=sinks,
             layout=layout,
             block_q=block_q,
             block_k=block_k,
@@ -113,15 +107,21 @@ def _kernel_args(fn):
     """A kernel launcher ``fn(q, k, v, causal, scale, layout, window)`` taking the op's
     arguments."""
 
-    def call(q, k, v, causal, scale, layout, mask):
-        if mask is not None:
-            raise ValueError(f"[{NAME}] the custom kernels take no mask")
+    def call(q, k, v, causal, scale, layout, mask, sinks):
+        if mask is not None or sinks is not None:
+            raise ValueError(f"[{NAME}] the custom kernels take no mask array and no sinks")
+        ax = 2 if layout == "BHSD" else 1
+        if causal and q.shape[ax] > k.shape[ax]:
+            # Rows that see no key: rare, and the kernels do not average every value there.
+            return reference(q, k, v, causal, scale, layout, mask, sinks)
         return fn(q, k, v, causal, scale, layout, 0)
 
     return call
 
 
-def _example(shapes, dtype, key, causal=False, layout="BHSD", mask="none", kv_heads=None):
+def _example(
+    shapes, dtype, key, causal=False, layout="BHSD", mask="none", kv_heads=None, sinks=False
+):
     kq, kk, kv_, km = mx.random.split(key, 4)
     q_shape = tuple(shapes[0])
     b, h, lq, d = q_shape if layout == "BHSD" else (q_shape[0], q_shape[2], q_shape[1], q_shape[3])
@@ -136,13 +136,15 @@ def _example(shapes, dtype, key, causal=False, layout="BHSD", mask="none", kv_he
     elif mask == "additive":
         array = mx.random.normal((1, h, lq, lk), key=km).astype(dtype)
     q, k, v = (random(q_shape, dtype, kq), random(k_shape, dtype, kk), random(k_shape, dtype, kv_))
-    return q, k, v, causal, None, layout, array
+    logits = random((h,), dtype, km) if sinks else None
+    return q, k, v, causal, None, layout, array, logits
 
 
 def _case(p):
     b, h, lq, lk, d = p["batch"], p["q_heads"], p["q_len"], p["kv_len"], p["head_dim"]
     shapes = att.qkv_shapes(b, h, h // p["group"], lq, lk, d, p["layout"])
-    return shapes, {"causal": p["causal"], "layout": p["layout"], "mask": p["mask"]}
+    options = {"causal": p["causal"], "layout": p["layout"], "mask": p["mask"]}
+    return shapes, {**options, "sinks": p.get("sinks", False)}
 
 
 def _presets():
@@ -188,19 +190,27 @@ def flash_attention(
     scale: float | None = None,
     layout: str = "BHSD",
     mask: mx.array | None = None,
+    sinks: mx.array | None = None,
+    stream: mx.Stream | None = None,
 ) -> mx.array:
-    """Scaled dot-product attention, ``softmax(q k^T * scale + mask) v``.
+    """Scaled dot-product attention, ``softmax(q k^T * scale + mask) v``, with the masks of
+    ``mx.fast.scaled_dot_product_attention`` (a row that may attend to no key: the mean of
+    the values under a boolean or causal mask, NaN under an additive -inf).
 
     Args:
         q: queries, (B, Hq, Lq, D) for ``layout="BHSD"`` or (B, Lq, Hq, D) for ``"BSHD"``.
         k: keys with Hkv heads (Hq a multiple of Hkv: GQA and MQA) and Lk positions.
         v: values, the shape of ``k``.
-        causal: query i attends to keys up to i + Lk - Lq (aligned bottom-right).
+        causal: query i attends to keys up to i + Lk - Lq (aligned bottom-right; with more
+            queries than keys the first rows see none).
         scale: scores are multiplied by this; default ``1 / sqrt(D)``.
         layout: ``"BHSD"`` or ``"BSHD"``; the output has the layout of ``q``.
-        mask: boolean (True attends) or additive, broadcastable to (B, Hq, Lq, Lk).
+        mask: boolean (True attends) or additive, of at most 4 dims broadcastable to
+            (B, Hq, Lq, Lk); with ``causal`` both apply.
+        sinks: one logit per query head, (Hq,): a softmax column whose weight is dropped.
+        stream: the stream or device to run on (default: the default stream).
     """
-    return OP(q, k, v, causal, scale, layout, mask)
+    return OP(q, k, v, causal, scale, layout, mask, sinks, stream=stream)
 
 
 OP = register(

@@ -89,17 +89,24 @@ def _presets(**options):
     )
 
 
-def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+def swiglu(gate: mx.array, up: mx.array, *, stream: mx.Stream | None = None) -> mx.array:
     """``silu(gate) * up``, the gate of SwiGLU feed-forward blocks.
 
     Args:
         gate: the gate projection's output.
         up: the up projection's output, same shape and dtype as ``gate``.
+        stream: the stream or device to run on (default: the default stream).
     """
-    return SWIGLU(gate, up)
+    return SWIGLU(gate, up, stream=stream)
 
 
-def geglu(gate: mx.array, up: mx.array, approximate: str = "none") -> mx.array:
+def geglu(
+    gate: mx.array,
+    up: mx.array,
+    approximate: str = "none",
+    *,
+    stream: mx.Stream | None = None,
+) -> mx.array:
     """``gelu(gate) * up``, the gate of GeGLU feed-forward blocks.
 
     Args:
@@ -107,8 +114,9 @@ def geglu(gate: mx.array, up: mx.array, approximate: str = "none") -> mx.array:
         up: the up projection's output, same shape and dtype as ``gate``.
         approximate: ``"none"`` for the exact erf GELU (like ``mlx.nn.gelu``), ``"tanh"``
             (like ``mlx.nn.gelu_approx``) or ``"fast"`` (like ``mlx.nn.gelu_fast_approx``).
+        stream: the stream or device to run on (default: the default stream).
     """
-    return GEGLU(gate, up, approximate)
+    return GEGLU(gate, up, approximate, stream=stream)
 
 
 # Outputs fed back as the next gate grow to inf in float16 within a timing chain, and the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from ..patch import MLX_FAST
 from ..problem import EXACT, Dim, bucket
 from ..registry import Op, register
 from ._common import (
@@ -64,7 +65,7 @@ def _case(p):
 
 
 def _builtin(x, weight, bias, eps):
-    return mx.fast.layer_norm(x, weight, bias, eps)
+    return MLX_FAST["layer_norm"](x, weight, bias, eps)
 
 
 def _default(problem, backend):
@@ -72,7 +73,12 @@ def _default(problem, backend):
 
 
 def layer_norm(
-    x: mx.array, weight: mx.array | None, bias: mx.array | None, eps: float = 1e-5
+    x: mx.array,
+    weight: mx.array | None,
+    bias: mx.array | None,
+    eps: float = 1e-5,
+    *,
+    stream: mx.Stream | None = None,
 ) -> mx.array:
     """Layer normalization over the last axis, like ``mx.fast.layer_norm``.
 
@@ -83,8 +89,9 @@ def layer_norm(
         weight: scale of shape ``(x.shape[-1],)``, or None.
         bias: shift of shape ``(x.shape[-1],)``, or None.
         eps: added to the variance for numerical stability.
+        stream: the stream or device to run on (default: the default stream).
     """
-    return OP(x, weight, bias, eps)
+    return OP(x, weight, bias, eps, stream=stream)
 
 
 OP = register(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from ..patch import MLX_FAST
 from ..problem import EXACT, Dim, bucket
 from ..registry import Op, register
 from ._common import (
@@ -54,14 +55,16 @@ def _case(p):
 
 
 def _builtin(x, weight, eps):
-    return mx.fast.rms_norm(x, weight, eps)
+    return MLX_FAST["rms_norm"](x, weight, eps)
 
 
 def _default(problem, backend):
     return "builtin", {}
 
 
-def rms_norm(x: mx.array, weight: mx.array | None, eps: float = 1e-5) -> mx.array:
+def rms_norm(
+    x: mx.array, weight: mx.array | None, eps: float = 1e-5, *, stream: mx.Stream | None = None
+) -> mx.array:
     """Root mean square normalization over the last axis, like ``mx.fast.rms_norm``.
 
     .. math:: y = \\frac{x}{\\sqrt{\\mathrm{mean}(x^2) + \\epsilon}} \\cdot w
@@ -70,8 +73,9 @@ def rms_norm(x: mx.array, weight: mx.array | None, eps: float = 1e-5) -> mx.arra
         x: input of any shape; normalized over its last axis.
         weight: scale of shape ``(x.shape[-1],)``, or None for no scaling.
         eps: added to the mean square for numerical stability.
+        stream: the stream or device to run on (default: the default stream).
     """
-    return OP(x, weight, eps)
+    return OP(x, weight, eps, stream=stream)
 
 
 OP = register(

@@ -12,6 +12,7 @@ import math
 
 import mlx.core as mx
 
+from ..patch import MLX_FAST
 from ..problem import EXACT, Dim, bucket
 from ..registry import Example, Op, register
 from ._common import (
@@ -45,13 +46,15 @@ DIMS = (
 def _check_offset(offset, batch: int) -> None:
     if isinstance(offset, mx.array):
         if not mx.issubdtype(offset.dtype, mx.integer):
-            raise TypeError(f"[{NAME}] offset must have an integer dtype, got {offset.dtype}")
+            raise ValueError(f"[{NAME}] offset must have an integer dtype, got {offset.dtype}")
         if offset.ndim > 1 or offset.size not in (1, batch):
             raise ValueError(
                 f"[{NAME}] offset must be a scalar or a vector of {batch} elements, "
                 f"got shape {offset.shape}"
             )
     else:
+        if isinstance(offset, float):  # MLX takes it as an array and refuses its dtype
+            raise ValueError(f"[{NAME}] offset must be an integer, got {offset!r}")
         offset = check_int(NAME, "offset", offset)
         # Positions are int32 on every path (mx.fast.rope's offset too).
         if not -(2**31) <= offset < 2**31:
@@ -129,7 +132,7 @@ def reference(x, dims, traditional, base, scale, offset, freqs, layout):
 def _builtin(x, dims, traditional, base, scale, offset, freqs, layout):
     if layout == "BSHD":
         x = x.swapaxes(1, 2)
-    out = mx.fast.rope(
+    out = MLX_FAST["rope"](
         x, dims, traditional=traditional, base=base, scale=scale, offset=offset, freqs=freqs
     )
     return out.swapaxes(1, 2) if layout == "BSHD" else out
@@ -209,6 +212,7 @@ def rope(
     offset: int | mx.array = 0,
     freqs: mx.array | None = None,
     layout: str = "BHSD",
+    stream: mx.Stream | None = None,
 ) -> mx.array:
     """Rotary positional encoding, like ``mx.fast.rope``.
 
@@ -223,8 +227,9 @@ def rope(
             per batch entry).
         freqs: ``(dims // 2,)`` frequencies (inverse of ``theta_i``) instead of ``base``.
         layout: ``"BHSD"`` or ``"BSHD"``.
+        stream: the stream or device to run on (default: the default stream).
     """
-    return OP(x, dims, traditional, base, scale, offset, freqs, layout)
+    return OP(x, dims, traditional, base, scale, offset, freqs, layout, stream=stream)
 
 
 OP = register(
@@ -238,7 +243,7 @@ OP = register(
         case=_case,
         default=_default,
         variants=[
-            *mlx_variants(reference, _builtin, "mx.fast.rope", dynamic=(5,)),
+            *mlx_variants(reference, _builtin, "mx.fast.rope", dynamic=(5,)),  # offset
             *rope_variants(reference),
         ],
         presets=_presets(),

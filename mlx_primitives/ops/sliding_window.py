@@ -7,7 +7,8 @@ import math
 
 import mlx.core as mx
 
-from ..problem import Dim, bucket
+from ..patch import MLX_FAST
+from ..problem import EXACT, Dim, bucket
 from ..registry import Example, Op, Variant, register
 from . import _attention as att
 from ._attention_kernels import decode_mma_variant, decode_variant, flash_variant
@@ -15,43 +16,66 @@ from ._common import check_int
 from .flash_attention import BLOCKS, _blocked_supports, _case, _example
 
 NAME = "sliding_window_attention"
-DIMS = (*att.DIMS, Dim("window"))
+DIMS = (
+    *att.DIMS,
+    Dim("window"),
+    Dim("mask", EXACT, default="none"),
+    Dim("sinks", EXACT, default=False),
+)
 
 
-def _problem(q, k, v, window_size, scale, layout):
+def _problem(q, k, v, window_size, scale, layout, mask, sinks):
     dtype, (b, hq, hkv, lq, lk, d) = att.check_qkv(NAME, q, k, v, layout, scale)
     check_int(NAME, "window_size", window_size, minimum=1)
     if lq > lk:
         raise ValueError(f"[{NAME}] needs q_len <= kv_len, got {lq} > {lk}")
+    mask_kind = att.check_mask(NAME, mask, (b, hq, lq, lk), dtype)
+    has_sinks = att.check_sinks(NAME, sinks, hq)
     window = min(window_size, lk)  # a window past the start is the causal mask
-    return dtype, (*att.problem_values(b, hq, hkv, lq, lk, d, layout), bucket(window))
+    values = att.problem_values(b, hq, hkv, lq, lk, d, layout)
+    return dtype, (*values, bucket(window), mask_kind, has_sinks)
 
 
-def reference(q, k, v, window_size, scale, layout):
-    return att.reference(q, k, v, scale=scale, causal=True, window=window_size, layout=layout)
+def reference(q, k, v, window_size, scale, layout, mask, sinks):
+    return att.reference(
+        q,
+        k,
+        v,
+        scale=scale,
+        causal=True,
+        window=window_size,
+        mask=mask,
+        sinks=sinks,
+        layout=layout,
+    )
 
 
 def _check_slices(args):
-    q, k, v, window, scale, layout = args
+    q, k, v, window, scale, layout, mask, sinks = args
 
-    def call(q, k, v, _mask):
-        return q, k, v, window, scale, layout
+    def call(q, k, v, mask):
+        return q, k, v, window, scale, layout, mask, sinks
 
-    return att.check_slices(q, k, v, layout, call, causal=True, window=window)
+    return att.check_slices(q, k, v, layout, call, causal=True, window=window, mask=mask)
 
 
-def _dense_mask(q, k, v, window_size, scale, layout):
-    """MLX's fused attention with the window as a dense boolean mask (O(seq^2) memory)."""
+def _dense_mask(q, k, v, window_size, scale, layout, mask, sinks):
+    """MLX's fused attention with the window as a dense mask (O(seq^2) memory)."""
     q, k, v = (att.to_bhsd(a, layout) for a in (q, k, v))
     lq, lk = q.shape[2], k.shape[2]
     keep = att.visible(lq, lk, (0, lq), (0, lk), True, window_size)
+    if mask is not None and mask.dtype == mx.bool_:
+        keep = keep & mask
+    elif mask is not None:  # hidden as MLX hides scores under a boolean mask
+        mask = mask.astype(q.dtype)
+        keep = mx.where(keep, mask, mx.finfo(mask.dtype).min)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=keep)
+    out = MLX_FAST["scaled_dot_product_attention"](q, k, v, scale=scale, mask=keep, sinks=sinks)
     return att.to_bhsd(out, layout)
 
 
 def _blocked(block_q: int, block_k: int):
-    def fn(q, k, v, window_size, scale, layout):
+    def fn(q, k, v, window_size, scale, layout, mask, sinks):
         return att.blocked(
             q,
             k,
@@ -59,6 +83,8 @@ def _blocked(block_q: int, block_k: int):
             scale=scale,
             causal=True,
             window=window_size,
+            mask=mask,
+            sinks=sinks,
             layout=layout,
             block_q=block_q,
             block_k=block_k,
@@ -71,20 +97,29 @@ def _kernel_args(fn):
     """A kernel launcher ``fn(q, k, v, causal, scale, layout, window)`` taking the op's
     arguments."""
 
-    def call(q, k, v, window_size, scale, layout):
+    def call(q, k, v, window_size, scale, layout, mask, sinks):
+        if mask is not None or sinks is not None:
+            raise ValueError(f"[{NAME}] the custom kernels take no mask array and no sinks")
         return fn(q, k, v, True, scale, layout, window_size)
 
     return call
 
 
-def _window_example(shapes, dtype, key, layout="BHSD", window=16, **_):
-    q, k, v, *_rest = _example(shapes, dtype, key, layout=layout)
-    return q, k, v, window, None, layout
+def _window_example(shapes, dtype, key, layout="BHSD", window=16, mask="none", sinks=False, **_):
+    q, k, v, _, _, _, array, logits = _example(
+        shapes, dtype, key, layout=layout, mask=mask, sinks=sinks
+    )
+    return q, k, v, window, None, layout, array, logits
 
 
 def _window_case(p):
-    shapes, options = _case({**p, "causal": True, "mask": "none"})
-    return shapes, {"layout": options["layout"], "window": p["window"]}
+    shapes, options = _case({**p, "causal": True})
+    return shapes, {
+        "layout": options["layout"],
+        "window": p["window"],
+        "mask": p["mask"],
+        "sinks": p["sinks"],
+    }
 
 
 def _presets():
@@ -108,6 +143,9 @@ def sliding_window_attention(
     *,
     scale: float | None = None,
     layout: str = "BHSD",
+    mask: mx.array | None = None,
+    sinks: mx.array | None = None,
+    stream: mx.Stream | None = None,
 ) -> mx.array:
     """Causal attention within a sliding window: query i sees keys i - window_size + 1 .. i.
 
@@ -118,8 +156,11 @@ def sliding_window_attention(
         window_size: how many keys each query sees, itself included (>= 1).
         scale: scores are multiplied by this; default ``1 / sqrt(D)``.
         layout: ``"BHSD"`` or ``"BSHD"``.
+        mask: as for :func:`flash_attention`, applied inside the window.
+        sinks: as for :func:`flash_attention`.
+        stream: the stream or device to run on (default: the default stream).
     """
-    return OP(q, k, v, window_size, scale, layout)
+    return OP(q, k, v, window_size, scale, layout, mask, sinks, stream=stream)
 
 
 OP = register(

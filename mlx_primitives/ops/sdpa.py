@@ -1,0 +1,64 @@
+"""``mx.fast.scaled_dot_product_attention`` with its exact signature and semantics, served by
+the tuned attention variants (through :func:`flash_attention`)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from ..patch import MLX_FAST
+from .flash_attention import OP as FLASH
+
+NAME = "scaled_dot_product_attention"
+
+
+def scaled_dot_product_attention(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    *,
+    scale: float,
+    mask: str | mx.array | None = None,
+    sinks: mx.array | None = None,
+    force_fused: bool = False,
+    stream: mx.Stream | None = None,
+) -> mx.array:
+    """Multi-head attention, ``softmax(q k^T * scale + mask) v``, as
+    ``mx.fast.scaled_dot_product_attention``, routed to the tuned variants.
+
+    Args:
+        q: queries, ``(B, N_q, T_q, D)``.
+        k: keys, ``(B, N_kv, T_kv, D)``, ``N_q`` a multiple of ``N_kv`` (GQA, MQA).
+        v: values, ``(B, N_kv, T_kv, D_v)``.
+        scale: scores are multiplied by this.
+        mask: None, ``"causal"`` (aligned bottom-right: with more queries than keys the first
+            rows see no key), or a boolean or additive array of at most 4 dims broadcastable
+            to ``(B, N_q, T_q, T_kv)``. A row that may attend to no key gives the mean of the
+            values under a boolean or causal mask, and NaN under an additive -inf.
+        sinks: one logit per query head, ``(N_q,)``.
+        force_fused: MLX's own fused kernel, as MLX does with it.
+        stream: the stream or device to run on.
+    """
+    if force_fused or not _served(q, k, v):
+        return MLX_FAST[NAME](
+            q, k, v, scale=scale, mask=mask, sinks=sinks, force_fused=force_fused, stream=stream
+        )
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(
+                f"[{NAME}] invalid mask option {mask!r}. Must be 'causal', or an array."
+            )
+        causal, mask = True, None
+    else:
+        causal = False
+    dtype = mx.result_type(q, k, v)
+    if not mx.issubdtype(dtype, mx.floating):
+        raise ValueError(f"[{NAME}] Received unsupported type {dtype}.")
+    q, k, v = (a.astype(dtype) for a in (q, k, v))  # promoted as MLX does
+    return FLASH(q, k, v, causal, scale, "BHSD", mask, sinks, stream=stream)
+
+
+def _served(q, k, v) -> bool:
+    """Whether the tuned variants model this call: 4-D arrays, values with the keys' shape
+    (MLX's own op serves the rest, including its errors)."""
+    arrays = all(isinstance(a, mx.array) and a.ndim == 4 for a in (q, k, v))
+    return arrays and k.shape == v.shape and q.shape[-1] == k.shape[-1]
