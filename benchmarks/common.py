@@ -81,6 +81,7 @@ def measure(
             "chain": t.chain,
             "first_call_s": t.first_call_s,
             "idle_s": t.idle_s,
+            "build_eval_s": t.build_eval_s,
         }  # first call: compiling, where a back-end compiles
         for t in timings
     ]
@@ -202,6 +203,8 @@ def run_op(
             **head[0],
             "baseline_median_s": head[1]["median_s"],
             "baseline_spread_s": head[1]["spread_s"],
+            # What a model pays per call: the host's graph building too.
+            "build_eval_vs_baseline": head[1]["build_eval_s"] / head[0]["build_eval_s"],
             **({"inference_median_s": head[2]["median_s"]} if len(head) > 2 else {}),
         }
     ]

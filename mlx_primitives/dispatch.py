@@ -40,6 +40,10 @@ PROBE_MAX_DIM = 16
 NEAREST_MAX_DISTANCE = 2
 
 _cache: dict[tuple, Callable] = {}
+# Calls served before, by the marks of their arguments (each array's shape and dtype, each
+# other argument's type and value; a volatile argument's type alone): the checked decision.
+_calls: dict[tuple, Callable] = {}
+MAX_CALLS = 4096
 _entries: dict[tuple[str, str], list[tuple[Problem, TuningRecord, str]]] = {}
 _disabled: set[tuple[str, str]] = set()
 _warned: set[str] = set()
@@ -64,6 +68,7 @@ def reset() -> None:
     """Forget cached decisions, loaded records, disabled variants and given warnings (after
     tuning, say)."""
     _cache.clear()
+    _calls.clear()
     _entries.clear()
     _disabled.clear()
     _warned.clear()
@@ -86,9 +91,60 @@ def mode() -> str:
     return value
 
 
+def fast_path(op: Op) -> Callable:
+    """The hot path of ``op``'s calls, made once per op: ``serve(*args, stream=None)``, given
+    the op's arguments in canonical order, marks each argument (an array by its shape and dtype,
+    anything else by its type and value; a volatile one by its type, after its own check),
+    finds the decision kept for those marks and calls it. A call with new marks is checked by
+    the op's problem function and routed (:func:`_first`). The function is written out for
+    the op's arity so that the marks are made inline: a loop over the arguments cost as much
+    again per call as the rest of the dispatch."""
+    names = [f"a{i}" for i in range(len(op.params))]
+    marks = []
+    for i, a in enumerate(names):
+        other = f"(V{i}({a}), {a}.__class__)" if i in op.volatile else f"({a}.__class__, {a})"
+        marks.append(f"(({a}.shape, {a}.dtype) if {a}.__class__ is ARRAY else {other})")
+    args = ", ".join(names)
+    source = (
+        f"def serve({args}, stream=None):\n"
+        f"    if stream is not None:  # chosen for the stream's device, so routed inside it\n"
+        f"        with STREAM(stream):\n"
+        f"            return serve({args})\n"
+        f"    key = (NAME, DEVICE().type, {', '.join(marks)})\n"
+        f"    try:\n"
+        f"        fn = CALLS.get(key)\n"
+        f"    except TypeError:  # an argument that cannot be a key\n"
+        f"        fn = key = None\n"
+        f"    return (fn or FIRST(OP, ({args},), key))({args})\n"
+    )
+    scope = {
+        "ARRAY": mx.array,
+        "NAME": op.name,
+        "DEVICE": mx.default_device,
+        "STREAM": mx.stream,
+        "CALLS": _calls,
+        "FIRST": _first,
+        "OP": op,
+        **{f"V{i}": check for i, check in op.volatile.items()},
+    }
+    exec(compile(source, f"<dispatch of {op.name}>", "exec"), scope)
+    return scope["serve"]
+
+
+def _first(op: Op, args: tuple, key: tuple | None) -> Callable:
+    """A call with new marks: its problem checked and routed, the decision kept for them."""
+    problem = op.problem(*args)
+    fn = route(op, problem.dtype, problem.values)
+    if key is not None:
+        if len(_calls) >= MAX_CALLS:
+            _calls.clear()
+        _calls[key] = fn
+    return fn
+
+
 def route(op: Op, dtype: str, values: tuple) -> Callable:
-    """The callable serving a problem, by its dtype's name and values (the hot path: one dict
-    lookup on a hit; the Problem is made only on a miss)."""
+    """The callable serving a problem, by its dtype's name and values, taking the op's
+    arguments in canonical order (the Problem is made only on a miss)."""
     key = (op.name, dtype, values, mx.default_device().type)
     fn = _cache.get(key)
     if fn is None:
@@ -99,6 +155,7 @@ def route(op: Op, dtype: str, values: tuple) -> Callable:
 def _disable(op: Op, name: str, error: Exception) -> None:
     _disabled.add((op.name, name))
     _cache.clear()
+    _calls.clear()
     warn_once(
         f"[{op.name}] variant {name!r} failed on this machine ({type(error).__name__}: "
         f"{str(error)[:300]}); disabled for this process, using the default"
@@ -111,22 +168,22 @@ def _resolve(op: Op, problem: Problem) -> Callable:
     # The default needs no probe (a reference check at the first call) and has nothing to fall
     # back to, whether a record chose it or not.
     if (decision.variant, decision.params) == op.default(problem):
-        return variant.build(**decision.params)
+        return variant.positional(**decision.params)
     try:
-        fn = variant.build(**decision.params)
+        fn = variant.positional(**decision.params)
         _probe(op, problem, fn)
     except Exception as e:
         _disable(op, variant.name, e)
         return _resolve(op, problem)
 
-    def guarded(*args, **kwargs):
+    def guarded(*args):
         # A call can still fail where the probe did not (a transformation the variant lacks,
         # a constant out of its range): then the default serves, now and from then on.
         try:
-            return fn(*args, **kwargs)
+            return fn(*args)
         except Exception as e:
             _disable(op, variant.name, e)
-            return route(op, problem.dtype, problem.values)(*args, **kwargs)
+            return route(op, problem.dtype, problem.values)(*args)
 
     return guarded
 

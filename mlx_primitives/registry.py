@@ -97,14 +97,18 @@ class Variant:
     def allows(self, problem: dict, params: dict) -> bool:
         return self.supports is None or bool(self.supports(problem, params))
 
-    def build(self, **params) -> Callable:
-        """The callable for ``params``, taking the op's signature (validated; memoised per
-        process)."""
+    def positional(self, **params) -> Callable:
+        """The callable for ``params``, taking the op's arguments in canonical order, all
+        given (validated; memoised per process): what dispatch calls."""
         key = tuple(sorted(self.validate(params).items()))
         fn = self._built.get(key)
         if fn is None:
-            fn = self._built[key] = self._accepting(self.factory(**params))
+            fn = self._built[key] = self.factory(**params)
         return fn
+
+    def build(self, **params) -> Callable:
+        """The callable for ``params``, taking the op's own signature."""
+        return self._accepting(self.positional(**params))
 
     @cached_property
     def source_hash(self) -> str:
@@ -161,6 +165,9 @@ class Op:
         feed: the argument (by position) that timing feeds each call's output back into, so
             the calls run in order; another where outputs fed back as the first drift to
             values that take a slow path; None to time independent calls.
+        volatile: ``{position: check}`` for an argument whose value changes from call to call
+            (a position offset): dispatch reuses a decision across its values, checking each
+            with ``check`` (which raises on a bad one) instead of the whole problem.
     """
 
     def __init__(
@@ -180,11 +187,13 @@ class Op:
         tolerances: dict[str, tuple[float, float]] | None = None,
         check_slices: Callable[[tuple], list | None] | None = None,
         feed: int | None = 0,
+        volatile: dict[int, Callable] | None = None,
     ):
         self.name = name
         self.signature = inspect.signature(signature)
         # A ``stream`` argument is not the op's: it sets the default stream of the call.
         self.params = tuple(p for p in self.signature.parameters if p != "stream")
+        self._arity = len(self.params)
         self.dims = tuple(dims)
         self._problem = problem
         self.reference = self.accepting(reference)
@@ -200,6 +209,10 @@ class Op:
         if feed is not None and (type(feed) is not int or feed < 0):
             raise TypeError(f"[{name}] feed must be an argument position or None, got {feed!r}")
         self.feed = feed
+        self.volatile = volatile or {}
+        # The call with the canonical arguments, all given, and an optional stream: what the
+        # public functions call.
+        self.serve = dispatch.fast_path(self)
         names = [v.name for v in self.variants]
         if len(set(names)) != len(names):
             raise ValueError(f"[{name}] duplicate variant names in {names}")
@@ -256,14 +269,9 @@ class Op:
         return self._default(problem.as_dict(), backend or current_backend())
 
     def __call__(self, *args, stream=None, **kwargs):
-        if kwargs or len(args) != len(self.params):
+        if kwargs or len(args) != self._arity:
             args = self.bind(*args, **kwargs)
-        if stream is not None:
-            # The variant is chosen for the stream's device, so routing runs inside too.
-            with mx.stream(stream):
-                return self(*args)
-        dtype, values = self._problem(*args)
-        return dispatch.route(self, dtype, values)(*args)
+        return self.serve(*args, stream=stream)
 
 
 _REGISTRY: dict[str, Op] = {}

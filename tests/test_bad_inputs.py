@@ -109,7 +109,13 @@ CASES = [
         "[rope] offset must be a scalar or a vector of 2",
     ),
     (mp.rope, (h, 8), {"traditional": 1}, TypeError, "[rope] traditional must be a bool"),
-    (mp.rope, (mx.ones((2, 3, 5, 8), mx.int32), 8), {}, ValueError, "[rope] x must have a floating"),
+    (
+        mp.rope,
+        (mx.ones((2, 3, 5, 8), mx.int32), 8),
+        {},
+        ValueError,
+        "[rope] x must have a floating",
+    ),
     # swiglu / geglu
     (
         mp.swiglu,

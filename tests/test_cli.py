@@ -272,11 +272,6 @@ def test_show_marks_a_record_that_does_not_fit_its_op(capsys, db):
     assert code == 0 and "(invalid: " in out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="package bug: cli._row drops every field of a TuningRecord that does not fit its op "
-    "(`shown = entry if isinstance(entry, dict) else {}`)",
-)
 def test_show_keeps_the_fields_of_a_record_that_does_not_fit_its_op(capsys, db):
     rec = _rms_record("nope")
     db.put(rec)

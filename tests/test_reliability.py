@@ -467,6 +467,22 @@ def test_a_record_of_another_chip_is_kept_but_never_used_here(db, tmp_path, monk
     assert (d.source, d.variant, d.chip) == ("user", "tiled", here.chip)
 
 
+def test_a_shipped_entry_that_is_not_a_record_costs_only_itself(tmp_path, monkeypatch):
+    toy = make_op()
+    good = _hostile(toy, {})
+    _ship(monkeypatch, tmp_path / "shipped.json", ["junk", None, [good], good])
+    with pytest.warns(RuntimeWarning, match="ignoring an entry of .*shipped.json that is not a"):
+        d = dispatch.choose(toy, toy.problem(X))
+    assert (d.source, d.variant, d.params) == ("pretuned", "tiled", TILED)
+
+
+def test_a_shipped_file_that_is_not_an_export_is_ignored_with_a_warning(tmp_path, monkeypatch):
+    toy = make_op()
+    _ship(monkeypatch, tmp_path / "shipped.json", [_hostile(toy, {})])
+    (tmp_path / "shipped.json").write_text('{"format": "mlx-primitives-tuning", "schema": 99}')
+    _default_serves(toy, "ignoring the shipped tuning database .*schema 99")
+
+
 @pytest.mark.parametrize(
     "overrides,message",
     [

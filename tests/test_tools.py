@@ -89,7 +89,14 @@ def test_a_row_names_the_default_when_the_tuned_variant_failed_its_probe(db, mon
     toy = make_op()
     db.put(record(toy, mx.ones((64, 256)), "wrong"))
     common.dispatch.reset()
-    fake = {"median_s": 1e-6, "spread_s": 0.0, "reps": 5, "chain": 1, "first_call_s": 0}
+    fake = {
+        "median_s": 1e-6,
+        "spread_s": 0.0,
+        "reps": 5,
+        "chain": 1,
+        "first_call_s": 0,
+        "build_eval_s": 2e-6,
+    }
     monkeypatch.setattr(common, "measure", lambda calls, *a: [dict(fake) for _ in calls])
     monkeypatch.setattr(common, "_variant_configs", lambda *a: [("default", {})])
     with pytest.warns(RuntimeWarning, match="variant 'wrong' failed"):
@@ -254,7 +261,14 @@ def test_a_dispatched_kernel_is_also_timed_in_inference_mode(monkeypatch):
         timed.append(calls)
         feeds.append(feed)
         return [
-            {"median_s": (i + 1) * 1e-6, "spread_s": 0.0, "reps": 5, "chain": 1, "first_call_s": 0}
+            {
+                "median_s": (i + 1) * 1e-6,
+                "spread_s": 0.0,
+                "reps": 5,
+                "chain": 1,
+                "first_call_s": 0,
+                "build_eval_s": (i + 2) * 1e-6,
+            }
             for i in range(len(calls))
         ]
 

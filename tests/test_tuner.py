@@ -353,10 +353,10 @@ def test_evaluations_start_alike_after_their_builds(monkeypatch):
 
     x = mx.ones((4,))
     begun = time.perf_counter()
-    per_call = timing._run_chain((mx.abs, (x,), {}), 2, 0, idle_s=0.05)
-    # The wait comes before the clock starts.
+    per_call, with_build = timing._run_chain((mx.abs, (x,), {}), 2, 0, idle_s=0.05)
+    # The wait comes before the clock starts, and is no part of the build either.
     assert time.perf_counter() - begun >= 0.05
-    assert per_call < 0.01
+    assert per_call <= with_build < 0.01
 
     def slow_build(a):
         time.sleep(1e-3)
@@ -383,6 +383,7 @@ def test_evaluations_start_alike_after_their_builds(monkeypatch):
     assert waits.count(fast.idle_s) == fast.reps + slow.reps
     assert set(waits) == {0.0, fast.idle_s}
     assert slow.median_s < 1e-3  # the sleeps were built, not timed
+    assert slow.build_eval_s >= 1e-3 > fast.build_eval_s  # ... but count with the build
     assert {t.idle_s for t in timing.paired([fast, slow])} == {fast.idle_s}
     # A call timed apart can be made to wait as long as the calls it is compared with.
     (alone,) = timing.bench_many(
@@ -407,14 +408,16 @@ def test_chain_length_follows_the_per_call_cost_not_the_evaluations(monkeypatch)
     from mlx_primitives.tuning import timing
 
     fixed_s, per_call_s = 200e-6, 50e-6
-    monkeypatch.setattr(timing, "_run_chain", lambda call, n, feed: fixed_s / n + per_call_s)
+    monkeypatch.setattr(timing, "_run_chain", lambda call, n, feed: (fixed_s / n + per_call_s,) * 2)
     _, wanted, _ = timing._prepare((mx.abs, (mx.ones((4,)),), {}), None, 20e-3, 1000, 0)
     # From one call: 20 ms / 250 us = 80 calls; from four: 20 ms / 100 us = 200.
     assert wanted == int(20e-3 / (fixed_s / timing.PROBE_CHAIN + per_call_s))
     assert wanted > 150
     # The probe stays within the memory cap, and a call over the limit is stopped before it.
     chains = []
-    monkeypatch.setattr(timing, "_run_chain", lambda call, n, feed: chains.append(n) or 5e-3)
+    monkeypatch.setattr(
+        timing, "_run_chain", lambda call, n, feed: chains.append(n) or (5e-3, 5e-3)
+    )
     monkeypatch.setattr(timing, "_chain_bytes", lambda: 1)
     timing._prepare((mx.abs, (mx.ones((4,)),), {}), None, 20e-3, 1000, 0)
     assert chains == [1]

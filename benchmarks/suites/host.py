@@ -1,5 +1,9 @@
-"""What the chain timing of the other suites leaves out, for the first five ops.
+"""What the chain timing of the other suites leaves out.
 
+- ``overhead``: the library's cost per call on a cache hit, for every op (rope with each kind
+  of offset, attention also through ``scaled_dot_product_attention``): host time to build one
+  call's graph through the public function, against the variant it serves called directly
+  with the same arguments (best of three loops; no evaluation);
 - ``build``: host time to build one call's graph (no evaluation) at each op's largest problem
   (of its default tuning preset on a GPU, of its quick one on the CPU): the baseline, the
   dispatch, the variant it serves called directly, and that variant in ``inference_mode``;
@@ -15,6 +19,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import statistics
@@ -22,16 +27,19 @@ import time
 
 import mlx.core as mx
 
+import mlx_primitives as mp
 from mlx_primitives import dispatch
 from mlx_primitives.hardware import current_backend
 from mlx_primitives.problem import parse_dtype
-from mlx_primitives.registry import Example, op
+from mlx_primitives.registry import Example, op, ops
 from mlx_primitives.tuning import timing
 
 from ..common import _inference, header
 
 OPS = ("rms_norm", "layer_norm", "rope", "swiglu", "geglu")
-SECTIONS = ("build", "idle", "offset")
+SECTIONS = ("overhead", "build", "idle", "offset")
+# The most the library may add to a call on a cache hit (issue #26).
+OVERHEAD_GOAL_S = 1.5e-6
 # The idle section's problems: each op's default problems in float16 below this many elements
 # (1 and 64 rows, rope's decode), where MLX's cost per call dominates.
 SMALL = 2**20
@@ -59,6 +67,62 @@ def _per_call_s(fn, args, kwargs, n: int = 3000) -> float:
             fn(*args, **kwargs)
         best = min(best, (time.perf_counter() - start) / n)
     return best
+
+
+def _calls(o, args: tuple) -> dict:
+    """``{label: (public call, its arguments as the variant takes them)}`` for ``o``: the
+    public function called as a program calls it (positional arguments positionally), rope
+    with each kind of offset, attention through scaled_dot_product_attention too."""
+    public = getattr(mp, o.name)
+    kinds = inspect.signature(public).parameters
+    pos = [a for p, a in zip(o.params, args) if kinds[p].kind != kinds[p].KEYWORD_ONLY]
+    kw = {p: a for p, a in zip(o.params, args) if kinds[p].kind == kinds[p].KEYWORD_ONLY}
+    out = {"": (lambda: public(*pos, **kw), args)}
+    if o.name == "rope":
+        at = o.params.index("offset")
+        fresh = itertools.count(10**5)
+        x, dims, scalar = args[0], args[1], mx.array(7)
+        out = {
+            "offset=int": (lambda: public(x, dims, offset=7), (*args[:at], 7, *args[at + 1 :])),
+            "offset=new int each call": (lambda: public(x, dims, offset=next(fresh)), args),
+            "offset=mx.array(7)": (
+                lambda: public(x, dims, offset=scalar),
+                (*args[:at], scalar, *args[at + 1 :]),
+            ),
+        }
+    if o.name == "flash_attention":
+        q, k, v, causal, scale = args[:5]
+        scale = scale or q.shape[-1] ** -0.5
+        mask = "causal" if causal else None
+        out["scaled_dot_product_attention"] = (
+            lambda: mp.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask),
+            (q, k, v, causal, scale, *args[5:]),
+        )
+    return out
+
+
+def overhead_rows(o, preset: str) -> list[dict]:
+    ex = min(o.presets[preset], key=lambda e: math.prod(e.shapes[0]))
+    args, _, _, decision = _case(o, ex)
+    served = o.variant(decision.variant).positional(**decision.params)
+    rows = []
+    for label, (call, variant_args) in _calls(o, args).items():
+        mx.eval(call(), served(*variant_args))  # compiled before the clock
+        dispatch_s = _per_call_s(call, (), {})
+        variant_s = _per_call_s(served, variant_args, {})
+        rows.append(
+            {
+                "op": o.name,
+                "call": label,
+                "example": ex.label(),
+                "variant": decision.variant,
+                "dispatch_s": dispatch_s,
+                "variant_s": variant_s,
+                "overhead_s": dispatch_s - variant_s,
+                "goal_s": OVERHEAD_GOAL_S,
+            }
+        )
+    return rows
 
 
 def build_rows(o, preset: str) -> list[dict]:
@@ -189,9 +253,11 @@ def run(args) -> dict:
         raise SystemExit(f"[host] unknown sections {sorted(unknown)}: {list(SECTIONS)}")
     result = header("host")
     result["method"] = (
-        "build: host seconds per call to build one call's graph, no evaluation (best of three "
-        "loops of 3000 calls); idle: mlx_primitives.tuning.timing.bench_many of the listed "
-        "implementations together, with each evaluation right after its own build "
+        "overhead: host seconds per call to build one call's graph through the public "
+        "function, less the served variant called directly (best of three loops of 3000 "
+        "calls, at each op's smallest problem); build: host seconds per call to build one "
+        "call's graph, no evaluation (best of three loops of 3000 calls); idle: "
+        "mlx_primitives.tuning.timing.bench_many of the listed implementations together, with each evaluation right after its own build "
         "(equal_start false) and with every evaluation starting the same time after its "
         "chain's build began (true); vs_baseline from medians, paired_vs_baseline the median "
         "of each round's ratio; offset: the same bench_many of rope's dispatch with the "
@@ -202,6 +268,11 @@ def run(args) -> dict:
     result["sections"] = chosen
     result["results"] = []
     preset = "default" if current_backend() != "cpu" else "quick"
+    if "overhead" in chosen:
+        for o in ops():
+            if not args.op or o.name in args.op:
+                rows = overhead_rows(o, preset)
+                result["results"] += [{"section": "overhead", **r} for r in rows]
     for name in args.op or OPS:
         o = op(name)
         if "build" in chosen:

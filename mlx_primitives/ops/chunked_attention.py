@@ -96,7 +96,7 @@ def chunked_cross_attention(
         OP.problem(q, k, v, chunk_size, scale, layout)
         fixed = OP.accepting(_chunked(chunk_size))
         return fixed(q, k, v, chunk_size, scale, layout, stream=stream)
-    return OP(q, k, v, chunk_size, scale, layout, stream=stream)
+    return OP.serve(q, k, v, chunk_size, scale, layout, stream)
 
 
 OP = register(

@@ -210,7 +210,7 @@ def flash_attention(
         sinks: one logit per query head, (Hq,): a softmax column whose weight is dropped.
         stream: the stream or device to run on (default: the default stream).
     """
-    return OP(q, k, v, causal, scale, layout, mask, sinks, stream=stream)
+    return OP.serve(q, k, v, causal, scale, layout, mask, sinks, stream)
 
 
 OP = register(

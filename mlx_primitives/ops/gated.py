@@ -97,7 +97,7 @@ def swiglu(gate: mx.array, up: mx.array, *, stream: mx.Stream | None = None) -> 
         up: the up projection's output, same shape and dtype as ``gate``.
         stream: the stream or device to run on (default: the default stream).
     """
-    return SWIGLU(gate, up, stream=stream)
+    return SWIGLU.serve(gate, up, stream)
 
 
 def geglu(
@@ -116,7 +116,7 @@ def geglu(
             (like ``mlx.nn.gelu_approx``) or ``"fast"`` (like ``mlx.nn.gelu_fast_approx``).
         stream: the stream or device to run on (default: the default stream).
     """
-    return GEGLU(gate, up, approximate, stream=stream)
+    return GEGLU.serve(gate, up, approximate, stream)
 
 
 # Outputs fed back as the next gate grow to inf in float16 within a timing chain, and the

@@ -91,7 +91,7 @@ def layer_norm(
         eps: added to the variance for numerical stability.
         stream: the stream or device to run on (default: the default stream).
     """
-    return OP(x, weight, bias, eps, stream=stream)
+    return OP.serve(x, weight, bias, eps, stream)
 
 
 OP = register(

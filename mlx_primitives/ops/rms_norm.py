@@ -75,7 +75,7 @@ def rms_norm(
         eps: added to the mean square for numerical stability.
         stream: the stream or device to run on (default: the default stream).
     """
-    return OP(x, weight, eps, stream=stream)
+    return OP.serve(x, weight, eps, stream)
 
 
 OP = register(

@@ -55,10 +55,14 @@ def _check_offset(offset, batch: int) -> None:
     else:
         if isinstance(offset, float):  # MLX takes it as an array and refuses its dtype
             raise ValueError(f"[{NAME}] offset must be an integer, got {offset!r}")
-        offset = check_int(NAME, "offset", offset)
-        # Positions are int32 on every path (mx.fast.rope's offset too).
-        if not -(2**31) <= offset < 2**31:
-            raise ValueError(f"[{NAME}] offset must fit in int32, got {offset}")
+        _offset_fits(check_int(NAME, "offset", offset))
+
+
+def _offset_fits(offset) -> None:
+    """Positions are int32 on every path (mx.fast.rope's offset too). Dispatch checks each new
+    offset of a call it has served with this alone (``Op(volatile=...)``)."""
+    if not -(2**31) <= offset < 2**31:
+        raise ValueError(f"[{NAME}] offset must fit in int32, got {offset}")
 
 
 def _problem(x, dims, traditional, base, scale, offset, freqs, layout):
@@ -229,7 +233,7 @@ def rope(
         layout: ``"BHSD"`` or ``"BSHD"``.
         stream: the stream or device to run on (default: the default stream).
     """
-    return OP(x, dims, traditional, base, scale, offset, freqs, layout, stream=stream)
+    return OP.serve(x, dims, traditional, base, scale, offset, freqs, layout, stream)
 
 
 OP = register(
@@ -251,5 +255,6 @@ OP = register(
         # mx.fast.rope's CPU path rounds cos/sin to the input dtype: both err by |x| times
         # that, more than rounding the output alone.
         tolerances={"float32": (2e-4, 2e-4), "float16": (4e-3, 5e-3), "bfloat16": (3e-2, 3e-2)},
+        volatile={5: _offset_fits},  # the offset moves with every decoding step
     )
 )

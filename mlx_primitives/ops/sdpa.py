@@ -38,27 +38,22 @@ def scaled_dot_product_attention(
         force_fused: MLX's own fused kernel, as MLX does with it.
         stream: the stream or device to run on.
     """
-    if force_fused or not _served(q, k, v):
+    # MLX's own op serves what the variants do not model (values with a head dim of their
+    # own, a fused kernel asked for), with its own errors.
+    if force_fused or getattr(k, "shape", None) != getattr(v, "shape", None):
         return MLX_FAST[NAME](
             q, k, v, scale=scale, mask=mask, sinks=sinks, force_fused=force_fused, stream=stream
         )
-    if isinstance(mask, str):
+    causal = mask.__class__ is str
+    if causal:
         if mask != "causal":
             raise ValueError(
                 f"[{NAME}] invalid mask option {mask!r}. Must be 'causal', or an array."
             )
-        causal, mask = True, None
-    else:
-        causal = False
-    dtype = mx.result_type(q, k, v)
-    if not mx.issubdtype(dtype, mx.floating):
-        raise ValueError(f"[{NAME}] Received unsupported type {dtype}.")
-    q, k, v = (a.astype(dtype) for a in (q, k, v))  # promoted as MLX does
-    return FLASH(q, k, v, causal, scale, "BHSD", mask, sinks, stream=stream)
-
-
-def _served(q, k, v) -> bool:
-    """Whether the tuned variants model this call: 4-D arrays, values with the keys' shape
-    (MLX's own op serves the rest, including its errors)."""
-    arrays = all(isinstance(a, mx.array) and a.ndim == 4 for a in (q, k, v))
-    return arrays and k.shape == v.shape and q.shape[-1] == k.shape[-1]
+        mask = None
+    if not (q.dtype == k.dtype == v.dtype):  # promoted as MLX does
+        dtype = mx.result_type(q, k, v)
+        if not mx.issubdtype(dtype, mx.floating):
+            raise ValueError(f"[{NAME}] Received unsupported type {dtype}.")
+        q, k, v = (a.astype(dtype) for a in (q, k, v))
+    return FLASH.serve(q, k, v, causal, scale, "BHSD", mask, sinks, stream)

@@ -160,7 +160,7 @@ def sliding_window_attention(
         sinks: as for :func:`flash_attention`.
         stream: the stream or device to run on (default: the default stream).
     """
-    return OP(q, k, v, window_size, scale, layout, mask, sinks, stream=stream)
+    return OP.serve(q, k, v, window_size, scale, layout, mask, sinks, stream)
 
 
 OP = register(

@@ -104,7 +104,7 @@ def _row(entry, source: str) -> dict:
     """A record as shown: with its speedup, whether it is stale, and why it is unusable."""
     rec, why = _checked(entry)
     if rec is None:
-        shown = entry if isinstance(entry, dict) else {}
+        shown = entry.to_dict() if isinstance(entry, TuningRecord) else dict(entry)
         return {**shown, "source": source, "invalid": why, "stale": True, "speedup": None}
     out = {**rec.to_dict(), "source": source, "invalid": None}
     out["stale"] = rec.stale(get_op(rec.op)) is not None

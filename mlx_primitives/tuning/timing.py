@@ -58,6 +58,9 @@ class Timing:
     # Seconds from the start of each chain's build to its evaluation, the same for every call
     # timed together (bench_many).
     idle_s: float = 0.0
+    # Median per call of building the chain's graph plus evaluating it: what a model pays at
+    # every step, where the timed evaluation alone leaves the host's part out.
+    build_eval_s: float = 0.0
 
     @property
     def stderr_s(self) -> float:
@@ -96,17 +99,22 @@ def _build(call: Call, chain: int, feed: int | None) -> list:
     return outs
 
 
-def _run_chain(call: Call, chain: int, feed: int | None, idle_s: float = 0.0) -> float:
+def _run_chain(
+    call: Call, chain: int, feed: int | None, idle_s: float = 0.0
+) -> tuple[float, float]:
     """Seconds per call of one evaluation of ``chain`` calls, started ``idle_s`` after the
-    build began (at once where the build took longer)."""
+    build began (at once where the build took longer), and of the build plus the evaluation
+    (the wait left out)."""
     begun = time.perf_counter()
     outs = _build(call, chain, feed)
+    built = time.perf_counter() - begun
     # A busy wait: sleep overshoots by tens of microseconds.
     while time.perf_counter() - begun < idle_s:
         pass
     start = time.perf_counter()
     mx.eval(outs)
-    return (time.perf_counter() - start) / chain
+    evaluated = time.perf_counter() - start
+    return evaluated / chain, (built + evaluated) / chain
 
 
 def _idle(calls: Sequence[Call], chains: Sequence[int], feed: int | None) -> float:
@@ -146,7 +154,7 @@ def _prepare(
     # at 16384 queries, and three calls in flight ran an 80 GB card out of memory.
     footprint = max(mx.get_peak_memory() - before, _nbytes(out))
     cap = max(1, _chain_bytes() // max(footprint, 1))
-    per_call = _run_chain(call, 1, feed)
+    per_call = _run_chain(call, 1, feed)[0]
     # One unchained call also pays the fixed cost of an evaluation: judge it against the
     # limit only when that cost cannot explain it.
     if limit_s is not None and per_call > max(limit_s, EVAL_OVERHEAD_S):
@@ -156,7 +164,7 @@ def _prepare(
     # A short call is estimated again in short chains, which share that fixed cost as the
     # timed chains will (within the memory cap); the faster of two, as one may run cold.
     if per_call < target_sample_s and min(PROBE_CHAIN, cap) > 1:
-        per_call = min(_run_chain(call, min(PROBE_CHAIN, cap), feed) for _ in range(2))
+        per_call = min(_run_chain(call, min(PROBE_CHAIN, cap), feed)[0] for _ in range(2))
     wanted = int(min(max_chain, max(1, target_sample_s / max(per_call, 1e-9))))
     return first, wanted, cap
 
@@ -204,6 +212,7 @@ def bench_many(
         for call, chain in zip(calls, chains):
             _run_chain(call, chain, feed, idle)
     samples: list[list[float]] = [[] for _ in calls]
+    whole: list[list[float]] = [[] for _ in calls]
     deadline = time.perf_counter() + budget_s * len(calls)
     while len(samples[0]) < min_reps or (
         time.perf_counter() < deadline and len(samples[0]) < max_reps
@@ -213,14 +222,16 @@ def bench_many(
         random.Random(len(samples[0])).shuffle(order)
         for i in order:
             kept = samples[i]
-            kept.append(_run_chain(calls[i], chains[i], feed, idle))
+            evaluated, built_and_evaluated = _run_chain(calls[i], chains[i], feed, idle)
+            kept.append(evaluated)
+            whole[i].append(built_and_evaluated)
             if limit_s is not None and len(kept) >= 3 and statistics.median(kept) > limit_s:
                 raise TimeoutError(
                     f"median {statistics.median(kept) * 1e3:.3g} ms is over the limit"
                 )
     return [
-        replace(summarize(kept, chain, first), idle_s=idle)
-        for kept, chain, (first, _, _) in zip(samples, chains, prepared)
+        replace(summarize(kept, chain, first), idle_s=idle, build_eval_s=statistics.median(w))
+        for kept, w, chain, (first, _, _) in zip(samples, whole, chains, prepared)
     ]
 
 

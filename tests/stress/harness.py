@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,17 +49,21 @@ def check_database(db: Path, problems: int) -> None:
     """Integrity, WAL, and exactly one complete record per problem."""
     import sqlite3
 
-    from mlx_primitives import dispatch
     from mlx_primitives.registry import op
-    from mlx_primitives.tuning.db import TuningDB
+    from mlx_primitives.store.database import TuningDB
 
     handle = TuningDB(str(db), create=False)
-    assert handle.integrity_ok()
-    records = handle.records()
-    keys = [(r["chip"], r["op"], r["problem"]) for r in records]
-    assert len(keys) == len(set(keys)) == problems
-    for r in records:
-        assert dispatch.invalid(op(r["op"]), r) is None
-    assert not handle.trials(status="pending")
-    handle.close()
+    try:
+        assert handle.integrity_ok()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a row that is not a well-formed record fails
+            records = handle.records()
+        keys = [(r.chip, r.op, r.problem) for r in records]
+        assert len(keys) == len(set(keys)) == problems
+        for r in records:
+            r.problem_of(op(r.op))  # fits its op (RecordError otherwise)
+            assert r.stale(op(r.op)) is None
+        assert not handle.trials(status="pending")
+    finally:
+        handle.close()
     assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -16,36 +16,36 @@ import traceback
 import warnings
 
 
-def _record(problem_rows: int, worker: int) -> dict:
+def _record(problem_rows: int, worker: int):
     import mlx.core as mx
 
     import mlx_primitives as mp
     from mlx_primitives.hardware import detect_chip
+    from mlx_primitives.record import TuningRecord
     from mlx_primitives.registry import op
 
-    o = op("rms_norm")
     x, w = mx.ones((problem_rows, 64)), mx.ones((64,))
-    return {
-        "chip": detect_chip().slug,
-        "op": "rms_norm",
-        "problem": o.problem(x, w, 1e-5).key(o.dims),
-        "variant": ("builtin", "eager", "compiled")[worker % 3],
-        "params": {},
-        "median_s": 1e-5 * (1 + worker),
-        "spread_s": 1e-7,
-        "default_variant": "builtin",
-        "default_params": {},
-        "default_median_s": 2e-5,
-        "error": 0.0,
-        "mlx_version": mx.__version__,
-        "package_version": mp.__version__,
-        "source_hash": "",
-        "created_at": "2026-11-26T00:00:00+00:00",
-    }
+    return TuningRecord(
+        chip=detect_chip().slug,
+        op="rms_norm",
+        problem=op("rms_norm").problem(x, w, 1e-5).key,
+        variant=("builtin", "eager", "compiled")[worker % 3],
+        params={},
+        median_s=1e-5 * (1 + worker),
+        spread_s=1e-7,
+        default_variant="builtin",
+        default_params={},
+        default_median_s=2e-5,
+        error=0.0,
+        mlx_version=mx.__version__,
+        package_version=mp.__version__,
+        source_hash="",
+        created_at="2026-11-26T00:00:00+00:00",
+    )
 
 
 def write(db: str, worker: int, n: int) -> dict:
-    from mlx_primitives.tuning.db import TuningDB
+    from mlx_primitives.store.database import TuningDB
 
     handle = TuningDB(db)
     for i in range(n):
@@ -53,13 +53,13 @@ def write(db: str, worker: int, n: int) -> dict:
         rec = _record(rows, worker)
         trial = {
             "op": "rms_norm",
-            "problem": rec["problem"],
-            "variant": rec["variant"],
+            "problem": rec.problem,
+            "variant": rec.variant,
             "params": {},
             "status": "pending",
         }
-        tid = handle.add_trial(rec["chip"], trial)
-        handle.finish_trial(tid, {**trial, "status": "ok", "median_s": rec["median_s"]})
+        tid = handle.add_trial(rec.chip, trial)
+        handle.finish_trial(tid, {**trial, "status": "ok", "median_s": rec.median_s})
         handle.put(rec)
         if i % 10 == 9:  # also cold opens, as new processes do
             handle.close()
