@@ -403,3 +403,26 @@ def test_variant_failing_at_call_time_falls_back_for_good(db):
     assert (op.name, "picky") in dispatch._disabled
     assert mx.allclose(op(X), X * 2).item()
     assert dispatch.choose(op, op.problem(X)).source == "default"
+
+
+def test_the_fast_path_reuses_only_what_was_checked():
+    """A call reuses an earlier call's checked decision only where every argument carries the
+    same marks: a new value (even one equal to an old one, as 1 to True), shape or dtype is
+    checked again, and rope's new offsets are checked by their own check."""
+    x, w = mx.ones((2, 8)), mx.ones((8,))
+    mp.rms_norm(x, w, 1e-5)
+    with pytest.raises(ValueError, match=r"\[rms_norm\] eps"):
+        mp.rms_norm(x, w, -1.0)
+    with pytest.raises(ValueError, match=r"\[rms_norm\] weight has shape"):
+        mp.rms_norm(x, mx.ones((4,)), 1e-5)
+    h = mx.ones((1, 2, 3, 8))
+    mp.rope(h, 8, traditional=True, offset=7)
+    with pytest.raises(TypeError, match=r"\[rope\] traditional must be a bool"):
+        mp.rope(h, 8, traditional=1, offset=7)
+    mp.rope(h, 8, offset=8)  # a new offset: served without the problem function
+    with pytest.raises(ValueError, match=r"\[rope\] offset must fit in int32"):
+        mp.rope(h, 8, offset=2**40)
+    calls = len(dispatch._calls)
+    for offset in range(50):  # a decoding loop keeps one decision per shape
+        mp.rope(h, 8, offset=offset)
+    assert len(dispatch._calls) == calls
