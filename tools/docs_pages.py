@@ -191,6 +191,99 @@ def current(results: dict[str, dict]) -> list[str]:
     )
 
 
+def _latest(results: dict[str, dict], suite: str, where=lambda data: True) -> list[str]:
+    """The latest file of ``suite`` on each device (among those ``where`` keeps), GPUs first."""
+    latest: dict[str, str] = {}
+    for name, data in results.items():
+        if data["suite"] == suite and where(data):
+            slug = data["chip"]["slug"]
+            if slug not in latest or data["date"] > results[latest[slug]]["date"]:
+                latest[slug] = name
+    return sorted(latest.values(), key=lambda n: _device_order(results[n]))
+
+
+def summaries(results: dict[str, dict]) -> dict[str, list[str]]:
+    """The pages that gather one measurement across devices, and the files each is made of:
+    the host suite's dispatch overhead and the model suite."""
+    overhead = _latest(
+        results, "host", lambda d: any(r.get("section") == "overhead" for r in d["results"])
+    )
+    return {"overhead": overhead, "model": _latest(results, "model")}
+
+
+def _us(seconds: float) -> str:
+    return f"{seconds * 1e6:.2f} us"
+
+
+def overhead_page(results: dict[str, dict], names: list[str]) -> str:
+    """What the library adds to a call on a cache hit, per op, on each device."""
+    lines = [
+        "# Dispatch overhead",
+        "",
+        GENERATED,
+        "",
+        "What the library adds to a call whose decision is cached (the arguments' marks, the "
+        "lookup, the call): the host time to build one call's graph through the public "
+        "function, less that of the variant it serves called directly with the same "
+        "arguments; no evaluation. From `python -m benchmarks.runner --suite host --section "
+        "overhead`.",
+    ]
+    for name in names:
+        data = results[name]
+        rows = [r for r in data["results"] if r.get("section") == "overhead"]
+        lines += [
+            "",
+            f"## {_device(data)}",
+            "",
+            f"MLX {data['mlx_version']}, {data['date'][:10]}, "
+            f"[`{name}`](../../benchmarks/results/{name}); goal: at most "
+            f"{_us(rows[0]['goal_s'])}.",
+            "",
+            "| op | call | served by | through the library | the variant alone | overhead |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| `{r['op']}` | {r['call'] or '-'} | `{r['variant']}` | {_us(r['dispatch_s'])} "
+                f"| {_us(r['variant_s'])} | {_us(r['overhead_s'])} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def model_page(results: dict[str, dict], names: list[str]) -> str:
+    """An mlx-lm model through the library, stock against patched, on each device."""
+    lines = [
+        "# Models through mlx-lm",
+        "",
+        GENERATED,
+        "",
+        "An mlx-lm model with random weights run by mlx-lm itself, stock and with "
+        "`mp.patch_mlx()`, rounds interleaved in one run. From `python -m benchmarks.runner "
+        "--suite model`.",
+    ]
+    for name in names:
+        data, m = results[name], results[name]["model"]
+        lines += [
+            "",
+            f"## {_device(data)}",
+            "",
+            f"MLX {data['mlx_version']}, {data['date'][:10]}, "
+            f"[`{name}`](../../benchmarks/results/{name}). Llama: hidden {m['hidden']}, "
+            f"{m['layers']} layers, {m['heads']}/{m['kv_heads']} heads, MLP {m['mlp']}, "
+            f"vocabulary {m['vocab']}, {m['dtype']}. {data['method']}.",
+            "",
+            "| section | tokens | stock tokens/s | patched tokens/s | patched / stock |",
+            "|---|---|---|---|---|",
+        ]
+        for r in data["results"]:
+            tokens = r.get("tokens", r["prompt"])
+            lines.append(
+                f"| {r['section']} | {tokens} | {r['stock_tok_s']:.1f} | "
+                f"{r['patched_tok_s']:.1f} | {r['patched_vs_stock']:.3f}x |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def _device(data: dict) -> str:
     return data["device"] + (" (CPU)" if data["backend"] == "cpu" else "")
 
@@ -271,6 +364,15 @@ def index(root: Path, results: dict[str, dict], pages: list[str]) -> str:
             f"| {data['suite']} | {_device(data)} | {data['mlx_version']} | {data['date'][:10]} "
             f"| [{stem}]({stem}.md) |"
         )
+    gathered = summaries(results)
+    for stem, names in gathered.items():
+        for name in names:
+            data = results[name]
+            lines.append(
+                f"| {data['suite']} | {_device(data)} | {data['mlx_version']} "
+                f"| {data['date'][:10]} | [{stem}]({stem}.md) |"
+            )
+    paged = set(pages) | {n for names in gathered.values() for n in names}
     lines += [
         "",
         "## Files without a page",
@@ -282,7 +384,7 @@ def index(root: Path, results: dict[str, dict], pages: list[str]) -> str:
         "|---|---|---|---|---|",
     ]
     for name, data in results.items():
-        if name in pages:
+        if name in paged:
             continue
         notes = ", ".join(f"[{n.stem}](../notes/{n.name})" for n in _citing(root, name)) or "-"
         lines.append(
@@ -349,6 +451,11 @@ def render(root: Path) -> dict[Path, str]:
         root / "docs" / "benchmarks" / f"{n.removesuffix('.json')}.md": page(root, n, results[n])
         for n in pages
     }
+    gathered = summaries(results)
+    makers = {"overhead": overhead_page, "model": model_page}
+    for stem, names in gathered.items():
+        if names:
+            out[root / "docs" / "benchmarks" / f"{stem}.md"] = makers[stem](results, names)
     out[root / "docs" / "benchmarks" / "README.md"] = index(root, results, pages)
     readme = (root / "README.md").read_text()
     begin, end = readme.find(START), readme.find(END)
