@@ -102,15 +102,18 @@ def fast_path(op: Op) -> Callable:
     names = [f"a{i}" for i in range(len(op.params))]
     marks = []
     for i, a in enumerate(names):
-        other = f"(V{i}({a}), {a}.__class__)" if i in op.volatile else f"({a}.__class__, {a})"
-        marks.append(f"(({a}.shape, {a}.dtype) if {a}.__class__ is ARRAY else {other})")
+        # Two flat entries an argument (no tuple to build and hash): an array's shape and
+        # dtype, anything else's type and value (a volatile one's check, then None).
+        value = f"(V{i}({a}) or None)" if i in op.volatile else a
+        marks.append(f"{a}.shape if {a}.__class__ is ARRAY else {a}.__class__")
+        marks.append(f"{a}.dtype if {a}.__class__ is ARRAY else {value}")
     args = ", ".join(names)
     source = (
         f"def serve({args}, stream=None):\n"
         f"    if stream is not None:  # chosen for the stream's device, so routed inside it\n"
         f"        with STREAM(stream):\n"
         f"            return serve({args})\n"
-        f"    key = (NAME, DEVICE().type, {', '.join(marks)})\n"
+        f"    key = (NAME, DEVICE().type is GPU, {', '.join(marks)})\n"
         f"    try:\n"
         f"        fn = CALLS.get(key)\n"
         f"    except TypeError:  # an argument that cannot be a key\n"
@@ -121,6 +124,7 @@ def fast_path(op: Op) -> Callable:
         "ARRAY": mx.array,
         "NAME": op.name,
         "DEVICE": mx.default_device,
+        "GPU": mx.DeviceType.gpu,
         "STREAM": mx.stream,
         "CALLS": _calls,
         "FIRST": _first,

@@ -38,22 +38,18 @@ def scaled_dot_product_attention(
         force_fused: MLX's own fused kernel, as MLX does with it.
         stream: the stream or device to run on.
     """
-    # MLX's own op serves what the variants do not model (values with a head dim of their
-    # own, a fused kernel asked for), with its own errors.
-    if force_fused or getattr(k, "shape", None) != getattr(v, "shape", None):
-        return MLX_FAST[NAME](
-            q, k, v, scale=scale, mask=mask, sinks=sinks, force_fused=force_fused, stream=stream
-        )
+    if force_fused or (mask.__class__ is str and mask != "causal"):
+        return _mlx(q, k, v, scale, mask, sinks, force_fused, stream)
     causal = mask.__class__ is str
-    if causal:
-        if mask != "causal":
-            raise ValueError(
-                f"[{NAME}] invalid mask option {mask!r}. Must be 'causal', or an array."
-            )
-        mask = None
-    if not (q.dtype == k.dtype == v.dtype):  # promoted as MLX does
-        dtype = mx.result_type(q, k, v)
-        if not mx.issubdtype(dtype, mx.floating):
-            raise ValueError(f"[{NAME}] Received unsupported type {dtype}.")
-        q, k, v = (a.astype(dtype) for a in (q, k, v))
-    return FLASH.serve(q, k, v, causal, scale, "BHSD", mask, sinks, stream)
+    try:
+        return FLASH.serve(q, k, v, causal, scale, "BHSD", None if causal else mask, sinks, stream)
+    except (TypeError, ValueError):
+        # What the variants do not model (values with a head dim of their own, dtypes to
+        # promote, empty arrays) MLX's own op serves, and it raises MLX's errors.
+        return _mlx(q, k, v, scale, mask, sinks, force_fused, stream)
+
+
+def _mlx(q, k, v, scale, mask, sinks, force_fused, stream):
+    return MLX_FAST[NAME](
+        q, k, v, scale=scale, mask=mask, sinks=sinks, force_fused=force_fused, stream=stream
+    )
