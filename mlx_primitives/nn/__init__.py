@@ -4,12 +4,14 @@ from .attention import ChunkedCrossAttention, FlashAttention, SlidingWindowAtten
 from .feed_forward import GeGLU, SwiGLU
 from .normalization import LayerNorm, RMSNorm
 from .positional_encoding import RoPE
+from .quantized import QuantizedLinear
 
 __all__ = [
     "ChunkedCrossAttention",
     "FlashAttention",
     "GeGLU",
     "LayerNorm",
+    "QuantizedLinear",
     "RMSNorm",
     "RoPE",
     "SlidingWindowAttention",

@@ -4,6 +4,7 @@ from .chunked_attention import chunked_cross_attention
 from .flash_attention import flash_attention
 from .gated import geglu, swiglu
 from .layer_norm import layer_norm
+from .quantized_matmul import quantized_matmul
 from .rms_norm import rms_norm
 from .rope import rope
 from .sdpa import scaled_dot_product_attention
@@ -14,6 +15,7 @@ __all__ = [
     "flash_attention",
     "geglu",
     "layer_norm",
+    "quantized_matmul",
     "rms_norm",
     "rope",
     "scaled_dot_product_attention",

@@ -1,0 +1,127 @@
+"""The custom-kernel variant of quantized_matmul (``kernel_variants/quantized_matmul/``).
+
+``qmv``: for 1 to 32 rows, each packed weight read once per pass over the rows and dequantized
+in registers. A threadgroup of ``warps`` warps serves ``32 / lanes_k * cols`` output columns:
+a warp's lanes are ``32 / lanes_k`` columns side by side, each column split over ``lanes_k``
+lanes along the in-features (their loads of one row coalesce; the columns side by side share
+each load of x); every lane holds ``cols`` columns; the warps split the in-features too (their
+sums meet in threadgroup memory). A lane loads ``vec`` words of each column per step. The rows
+are taken in ``passes`` passes (fewer accumulators; the weights then come again from cache).
+``scale="after"`` sums x times the integer codes and applies the group's scale and bias to the
+sum (fewer operations per weight); ``"before"`` dequantizes each weight first (fewer per row).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..dialect.kernel import SHARED, GpuKernel, itemsize, with_reference_transforms
+from ..problem import bucket
+from ..registry import GPU_BACKENDS, Variant
+
+QMV = GpuKernel(
+    "quantized_matmul/qmv.k",
+    ["x", "w", "scales", "biases"],
+    ["y"],
+    headers=("quantized_matmul/codes.h",),
+    aligned=("x", "w"),
+)
+
+SPACE = {
+    "lanes_k": (32, 8, 4, 2),
+    "cols": (4, 1, 2, 8),
+    "warps": (2, 1, 4, 8),
+    "vec": (4, 1, 2),
+    "passes": (1, 2, 4),
+    "scale": ("after", "before"),
+}
+# The widths whose codes the kernel unpacks (a whole number of codes per half-word).
+KERNEL_BITS = (2, 4, 8)
+MAX_ROWS = 32
+# Float registers a lane may hold (accumulators, codes, scales, x) before the kernel spills.
+MAX_REGISTERS = 160
+
+
+def _rows_per_pass(rows: int, passes: int) -> int:
+    return max(1, bucket(rows) // passes)
+
+
+def _supports(p: dict, q: dict) -> bool:
+    size, bits, k, n = itemsize(p["dtype"]), p["bits"], p["in_features"], p["out_features"]
+    if (
+        size is None
+        or p.get("mode", "affine") != "affine"
+        or not p["transpose"]
+        or bits not in KERNEL_BITS
+        or p["rows"] > MAX_ROWS
+    ):
+        return False
+    per_word = 32 // bits
+    chunk = q["vec"] * per_word  # a lane's codes of one column per step
+    side = 32 // q["lanes_k"]  # columns side by side in a warp
+    cols, warps, vec = q["cols"], q["warps"], q["vec"]
+    rows = _rows_per_pass(p["rows"], q["passes"])
+    registers = rows * cols + cols * (vec + 2 + per_word) + per_word
+    shared = warps * rows * cols * side * 4 if warps > 1 else 0
+    return (
+        q["passes"] <= p["rows"]
+        and p["group_size"] % chunk == 0  # a chunk lies in one quantization group
+        and (k * bits // 32) % vec == 0  # rows of w start on a vector of words
+        and registers <= MAX_REGISTERS
+        and 2 * shared <= SHARED["cuda"]  # declared twice in the CUDA body (both alignments)
+        and shared <= SHARED["metal"]
+        and q["lanes_k"] * chunk * (warps - 1) < k  # every warp has a chunk
+        and side * cols < 2 * n  # a group's columns are at least half used
+    )
+
+
+def qmv_variant(reference: Callable, arrays: Callable) -> Variant:
+    """The ``qmv`` variant; ``reference`` gives it gradients, and ``arrays(*args)`` gives a
+    call's ``(x, w, scales, biases, group_size, bits)``."""
+
+    def factory(lanes_k, cols, warps, vec, passes, scale):
+        side = 32 // lanes_k
+
+        def forward(*args):
+            x, w, scales, biases, group_size, bits = arrays(*args)
+            k, n = x.shape[-1], w.shape[0]
+            x2 = x.reshape(x.size // k, k)
+            m = x2.shape[0]
+            per_word = 32 // bits
+            template = {
+                "T": x.dtype,
+                "BITS": bits,
+                "GS": group_size,
+                "K": k,
+                "N": n,
+                "LK": lanes_k,
+                "COLS": cols,
+                "WARPS": warps,
+                "WV": vec,
+                "MT": _rows_per_pass(m, passes),
+                "SCALE_AFTER": scale == "after",
+                "VEC": min(per_word, 16 // x.dtype.size),
+            }
+            groups = -(-n // (side * cols))
+            (y,) = QMV(
+                [x2, w, scales, biases],
+                template=template,
+                grid=(groups * 32 * warps, 1, 1),
+                threadgroup=(32 * warps, 1, 1),
+                output_shapes=[(m, n)],
+                output_dtypes=[x.dtype],
+            )
+            return y.reshape(*x.shape[:-1], n)
+
+        return with_reference_transforms(forward, reference)
+
+    return Variant(
+        "qmv",
+        factory,
+        backends=GPU_BACKENDS,
+        space=SPACE,
+        supports=_supports,
+        sources=QMV.files,
+        description="custom kernel: 1-32 rows, each packed weight read once, dequantized in "
+        "registers",
+    )
