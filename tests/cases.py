@@ -46,6 +46,25 @@ CPU_CASES = {
         (((1000, 33),), {"approximate": "tanh"}),
         (((2, 3, 1000),), {"approximate": "fast"}),
     ],
+    # x's shape, w's packed shape: in-features that are not powers of two (192, 320), 1, 3 and
+    # 17 rows, leading batch dims, every width MLX packs, each group size, W untransposed.
+    "quantized_matmul": [
+        (((1, 192), (40, 24)), {"bits": 4, "group_size": 64}),
+        (((3, 320), (24, 80)), {"bits": 8, "group_size": 32}),
+        (((17, 256), (8, 32)), {"bits": 4, "group_size": 128}),
+        (((2, 3, 192), (16, 12)), {"bits": 2, "group_size": 32}),
+        (((192,), (24, 18)), {"bits": 3, "group_size": 64}),
+        (((5, 128), (8, 24)), {"bits": 6, "group_size": 128}),
+        (((4, 320), (16, 50)), {"bits": 5, "group_size": 64}),
+        (((3, 64), (64, 16)), {"bits": 4, "group_size": 64, "transpose": False}),
+    ],
+}
+
+# (atol, rtol) by (op, variant, back-end, dtype) where MLX's own op is less exact than its
+# op's tolerances: its CPU quantized_matmul accumulates 16-bit inputs in their own dtype.
+MLX_TOLERANCES = {
+    ("quantized_matmul", "builtin", "cpu", mx.float16): (1.5e-2, 1e-2),
+    ("quantized_matmul", "builtin", "cpu", mx.bfloat16): (0.2, 4e-2),
 }
 
 # Each op's float64 NumPy reference, called with the op's arguments in canonical order.
@@ -55,6 +74,7 @@ REFERENCES = {
     "rope": lambda a: ref.rope(*a),
     "swiglu": lambda a: ref.swiglu(*a),
     "geglu": lambda a: ref.geglu(*a),
+    "quantized_matmul": lambda a: ref.quantized_matmul(*a),
     "flash_attention": lambda a: ref.attention(
         *a[:3], causal=a[3], scale=a[4], layout=a[5], mask=a[6]
     ),
@@ -100,6 +120,17 @@ KERNEL_CASES = {
         (((3, 1000),), {"approximate": "tanh"}),
         (((1000, 1024),), {"approximate": "fast"}),
         (((2, 4097),), {"approximate": "none"}),
+    ],
+    # Rows 1, 3, 10 (in leading dims), 17 and 32; in-features 192 and 320; out-features that
+    # leave a group's columns partly empty; each width the kernel unpacks and group size.
+    "quantized_matmul": [
+        (((1, 4096), (4096, 512)), {"bits": 4, "group_size": 64}),
+        (((3, 320), (40, 40)), {"bits": 4, "group_size": 64}),
+        (((17, 192), (24, 48)), {"bits": 8, "group_size": 32}),
+        (((2, 5, 256), (72, 32)), {"bits": 4, "group_size": 128}),
+        (((32, 1024), (64, 256)), {"bits": 8, "group_size": 64}),
+        (((1, 512), (100, 32)), {"bits": 2, "group_size": 32}),
+        (((7, 4096), (256, 256)), {"bits": 2, "group_size": 128}),
     ],
 }
 

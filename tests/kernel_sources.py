@@ -360,6 +360,25 @@ def _attention_calls(op, dtype):
     yield "long cache", _example(op, ((1, 8, 1, 128), (1, 2, 5000, 128)), dtype, **options)
 
 
+def _quantized_calls(op, dtype):
+    # Each width the kernel unpacks and each group size; 1, 3 and 17 rows; in-features that
+    # are not powers of two; out-features that leave a group's columns partly empty; a long
+    # row (every warp count and chunk allowed); scales of fewer than 8 elements (Metal's
+    # constant address space).
+    cases = (
+        (1, 4096, 64, 4, 64),
+        (3, 320, 40, 8, 32),
+        (17, 192, 24, 2, 64),
+        (32, 256, 16, 4, 128),
+        (2, 2048, 8, 8, 128),
+        (1, 64, 2, 4, 32),
+    )
+    for rows, k, n, bits, group_size in cases:
+        shapes = ((rows, k), (n, k * bits // 32))
+        args = _example(op, shapes, dtype, bits=bits, group_size=group_size)
+        yield f"{rows}x{k} out={n} {bits=} {group_size=}", args
+
+
 CALLS: dict[str, tuple[Calls, tuple[str, ...]]] = {
     "rms_norm": (_norm_calls, ()),
     "layer_norm": (_norm_calls, ()),
@@ -368,6 +387,7 @@ CALLS: dict[str, tuple[Calls, tuple[str, ...]]] = {
     "geglu": (_gated_calls, ("fast_math",)),
     "flash_attention": (_attention_calls, ()),
     "sliding_window_attention": (_attention_calls, ()),
+    "quantized_matmul": (_quantized_calls, ("scale",)),
 }
 
 

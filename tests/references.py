@@ -72,6 +72,32 @@ def geglu(gate, up, approximate="none"):
     return act * f64(up)
 
 
+def unpack(w, bits: int) -> np.ndarray:
+    """The codes of MLX's packing: each row of uint32 words read as one little-endian stream of
+    bits, ``bits`` a code, lowest first (3, 5 and 6-bit codes straddle words)."""
+    words = np.ascontiguousarray(np.array(w).astype("<u4"))
+    stream = np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little")
+    n = stream.shape[-1] // bits
+    codes = stream[..., : n * bits].reshape(*stream.shape[:-1], n, bits)
+    return (codes.astype(np.int64) << np.arange(bits)).sum(-1)
+
+
+def dequantize(w, scales, biases, group_size: int = 64, bits: int = 4) -> np.ndarray:
+    """MLX's affine dequantization: ``scale * code + bias``, one scale and bias a group."""
+    q = unpack(w, bits).astype(np.float64)
+    s = np.repeat(f64(scales), group_size, axis=-1)
+    b = np.repeat(f64(biases), group_size, axis=-1)
+    return q * s + b
+
+
+def quantized_matmul(
+    x, w, scales, biases, transpose=True, group_size=None, bits=None, mode="affine"
+):
+    assert mode == "affine", mode
+    wd = dequantize(w, scales, biases, group_size or 64, bits or 4)
+    return f64(x) @ (wd.T if transpose else wd)
+
+
 # Per output dtype (atol, rtol): float32-accumulating results against float64.
 TOLERANCES = {
     mx.float32: (1e-5, 1e-4),

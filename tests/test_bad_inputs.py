@@ -167,3 +167,99 @@ def test_rope_module_rejects_bad_layout():
 def test_modules_validate_their_arguments(build, error, message):
     with pytest.raises(error, match=message):
         build()
+
+
+_W, _S, _B = mx.quantize(mx.random.normal((64, 256)), 64, 4)
+_X = mx.ones((3, 256))
+
+# quantized_matmul: (args, kwargs, exception, message, MLX's exception where it raises one when
+# called; None where it computes on the mismatched format, crashes the process or raises only
+# when evaluated).
+QUANTIZED = [
+    ((_X, _W.astype(mx.float32), _S, _B), {}, ValueError, "w must be packed in uint32", ValueError),
+    ((_X, _W.astype(mx.int32), _S, _B), {}, ValueError, "w must be packed in uint32", ValueError),
+    (
+        (_X, _W, _S, _B),
+        {"bits": 8},
+        ValueError,
+        "scales has shape (64, 4), expected (64, 2)",
+        ValueError,
+    ),
+    ((_X, _W, _S, _B), {"group_size": 32}, ValueError, "expected (64, 8) for w", ValueError),
+    ((_X, _W, _S, _B), {"group_size": 16}, ValueError, "group_size must be one of", ValueError),
+    ((_X, _W, _S, _B), {"bits": 7}, ValueError, "bits must be one of", ValueError),
+    ((_X, _W, _S, _B), {"bits": 0}, ValueError, "bits must be one of", None),  # MLX: SIGFPE
+    ((_X, _W, _S[:32], _B[:32]), {}, ValueError, "scales has shape (32, 4)", None),
+    ((_X, _W, _S[None], _B[None]), {}, ValueError, "scales has shape (1, 64, 4)", None),
+    (
+        (_X, _W, _S, _B[:32]),
+        {},
+        ValueError,
+        "biases has shape (32, 4), expected (64, 4)",
+        ValueError,
+    ),
+    ((_X, _W, _S), {}, ValueError, "biases must be given for mode='affine'", ValueError),
+    ((mx.ones((3, 128)), _W, _S, _B), {}, ValueError, "x has 128 features", ValueError),
+    (
+        (mx.ones((3, 100)), _W, _S, _B),
+        {"transpose": False},
+        ValueError,
+        "expected 64 from",
+        ValueError,
+    ),
+    ((_X, _W, _S, _B), {"mode": "int4"}, ValueError, "mode must be one of", ValueError),
+    ((_X, _W, _S, _B), {"mode": 3}, TypeError, "mode must be a str", TypeError),
+    ((_X, _W, _S, _B), {"mode": None}, TypeError, "mode must be a str", TypeError),
+    ((_X, _W, _S, _B), {"transpose": 1}, TypeError, "transpose must be a bool", TypeError),
+    ((_X, _W, _S, _B), {"group_size": 64.0}, TypeError, "group_size must be an integer", TypeError),
+    ((_X, _W, _S, _B), {"bits": "4"}, TypeError, "bits must be an integer", TypeError),
+    (
+        (np.ones((3, 256), np.float32), _W, _S, _B),
+        {},
+        TypeError,
+        "x must be an mlx.core.array",
+        TypeError,
+    ),
+    (
+        (_X, _W, np.ones((64, 4), np.float32), _B),
+        {},
+        TypeError,
+        "scales must be an mlx.core.array",
+        TypeError,
+    ),
+    ((mx.ones((0, 256)), _W, _S, _B), {}, ValueError, "x has a zero-size dim", None),  # MLX: SIGFPE
+    (
+        (_X, _W, _S.astype(mx.int32), _B.astype(mx.int32)),
+        {},
+        ValueError,
+        "Only real floating",
+        ValueError,
+    ),
+    (
+        (_X, _W.reshape(-1), _S, _B),
+        {},
+        ValueError,
+        "scales has shape (64, 4), expected ()",
+        ValueError,
+    ),
+    (
+        (_X.astype(mx.int32), _W, _S, _B),
+        {"mode": "mxfp4"},
+        ValueError,
+        "Scale type must be uint8",
+        ValueError,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,error,message,mlx_error", QUANTIZED, ids=[b[3][:40] for b in QUANTIZED]
+)
+def test_quantized_matmul_rejects_what_mlx_rejects(args, kwargs, error, message, mlx_error):
+    with pytest.raises(error) as raised:
+        mx.eval(mp.quantized_matmul(*args, **kwargs))
+    assert str(raised.value).startswith("[quantized_matmul] ")
+    assert message in str(raised.value)
+    if mlx_error is not None:  # the type MLX raises for the same call
+        with pytest.raises(mlx_error):
+            mx.quantized_matmul(*args, **kwargs)

@@ -95,7 +95,9 @@ def _served_case(o, key: int = 5):
     raise AssertionError(f"[{o.name}] no case serves every kernel variant")
 
 
-@pytest.mark.parametrize("name", ["rms_norm", "layer_norm", "rope", "swiglu", "geglu"])
+@pytest.mark.parametrize(
+    "name", ["rms_norm", "layer_norm", "rope", "swiglu", "geglu", "quantized_matmul"]
+)
 def test_kernel_gradients_match_reference(name):
     o = get_op(name)
     args = _served_case(o)
@@ -138,7 +140,9 @@ def _runs_bare_in_inference_mode(fn, args, label):
     mx.eval(mx.grad(loss)(args[0]))
 
 
-@pytest.mark.parametrize("name", ["rms_norm", "layer_norm", "rope", "swiglu", "geglu"])
+@pytest.mark.parametrize(
+    "name", ["rms_norm", "layer_norm", "rope", "swiglu", "geglu", "quantized_matmul"]
+)
 def test_kernel_in_inference_mode_runs_bare(name):
     o = get_op(name)
     args = _served_case(o, key=7)

@@ -1,0 +1,403 @@
+"""quantized_matmul and QuantizedLinear: MLX's semantics on MLX's packed format, the calls the
+variants leave to MLX, bad inputs against the errors MLX raises, the layer as a drop-in, and
+the qmv kernel's limits. Every variant against the float64 NumPy reference, on odd shapes and
+every dtype, is tests/test_ops.py's (CPU) and tests/test_gpu.py's (kernels), over the cases
+of tests/cases.py."""
+
+from __future__ import annotations
+
+import importlib
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+import mlx_primitives as mp
+from mlx_primitives import dispatch
+from mlx_primitives.dialect import poisoned
+from mlx_primitives.ops import _quantized_kernels as kernels
+from mlx_primitives.registry import op as get_op
+
+from . import references as ref
+from .cases import covering
+from .toy import record
+
+qmm = importlib.import_module("mlx_primitives.ops.quantized_matmul")
+OP = get_op("quantized_matmul")
+DTYPES = [mx.float32, mx.float16, mx.bfloat16]
+IDS = ["f32", "f16", "bf16"]
+
+
+def _packed(out: int, k: int, group_size=64, bits=4, dtype=mx.float32, seed=0, mode="affine"):
+    """``mx.quantize`` of an (out, k) matrix of unit-scale rows: (w, scales, biases or None)."""
+    wf = mx.random.normal((out, k), key=mx.random.key(seed)) / np.sqrt(k)
+    w, scales, *biases = mx.quantize(wf, group_size, bits, mode=mode)
+    if mode != "affine":
+        return w, scales, None
+    return w, scales.astype(dtype), biases[0].astype(dtype)
+
+
+def _x(shape, dtype=mx.float32, seed=1):
+    return mx.random.normal(shape, key=mx.random.key(seed)).astype(dtype)
+
+
+def _tolerance(dtype) -> dict:
+    atol, rtol = OP.tolerances[str(dtype).rsplit(".", 1)[-1]]
+    return {"atol": atol, "rtol": rtol}
+
+
+# --- the variants ---------------------------------------------------------------------------
+
+
+def test_numpy_reference_unpacks_mlx_packing():
+    """tests/references.py reads MLX's packing on its own: every width and group size."""
+    for bits in (1, 2, 3, 4, 5, 6, 8):
+        for group_size in (32, 64, 128):
+            w, scales, biases = _packed(5, 384, group_size, bits)
+            want = np.array(mx.dequantize(w, scales, biases, group_size, bits))
+            got = ref.dequantize(w, scales, biases, group_size, bits)
+            assert np.allclose(got, want, atol=1e-6, rtol=1e-6), (bits, group_size)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("variant", ["dequantize", "compiled"])
+def test_compositions_at_layer_sizes(variant, dtype):
+    """Long rows (4096 and 14336 in-features), where rounding adds up, within the op's
+    tolerances (the cases of tests/cases.py are short)."""
+    fn = OP.variant(variant).build()
+    for k, n, rows in ((4096, 96, 3), (14336, 32, 1)):
+        w, scales, biases = _packed(n, k, 64, 4, dtype)
+        x = _x((rows, k), dtype)
+        want = ref.quantized_matmul(x, w, scales, biases)
+        ref.assert_close(fn(x, w, scales, biases), want, dtype, **_tolerance(dtype))
+
+
+def test_defaults_are_mlxs():
+    """group_size and bits None are the affine mode's 64 and 4, in every variant."""
+    w, scales, biases = _packed(16, 256)
+    x = _x((2, 256))
+    want = ref.quantized_matmul(x, w, scales, biases, True, 64, 4)
+    for v in OP.variants:
+        if v.available():
+            got = v.build(**v.configs()[0])(x, w, scales, biases)
+            ref.assert_close(got, want, mx.float32, label=v.name)
+    assert OP.problem(x, w, scales, biases) == OP.problem(x, w, scales, biases, True, 64, 4)
+
+
+def test_problem_key():
+    w, scales, biases = _packed(40, 320, 32, 8, mx.bfloat16)
+    x = _x((2, 3, 320), mx.bfloat16)
+    p = OP.problem(x, w, scales, biases, True, 32, 8)
+    assert p.key == (
+        "quantized_matmul|bfloat16|rows=8,in_features=320,out_features=40,bits=8,group_size=32,"
+        "transpose=true"
+    )
+    assert p.as_dict()["mode"] == "affine"
+    # Its case makes the same problem (probes and explain build calls from it).
+    shapes, options = OP.case(p.as_dict())
+    args = OP.example(shapes, mx.bfloat16, mx.random.key(0), **options)
+    assert OP.problem(*args) == p
+    # Without transpose, w's rows are the in-features.
+    untransposed = OP.problem(_x((3, 64)), *_packed(64, 320, 32, 8), False, 32, 8).as_dict()
+    assert (untransposed["in_features"], untransposed["out_features"]) == (64, 320)
+
+
+def test_float64_is_served_where_mlx_raises():
+    """MLX's own op takes no float64 (it raises when evaluated): the composition serves it."""
+    w, scales, biases = _packed(8, 128, 64, 4, mx.float64)
+    x = _x((3, 128), mx.float64)
+    with mx.stream(mx.cpu):
+        got = mp.quantized_matmul(x, w, scales, biases)
+        want = ref.quantized_matmul(x, w, scales, biases)
+        assert np.allclose(np.array(got), want, atol=1e-12, rtol=1e-12)
+        with pytest.raises(RuntimeError):
+            mx.eval(mx.quantized_matmul(x, w, scales, biases))
+
+
+def test_gradient_wrt_x_matches_mlx():
+    w, scales, biases = _packed(24, 192)
+    x, cot = _x((3, 192)), _x((3, 24), seed=2)
+
+    def loss(f):
+        return mx.grad(lambda x: (f(x, w, scales, biases) * cot).sum())
+
+    want = loss(mx.quantized_matmul)(x)
+    assert mx.allclose(loss(mp.quantized_matmul)(x), want, atol=1e-5).item()
+    assert np.allclose(np.array(want), np.array(cot) @ ref.dequantize(w, scales, biases), atol=1e-5)
+
+
+def test_large_calls_are_checked_on_slices_of_rows(monkeypatch):
+    """Past CHECK_MACS, the check's float64 reference runs on the first, middle and last
+    CHECK_ROWS rows, and selects those rows of the call's output."""
+    from mlx_primitives.check import expected, run_checked
+
+    monkeypatch.setattr(qmm, "CHECK_MACS", 1000)
+    args = OP.example(((2, 50, 64), (8, 8)), mx.float32, mx.random.key(0))
+    slices = OP.check_slices(args)
+    assert [s[0][0].shape for s in slices] == [(16, 64)] * 3
+    y = OP(*args)
+    full = ref.quantized_matmul(*args).reshape(100, 8)
+    for (part, select), start in zip(slices, (0, 42, 84)):
+        assert np.allclose(np.array(select([y])[0]), full[start : start + 16], atol=1e-5)
+        assert np.allclose(ref.quantized_matmul(*part), full[start : start + 16])
+    assert len(expected(OP, args)) == 3
+    assert run_checked(OP, OP.variant("dequantize").build(), args, "float32").ok
+    wrong = run_checked(OP, lambda *a: OP(*a) * 1.01, args, "float32")
+    assert not wrong.ok
+    monkeypatch.setattr(qmm, "CHECK_MACS", 2**28)
+    assert OP.check_slices(args) is None
+
+
+def test_a_tuned_record_serves_the_call(db):
+    """A record naming the composition routes the public function and the layer there."""
+    w, scales, biases = _packed(32, 256, 64, 4, mx.float16)
+    x = _x((4, 256), mx.float16)
+    args = (x, w, scales, biases, True, None, None, "affine")
+    db.put(record(OP, args, "compiled", default_variant="builtin"))
+    dispatch.reset()
+    assert dispatch.choose(OP, OP.problem(*args)).variant == "compiled"
+    got = mp.quantized_matmul(x, w, scales, biases)
+    ref.assert_close(got, ref.quantized_matmul(*args), mx.float16, **_tolerance(mx.float16))
+    assert any(key[0] == "quantized_matmul" for key in dispatch._calls)
+
+
+# --- what MLX's own op serves ---------------------------------------------------------------
+
+
+def _mlx_served(monkeypatch):
+    """Fail the test if the tuned path serves a call (it must go to MLX's own op)."""
+
+    def refuse(*args, stream=None):
+        raise AssertionError("served by the variants")
+
+    monkeypatch.setattr(qmm.OP, "serve", refuse)
+
+
+@pytest.mark.parametrize("mode", ["mxfp4", "mxfp8", "nvfp4"])
+def test_other_modes_are_mlxs(mode, monkeypatch):
+    w, scales, _ = _packed(32, 256, None, None, mode=mode)
+    x = _x((3, 256), mx.bfloat16)
+    want = mx.quantized_matmul(x, w, scales, mode=mode)
+    _mlx_served(monkeypatch)
+    assert mx.array_equal(mp.quantized_matmul(x, w, scales, mode=mode), want).item()
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["stacked weights", "float16 x, float32 scales", "int32 x", "bool x", "float16 biases"],
+)
+def test_calls_the_variants_do_not_model_are_mlxs(case, monkeypatch):
+    w, scales, biases = _packed(16, 128)
+    x = _x((2, 3, 128))
+    if case == "stacked weights":
+        w, scales, biases = (mx.stack([a, a * 0 + a]) for a in (w, scales, biases))
+    elif case == "float16 x, float32 scales":
+        x = x.astype(mx.float16)
+    elif case == "int32 x":
+        x = (x * 4).astype(mx.int32)
+    elif case == "bool x":
+        x = x > 0
+    else:
+        biases = biases.astype(mx.float16)
+    want = mx.quantized_matmul(x, w, scales, biases)
+    _mlx_served(monkeypatch)
+    got = mp.quantized_matmul(x, w, scales, biases)
+    assert got.dtype == want.dtype and mx.array_equal(got, want).item()
+
+
+def test_stream_reaches_both_paths():
+    w, scales, biases = _packed(16, 128)
+    x = _x((2, 128))
+    want = mx.quantized_matmul(x, w, scales, biases)
+    for s in (mx.cpu, mx.default_stream(mx.cpu)):
+        assert mx.allclose(mp.quantized_matmul(x, w, scales, biases, stream=s), want).item()
+        got = mp.quantized_matmul(x.astype(mx.float16), w, scales, biases, stream=s)
+        assert mx.array_equal(got, mx.quantized_matmul(x.astype(mx.float16), w, scales, biases))
+
+
+# --- bad inputs (the public function's are tests/test_bad_inputs.py's) ----------------
+
+
+def test_direct_calls_of_the_op_check_what_the_public_function_routes():
+    """Arguments the public function would pass to MLX reach the op's own checks when the op
+    is called directly (a variant never sees them)."""
+    x, (w, scales, biases) = _x((3, 256)), _packed(64, 256)
+    with pytest.raises(TypeError, match=r"\[quantized_matmul\] scales has dtype float16"):
+        OP(x, w, scales.astype(mx.float16), biases)
+    with pytest.raises(ValueError, match=r"variants model mode='affine', got 'mxfp4'"):
+        OP(x, w, scales, biases, mode="mxfp4")
+    with pytest.raises(ValueError, match=r"w must be a non-empty 2-D array"):
+        OP(x, w[None], scales, biases)
+
+
+# --- QuantizedLinear ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bias,group_size,bits", [(True, None, None), (False, 32, 8), (True, 128, 2)]
+)
+def test_quantized_linear_is_a_drop_in(bias, group_size, bits):
+    theirs = nn.QuantizedLinear(256, 40, bias, group_size, bits)
+    if bias:
+        theirs.bias = mx.random.normal((40,))
+    ours = mp.QuantizedLinear(256, 40, bias, group_size, bits)
+    mine, their = dict(_flat(ours.parameters())), dict(_flat(theirs.parameters()))
+    assert {k: v.shape for k, v in mine.items()} == {k: v.shape for k, v in their.items()}
+    assert {k: v.dtype for k, v in mine.items()} == {k: v.dtype for k, v in their.items()}
+    ours.load_weights(list(their.items()), strict=True)
+    x = _x((2, 3, 256))
+    assert mx.array_equal(ours(x), theirs(x)).item()
+    assert (ours.group_size, ours.bits, ours.mode) == (theirs.group_size, theirs.bits, "affine")
+    assert repr(ours).split("(", 1)[1] == repr(theirs).split("(", 1)[1]
+    assert not ours.trainable_parameters() and not theirs.trainable_parameters()
+
+
+def _flat(params):
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(params)
+
+
+@pytest.mark.parametrize("mode", ["affine", "mxfp4"])
+def test_quantized_linear_from_linear(mode):
+    linear = nn.Linear(128, 24)
+    theirs = nn.QuantizedLinear.from_linear(linear, mode=mode)
+    ours = mp.QuantizedLinear.from_linear(linear, mode=mode)
+    for (name, a), (other, b) in zip(_flat(ours.parameters()), _flat(theirs.parameters())):
+        assert name == other and mx.array_equal(a, b).item(), name
+    x = _x((5, 128))
+    assert mx.array_equal(ours(x), theirs(x)).item()
+    # The input's gradient flows (the layer's own parameters are frozen).
+    g = mx.grad(lambda x: ours(x).sum())(x)
+    assert mx.allclose(g, mx.grad(lambda x: theirs(x).sum())(x), atol=1e-5).item()
+
+
+def test_quantized_linear_rejects_an_unknown_mode():
+    with pytest.raises(ValueError, match=r"\[QuantizedLinear\] mode must be one of"):
+        mp.QuantizedLinear(64, 8, mode="int4")
+
+
+# --- the qmv kernel -------------------------------------------------------------------------
+
+
+def _problem(rows=1, k=4096, n=4096, bits=4, group_size=64, dtype="float16", transpose=True):
+    return {
+        "dtype": dtype,
+        "rows": rows,
+        "in_features": k,
+        "out_features": n,
+        "bits": bits,
+        "group_size": group_size,
+        "transpose": transpose,
+        "mode": "affine",
+    }
+
+
+def test_qmv_declines_what_it_does_not_model():
+    v = OP.variant("qmv")
+
+    def served(**changes):
+        return any(v.allows(_problem(**changes), c) for c in v.configs())
+
+    assert served() and served(rows=32) and served(bits=8) and served(bits=2, group_size=32)
+    assert not served(rows=64)
+    assert not served(transpose=False)
+    assert not served(bits=3) and not served(bits=6)
+    assert not served(dtype="float64")
+    # A lane's chunk of codes lies inside one quantization group.
+    assert not v.allows(_problem(bits=2, group_size=32), {**v.configs()[0], "vec": 4})
+    # Configurations serve every problem of the default preset of up to 32 rows.
+    for ex in OP.presets["default"]:
+        (rows, k), (n, _) = ex.shapes
+        options = dict(ex.options)
+        if rows <= 32:
+            assert served(rows=rows, k=k, n=n, dtype=ex.dtype, **options), ex.label()
+
+
+def test_qmv_configs_fit_registers_and_threadgroup_memory():
+    v = OP.variant("qmv")
+    problem = _problem(rows=32, k=14336)
+    allowed = [c for c in v.configs() if v.allows(problem, c)]
+    assert allowed
+    for c in allowed:
+        rows = 32 // c["passes"]
+        side = 32 // c["lanes_k"]
+        assert rows * c["cols"] <= kernels.MAX_REGISTERS
+        shared = c["warps"] * rows * c["cols"] * side * 4 if c["warps"] > 1 else 0
+        assert 2 * shared <= 49152 and shared <= 32768
+    # 32 rows of 8 columns of accumulators alone would spill.
+    assert not any(c["cols"] == 8 and c["passes"] == 1 for c in allowed)
+    assert not any(c["passes"] > 1 for c in v.configs() if v.allows(_problem(rows=1), c))
+
+
+@pytest.mark.parametrize("rows,n", [(1, 4096), (3, 40), (17, 24), (32, 256)])
+def test_qmv_launch_covers_every_output(rows, n, monkeypatch):
+    """What the kernel is handed (launch skipped): a grid of whole groups whose columns cover
+    every output, rows per pass from the rows and passes, x vectors holding at least a weight
+    vector's words."""
+    k = 256
+    w, scales, biases = _packed(n, k, 64, 4, mx.float16)
+    x = _x((rows, k), mx.float16)
+    launches = []
+
+    def launch(self, inputs, *, template, grid, threadgroup, output_shapes, output_dtypes):
+        launches.append((inputs, template, grid, threadgroup))
+        return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+
+    monkeypatch.setattr(kernels.GpuKernel, "__call__", launch)
+    v = OP.variant("qmv")
+    for cfg in covering(v, OP.problem(x, w, scales, biases).as_dict()):
+        y = v.factory(**cfg)(x, w, scales, biases, True, 64, 4, "affine")
+        assert y.shape == (rows, n)
+        inputs, template, grid, group = launches.pop()
+        assert [a.shape for a in inputs] == [(rows, k), w.shape, scales.shape, biases.shape]
+        columns = 32 // cfg["lanes_k"] * cfg["cols"]  # a group's
+        assert group == (32 * cfg["warps"], 1, 1) and grid[0] % group[0] == 0
+        assert grid[0] // group[0] * columns >= n > (grid[0] // group[0] - 1) * columns
+        assert template["LK"] == cfg["lanes_k"] and template["COLS"] == cfg["cols"]
+        assert template["MT"] * cfg["passes"] >= rows and template["VEC"] >= template["WV"]
+        assert template["SCALE_AFTER"] is (cfg["scale"] == "after")
+
+
+def _shifted(a: mx.array) -> mx.array:
+    """``a`` as a row-contiguous view one element into its buffer (off any vector boundary)."""
+    flat = mx.concatenate([mx.zeros((1,), a.dtype), a.reshape(-1)])
+    return flat[1:].reshape(a.shape)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("which", ["x", "w", "both"])
+def test_kernel_on_views_that_start_off_a_vector_boundary(which):
+    """Views one element into their buffers reach the kernel uncopied: its vector loads of x
+    and of the packed words must fall back to elements."""
+    w, scales, biases = _packed(72, 1024, 64, 4, mx.float16)
+    x = _x((5, 1024), mx.float16)
+    if which in ("x", "both"):
+        x = _shifted(x)
+    if which in ("w", "both"):
+        w = _shifted(w)
+    args = (x, w, scales, biases, True, 64, 4, "affine")
+    want = ref.quantized_matmul(*args)
+    v = OP.variant("qmv")
+    for cfg in covering(v, OP.problem(*args).as_dict())[:4]:
+        with poisoned():
+            got = v.build(**cfg)(*args)
+        ref.assert_close(got, want, mx.float16, label=f"qmv {cfg}", **_tolerance(mx.float16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["f16", "bf16"])
+def test_kernel_at_layer_sizes_matches_the_reference(dtype):
+    """A decode step and a batch of 16 rows at a Llama-3-8B down projection (14336
+    in-features), each config family once."""
+    w, scales, biases = _packed(4096, 14336, 64, 4, dtype)
+    v = OP.variant("qmv")
+    for rows in (1, 16):
+        x = _x((rows, 14336), dtype)
+        args = (x, w, scales, biases, True, 64, 4, "affine")
+        want = ref.quantized_matmul(*args)
+        for cfg in covering(v, OP.problem(*args).as_dict())[:3]:
+            with poisoned():
+                got = v.build(**cfg)(*args)
+            ref.assert_close(got, want, dtype, label=f"qmv {cfg}", **_tolerance(dtype))
