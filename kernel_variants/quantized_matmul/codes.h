@@ -11,11 +11,11 @@ MLXP_DEVICE mlxp_vec<float, 32 / BITS> mlxp_codes(uint32_t word) {
   mlxp_vec<float, 32 / BITS> out;
   _Pragma("unroll")
   for (int h = 0; h < 2; ++h) {
-    const uint32_t half = h == 0 ? word : word >> 16;
+    const uint32_t part = h == 0 ? word : word >> 16;
     _Pragma("unroll")
     for (int i = 0; i < HALF; ++i) {
       const uint32_t magic = (uint32_t)(150 - BITS * i) << 23;
-      const float code = mlxp_from_bits((int)((half & (MASK << (BITS * i))) | magic));
+      const float code = mlxp_from_bits((int)((part & (MASK << (BITS * i))) | magic));
       out.v[h * HALF + i] = code - mlxp_from_bits((int)magic);
     }
   }

@@ -28,9 +28,10 @@ typedef unsigned short ushort;
 typedef unsigned int uint;
 typedef unsigned long ulong;
 
-// Metal's half and bfloat are arithmetic types converting to and from float.
-typedef _Float16 half;
-typedef __bf16 bfloat;
+// Metal's half and bfloat are arithmetic types converting to and from float; built-in type
+// names, not typedefs, so that no kernel may name a variable after them.
+#define half _Float16
+#define bfloat __bf16
 
 namespace metal {
 
