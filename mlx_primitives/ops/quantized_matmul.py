@@ -41,8 +41,10 @@ CHECK_MACS = 2**28
 CHECK_ROWS = 16
 # What a candidate's check allows: a dot product over the in-features whose weights are
 # dequantized into 16 bits (as MLX's kernels and the dequantize variant do) errs by a few units
-# of that rounding times the output's scale, not of each output.
-TOLERANCES = {"float32": (2e-5, 1e-4), "float16": (4e-3, 1e-2), "bfloat16": (3e-2, 4e-2)}
+# of that rounding times the output's scale, not of each output. MLX's CUDA kernel for fewer
+# than 8 rows also sums in bfloat16 per lane: about 0.023 off on unit outputs at 14336
+# in-features (emulated in NumPy), which its default must pass.
+TOLERANCES = {"float32": (2e-5, 1e-4), "float16": (4e-3, 1e-2), "bfloat16": (5e-2, 4e-2)}
 
 _ARRAY = mx.array
 
