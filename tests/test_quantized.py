@@ -321,20 +321,22 @@ def test_qmv_configs_fit_registers_and_threadgroup_memory():
     allowed = [c for c in v.configs() if v.allows(problem, c)]
     assert allowed
     for c in allowed:
-        rows = 32 // c["passes"]
+        rows = c["rows"]
         side = 32 // c["lanes_k"]
         assert rows * c["cols"] <= kernels.MAX_REGISTERS
         shared = c["warps"] * rows * c["cols"] * side * 4 if c["warps"] > 1 else 0
         assert 2 * shared <= 49152 and shared <= 32768
     # 32 rows of 8 columns of accumulators alone would spill.
-    assert not any(c["cols"] == 8 and c["passes"] == 1 for c in allowed)
-    assert not any(c["passes"] > 1 for c in v.configs() if v.allows(_problem(rows=1), c))
+    assert not any(c["cols"] == 8 and c["rows"] == 32 for c in allowed)
+    # Rows per pass: the problem's, a half or a quarter (rows 3 are 4 rounded up).
+    for rows, want in ((1, {1}), (4, {4, 2, 1}), (32, {32, 16, 8})):
+        assert {c["rows"] for c in v.configs() if v.allows(_problem(rows=rows), c)} == want
 
 
 @pytest.mark.parametrize("rows,n", [(1, 4096), (3, 40), (17, 24), (32, 256)])
 def test_qmv_launch_covers_every_output(rows, n, monkeypatch):
     """What the kernel is handed (launch skipped): a grid of whole groups whose columns cover
-    every output, rows per pass from the rows and passes, x vectors holding at least a weight
+    every output, the configuration's rows per pass, x vectors holding at least a weight
     vector's words."""
     k = 256
     w, scales, biases = _packed(n, k, 64, 4, mx.float16)
@@ -356,7 +358,7 @@ def test_qmv_launch_covers_every_output(rows, n, monkeypatch):
         assert group == (32 * cfg["warps"], 1, 1) and grid[0] % group[0] == 0
         assert grid[0] // group[0] * columns >= n > (grid[0] // group[0] - 1) * columns
         assert template["LK"] == cfg["lanes_k"] and template["COLS"] == cfg["cols"]
-        assert template["MT"] * cfg["passes"] >= rows and template["VEC"] >= template["WV"]
+        assert template["MT"] == cfg["rows"] and template["VEC"] >= template["WV"]
         assert template["SCALE_AFTER"] is (cfg["scale"] == "after")
 
 

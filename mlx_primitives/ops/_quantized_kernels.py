@@ -5,10 +5,11 @@ in registers. A threadgroup of ``warps`` warps serves ``32 / lanes_k * cols`` ou
 a warp's lanes are ``32 / lanes_k`` columns side by side, each column split over ``lanes_k``
 lanes along the in-features (their loads of one row coalesce; the columns side by side share
 each load of x); every lane holds ``cols`` columns; the warps split the in-features too (their
-sums meet in threadgroup memory). A lane loads ``vec`` words of each column per step. The rows
-are taken in ``passes`` passes (fewer accumulators; the weights then come again from cache).
-``scale="after"`` sums x times the integer codes and applies the group's scale and bias to the
-sum (fewer operations per weight); ``"before"`` dequantizes each weight first (fewer per row).
+sums meet in threadgroup memory). A lane loads ``vec`` words of each column per step. The
+kernel takes ``rows`` rows per pass: all of them, or a half or a quarter (fewer accumulators;
+the weights then come again from cache). ``scale="after"`` sums x times the integer codes and
+applies the group's scale and bias to the sum (fewer operations per weight); ``"before"``
+dequantizes each weight first (fewer per row).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..dialect.kernel import SHARED, GpuKernel, itemsize, with_reference_transforms
-from ..problem import bucket
 from ..registry import GPU_BACKENDS, Variant
 
 QMV = GpuKernel(
@@ -27,12 +27,13 @@ QMV = GpuKernel(
     aligned=("x", "w"),
 )
 
+# rows: the first allowed is the problem's rows (rounded up to a power of two), read once.
 SPACE = {
-    "lanes_k": (32, 8, 4, 2),
+    "lanes_k": (32, 8, 2),
     "cols": (4, 1, 2, 8),
-    "warps": (2, 1, 4, 8),
-    "vec": (4, 1, 2),
-    "passes": (1, 2, 4),
+    "warps": (2, 1, 4),
+    "vec": (4, 2),
+    "rows": (32, 16, 8, 4, 2, 1),
     "scale": ("after", "before"),
 }
 # The widths whose codes the kernel unpacks (a whole number of codes per half-word).
@@ -40,10 +41,8 @@ KERNEL_BITS = (2, 4, 8)
 MAX_ROWS = 32
 # Float registers a lane may hold (accumulators, codes, scales, x) before the kernel spills.
 MAX_REGISTERS = 160
-
-
-def _rows_per_pass(rows: int, passes: int) -> int:
-    return max(1, bucket(rows) // passes)
+# The most passes over the rows a configuration may take (each reads the weights again).
+MAX_PASSES = 4
 
 
 def _supports(p: dict, q: dict) -> bool:
@@ -59,12 +58,11 @@ def _supports(p: dict, q: dict) -> bool:
     per_word = 32 // bits
     chunk = q["vec"] * per_word  # a lane's codes of one column per step
     side = 32 // q["lanes_k"]  # columns side by side in a warp
-    cols, warps, vec = q["cols"], q["warps"], q["vec"]
-    rows = _rows_per_pass(p["rows"], q["passes"])
+    cols, warps, vec, rows = q["cols"], q["warps"], q["vec"], q["rows"]
     registers = rows * cols + cols * (vec + 2 + per_word) + per_word
     shared = warps * rows * cols * side * 4 if warps > 1 else 0
     return (
-        q["passes"] <= p["rows"]
+        p["rows"] // MAX_PASSES <= rows <= p["rows"]  # p["rows"]: rounded up to a power of 2
         and p["group_size"] % chunk == 0  # a chunk lies in one quantization group
         and (k * bits // 32) % vec == 0  # rows of w start on a vector of words
         and registers <= MAX_REGISTERS
@@ -79,7 +77,7 @@ def qmv_variant(reference: Callable, arrays: Callable) -> Variant:
     """The ``qmv`` variant; ``reference`` gives it gradients, and ``arrays(*args)`` gives a
     call's ``(x, w, scales, biases, group_size, bits)``."""
 
-    def factory(lanes_k, cols, warps, vec, passes, scale):
+    def factory(lanes_k, cols, warps, vec, rows, scale):
         side = 32 // lanes_k
 
         def forward(*args):
@@ -98,7 +96,7 @@ def qmv_variant(reference: Callable, arrays: Callable) -> Variant:
                 "COLS": cols,
                 "WARPS": warps,
                 "WV": vec,
-                "MT": _rows_per_pass(m, passes),
+                "MT": rows,
                 "SCALE_AFTER": scale == "after",
                 "VEC": min(per_word, 16 // x.dtype.size),
             }
