@@ -141,6 +141,16 @@ class TuningRecord:
         return self.default_median_s / self.median_s if self.median_s else math.inf
 
     @property
+    def speedup_low(self) -> float:
+        """How sure the decision is: the speedup with the winner at its median plus its spread
+        (the interquartile range of its per-round ratios to the default), so above 1 where the
+        win holds even in the winner's slow rounds; 1 where the default was kept."""
+        if self.kept_default:
+            return 1.0
+        slow = self.median_s + self.spread_s
+        return self.default_median_s / slow if slow else math.inf
+
+    @property
     def kept_default(self) -> bool:
         return (self.variant, self.params) == (self.default_variant, self.default_params)
 

@@ -12,7 +12,7 @@ from mlx_primitives.registry import Example, Variant
 from mlx_primitives.tuning import tuner as tuner_mod
 from mlx_primitives.tuning.tuner import BUDGETS, Budget, Candidate, Result, Tuner, beats, decide
 
-from .toy import double, make_op
+from .toy import _slow, double, make_op
 
 EX = Example(((64, 256),), "float32")
 FAST = Budget(trials=64, problem_s=60, bench_s=0.02)
@@ -424,3 +424,174 @@ def test_chain_length_follows_the_per_call_cost_not_the_evaluations(monkeypatch)
     with pytest.raises(TimeoutError):
         timing._prepare((mx.abs, (mx.ones((4,)),), {}), 1e-4, 20e-3, 1000, True)
     assert chains == [1, 1]
+
+
+# Decisions that hold: the confirmation round, and a machine too noisy to decide ----------------
+
+
+def _pair(monkeypatch, variant: Variant):
+    """The toy op with ``variant`` as the only challenger of a slow default."""
+    op = make_op([variant])
+    op._default = lambda p, backend: ("slow", {})
+    pair = [Candidate.of("slow", {}), Candidate.of(variant.name, {})]
+    monkeypatch.setattr(tuner_mod, "candidates", lambda o, p, backend: list(pair))
+    return op
+
+
+def _twice_slow(x):
+    return _slow(_slow(x) / 2)
+
+
+def test_a_winner_that_does_not_hold_in_the_confirmation_is_not_recorded(db, monkeypatch):
+    """A candidate fast in the search and the finalists' round but slow when timed again
+    against the default alone: the default is recorded as kept, with the reason."""
+    confirming = []
+
+    def mirage(x):
+        return _twice_slow(x) if confirming else double(x)
+
+    op = _pair(monkeypatch, Variant("mirage", lambda: mirage))
+    final = Tuner._final
+
+    def then_confirm(self, *args):
+        out = final(self, *args)
+        confirming.append(True)
+        return out
+
+    monkeypatch.setattr(Tuner, "_final", then_confirm)
+    outcome = Tuner(db, FAST).tune(op, EX)
+    rec = outcome.record
+    assert confirming, "the finalists' round never ran"
+    assert rec is not None and rec.kept_default and rec.variant == "slow"
+    assert rec.median_s == rec.default_median_s and rec.speedup_low == 1.0
+    assert outcome.note.startswith("the default kept: mirage was")
+    assert "confirming" in outcome.note
+    assert db.records() == [rec]
+
+
+def test_a_confirmed_winner_is_recorded_with_the_confirmations_timings(db, monkeypatch):
+    """The recorded latencies are those of the confirmation: a fresh round of the default and
+    the winner alone, not the finalists' samples again."""
+    op = _pair(monkeypatch, Variant("fast", lambda: double))
+    rounds = []
+    real = tuner_mod.bench_many
+
+    def spy(calls, **options):
+        timed = real(calls, **options)
+        rounds.append(timed)
+        return timed
+
+    monkeypatch.setattr(tuner_mod, "bench_many", spy)
+    outcome = Tuner(db, FAST).tune(op, EX)
+    rec = outcome.record
+    assert rec is not None and rec.variant == "fast"
+    confirmation = tuner_mod.paired(rounds[-1])
+    assert len(confirmation) == 2  # the default and the winner, alone
+    assert rec.default_median_s == confirmation[0].median_s
+    assert (rec.median_s, rec.spread_s) == (confirmation[1].median_s, confirmation[1].spread_s)
+    assert 1 < rec.speedup_low <= rec.speedup
+    assert "confirming" in outcome.note
+
+
+SCATTERED = (0.5e-3, 0.95e-3, 1.4e-3)  # a median 5% under the default's 1 ms, a wide spread
+
+
+def fake_machine(monkeypatch, *rounds) -> list[int]:
+    """Timings made up, not measured: the search times every candidate at 1 ms; in round ``i``
+    (the finalists', then the confirmation, ...) the first call (the default) takes a steady
+    1 ms a sample and the others the values of ``rounds[i]`` in turn (the last repeats).
+    Returns the samples asked of each round."""
+    from mlx_primitives.tuning.timing import Timing, summarize
+
+    asked = []
+
+    def bench_many(calls, *, min_reps=5, **options):
+        values = rounds[min(len(asked), len(rounds) - 1)]
+        asked.append(min_reps)
+        steady = [1e-3] * min_reps
+        rest = [values[i % len(values)] for i in range(min_reps)]
+        return [summarize(steady if i == 0 else rest, 1) for i in range(len(calls))]
+
+    def bench(fn, args, kwargs=None, **options):
+        return Timing(1e-3, 0.0, 15, 1, 0.0)
+
+    monkeypatch.setattr(tuner_mod, "bench_many", bench_many)
+    monkeypatch.setattr(tuner_mod, "bench", bench)
+    return asked
+
+
+def test_a_win_too_noisy_to_confirm_keeps_the_default_and_says_so(db, monkeypatch):
+    """A clear win in the finalists' round whose confirmation's spread hides whether it holds,
+    even with more samples: the outcome says the machine was too noisy, and the default is
+    kept (never worse than itself)."""
+    asked = fake_machine(monkeypatch, (0.5e-3,), SCATTERED)
+    outcome = Tuner(db, FAST).tune(make_op(), EX)
+    assert outcome.noisy and outcome.record.kept_default
+    assert outcome.note.startswith("the default kept, too noisy to decide (confirming): ")
+    assert "5% faster than the default, within two standard errors" in outcome.note
+    assert asked == [tuner_mod.ROUND_REPS, tuner_mod.ROUND_REPS, tuner_mod.NOISY_REPS]
+    assert db.records() == [outcome.record]
+
+
+def test_a_finalists_round_too_noisy_to_tell_keeps_the_default_and_says_so(db, monkeypatch):
+    """Nothing beats the default, but the spread hides whether something would: timed again
+    with more samples, and then the default is kept with the reason."""
+    asked = fake_machine(monkeypatch, SCATTERED)
+    outcome = Tuner(db, FAST).tune(make_op(), EX)
+    assert asked == [tuner_mod.ROUND_REPS, tuner_mod.NOISY_REPS]
+    assert outcome.noisy and outcome.record.kept_default
+    assert outcome.note.startswith("the default kept, too noisy to decide (the finalists' round)")
+    assert db.records() == [outcome.record]
+
+
+def test_the_noise_check_judges_the_candidate_at_stake_not_the_luckiest(db, monkeypatch):
+    """Of equal candidates one measures fastest by chance: the check judges the one the fixed
+    order would pick (here 1% faster, within the floor), so the default is kept plainly."""
+    same = [Variant("same_a", lambda: double), Variant("same_b", lambda: double)]
+    op = make_op(same)
+    pool = [Candidate.of(n, {}) for n in ("default", "same_a", "same_b")]
+    monkeypatch.setattr(tuner_mod, "candidates", lambda o, p, backend: list(pool))
+    fake_machine(monkeypatch, SCATTERED)
+    times = {"default": (1e-3, 0.0), "same_a": (0.99e-3, 0.03e-3), "same_b": (0.95e-3, 0.03e-3)}
+
+    def timed_round(self, op, finalists, args, reps):
+        return [
+            Result(
+                r.candidate,
+                "ok",
+                "",
+                times[r.candidate.variant][0],
+                0.0,
+                0.0,
+                times[r.candidate.variant][1],
+            )
+            for r in finalists
+        ]
+
+    monkeypatch.setattr(Tuner, "_round", timed_round)
+    outcome = Tuner(db, FAST).tune(op, EX)
+    assert outcome.record.kept_default
+    assert outcome.note == "the default kept: nothing beat it beyond noise"
+
+
+def test_rounds_that_disagree_on_the_gain_are_too_noisy_to_decide(db, monkeypatch):
+    """2.2x in the finalists' round, 1.3x confirming: each a steady win, but the machine
+    changed between them (a load that came or went), so neither is what it runs at."""
+    fake_machine(monkeypatch, (1 / 2.2 * 1e-3,), (1 / 1.3 * 1e-3,))
+    outcome = Tuner(db, FAST).tune(make_op(), EX)
+    assert outcome.noisy and outcome.record.kept_default
+    assert outcome.note.startswith("the default kept, too noisy to decide (the rounds disagree)")
+    assert "2.20x the default in the finalists' round and 1.30x confirming" in outcome.note
+    # Within a factor of two of each other, the gains agree: the confirmation's is recorded.
+    fake_machine(monkeypatch, (1 / 2.2 * 1e-3,), (1 / 1.7 * 1e-3,))
+    outcome = Tuner(db, FAST, force=True).tune(make_op(), EX)
+    assert not outcome.noisy and outcome.record.speedup == pytest.approx(1.7)
+
+
+def test_too_noisy_lies_between_the_noise_floor_and_the_spread():
+    default = _r("default", 1.0, 0.0)
+    assert tuner_mod.too_noisy(_r("a", 0.95, 0.05), default)  # 5% > 2%, but 2 se = 10%
+    assert not tuner_mod.too_noisy(_r("a", 0.99, 0.05), default)  # within the floor: the same
+    assert not tuner_mod.too_noisy(_r("a", 0.85, 0.05), default)  # beyond both: it beats
+    assert beats(_r("a", 0.85, 0.05), default)
+    assert not tuner_mod.too_noisy(_r("a", 0.95, 0.005), default)  # a quiet round decides

@@ -4,7 +4,10 @@
 
 Where candidates tie (within noise of each other) the tuner's fixed order picks, so the runs
 agree; a disagreement means two candidates were apart by more than noise in one run and not
-in the other. Each disagreement is listed with both runs' winner and default latencies.
+in the other. Each disagreement is listed with both runs' winner and default latencies and
+how each was decided. Problems a run found the machine too noisy to decide (a win it could
+not confirm is not recorded; a finalists' round that could not tell keeps the default) are
+counted apart: the agreement is over the problems both runs decided.
 """
 
 from __future__ import annotations
@@ -26,37 +29,46 @@ def run_twice(preset: str, op_names: list[str] | None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(2):
             tuner = Tuner(TuningDB(str(Path(tmp) / f"run{i}.sqlite")), BUDGETS[preset], seed=i)
-            runs.append(
-                {
-                    out.problem: out.record
-                    for o in selected
-                    for ex in o.presets[preset]
-                    if (out := tuner.tune(o, ex)).record is not None
-                }
-            )
+            outcomes = [tuner.tune(o, ex) for o in selected for ex in o.presets[preset]]
+            runs.append({out.problem: out for out in outcomes})
     a, b = runs
-    problems = sorted(a.keys() & b.keys())
+    decided = [
+        {p for p, out in run.items() if out.record is not None and not out.noisy} for run in runs
+    ]
+    problems = sorted(decided[0] & decided[1])
     differ = []
     for p in problems:
-        ra, rb = a[p], b[p]
+        ra, rb = a[p].record, b[p].record
         if (ra.variant, ra.params) != (rb.variant, rb.params):
             differ.append(
                 {
                     "problem": p,
                     "runs": [
                         {
-                            k: getattr(r, k)
-                            for k in ("variant", "params", "median_s", "default_median_s")
+                            **{
+                                k: getattr(out.record, k)
+                                for k in ("variant", "params", "median_s", "default_median_s")
+                            },
+                            "note": out.note,
                         }
-                        for r in (ra, rb)
+                        for out in (a[p], b[p])
                     ],
                 }
             )
+    undecided = [
+        {"run": i, "problem": p, "note": out.note}
+        for i, run in enumerate(runs)
+        for p, out in sorted(run.items())
+        if out.noisy
+    ]
     return {
         "problems": len(problems),
         "disagreements": len(differ),
         "rate": len(differ) / max(len(problems), 1),
+        "agreement": 1 - len(differ) / max(len(problems), 1),
+        "undecided": [sum(u["run"] == i for u in undecided) for i in range(2)],
         "details": differ,
+        "undecided_details": undecided,
     }
 
 
@@ -71,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report, indent=1))
         return 0
     print(
-        f"{report['disagreements']} of {report['problems']} problems got different winners "
-        f"({100 * report['rate']:.0f}%)"
+        f"{report['disagreements']} of {report['problems']} problems decided by both runs got "
+        f"different winners (agreement {100 * report['agreement']:.1f}%); too noisy to decide: "
+        f"{report['undecided'][0]} problems in the first run, {report['undecided'][1]} in the "
+        "second"
     )
     for d in report["details"]:
         a, b = d["runs"]
@@ -82,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{b['variant']} {b['params']} "
             f"({b['median_s'] * 1e6:.1f} vs default {b['default_median_s'] * 1e6:.1f} us)"
         )
+        for run in (a, b):
+            print(f"      {run['note']}")
+    for u in report["undecided_details"]:
+        print(f"  run {u['run'] + 1}, {u['problem']}: {u['note']}")
     return 0
 
 

@@ -6,7 +6,10 @@ wins only if it beats the default beyond noise, and candidates within noise of t
 ranked by a fixed order (registration order of variants, then of their parameter values), so
 two runs on one machine agree. The decision is made on a second measurement of the finalists
 (the candidates close to the fastest, and the default) with their samples interleaved, so
-drift of the machine during the search cannot decide.
+drift of the machine during the search cannot decide; a winner is then timed against the
+default once more, in a round of its own, and recorded only if it wins there too. Where the
+machine is too noisy to decide, the outcome says so (``Outcome.noisy``) and the default is
+kept, which is never worse than itself.
 Small spaces are searched exhaustively, larger ones with TPE; the default, the previous winner
 and each variant's first config go first.
 """
@@ -46,6 +49,14 @@ FASTEST_FINALISTS = 4
 MAX_FINALISTS = 8
 # Candidates within this fraction of the fastest count as equally fast: the fixed order picks.
 TIE = 0.05
+# Samples per call at least in the finalists' round and in the confirmation, and in the one
+# more try of a round whose spread hid a gain (the standard error halves with four times the
+# samples).
+ROUND_REPS = 15
+NOISY_REPS = 60
+# A confirmed gain (speedup - 1) and the one measured before it must agree within this factor:
+# rounds further apart timed a machine that changed under them.
+ROUNDS_AGREE = 2.0
 # A candidate slower than this many times the default is abandoned mid-measurement.
 ABANDON_FACTOR = 100.0
 # A candidate that has not finished after this long is taken to hang.
@@ -125,7 +136,9 @@ class Result:
 
 @dataclass
 class Outcome:
-    """What tuning one problem produced (``record`` is None when it was skipped or failed)."""
+    """What tuning one problem produced, and ``note``, how it was decided. ``noisy``: the
+    machine was too noisy to decide, and ``record`` keeps the default. ``record`` is None
+    when the problem was skipped or failed."""
 
     op: str
     problem: str
@@ -133,30 +146,58 @@ class Outcome:
     record: TuningRecord | None
     results: list[Result] = field(default_factory=list)
     note: str = ""
+    noisy: bool = False
+
+
+def _margins(a: Result, b: Result) -> tuple[float, float, float]:
+    """How much faster ``a`` measured than ``b``, the noise floor (``record.noise`` of ``b``)
+    and two standard errors of the difference of the medians, all in seconds."""
+    floor = noise(b.median_s) * b.median_s
+    return b.median_s - a.median_s, floor, 2.0 * math.hypot(a.stderr_s, b.stderr_s)
 
 
 def beats(a: Result, b: Result) -> bool:
-    """``a`` is faster than ``b`` beyond noise: by more than ``timing.noise`` of ``b`` and by
+    """``a`` is faster than ``b`` beyond noise: by more than ``record.noise`` of ``b`` and by
     more than two standard errors of the difference of the medians."""
-    margin = max(noise(b.median_s) * b.median_s, 2.0 * math.hypot(a.stderr_s, b.stderr_s))
-    return a.median_s < b.median_s - margin
+    gain, floor, spread = _margins(a, b)
+    return gain > max(floor, spread)
 
 
-def decide(results: list[Result], default: Result, order: list[Candidate]) -> Result:
-    """The winner: the default unless something beats it beyond noise; among the candidates
-    within ``TIE`` (and noise) of the fastest, the first in ``order``."""
-    ok = [r for r in results if r.status == "ok"]
-    challengers = [r for r in ok if beats(r, default)]
-    if not challengers:
-        return default
-    best = min(challengers, key=lambda r: r.median_s)
+def too_noisy(a: Result, b: Result) -> bool:
+    """``a`` measured faster than ``b`` beyond the noise floor, but not beyond two standard
+    errors: the spread of the rounds, not the calls, keeps it from deciding."""
+    gain, floor, spread = _margins(a, b)
+    return floor < gain <= spread
+
+
+def _hidden(a: Result, b: Result) -> str:
+    """Why a round cannot tell: ``a`` faster than ``b`` by more than the floor, not beyond the
+    spread."""
+    gain, _, spread = _margins(a, b)
+    return (
+        f"{a.candidate.label()} measured {gain / b.median_s:.0%} faster than the default, within "
+        f"two standard errors of the spread of its rounds ({spread / b.median_s:.0%})"
+    )
+
+
+def _pick(candidates: list[Result], order: list[Candidate]) -> Result:
+    """Among ``candidates``, the first in ``order`` of those within ``TIE`` (and two standard
+    errors) of the fastest: candidates that close count as equally fast."""
+    best = min(candidates, key=lambda r: r.median_s)
     tied = [
         r
-        for r in challengers
+        for r in candidates
         if r.median_s <= best.median_s * (1 + TIE) + 2.0 * math.hypot(r.stderr_s, best.stderr_s)
     ]
     rank = {c: i for i, c in enumerate(order)}
     return min(tied, key=lambda r: rank.get(r.candidate, math.inf))
+
+
+def decide(results: list[Result], default: Result, order: list[Candidate]) -> Result:
+    """The winner: the default unless something beats it beyond noise; among those that do,
+    :func:`_pick`'s."""
+    challengers = [r for r in results if r.status == "ok" and beats(r, default)]
+    return _pick(challengers, order) if challengers else default
 
 
 def _alive(reason: str, created_at: str, timeout_s: float) -> bool:
@@ -285,7 +326,7 @@ class Tuner:
             )
         self._search(first, rest, evaluate)
 
-        winner, base = self._final(
+        winner, base, note, noisy = self._decide(
             op, list(results.values()), results[default], [default, *order], args
         )
         record = TuningRecord(
@@ -307,7 +348,9 @@ class Tuner:
         )
         self.db.put(record)
         dispatch.reset()
-        return Outcome(op.name, pkey, example, record, list(results.values()))
+        return Outcome(
+            op.name, pkey, example, record, list(results.values()), note=note, noisy=noisy
+        )
 
     def _unfinished(self, op: Op, pkey: str) -> dict[Candidate, Result]:
         """Candidates that hung or crashed in an earlier run, rejected rather than run again:
@@ -358,13 +401,61 @@ class Tuner:
         self.db.finish_trial(trial_id, result.trial(op.name, pkey))
         return result
 
+    def _decide(self, op: Op, results: list[Result], default: Result, order, args):
+        """The winner, confirmed: the finalists' choice is timed once more against the default
+        alone, in a round of its own, and must beat it again, by a gain within a factor
+        ``ROUNDS_AGREE`` of the finalists' round's. Returns (winner, default, note, noisy), the
+        two as last timed. ``noisy`` where the machine was too noisy to decide (a round whose
+        spread hides the answer even with more samples, or rounds that disagree): the default
+        is kept, and ``note`` says why."""
+        winner, base, note = self._final(op, results, default, order, args)
+        if winner is base:
+            return base, base, note or "the default kept: nothing beat it beyond noise", bool(note)
+        # A default far behind was left out of the finalists' round: its search time is all.
+        before = "search" if base is default else "finalists' round"
+        first = base.median_s / winner.median_s
+        for reps in (ROUND_REPS, NOISY_REPS):
+            d, w = self._round(op, [default, winner], args, reps)
+            if not too_noisy(w, d):
+                break
+        else:
+            return (
+                d,
+                d,
+                f"the default kept, too noisy to decide (confirming): {_hidden(w, d)}",
+                True,
+            )
+        then = d.median_s / w.median_s
+        if not beats(w, d):
+            return (
+                d,
+                d,
+                f"the default kept: {winner.candidate.label()} was {first:.2f}x in the "
+                f"{before} but {then:.2f}x confirming",
+                False,
+            )
+        # A search time is one measurement, far less sure than a round's: only rounds compare.
+        if base is not default and max(first, then) - 1 > ROUNDS_AGREE * (min(first, then) - 1):
+            return (
+                d,
+                d,
+                "the default kept, too noisy to decide (the rounds disagree): "
+                f"{winner.candidate.label()} was {first:.2f}x the default in the {before} and "
+                f"{then:.2f}x confirming",
+                True,
+            )
+        return w, d, f"{first:.2f}x in the {before}, {then:.2f}x confirming", False
+
     def _final(self, op: Op, results: list[Result], default: Result, order, args):
         """Time the finalists (the fastest few, the earliest close ones, and the default) again
         with their samples interleaved, so drift of the machine between the search's
-        measurements cannot decide, and pick the winner from these; returns (winner, default)."""
+        measurements cannot decide, and pick the winner from these; returns (winner, default,
+        note). Where none beats the default but the round's spread hides whether one would
+        (:func:`too_noisy`), the round is timed once more with more samples; if that cannot
+        tell either, the default is kept and ``note`` says so."""
         ok = [r for r in results if r.status == "ok" and r is not default]
         if not ok:
-            return default, default
+            return default, default, ""
         by_speed = sorted(ok, key=lambda r: r.median_s)
         rank = {c: i for i, c in enumerate(order)}
         # The search's one-off measurements can be off by tens of percent or more (a candidate
@@ -383,28 +474,43 @@ class Tuner:
         # the race between the close ones.
         far = default.median_s > 2 * fastest.median_s
         finalists = close[:MAX_FINALISTS] if far else [default, *close[: MAX_FINALISTS - 1]]
-        if not finalists or finalists == [default]:
-            return default, default
+        if len(finalists) < 2:
+            return finalists[0], default, ""
+        for reps in (ROUND_REPS, NOISY_REPS):
+            again = self._round(op, finalists, args, reps)
+            base = default if far else again[0]
+            winner = decide(again, base, order)
+            # The one at stake where none beats the default: the one the rule would pick, not
+            # the fastest, which of several equal candidates is the one noise favoured most.
+            stake = _pick([r for r in again if r is not base], order)
+            if winner is not base or not too_noisy(stake, base):
+                return winner, base, ""
+        note = (
+            f"the default kept, too noisy to decide (the finalists' round): {_hidden(stake, base)}"
+        )
+        return base, base, note
+
+    def _round(self, op: Op, finalists: list[Result], args, reps: int) -> list[Result]:
+        """``finalists`` timed again together, in a round of their own (:func:`bench_many`,
+        at least ``reps`` samples each), each through its per-round ratio to the first
+        (:func:`paired`)."""
         calls = [
             (op.variant(r.candidate.variant).build(**r.candidate.param_dict), args, {})
             for r in finalists
         ]
-        budget_s = max(self.budget.bench_s, 0.05)
         timed = paired(
             bench_many(
                 calls,
-                budget_s=budget_s,
-                min_reps=15,
+                budget_s=max(self.budget.bench_s, 0.05),
+                min_reps=reps,
                 target_sample_s=self.budget.sample_s,
                 feed=op.feed,
             )
         )
-        again = [
+        return [
             Result(r.candidate, "ok", "", t.median_s, t.spread_s, r.error, t.stderr_s)
             for r, t in zip(finalists, timed)
         ]
-        base = default if far else again[0]
-        return decide(again, base, order), base
 
     def _previous(self, op: Op, problem: Problem) -> TuningRecord | None:
         """This problem's record, if there is one that fits the op (another is replaced)."""
