@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import mlx.core as mx
@@ -340,3 +341,145 @@ def test_unusable_database_locations_fail_cleanly(capsys, url):
     code = main([*TUNE, "--db", url])
     out, err = capsys.readouterr()
     assert code == 1 and "cannot open a tuning database" in err and "Traceback" not in err
+
+
+# What a person meets: progress, tables, help, explain --db, doctor ----------------------------
+
+
+def test_progress_is_plain_lines_when_not_a_terminal(capsys):
+    """In a log or a pipe: a line naming the run, then one line per problem as it ends."""
+    code, _, err = run(capsys, *TUNE)
+    assert code == 0
+    lines = err.splitlines()
+    assert "1 problems of 1 ops" in lines[0] and "preset quick" in lines[0]
+    assert lines[1].startswith("[1/1] rms_norm 8x64 float32: ")
+    assert "━" not in err
+
+
+def test_progress_is_a_bar_on_a_terminal(capsys, monkeypatch):
+    from rich.console import Console
+
+    from mlx_primitives.tuning import cli
+
+    monkeypatch.setattr(
+        cli, "_console", lambda stderr=False: Console(stderr=stderr, force_terminal=True)
+    )
+    code, _, err = run(capsys, *TUNE)
+    assert code == 0
+    assert "━" in err and "1/1" in err
+    assert "[1/1]" not in err
+
+
+def test_no_arguments_says_which_preset_it_runs(capsys):
+    code, out, err = run(capsys, "--time-budget", "0")
+    assert code == 0
+    assert "preset default (the default; --preset quick|default|full chooses)" in err
+    code, out, err = run(capsys, "--preset", "quick", "--time-budget", "0")
+    assert "preset quick," in err and "(the default" not in err
+
+
+def _actions(parser):
+    import argparse
+
+    for action in parser._actions:
+        yield parser.prog, action
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _actions(sub)
+
+
+def test_every_option_and_command_has_help():
+    from mlx_primitives.tuning.cli import COMMANDS, _parser
+
+    seen = set()
+    for prog, action in _actions(_parser()):
+        name = action.dest if not action.option_strings else action.option_strings[-1]
+        assert action.help and action.help.strip(), f"{prog} {name} has no help"
+        seen.add(prog.split()[-1])
+    assert set(COMMANDS) <= seen
+
+
+def test_explain_takes_db(capsys, tmp_path):
+    other = tmp_path / "other.sqlite"
+    run(capsys, *TUNE, "--db", str(other))
+    argv = ["explain", "rms_norm", "--shape", "8x64", "--shape", "64", "--dtype", "float32"]
+    assert run_json(capsys, *argv, "--db", str(other))["source"] == "user"
+    assert run_json(capsys, *argv)["source"] != "user"  # the test's own user database is empty
+
+
+def test_doctor_prints_readable_text(capsys, user_db):
+    code, out, _ = run(capsys, "doctor")
+    assert code == 0
+    assert out.startswith("mlx-primitives ")
+    for label in ("chip:", "dispatch:", "user database:", "status:", "shipped records:"):
+        assert label in out
+    assert detect_chip().slug in out and "{" not in out
+    user_db.write_bytes(b"garbage" * 200)
+    code, out, _ = run(capsys, "doctor")
+    assert code == 1 and "unusable" in out and "recover:" in out
+
+
+def _flash_records(db):
+    """Records of the four quick flash-attention problems, which differ only by dtype and
+    causal flag."""
+    from mlx_primitives.problem import parse_dtype
+    from mlx_primitives.registry import op
+
+    fa = op("flash_attention")
+    keys = []
+    for i, ex in enumerate(fa.presets["quick"]):
+        args = fa.example(ex.shapes, parse_dtype(ex.dtype), mx.random.key(0), **dict(ex.options))
+        rec = record(fa, args, "dense" if i % 2 else "builtin", default_variant="builtin")
+        rec = dataclasses.replace(rec, median_s=1e-4 if i % 2 else 2e-4, spread_s=1e-5)
+        db.put(dataclasses.replace(rec, default_median_s=2e-4))
+        keys.append(rec.problem)
+    return keys
+
+
+def test_show_never_cuts_the_fields_that_tell_rows_apart(capsys, db, monkeypatch):
+    keys = _flash_records(db)
+    code, out, _ = run(capsys, "show")
+    assert code == 0 and "…" not in out
+    # The op once, in the title; the fields every row shares once, below the table.
+    assert out.count("flash_attention") == 1
+    assert "every row: batch=1 q_heads=4 group=2" in out
+    for key in keys:
+        dtype, fields = key.split("|")[1:]
+        causal = next(f for f in fields.split(",") if f.startswith("causal="))
+        assert f"{dtype} {causal}" in out
+    # However narrow the terminal, a row wraps rather than losing its end.
+    from rich.console import Console
+
+    from mlx_primitives.tuning import cli
+
+    monkeypatch.setattr(cli, "_console", lambda stderr=False: Console(stderr=stderr, width=60))
+    code, out, _ = run(capsys, "show", "--chip", "all")
+    assert code == 0 and "…" not in out
+
+
+def test_show_reports_how_sure_each_decision_is(capsys, db):
+    _flash_records(db)
+    rows = user_rows(capsys)
+    for r in rows:
+        if r["variant"] == r["default_variant"]:
+            assert r["speedup_low"] == 1.0
+        else:
+            want = r["default_median_s"] / (r["median_s"] + r["spread_s"])
+            assert r["speedup_low"] == pytest.approx(want)
+            assert r["speedup_low"] < r["speedup"]
+    code, out, _ = run(capsys, "show")
+    assert "at least" in out and "1.82x" in out  # 2e-4 / (1e-4 + 1e-5)
+
+
+def test_tune_says_when_the_machine_is_too_noisy_to_decide(capsys, monkeypatch):
+    from .test_tuner import SCATTERED, fake_machine
+
+    fake_machine(monkeypatch, (0.5e-3,), SCATTERED)
+    code, out, err = run(capsys, *TUNE)
+    assert code == 0  # not a failure: the default serves, never worse than itself
+    prefix = "rms_norm 8x64 float32: builtin, the default kept, too noisy to decide (confirming):"
+    assert f"[1/1] {prefix}" in err
+    assert "1 problems this machine was too noisy to decide: their defaults are kept" in err
+    assert f"  {prefix}" not in err  # the list gives the note, not the variant again
+    (row,) = user_rows(capsys)
+    assert row["variant"] == row["default_variant"] == "builtin"

@@ -7,9 +7,12 @@ Exit codes: 0 success, 1 failure (a broken database, a problem that could not be
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 import time
+from contextlib import contextmanager
 
 import mlx.core as mx
 
@@ -22,7 +25,7 @@ from ..registry import Example, Op, ops
 from ..registry import op as get_op
 from ..store import shipped
 from ..store.database import DatabaseError, TuningDB, default_user_url, exists, url_path
-from .tuner import BUDGETS, CANDIDATE_TIMEOUT_S, EXIT_HUNG, Budget, Tuner
+from .tuner import BUDGETS, CANDIDATE_TIMEOUT_S, EXIT_HUNG, Outcome, Tuner
 
 COMMANDS = ("tune", "list", "show", "explain", "export", "import", "doctor", "clear")
 
@@ -101,86 +104,181 @@ def _checked(entry) -> tuple[TuningRecord | None, str | None]:
 
 
 def _row(entry, source: str) -> dict:
-    """A record as shown: with its speedup, whether it is stale, and why it is unusable."""
+    """A record as shown: with its speedup and how sure it is (``speedup_low``), whether it is
+    stale, and why it is unusable."""
     rec, why = _checked(entry)
     if rec is None:
         shown = entry.to_dict() if isinstance(entry, TuningRecord) else dict(entry)
-        return {**shown, "source": source, "invalid": why, "stale": True, "speedup": None}
+        return {
+            **shown,
+            "source": source,
+            "invalid": why,
+            "stale": True,
+            "speedup": None,
+            "speedup_low": None,
+        }
     out = {**rec.to_dict(), "source": source, "invalid": None}
     out["stale"] = rec.stale(get_op(rec.op)) is not None
     out["speedup"] = rec.speedup if rec.median_s > 0 else None
+    out["speedup_low"] = rec.speedup_low if rec.median_s > 0 else None
     return out
 
 
-def _records_table(title: str, rows: list[dict]):
+def _fields(row: dict, chip: bool) -> list[str]:
+    """What tells a row apart, as short fields: its chip (where the rows are of several), its
+    dtype and the problem key's dims (the op is its table's); the whole key where it is not of
+    the op|dtype|dims form."""
+    key = str(row.get("problem"))
+    parts = key.split("|")
+    fields = [parts[1], *parts[2].split(",")] if len(parts) == 3 else [key]
+    return [str(row.get("chip")), *fields] if chip else fields
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _records_tables(title: str, rows: list[dict]) -> list:
+    """One table per op. The fields of the problem that all its rows share are shown once, in
+    the caption; each row shows the rest, which wrap and are never cut."""
     from rich.table import Table
 
-    table = Table(title=title)
-    for col in ("op", "problem", "variant", "params", "median", "default", "speedup"):
-        table.add_column(
-            col, justify="right" if col in ("median", "default", "speedup") else "left"
-        )
+    chips = len({r.get("chip") for r in rows}) > 1
+    by_op: dict[str, list[dict]] = {}
     for r in rows:
-        if r["invalid"]:
-            table.add_row(
-                str(r.get("op"))[:32],
-                str(r.get("problem"))[:64],
-                f"(invalid: {r['invalid'][:60]})",
-                "-",
-                "-",
-                "-",
-                "-",
-            )
-            continue
-        params = ",".join(f"{k}={v}" for k, v in sorted(r["params"].items())) or "-"
-        stale = " (stale)" if r["stale"] else ""
-        table.add_row(
-            r["op"],
-            r["problem"].split("|", 2)[-1] + " " + r["problem"].split("|")[1],
-            r["variant"] + stale,
-            params,
-            f"{r['median_s'] * 1e6:.1f} us",
-            f"{r['default_median_s'] * 1e6:.1f} us",
-            f"{r['speedup']:.2f}x",
+        by_op.setdefault(str(r.get("op"))[:64], []).append(r)
+    tables = []
+    for op_name, part in by_op.items():
+        fields = [_fields(r, chips) for r in part]
+        shared = []
+        if len(part) > 1:
+            shared = [f for f in fields[0] if all(f in other for other in fields[1:])]
+        table = Table(
+            title=f"{title}: {op_name}",
+            caption=f"every row: {' '.join(shared)}" if shared else None,
+            caption_justify="left",
         )
-    return table
+        table.add_column("problem", overflow="fold", ratio=3)
+        table.add_column("variant", overflow="fold", ratio=2)
+        for col in ("median", "default", "speedup", "at least"):
+            table.add_column(col, justify="right", no_wrap=True)
+        for r, own in zip(part, fields):
+            problem = " ".join(f for f in own if f not in shared) or "-"
+            if r["invalid"]:
+                table.add_row(problem, f"(invalid: {r['invalid'][:60]})", "-", "-", "-", "-")
+                continue
+            params = " ".join(f"{k}={v}" for k, v in sorted(r["params"].items()))
+            variant = r["variant"] + (f" {params}" if params else "")
+            kept = r["variant"] == r["default_variant"] and r["params"] == r["default_params"]
+            table.add_row(
+                problem,
+                variant + (" (stale)" if r["stale"] else ""),
+                f"{r['median_s'] * 1e6:.1f} us",
+                f"{r['default_median_s'] * 1e6:.1f} us",
+                _times(r["speedup"]),
+                "-" if kept else _times(r["speedup_low"]),
+            )
+        tables.append(table)
+    return tables
+
+
+class _Progress:
+    """A tuning run's progress on stderr: rich's bar on a terminal; elsewhere (a log, a pipe)
+    one plain line per problem as it finishes, so a log is never silent for long."""
+
+    def __init__(self, total: int, transient: bool):
+        self.total, self.done = total, 0
+        self.console = _console(stderr=True)
+        self.bar = None
+        if self.console.is_terminal:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            columns = (
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+            )
+            self.bar = Progress(*columns, console=self.console, transient=transient)
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.__enter__()
+            self.task = self.bar.add_task("tuning", total=self.total)
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def start(self, what: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, description=what)
+
+    def finish(self, what: str, result: str) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.advance(self.task)
+        else:
+            print(f"[{self.done}/{self.total}] {what}: {result}", file=sys.stderr, flush=True)
+
+
+def _result(outcome: Outcome, seconds: float) -> str:
+    """One problem's outcome in a line."""
+    rec = outcome.record
+    if rec is None:
+        return outcome.note
+    params = ",".join(f"{k}={v}" for k, v in sorted(rec.params.items()))
+    chosen = f"{rec.variant}({params})" if params else rec.variant
+    if rec.kept_default:
+        text = f"{chosen}, {outcome.note}" if outcome.note else chosen
+    else:
+        text = f"{chosen} {rec.speedup:.2f}x, at least {rec.speedup_low:.2f}x ({outcome.note})"
+    return f"{text} [{seconds:.1f} s]"
 
 
 def cmd_tune(args) -> int:
     selected = _ops(args.op)
-    budget = BUDGETS[args.preset]
+    preset = args.preset or "default"
+    budget = BUDGETS[preset]
     if args.trials is not None:
         if args.trials < 1:
             raise UsageError("--trials must be at least 1")
-        budget = Budget(args.trials, budget.problem_s, budget.bench_s)
+        budget = dataclasses.replace(budget, trials=args.trials)
     if args.shape:
         if len(selected) != 1 or not args.op:
             raise UsageError("--shape tunes one problem of one --op")
         work = [(selected[0], _example(args))]
     else:
-        work = [(o, ex) for o in selected for ex in o.presets.get(args.preset, [])]
+        work = [(o, ex) for o in selected for ex in o.presets.get(preset, [])]
     db = _open(args, create=True)
     tuner = Tuner(
         db, budget, seed=args.seed, force=args.force, candidate_timeout_s=args.candidate_timeout
     )
+    chosen = "" if args.preset else " (the default; --preset quick|default|full chooses)"
+    print(
+        f"mlxp-tune: {len(work)} problems of {len({o.name for o, _ in work})} ops on "
+        f"{tuner.chip.name} ({tuner.chip.slug}), preset {preset}{chosen}, into {db.url}",
+        file=sys.stderr,
+        flush=True,
+    )
     deadline = None if args.time_budget is None else time.perf_counter() + args.time_budget
     outcomes, failures, unstarted = [], [], 0
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=_console(stderr=True), transient=args.json) as progress:
-        task = progress.add_task(f"tuning {tuner.chip.name}", total=len(work))
+    with _Progress(len(work), transient=args.json) as progress:
         for o, ex in work:
+            what = f"{o.name} {ex.label()}"
             if deadline is not None and time.perf_counter() > deadline:
                 unstarted += 1
-                progress.advance(task)
+                progress.finish(what, "not started: --time-budget ran out")
                 continue
-            progress.update(task, description=f"{o.name} {ex.label()}")
+            progress.start(what)
+            begun = time.perf_counter()
             try:
                 outcome = tuner.tune(o, ex)
             except (ValueError, TypeError) as e:  # an --shape or --option the op rejects
@@ -188,19 +286,29 @@ def cmd_tune(args) -> int:
             if outcome.record is None and outcome.note != "already tuned":
                 failures.append(outcome)
             outcomes.append(outcome)
-            progress.advance(task)
+            progress.finish(what, _result(outcome, time.perf_counter() - begun))
     rows = [_row(o.record, "user") for o in outcomes if o.record is not None]
+    noisy = [o for o in outcomes if o.noisy]
     if args.json:
         print(json.dumps(rows, indent=1, sort_keys=True))
     else:
         con = _console()
-        con.print(_records_table(f"Winners on {tuner.chip.name} ({tuner.chip.slug})", rows))
+        for table in _records_tables(f"Winners on {tuner.chip.name} ({tuner.chip.slug})", rows):
+            con.print(table)
         skipped = sum(o.note == "already tuned" for o in outcomes)
         if skipped:
             con.print(f"{skipped} problems already tuned (use --force to re-tune them)")
         if unstarted:
             con.print(f"{unstarted} problems not started: --time-budget ran out")
         con.print(f"database: {db.url}")
+    if noisy:
+        print(
+            f"{len(noisy)} problems this machine was too noisy to decide: their defaults are "
+            "kept (tune them again with --force when it is quieter):",
+            file=sys.stderr,
+        )
+        for o in noisy:
+            print(f"  {o.op} {o.example.label()}: {o.note}", file=sys.stderr)
     for f in failures:
         print(f"error: {f.op} {f.example.label()}: {f.note}", file=sys.stderr)
     return 1 if failures else 0
@@ -267,10 +375,30 @@ def cmd_show(args) -> int:
     for source in ("user", "pretuned"):
         part = [r for r in rows if r["source"] == source]
         if part:
-            con.print(_records_table(f"{source} records ({chip})", part))
+            for table in _records_tables(f"{source} records ({chip})", part):
+                con.print(table)
     if not rows:
         con.print(f"no tuning records for {chip}; run `mlxp-tune` to tune this machine")
     return 0
+
+
+@contextmanager
+def _user_database(url: str | None):
+    """Dispatch reads ``url`` as the user database while inside (``MLXP_TUNING_DB``)."""
+    if url is None:
+        yield
+        return
+    before = os.environ.get("MLXP_TUNING_DB")
+    os.environ["MLXP_TUNING_DB"] = url
+    dispatch.reset()
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["MLXP_TUNING_DB"]
+        else:
+            os.environ["MLXP_TUNING_DB"] = before
+        dispatch.reset()
 
 
 def cmd_explain(args) -> int:
@@ -280,7 +408,8 @@ def cmd_explain(args) -> int:
     ex = _example(args)
     try:
         call = o.example(ex.shapes, parse_dtype(ex.dtype), mx.random.key(0), **dict(ex.options))
-        decision = dispatch.choose(o, o.problem(*call))
+        with _user_database(args.db):
+            decision = dispatch.choose(o, o.problem(*call))
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
     if args.json:
@@ -356,10 +485,40 @@ def cmd_doctor(args) -> int:
     if args.json:
         print(json.dumps(report, indent=1, sort_keys=True))
     else:
-        con = _console()
-        for key, value in report.items():
-            con.print(f"[bold]{key}[/bold]: {value}")
+        print(_doctor_text(report))
     return status
+
+
+def _doctor_text(report: dict) -> str:
+    """``doctor``'s report as lines a person reads."""
+    chip, user, ship = report["chip"], report["user_db"], report["shipped_db"]
+    about = [chip["arch"] or chip["family"]]
+    if chip.get("gpu_cores"):
+        about.append(f"{chip['gpu_cores']} GPU cores")
+    if chip.get("cpu_cores"):
+        about.append(f"{chip['cpu_cores']} CPU cores")
+    if chip.get("memory_bytes"):
+        about.append(f"{chip['memory_bytes'] / 2**30:.0f} GiB")
+    lines = [
+        f"mlx-primitives {report['mlx_primitives']}, MLX {report['mlx']}, "
+        f"back-end {report['backend']}",
+        f"chip:             {chip['name']} ({chip['slug']}): {', '.join(a for a in about if a)}",
+        f"dispatch:         {report['dispatch']} (MLXP_DISPATCH)",
+        f"user database:    {user['url']}",
+        f"  status:         {user['status']}",
+    ]
+    if "records" in user:
+        lines.append(
+            f"  records:        {user['records']}, {user['this_chip']} of this chip, "
+            f"{user['stale']} stale or invalid"
+        )
+    if "recover" in user:
+        lines.append(f"  recover:        {user['recover']}")
+    lines.append(
+        f"shipped records:  {', '.join(ship['chips']) or 'none'} "
+        f"({'this chip is among them' if ship['this_chip'] else 'none for this chip'})"
+    )
+    return "\n".join(lines)
 
 
 def cmd_clear(args) -> int:
@@ -391,23 +550,33 @@ def cmd_clear(args) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mlxp-tune",
-        description="Tune mlx-primitives' kernels on this machine and manage tuning databases.",
+        description="Tune mlx-primitives' kernels on this machine and manage tuning databases. "
+        "With no command, tunes (`mlxp-tune` alone runs the default preset).",
     )
     p.add_argument("--version", action="version", version=f"mlx-primitives {__version__}")
-    sub = p.add_subparsers(dest="command")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", help="one of: " + ", ".join(COMMANDS))
 
     def add(name, help_, db=True):
         sp = sub.add_parser(name, help=help_, description=help_)
         if db:
             sp.add_argument(
                 "--db",
+                metavar="PATH_OR_URL",
                 help="path or SQLAlchemy URL (default: $MLXP_TUNING_DB or the user data folder)",
             )
         return sp
 
+    def as_json(sp, what):
+        sp.add_argument("--json", action="store_true", help=f"print {what} as JSON")
+
     t = add("tune", "tune ops on this machine (the default command)")
     t.add_argument("--op", action="append", help="an op to tune (repeatable; default all)")
-    t.add_argument("--preset", choices=list(BUDGETS), default="default")
+    t.add_argument(
+        "--preset",
+        choices=list(BUDGETS),
+        help="which problems and how hard: quick (minutes on a CPU), default (the shapes of "
+        "common LLMs; the default), full (more shapes, more candidates)",
+    )
     t.add_argument(
         "--trials",
         type=int,
@@ -417,50 +586,74 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--time-budget",
         type=float,
+        metavar="SECONDS",
         help="start no problem after this many seconds (one running ends)",
     )
-    t.add_argument("--shape", action="append", help="one problem: array shapes AxB (with --dtype)")
-    t.add_argument("--dtype", help="dtype of the --shape problem")
-    t.add_argument("--option", action="append", help="op flag KEY=VALUE for --shape (layout=BSHD)")
+    t.add_argument(
+        "--shape",
+        action="append",
+        metavar="AxB",
+        help="one problem: the shape of each array argument, in order (with --dtype)",
+    )
+    t.add_argument("--dtype", help="dtype of the --shape problem (float32, float16, bfloat16)")
+    t.add_argument(
+        "--option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="op flag for --shape (layout=BSHD; repeatable)",
+    )
     t.add_argument("--force", action="store_true", help="re-tune problems already tuned")
     t.add_argument(
         "--candidate-timeout",
         type=float,
         default=CANDIDATE_TIMEOUT_S,
+        metavar="SECONDS",
         help="seconds after which a candidate is recorded as hung and tuning stops "
         f"(exit code {EXIT_HUNG}; the next run skips it)",
     )
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--json", action="store_true")
+    t.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the search and of the timing inputs (default 0)",
+    )
+    as_json(t, "the records made (instead of tables)")
 
     ls = add("list", "ops, variants and which run on this chip", db=False)
-    ls.add_argument("--json", action="store_true")
+    as_json(ls, "the variants")
 
     sh = add("show", "tuned records (this chip's unless --chip says otherwise)")
-    sh.add_argument("--op", action="append")
-    sh.add_argument("--chip", help="a chip slug, or 'all'")
-    sh.add_argument("--json", action="store_true")
+    sh.add_argument("--op", action="append", help="only this op's records (repeatable)")
+    sh.add_argument("--chip", help="a chip slug, or 'all' (default: this chip)")
+    as_json(sh, "the records, each with speedup, speedup_low and stale")
 
-    ex = add("explain", "which variant a call would get and why", db=False)
-    ex.add_argument("op_name", metavar="OP")
-    ex.add_argument("--shape", action="append", help="shapes of the op's array arguments, in order")
-    ex.add_argument("--dtype", required=True)
-    ex.add_argument("--option", action="append", help="op flag KEY=VALUE (layout=BSHD)")
-    ex.add_argument("--json", action="store_true")
+    ex = add("explain", "which variant a call would get and why")
+    ex.add_argument("op_name", metavar="OP", help="the op's name (mlxp-tune list)")
+    ex.add_argument(
+        "--shape",
+        action="append",
+        metavar="AxB",
+        help="shapes of the op's array arguments, in signature order (repeatable)",
+    )
+    ex.add_argument("--dtype", required=True, help="dtype of the arrays")
+    ex.add_argument(
+        "--option", action="append", metavar="KEY=VALUE", help="op flag (layout=BSHD; repeatable)"
+    )
+    as_json(ex, "the decision")
 
     ep = add("export", "write records to a JSON file")
-    ep.add_argument("path")
+    ep.add_argument("path", help="the JSON file to write")
     ep.add_argument("--chip", help="only this chip slug (default: all)")
 
     ip = add("import", "add the records of a JSON export to the database")
-    ip.add_argument("path")
+    ip.add_argument("path", help="a JSON export (mlxp-tune export, or tuning_db/<chip>.json)")
 
     dr = add("doctor", "check the installation, the chip and the databases")
-    dr.add_argument("--json", action="store_true")
+    as_json(dr, "the report")
 
     cl = add("clear", "delete tuning records (this chip's unless --chip says otherwise)")
     cl.add_argument("--op", help="only this op's records")
-    cl.add_argument("--chip", help="a chip slug, or 'all'")
+    cl.add_argument("--chip", help="a chip slug, or 'all' (default: this chip)")
     return p
 
 
