@@ -496,24 +496,27 @@ def test_a_confirmed_winner_is_recorded_with_the_confirmations_timings(db, monke
 SCATTERED = (0.5e-3, 0.95e-3, 1.4e-3)  # a median 5% under the default's 1 ms, a wide spread
 
 
-def fake_machine(monkeypatch, *rounds) -> list[int]:
-    """Timings made up, not measured: the search times every candidate at 1 ms; in round ``i``
-    (the finalists', then the confirmation, ...) the first call (the default) takes a steady
-    1 ms a sample and the others the values of ``rounds[i]`` in turn (the last repeats).
-    Returns the samples asked of each round."""
+def fake_machine(monkeypatch, *rounds, firsts=(1e-3,), search=(1e-3,)) -> list[int]:
+    """Timings made up, not measured. The search times its candidates at ``search``'s values
+    in turn (the last repeats; the default is timed first). In round ``i`` (the finalists',
+    then the confirmation, ...) the first call (the default where it is in the round) takes a
+    steady ``firsts[i]`` a sample and the others the values of ``rounds[i]`` in turn (the last
+    of each repeats). Returns the samples asked of each round."""
     from mlx_primitives.tuning.timing import Timing, summarize
 
-    asked = []
+    asked, searched = [], []
 
     def bench_many(calls, *, min_reps=5, **options):
         values = rounds[min(len(asked), len(rounds) - 1)]
+        first = firsts[min(len(asked), len(firsts) - 1)]
         asked.append(min_reps)
-        steady = [1e-3] * min_reps
+        steady = [first] * min_reps
         rest = [values[i % len(values)] for i in range(min_reps)]
         return [summarize(steady if i == 0 else rest, 1) for i in range(len(calls))]
 
     def bench(fn, args, kwargs=None, **options):
-        return Timing(1e-3, 0.0, 15, 1, 0.0)
+        searched.append(fn)
+        return Timing(search[min(len(searched), len(search)) - 1], 0.0, 15, 1, 0.0)
 
     monkeypatch.setattr(tuner_mod, "bench_many", bench_many)
     monkeypatch.setattr(tuner_mod, "bench", bench)
@@ -595,3 +598,17 @@ def test_too_noisy_lies_between_the_noise_floor_and_the_spread():
     assert not tuner_mod.too_noisy(_r("a", 0.85, 0.05), default)  # beyond both: it beats
     assert beats(_r("a", 0.85, 0.05), default)
     assert not tuner_mod.too_noisy(_r("a", 0.95, 0.005), default)  # a quiet round decides
+
+
+def test_a_default_far_behind_is_weighed_in_the_confirmation_not_by_its_search_time(
+    db, monkeypatch
+):
+    """The search timed the default at 3 ms and the rest at 1 ms, so the finalists' round
+    leaves the default out; a load that slows that round to 4 ms a call must not make the
+    default's 3 ms search time win: the confirmation times the two together."""
+    asked = fake_machine(monkeypatch, (4e-3,), (1e-3,), firsts=(4e-3, 3e-3), search=(3e-3, 1e-3))
+    outcome = Tuner(db, FAST).tune(make_op(), EX)
+    assert len(asked) == 2  # the finalists' round, then the confirmation
+    assert not outcome.record.kept_default
+    assert outcome.record.speedup == pytest.approx(3.0)
+    assert outcome.note.endswith("in the search, 3.00x confirming")

@@ -476,13 +476,17 @@ class Tuner:
         finalists = close[:MAX_FINALISTS] if far else [default, *close[: MAX_FINALISTS - 1]]
         if len(finalists) < 2:
             return finalists[0], default, ""
+        if far:
+            # The default is weighed in the confirmation, in a round with the winner, not
+            # against its search time, which a load on the machine since can make look fast.
+            return _pick(self._round(op, finalists, args, ROUND_REPS), order), default, ""
         for reps in (ROUND_REPS, NOISY_REPS):
             again = self._round(op, finalists, args, reps)
-            base = default if far else again[0]
+            base = again[0]
             winner = decide(again, base, order)
             # The one at stake where none beats the default: the one the rule would pick, not
             # the fastest, which of several equal candidates is the one noise favoured most.
-            stake = _pick([r for r in again if r is not base], order)
+            stake = _pick(again[1:], order)
             if winner is not base or not too_noisy(stake, base):
                 return winner, base, ""
         note = (
