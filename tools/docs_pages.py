@@ -267,7 +267,7 @@ def model_page(results: dict[str, dict], names: list[str]) -> str:
             "",
             f"## {_device(data)}",
             "",
-            f"MLX {data['mlx_version']}, {data['date'][:10]}, "
+            f"MLX {data['mlx_version']}, mlx-lm {data['mlx_lm_version']}, {data['date'][:10]}, "
             f"[`{name}`](../../benchmarks/results/{name}). Llama: hidden {m['hidden']}, "
             f"{m['layers']} layers, {m['heads']}/{m['kv_heads']} heads, MLP {m['mlp']}, "
             f"vocabulary {m['vocab']}, {m['dtype']}. {data['method']}.",

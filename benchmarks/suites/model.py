@@ -102,6 +102,7 @@ def run(args) -> dict:
     shape, dtype = SHAPES[kind], DTYPES[kind]
     model, margs = _model(shape, dtype)
     result = header("model")
+    result["mlx_lm_version"] = importlib.import_module("mlx_lm").__version__
     result["method"] = (
         "mlx-lm llama.Model with random weights; decode: seconds per token of "
         "mlx_lm.generate.generate_step after the prompt (greedy), prefill: one forward pass "
