@@ -298,3 +298,17 @@ def test_a_dispatched_kernel_is_also_timed_in_inference_mode(monkeypatch):
     rows = common.run_op(toy, Example(((64, 256),), "float32"), None, None, 0.002)
     assert len(timed[2]) == 2 and "inference_median_s" not in rows[0]  # no wrapper to skip
     assert "| 2.00x | - |" in _load("docs_pages").table(result | {"results": rows})
+
+
+def test_a_gpu_test_summary_counts_every_shard(tmp_path):
+    """tools/test_summary.py reads pytest's closing line of each shard; a shard that never
+    finished counts as an error."""
+    summary = _load("test_summary")
+    (tmp_path / "shard.00.log").write_text("....\n4 passed, 2 skipped in 3.1s\n")
+    (tmp_path / "shard.01.log").write_text("F.\nFAILED x\n1 failed, 1 passed, 1 error in 2s\n")
+    (tmp_path / "shard.02.log").write_text("..\n")  # killed before its closing line
+    out = summary.summarize(tmp_path)
+    assert (out["passed"], out["failed"], out["skipped"], out["errors"]) == (5, 1, 2, 2)
+    assert out["shards"] == 3 and out["mlx_version"] and out["device"] and out["commit"]
+    assert summary.main([str(tmp_path)]) == 1
+    assert json.loads((tmp_path / "summary.json").read_text())["failed"] == 1
