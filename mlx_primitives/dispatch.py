@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import mlx.core as mx
 
-from .check import run_checked
+from . import store
 from .hardware import current_backend, detect_chip
 from .problem import BUCKET, Problem, parse_dtype
 from .record import RecordError, TuningRecord
-from .store import database, shipped
+from .store import shipped
 
 if TYPE_CHECKING:
     from .registry import Op
@@ -33,10 +33,8 @@ if TYPE_CHECKING:
 # process on a small case of that problem (at most this size in each bucketed dim) and checks
 # it against the reference.
 PROBE_MAX_DIM = 16
-# A record serves an untuned problem whose size (Problem.size) is within this many powers of
-# two of its own, whatever the mix of batch, heads and sequence: kernels tuned for large
-# problems ran small ones slower than the defaults, while a half and a quarter of the size
-# kept the gain (docs/notes). Shape is not bounded: only ranked.
+# A record serves an untuned problem within this many powers of two of its size (any mix of
+# batch, heads and sequence; shape is only ranked): docs/notes/2026-11-27-nearest-record-reach.md.
 NEAREST_MAX_DISTANCE = 2
 
 _cache: dict[tuple, Callable] = {}
@@ -200,6 +198,8 @@ def _probe(op: Op, problem: Problem, fn: Callable) -> None:
     }
     shapes, options = op.case({"dtype": problem.dtype, **small})
     args = op.example(shapes, parse_dtype(problem.dtype), mx.random.key(0), **options)
+    from .check import run_checked  # once per tuned problem: numpy off the import path
+
     result = run_checked(op, fn, args, problem.dtype)
     if not result.ok:
         raise RuntimeError(f"probe failed: {result.reason}")
@@ -252,6 +252,8 @@ def choose(op: Op, problem: Problem) -> Decision:
     if nearest is not None:
         _, rec, src = nearest
         reason = f"nearest tuned problem {rec.problem} ({src} record)"
+        if rec.kept_default:  # it says the default serves: this problem's own default
+            return decision(*op.default(problem, backend), "nearest", reason)
         return decision(rec.variant, rec.params, "nearest", reason)
     reason = f"no usable tuning record for {problem.key} on {chip}"
     if far < math.inf:
@@ -281,16 +283,18 @@ def _load_entries(op: Op, chip: str) -> list[tuple[Problem, TuningRecord, str]]:
 
 
 def _user_records(chip: str, op_name: str) -> list[TuningRecord]:
-    url = database.default_user_url()
-    if not database.exists(url):
+    url = store.default_user_url()
+    if not store.exists(url):
         return []
+    from .store.database import TuningDB  # SQLAlchemy only where a user database exists
+
     try:
-        db = database.TuningDB(url, create=False)
+        db = TuningDB(url, create=False)
         try:
             return db.records(chip=chip, op=op_name)
         finally:
             db.close()
-    except database.EmptyDatabaseError:  # created this moment by a tuning process: nothing yet
+    except store.EmptyDatabaseError:  # created this moment by a tuning process: nothing yet
         return []
     except Exception as e:  # a broken user database must never break a call
         warn_once(
@@ -306,7 +310,7 @@ def _shipped_records(chip: str, op_name: str) -> list[TuningRecord]:
         return []
     try:
         entries = shipped.read(path)
-    except database.DatabaseError as e:
+    except store.DatabaseError as e:
         warn_once(f"[mlx_primitives] ignoring the shipped tuning database {path}: {e}")
         return []
     out = []

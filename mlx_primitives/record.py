@@ -59,7 +59,9 @@ class TuningRecord:
         op: the op's name.
         problem: the canonical problem key (:attr:`Problem.key`).
         variant, params: the winner and its parameters.
-        median_s, spread_s: the winner's latency per call and its interquartile range.
+        median_s, spread_s: the winner's latency per call and its spread: the interquartile
+            range of its samples, or of its per-round ratios to the default times the
+            default's median where the two were timed in rounds (``timing.paired``).
         default_variant, default_params, default_median_s: the op's default for the problem,
             timed in the same run.
         error: the winner's relative error against the float64 reference.
@@ -195,7 +197,7 @@ class TuningRecord:
             return f"variant {self.variant} with these params does not support this problem"
         # The tuner's noise rule, for records it made under an older one.
         base = self.default_median_s
-        if self.variant != self.default_variant and self.median_s >= base * (1 - noise(base)):
+        if not self.kept_default and self.median_s >= base * (1 - noise(base)):
             return (
                 f"its {self.speedup:.2f}x over the default is within the noise at "
                 f"{base * 1e6:.3g} us a call"

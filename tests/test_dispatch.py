@@ -426,3 +426,30 @@ def test_the_fast_path_reuses_only_what_was_checked():
     for offset in range(50):  # a decoding loop keeps one decision per shape
         mp.rope(h, 8, offset=offset)
     assert len(dispatch._calls) == calls
+
+
+def test_a_nearest_record_that_kept_the_default_serves_this_problems_default(db):
+    """A record that kept its own default says "the default serves", not which variant: a
+    problem served through it gets its own default (on the CPU, long attention's memory-safe
+    blocked composition rather than the built-in a shorter problem kept)."""
+    o = mp.registry.op("flash_attention")
+
+    def problem(length):
+        args = o.example(((1, 8, length, 8),), mx.float32, mx.random.key(0), causal=True)
+        return o.problem(*args)
+
+    short, long = problem(2048), problem(4096)
+    assert o.default(short)[0] == "builtin" and o.default(long)[0] == "blocked"
+    kept = {"variant": "builtin", "default_variant": "builtin", "source_hash": ""}
+    data = {**record_data(make_op(), X, "default"), "op": o.name, "problem": short.key, **kept}
+    _user(db, TuningRecord.from_dict(data))
+    d = dispatch.choose(o, long)
+    assert d.source == "nearest" and (d.variant, d.params) == o.default(long)
+
+
+def test_a_bad_rope_offset_gets_the_ops_error_on_the_fast_path():
+    h = mx.ones((1, 2, 3, 8))
+    mp.rope(h, 8, offset=1)
+    for bad, error in (("abc", TypeError), (None, TypeError), (1.5, ValueError)):
+        with pytest.raises(error, match=r"\[rope\] offset"):
+            mp.rope(h, 8, offset=bad)

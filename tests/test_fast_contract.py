@@ -336,3 +336,18 @@ def test_every_attention_variant_keeps_mlxs_semantics(variant, cfg, mask, with_s
     fn = variant.build(**cfg)
     got = fn(q, k, v, causal=causal, scale=0.25, mask=array, sinks=sinks)
     _close(got, MLX_FAST["scaled_dot_product_attention"](q, k, v, scale=0.25, mask=m, sinks=sinks))
+
+
+@pytest.mark.parametrize("variant,cfg", list(_attention_variants()))
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+@pytest.mark.parametrize("lq,lk", [(9, 5), (5, 9)])
+def test_a_causal_and_an_additive_mask_agree_in_every_variant(variant, cfg, dtype, lq, lk):
+    """flash_attention's causal mask with an additive mask (MLX's attention takes one mask):
+    what the causal mask hides is -inf in the additive one, in every variant and dtype."""
+    q, k, v = _qkv(lq=lq, lk=lk, dtype=dtype)
+    mask = mx.random.normal((lq, lk)).astype(dtype)
+    keep = mx.array(np.tril(np.ones((lq, lk), bool), lk - lq))
+    folded = mx.where(keep, mask, -math.inf)
+    want = MLX_FAST["scaled_dot_product_attention"](q, k, v, scale=0.25, mask=folded)
+    got = variant.build(**cfg)(q, k, v, causal=True, scale=0.25, mask=mask)
+    _close(got, want, 1e-5 if dtype == mx.float32 else 1e-2)

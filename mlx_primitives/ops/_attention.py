@@ -10,7 +10,8 @@ Masks mean what they mean to ``mx.fast.scaled_dot_product_attention``: a causal 
 window is aligned bottom-right (query i is at position i + kv_len - q_len), and with more
 queries than keys the first rows see no key; a boolean mask (True attends), a causal mask and
 a window set the scores they hide to a large finite negative, so a row that may attend to no
-key averages every value; an additive mask is added, so a row of -inf gives NaN. Attention
+key averages every value; an additive mask is added, so a row of -inf gives NaN (with an
+additive mask, what a causal mask or a window hides is -inf, as if folded into it). Attention
 sinks are one logit per query head, a column of the softmax whose weight is dropped.
 """
 
@@ -150,6 +151,15 @@ def visible(
     return keep
 
 
+def fold(mask, keep: mx.array, dtype: mx.Dtype):
+    """One mask array for MLX's fused attention out of ``mask`` and the causal mask or window
+    ``keep``: a boolean mask and ``keep`` both, or the additive mask with -inf where ``keep``
+    hides (the meaning :func:`reference` gives them)."""
+    if mask is None or mask.dtype == mx.bool_:
+        return keep if mask is None else mask & keep
+    return mx.where(keep, mask.astype(dtype), -math.inf)
+
+
 def _masks(mask, hq: int, hkv: int, dtype: mx.Dtype):
     """A mask as ``(keep, bias)`` broadcastable to grouped scores: boolean masks keep, additive
     ones add (in ``dtype``)."""
@@ -178,12 +188,13 @@ def reference(
     scores = (qg * scale) @ kg.swapaxes(-1, -2)
     keep, bias = _masks(mask, hq, hkv, acc)
     edge = visible(lq, lk, (0, lq), (0, lk), causal, window)
-    if edge is not None:
-        keep = edge if keep is None else keep & edge
-    if keep is not None:
-        scores = mx.where(keep, scores, MASKED)
-    if bias is not None:
-        scores = scores + bias
+    if bias is not None:  # the causal mask or window folded into the additive one
+        scores = scores + (bias if edge is None else mx.where(edge, bias, -math.inf))
+    else:
+        if edge is not None:
+            keep = edge if keep is None else keep & edge
+        if keep is not None:
+            scores = mx.where(keep, scores, MASKED)
     if sinks is not None:
         sink = mx.broadcast_to(_sink_logits(sinks, hq, hkv, acc), (*scores.shape[:-1], 1))
         scores = mx.concatenate([sink, scores], axis=-1)
@@ -229,6 +240,8 @@ def blocked(
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     qg, kg, vg = grouped(q, k, v)
     keep_mask, bias_mask = _masks(mask, hq, hkv, mx.float32)
+    # With an additive mask, what the causal mask or window hides is -inf (folded into it).
+    hidden = MASKED if bias_mask is None else -math.inf
     off = lk - lq
     # Each block of queries is written into one output, in its final dtype (assembling blocks
     # by concatenation would hold the output twice).
@@ -261,15 +274,23 @@ def blocked(
                 edge = visible(lq, lk, (i0, i1), (j0, j1), causal, window)
                 keep = edge if keep is None else keep & edge
             top, total, acc = _step(
-                qb, kb.astype(mx.float32), vb.astype(mx.float32), top, total, acc, keep, bias
+                qb,
+                kb.astype(mx.float32),
+                vb.astype(mx.float32),
+                top,
+                total,
+                acc,
+                keep,
+                bias,
+                hidden,
             )
         # 0 / 0 where every score was -inf (an additive mask): NaN, as MLX gives.
         block = acc / total
-        if sinks is None:
+        if sinks is None and bias_mask is None:
             # Every key this row visited was hidden, so are the ones it skipped.
             block = mx.where((top > -math.inf) & (top < MASKED / 2), mean_v, block)
         out[..., i0:i1, :] = block.astype(dtype)
-    if causal and lq > lk and sinks is None:
+    if causal and lq > lk and sinks is None and bias_mask is None:
         # The first rows see no key (their blocks visit none): every value's mean.
         dead = (mx.arange(lq) < lq - lk)[:, None]
         out = mx.where(dead, mean_v, out).astype(dtype)
@@ -368,11 +389,12 @@ def block_steps(
     return steps
 
 
-def _step(qb, kb, vb, top, total, acc, keep, bias):
-    """One block of keys of the online softmax: the running maximum, sum and weighted sum."""
+def _step(qb, kb, vb, top, total, acc, keep, bias, hidden):
+    """One block of keys of the online softmax: the running maximum, sum and weighted sum;
+    ``hidden`` is what a score ``keep`` hides becomes."""
     s = qb @ kb.swapaxes(-1, -2)
     if keep is not None:
-        s = mx.where(keep, s, MASKED)
+        s = mx.where(keep, s, hidden)
     if bias is not None:
         s = s + bias
     new_top = mx.maximum(top, mx.max(s, axis=-1, keepdims=True))

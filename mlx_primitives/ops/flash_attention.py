@@ -49,15 +49,9 @@ def _check_slices(args):
 def _builtin(q, k, v, causal, scale, layout, mask, sinks):
     q, k, v = (att.to_bhsd(a, layout) for a in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if causal and mask is not None:
-        # The fused kernel takes one mask: the causal one folded into the array, hiding a
-        # score as MLX's boolean masks do.
+    if causal and mask is not None:  # the fused kernel takes one mask
         keep = att.visible(q.shape[2], k.shape[2], (0, q.shape[2]), (0, k.shape[2]), True, None)
-        if mask.dtype == mx.bool_:
-            mask = mask & keep
-        else:
-            mask = mask.astype(q.dtype)
-            mask = mx.where(keep, mask, mx.finfo(mask.dtype).min)
+        mask = att.fold(mask, keep, q.dtype)
     elif causal:
         mask = "causal"
     out = MLX_FAST["scaled_dot_product_attention"](q, k, v, scale=scale, mask=mask, sinks=sinks)

@@ -58,11 +58,15 @@ def _check_offset(offset, batch: int) -> None:
         _offset_fits(check_int(NAME, "offset", offset))
 
 
-def _offset_fits(offset) -> None:
+def _offset_fits(offset):
     """Positions are int32 on every path (mx.fast.rope's offset too). Dispatch checks each new
-    offset of a call it has served with this alone (``Op(volatile=...)``)."""
+    int offset of a call it has served with this alone (``Op(volatile=...)``); anything else
+    it returns, to be keyed by value and checked by the problem function."""
+    if offset.__class__ is not int:
+        return offset
     if not -(2**31) <= offset < 2**31:
         raise ValueError(f"[{NAME}] offset must fit in int32, got {offset}")
+    return None
 
 
 def _problem(x, dims, traditional, base, scale, offset, freqs, layout):

@@ -42,11 +42,16 @@ def scaled_dot_product_attention(
         return _mlx(q, k, v, scale, mask, sinks, force_fused, stream)
     causal = mask.__class__ is str
     try:
-        return FLASH.serve(q, k, v, causal, scale, "BHSD", None if causal else mask, sinks, stream)
-    except (TypeError, ValueError):
-        # What the variants do not model (values with a head dim of their own, dtypes to
-        # promote, empty arrays) MLX's own op serves, and it raises MLX's errors.
-        return _mlx(q, k, v, scale, mask, sinks, force_fused, stream)
+        # Values with a head dim of their own (MLA) are not modelled: checked up front, as
+        # they would fail the problem's check at every call.
+        if v.shape[-1] == q.shape[-1]:
+            array = None if causal else mask
+            return FLASH.serve(q, k, v, causal, scale, "BHSD", array, sinks, stream)
+    except (AttributeError, IndexError, TypeError, ValueError):
+        pass
+    # What the variants do not model (those values, dtypes to promote, empty arrays) MLX's own
+    # op serves, and it raises MLX's errors.
+    return _mlx(q, k, v, scale, mask, sinks, force_fused, stream)
 
 
 def _mlx(q, k, v, scale, mask, sinks, force_fused, stream):

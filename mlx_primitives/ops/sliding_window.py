@@ -63,12 +63,7 @@ def _dense_mask(q, k, v, window_size, scale, layout, mask, sinks):
     """MLX's fused attention with the window as a dense mask (O(seq^2) memory)."""
     q, k, v = (att.to_bhsd(a, layout) for a in (q, k, v))
     lq, lk = q.shape[2], k.shape[2]
-    keep = att.visible(lq, lk, (0, lq), (0, lk), True, window_size)
-    if mask is not None and mask.dtype == mx.bool_:
-        keep = keep & mask
-    elif mask is not None:  # hidden as MLX hides scores under a boolean mask
-        mask = mask.astype(q.dtype)
-        keep = mx.where(keep, mask, mx.finfo(mask.dtype).min)
+    keep = att.fold(mask, att.visible(lq, lk, (0, lq), (0, lk), True, window_size), q.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     out = MLX_FAST["scaled_dot_product_attention"](q, k, v, scale=scale, mask=keep, sinks=sinks)
     return att.to_bhsd(out, layout)

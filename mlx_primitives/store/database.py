@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sqlite3
 import time
 import warnings
 from dataclasses import fields
 from datetime import datetime, timezone
-from pathlib import Path
 
 from sqlalchemy import (
     Column,
@@ -36,22 +34,22 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from ..record import RecordError, TuningRecord
+from . import (  # noqa: F401 (the store's light names, also used from here)
+    SCHEMA_VERSION,
+    DatabaseError,
+    EmptyDatabaseError,
+    default_user_url,
+    exists,
+    path_url,
+    url_path,
+)
 
-SCHEMA_VERSION = 1
 _HINT = (
     ". `mlxp-tune doctor` says more; `mlxp-tune clear` moves an unusable database aside (it is "
     "never overwritten)"
 )
 # SQLite waits this long for another process's write lock before giving up.
 BUSY_TIMEOUT_MS = 60_000
-
-
-class DatabaseError(RuntimeError):
-    """A tuning database that cannot be used; the message says why and how to recover."""
-
-
-class EmptyDatabaseError(DatabaseError):
-    """An empty SQLite file: a database another process is creating right now, or nothing."""
 
 
 class _Base(DeclarativeBase):
@@ -122,28 +120,6 @@ def _loads(text_: str):
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def default_user_url() -> str:
-    """``MLXP_TUNING_DB`` as a URL, else the platformdirs user data location."""
-    value = os.environ.get("MLXP_TUNING_DB", "").strip()
-    if value:
-        return value if "://" in value else path_url(value)
-    from platformdirs import user_data_dir
-
-    return path_url(Path(user_data_dir("mlx-primitives")) / "tuning.sqlite")
-
-
-def path_url(path) -> str:
-    return f"sqlite:///{Path(path).expanduser().resolve()}"
-
-
-def url_path(url: str) -> Path | None:
-    """The file behind a SQLite URL (None for memory or another engine)."""
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and len(url) > len(prefix):
-        return Path(url[len(prefix) :])
-    return None
 
 
 def _on_connect(dbapi_conn, _record):
@@ -390,9 +366,3 @@ class TuningDB:
     def close(self) -> None:
         self.engine.dispose()
         self._writer.dispose()
-
-
-def exists(url: str) -> bool:
-    """Whether a database may be at ``url``: a SQLite file that exists, or any other URL."""
-    path = url_path(url)
-    return path is None or path.exists()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .._paths import data_dir
 from ..record import TuningRecord
-from .database import SCHEMA_VERSION, DatabaseError
+from . import SCHEMA_VERSION, DatabaseError
 
 FORMAT = "mlx-primitives-tuning"
 
