@@ -18,7 +18,8 @@ import mlx.core as mx
 BUCKET = "bucket"
 EXACT = "exact"
 
-_DTYPES = {
+# The dtypes a problem names, by name.
+DTYPES = {
     "float32": mx.float32,
     "float16": mx.float16,
     "bfloat16": mx.bfloat16,
@@ -34,9 +35,9 @@ def dtype_name(dtype: mx.Dtype) -> str:
 def parse_dtype(name: str) -> mx.Dtype:
     """mx.float16 for 'float16' (or 'mx.float16'); ValueError for anything else."""
     key = name.strip().rsplit(".", 1)[-1].lower()
-    if key not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(_DTYPES)}")
-    return _DTYPES[key]
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
+    return DTYPES[key]
 
 
 def bucket(n: int) -> int:

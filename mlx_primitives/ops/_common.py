@@ -11,13 +11,10 @@ from numbers import Integral, Real
 
 import mlx.core as mx
 
+from ..problem import DTYPES
+
 # The floating dtypes, by the name a problem key gives them.
-_NAMES = {
-    mx.float16: "float16",
-    mx.bfloat16: "bfloat16",
-    mx.float32: "float32",
-    mx.float64: "float64",
-}
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def check_array(op: str, name: str, x, *, min_ndim: int = 1) -> tuple[str, tuple]:

@@ -279,10 +279,16 @@ def cmd_tune(args) -> int:
                 continue
             progress.start(what)
             begun = time.perf_counter()
-            try:
-                outcome = tuner.tune(o, ex)
-            except (ValueError, TypeError) as e:  # an --shape or --option the op rejects
-                raise UsageError(str(e)) from None
+            if args.shape:  # an --shape or --option the op rejects is a usage error
+                try:
+                    o.problem(
+                        *o.example(
+                            ex.shapes, parse_dtype(ex.dtype), mx.random.key(0), **dict(ex.options)
+                        )
+                    )
+                except (ValueError, TypeError) as e:
+                    raise UsageError(str(e)) from None
+            outcome = tuner.tune(o, ex)
             if outcome.record is None and outcome.note != "already tuned":
                 failures.append(outcome)
             outcomes.append(outcome)
