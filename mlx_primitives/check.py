@@ -144,9 +144,3 @@ def run_checked(op, fn: Callable, args: tuple, dtype: str) -> CheckResult:
     except Exception as e:  # any failure of a candidate is a rejection, not a crash
         return CheckResult(False, float("inf"), f"{type(e).__name__}: {e}")
     return check_outputs(out, expected(op, args), tolerance(op, dtype))
-
-
-def verify(op, fn: Callable, shapes, dtype: mx.Dtype, *, seed: int = 0, **options) -> CheckResult:
-    """Check ``fn`` (with ``op``'s signature) on fresh random inputs of ``shapes``."""
-    args = op.example(shapes, dtype, mx.random.key(seed), **options)
-    return run_checked(op, fn, args, dtype_name(dtype))
