@@ -16,7 +16,6 @@ import mlx.core as mx
 import numpy as np
 
 from .dialect import poisoned
-from .problem import dtype_name
 
 # (atol, rtol) per output dtype: a few units of the dtype's rounding, which is what a
 # correct float32-accumulating kernel gets wrong against float64.
