@@ -3,7 +3,8 @@
     python tools/test_summary.py DIR [-o tests/results/gpu-<chip>.json]
 
 Reads ``DIR/shard.*.log`` (pytest's closing line of each shard) and writes the device, MLX
-version, date, commit (``$COMMIT``, else ``git rev-parse HEAD``) and the passed, failed,
+version, date, commit (``$COMMIT``, else ``git rev-parse HEAD``), the tests selected
+(``$SELECTION``, by default all ``gpu`` tests) and the passed, failed,
 skipped and error counts, so that a statement such as "the CUDA kernels ran on an H100" cites
 a file.
 """
@@ -68,7 +69,7 @@ def summarize(folder: Path) -> dict:
         "package_version": __version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "commit": _commit(),
-        "selection": "pytest -m gpu",
+        "selection": os.environ.get("SELECTION", "pytest -m gpu"),
         "shards": len(logs),
         **total,
     }
