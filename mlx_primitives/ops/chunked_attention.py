@@ -94,8 +94,7 @@ def chunked_cross_attention(
     """
     if chunk_size is not None:
         OP.problem(q, k, v, chunk_size, scale, layout)
-        fixed = OP.accepting(_chunked(chunk_size))
-        return fixed(q, k, v, chunk_size, scale, layout, stream=stream)
+        return _EXPLICIT(q, k, v, chunk_size, scale, layout, stream=stream)
     return OP.serve(q, k, v, chunk_size, scale, layout, stream)
 
 
@@ -126,3 +125,7 @@ OP = register(
         check_slices=_check_slices,
     )
 )
+
+# An explicit chunk_size: the chunked composition with it (its own chunk overrides the
+# variant's parameter), made once.
+_EXPLICIT = OP.accepting(_chunked(0))
