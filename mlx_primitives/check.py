@@ -133,13 +133,15 @@ def tolerance(op, dtype: str) -> tuple[float, float]:
     return op.tolerances.get(dtype, TOLERANCES[dtype])
 
 
-def run_checked(op, fn: Callable, args: tuple, dtype: str) -> CheckResult:
-    """Run ``fn(*args)`` with poisoned outputs and compare with ``op``'s reference in float64;
-    ``dtype`` names the inputs' dtype."""
+def run_checked(op, fn: Callable, args: tuple, dtype: str, want: list | None = None) -> CheckResult:
+    """Run ``fn(*args)`` with poisoned outputs and compare with ``op``'s reference in float64
+    (``want``: :func:`expected` of ``args``, where already made); ``dtype`` names the inputs'
+    dtype. A failure to run is a failed check."""
     try:
         with poisoned():
             out = as_list(fn(*args))
             mx.eval(out)
     except Exception as e:  # any failure of a candidate is a rejection, not a crash
         return CheckResult(False, float("inf"), f"{type(e).__name__}: {e}")
-    return check_outputs(out, expected(op, args), tolerance(op, dtype))
+    want = expected(op, args) if want is None else want
+    return check_outputs(out, want, tolerance(op, dtype))

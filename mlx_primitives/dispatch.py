@@ -22,7 +22,7 @@ import mlx.core as mx
 
 from . import store
 from .hardware import current_backend, detect_chip
-from .problem import BUCKET, Problem, parse_dtype
+from .problem import Problem, parse_dtype
 from .record import RecordError, TuningRecord
 from .store import shipped
 
@@ -192,11 +192,7 @@ def _resolve(op: Op, problem: Problem) -> Callable:
 
 def _probe(op: Op, problem: Problem, fn: Callable) -> None:
     """Run a freshly chosen variant once on a small case of ``problem`` against the reference."""
-    small = {
-        d.name: min(v, PROBE_MAX_DIM) if d.kind == BUCKET else v
-        for d, v in zip(op.dims, problem.values)
-    }
-    shapes, options = op.case({"dtype": problem.dtype, **small})
+    shapes, options = op.case(problem.small(PROBE_MAX_DIM))
     args = op.example(shapes, parse_dtype(problem.dtype), mx.random.key(0), **options)
     from .check import run_checked  # once per tuned problem: numpy off the import path
 

@@ -95,6 +95,17 @@ class Problem(NamedTuple):
         """``{"dtype": "float16", dim: value, ...}``: what variants' constraints look at."""
         return {"dtype": self.dtype, **{d.name: v for d, v in zip(self.dims, self.values)}}
 
+    def small(self, most: int) -> dict:
+        """:meth:`as_dict` with each bucketed dim at most ``most``: a small case of the problem
+        (the exact dims, which kernels are specialized on, kept)."""
+        return {
+            "dtype": self.dtype,
+            **{
+                d.name: min(v, most) if d.kind == BUCKET else v
+                for d, v in zip(self.dims, self.values)
+            },
+        }
+
     @property
     def size(self) -> int:
         """The product of the bucketed dims: the work, roughly, for the ops here."""

@@ -31,8 +31,7 @@ import mlx.core as mx
 import optuna
 
 from .. import __version__, dispatch
-from ..check import as_list, check_outputs, expected, tolerance
-from ..dialect import poisoned
+from ..check import expected, run_checked
 from ..hardware import current_backend, detect_chip
 from ..problem import EXACT, Problem, parse_dtype
 from ..record import RecordError, TuningRecord, noise
@@ -301,7 +300,7 @@ class Tuner:
 
         self._fresh += 1
         check_args = op.example(example.shapes, dtype, mx.random.key(self._fresh), **options)
-        check = (check_args, expected(op, check_args), tolerance(op, problem.dtype))
+        check = (check_args, expected(op, check_args), problem.dtype)
         results.pop(default, None)  # the default is always measured
 
         def evaluate(c: Candidate) -> Result:
@@ -587,17 +586,17 @@ class Tuner:
             study.optimize(objective, n_trials=1)
 
     def _evaluate(self, op: Op, c: Candidate, args, check, limit_s) -> Result:
-        check_args, want, tol = check
-        try:
-            fn = op.variant(c.variant).build(**c.param_dict)
-            with poisoned():
-                got = as_list(fn(*check_args))
-                mx.eval(got)
-        except Exception as e:  # a candidate that cannot build or run is rejected, not fatal
-            return Result(c, "rejected", f"{type(e).__name__}: {str(e)[:500]}")
-        verdict = check_outputs(got, want, tol)
+        check_args, want, dtype = check
+        variant = op.variant(c.variant)
+
+        def candidate(*a):  # built inside the check: a build that fails is a rejection
+            return variant.build(**c.param_dict)(*a)
+
+        verdict = run_checked(op, candidate, check_args, dtype, want)
         if not verdict.ok:
-            return Result(c, "rejected", verdict.reason, error=verdict.error)
+            error = verdict.error if math.isfinite(verdict.error) else None
+            return Result(c, "rejected", verdict.reason[:500], error=error)
+        fn = variant.build(**c.param_dict)
         try:
             t = bench(
                 fn,

@@ -15,7 +15,7 @@ from multiprocessing import get_context
 import mlx.core as mx
 
 from ..hardware.cpu import available_cores
-from ..problem import BUCKET, Problem
+from ..problem import Problem
 
 MAX_WORKERS = 8
 # Each bucketed dim of the small case a worker runs (the exact dims are what kernels are
@@ -58,12 +58,9 @@ def warm(
             tuning: the tuner's own watchdog then deals with that candidate).
     """
     workers = workers or min(MAX_WORKERS, max(1, available_cores() - 1))
-    small = {
-        d.name: min(v, _SMALL) if d.kind == BUCKET else v
-        for d, v in zip(problem.dims, problem.values)
-    }
+    small = problem.small(_SMALL)
     jobs = [
-        (op.name, {"dtype": problem.dtype, **small}, problem.dtype, c.variant, c.param_dict)
+        (op.name, small, problem.dtype, c.variant, c.param_dict)
         for c in candidates
         if op.variant(c.variant).is_kernel or not kernels_only
     ]
