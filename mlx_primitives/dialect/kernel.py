@@ -103,7 +103,9 @@ class GpuKernel:
     no CUDA back-end, so nothing is built at import.
 
     Args:
-        source: the body, e.g. ``"rms_norm/row.k"``.
+        source: the body, e.g. ``"rms_norm/row.k"``, or several files that make it in order
+            (kernels that share their main loop, ``("quantized_matmul/qmv.k",
+            "quantized_matmul/qmv_core.k")``); the first names the kernel.
         inputs: input names, in call order.
         outputs: output names.
         headers: extra headers after the prelude, e.g. ``("gated/act.h",)``; ``{backend}`` in
@@ -119,17 +121,18 @@ class GpuKernel:
 
     def __init__(
         self,
-        source: str,
+        source: str | tuple[str, ...],
         inputs: Sequence[str],
         outputs: Sequence[str],
         headers: tuple[str, ...] = (),
         aligned: tuple[str, ...] = (),
     ):
-        self.name = "mlxp_" + source.removesuffix(".k").replace("/", "_")
+        self.parts = (source,) if isinstance(source, str) else tuple(source)
+        self.source = self.parts[0]
+        self.name = "mlxp_" + self.parts[0].removesuffix(".k").replace("/", "_")
         unknown = set(aligned) - set(inputs) - set(outputs)
         if unknown:
             raise ValueError(f"[{self.name}] aligned names {sorted(unknown)} are not arrays")
-        self.source = source
         self.inputs = list(inputs)
         self.outputs = list(outputs)
         self.headers = headers + (("_dialect/aligned.{backend}.h",) if aligned else ())
@@ -144,11 +147,15 @@ class GpuKernel:
         """Every kernel_variants/ file this kernel is made of, for all back-ends (for source
         hashes)."""
         heads = dict.fromkeys(h for b in BACKENDS for h in self.headers_for(b))
-        return (*heads, self.source)
+        return (*heads, *self.parts)
+
+    def text(self) -> str:
+        """The body as written: its source files, joined."""
+        return "\n".join(kernel_source(part) for part in self.parts)
 
     def body(self, backend: str, text: str | None = None) -> str:
-        """The body (``text``, else the source file's) rendered for ``backend``."""
-        body = render(kernel_source(self.source) if text is None else text, backend)
+        """The body (``text``, else the source files') rendered for ``backend``."""
+        body = render(self.text() if text is None else text, backend)
         if not self.aligned:
             return body
         if backend != "cuda":

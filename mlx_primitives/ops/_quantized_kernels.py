@@ -20,7 +20,7 @@ from ..dialect.kernel import SHARED, GpuKernel, itemsize, with_reference_transfo
 from ..registry import GPU_BACKENDS, Variant
 
 QMV = GpuKernel(
-    "quantized_matmul/qmv.k",
+    ("quantized_matmul/qmv.k", "quantized_matmul/qmv_core.k"),
     ["x", "w", "scales", "biases"],
     ["y"],
     headers=("quantized_matmul/codes.h",),
