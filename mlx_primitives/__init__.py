@@ -19,6 +19,7 @@ from .nn import (
 from .ops import (
     chunked_cross_attention,
     flash_attention,
+    gather_qmm,
     geglu,
     layer_norm,
     quantized_matmul,
@@ -44,6 +45,7 @@ __all__ = [
     "RoPE",
     "SwiGLU",
     "explain",
+    "gather_qmm",
     "geglu",
     "inference_mode",
     "layer_norm",

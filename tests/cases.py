@@ -58,6 +58,16 @@ CPU_CASES = {
         (((4, 320), (16, 50)), {"bits": 5, "group_size": 64}),
         (((3, 64), (64, 16)), {"bits": 4, "group_size": 64, "transpose": False}),
     ],
+    # x's (tokens, in), w's packed (experts, out, in * bits / 32): one token and several, each
+    # top-k, sorted pairs (as mlx-lm's SwitchGLU sorts prefills), 1000 pairs, each width.
+    "gather_qmm": [
+        (((1, 192), (4, 40, 24)), {"top_k": 2}),
+        (((3, 320), (8, 24, 80)), {"top_k": 3, "bits": 8, "group_size": 32}),
+        (((17, 256), (5, 8, 32)), {"bits": 4, "group_size": 128, "sorted_indices": True}),
+        (((6, 128), (16, 24, 8)), {"top_k": 4, "bits": 2, "group_size": 32}),
+        (((500, 64), (8, 16, 8)), {"top_k": 2, "sorted_indices": True}),
+        (((2, 192), (4, 16, 18)), {"top_k": 2, "bits": 3}),
+    ],
 }
 
 # (atol, rtol) by (op, variant, back-end, dtype) where MLX's own op is less exact than its
@@ -65,6 +75,10 @@ CPU_CASES = {
 MLX_TOLERANCES = {
     ("quantized_matmul", "builtin", "cpu", mx.float16): (1.5e-2, 1e-2),
     ("quantized_matmul", "builtin", "cpu", mx.bfloat16): (0.2, 4e-2),
+    ("gather_qmm", "builtin", "cpu", mx.float16): (1.5e-2, 1e-2),
+    ("gather_qmm", "builtin", "cpu", mx.bfloat16): (0.2, 4e-2),
+    ("gather_qmm", "sort", "cpu", mx.float16): (1.5e-2, 1e-2),
+    ("gather_qmm", "sort", "cpu", mx.bfloat16): (0.2, 4e-2),
 }
 
 # Each op's float64 NumPy reference, called with the op's arguments in canonical order.
@@ -75,6 +89,7 @@ REFERENCES = {
     "swiglu": lambda a: ref.swiglu(*a),
     "geglu": lambda a: ref.geglu(*a),
     "quantized_matmul": lambda a: ref.quantized_matmul(*a),
+    "gather_qmm": lambda a: ref.gather_qmm(*a),
     "flash_attention": lambda a: ref.attention(
         *a[:3], causal=a[3], scale=a[4], layout=a[5], mask=a[6]
     ),
@@ -131,6 +146,15 @@ KERNEL_CASES = {
         (((32, 1024), (64, 256)), {"bits": 8, "group_size": 64}),
         (((1, 512), (100, 32)), {"bits": 2, "group_size": 32}),
         (((7, 4096), (256, 256)), {"bits": 2, "group_size": 128}),
+    ],
+    # One token and eight; runs of one expert longer than a pass (24 sorted pairs over 4
+    # experts); out-features that leave a group's columns partly empty; each width.
+    "gather_qmm": [
+        (((1, 1024), (32, 256, 128)), {"top_k": 4}),
+        (((8, 320), (16, 40, 40)), {"top_k": 4}),
+        (((3, 192), (4, 24, 48)), {"top_k": 2, "bits": 8, "group_size": 32}),
+        (((24, 256), (4, 72, 32)), {"group_size": 128, "sorted_indices": True}),
+        (((17, 512), (8, 100, 32)), {"top_k": 2, "bits": 2, "group_size": 32}),
     ],
 }
 

@@ -379,6 +379,22 @@ def _quantized_calls(op, dtype):
         yield f"{rows}x{k} out={n} {bits=} {group_size=}", args
 
 
+def _gather_qmm_calls(op, dtype):
+    # Decoding (one token, eight; unsorted), a sorted run of pairs, each width and group
+    # size, experts whose runs are longer than a pass, in-features not a power of two.
+    cases = (
+        (1, 8, 2, 256, 64, 4, 64, False),
+        (8, 16, 4, 320, 40, 8, 32, False),
+        (24, 4, 1, 192, 24, 2, 64, True),
+        (3, 2, 2, 2048, 8, 4, 128, False),
+    )
+    for tokens, experts, top_k, k, n, bits, group_size, is_sorted in cases:
+        shapes = ((tokens, k), (experts, n, k * bits // 32))
+        options = {"top_k": top_k, "bits": bits, "group_size": group_size}
+        args = _example(op, shapes, dtype, sorted_indices=is_sorted, **options)
+        yield f"{tokens}x{k} {experts=} {top_k=} out={n} {bits=} {is_sorted=}", args
+
+
 CALLS: dict[str, tuple[Calls, tuple[str, ...]]] = {
     "rms_norm": (_norm_calls, ()),
     "layer_norm": (_norm_calls, ()),
@@ -388,6 +404,7 @@ CALLS: dict[str, tuple[Calls, tuple[str, ...]]] = {
     "flash_attention": (_attention_calls, ()),
     "sliding_window_attention": (_attention_calls, ()),
     "quantized_matmul": (_quantized_calls, ("scale",)),
+    "gather_qmm": (_gather_qmm_calls, ("scale",)),
 }
 
 

@@ -98,6 +98,23 @@ def quantized_matmul(
     return f64(x) @ (wd.T if transpose else wd)
 
 
+def gather_qmm(
+    x, w, scales, biases, lhs=None, rhs=None, transpose=True, group_size=None, bits=None,
+    mode="affine", global_scale=None, sorted_indices=False,
+):  # fmt: skip
+    """Each pair of the broadcast indices: block ``lhs`` of x times dequantized matrix ``rhs``."""
+    assert mode == "affine" and transpose, (mode, transpose)
+    wd = dequantize(w, scales, biases, group_size or 64, bits or 4)  # (E, N, K)
+    xf = f64(x)
+    batch = xf.shape[:-2]
+    left = np.arange(math.prod(batch)).reshape(batch) if lhs is None else np.array(lhs)
+    right = np.arange(wd.shape[0]) if rhs is None else np.array(rhs)
+    left, right = np.broadcast_arrays(left, right)
+    blocks = xf.reshape(-1, *xf.shape[-2:])[left.ravel()]
+    out = np.einsum("pmk,pnk->pmn", blocks, wd[right.ravel()])
+    return out.reshape(*left.shape, *out.shape[1:])
+
+
 # Per output dtype (atol, rtol): float32-accumulating results against float64.
 TOLERANCES = {
     mx.float32: (1e-5, 1e-4),

@@ -3,6 +3,7 @@
 from .chunked_attention import chunked_cross_attention
 from .flash_attention import flash_attention
 from .gated import geglu, swiglu
+from .gather_qmm import gather_qmm
 from .layer_norm import layer_norm
 from .quantized_matmul import quantized_matmul
 from .rms_norm import rms_norm
@@ -13,6 +14,7 @@ from .sliding_window import sliding_window_attention
 __all__ = [
     "chunked_cross_attention",
     "flash_attention",
+    "gather_qmm",
     "geglu",
     "layer_norm",
     "quantized_matmul",

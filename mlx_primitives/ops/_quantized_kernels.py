@@ -1,4 +1,5 @@
-"""The custom-kernel variant of quantized_matmul (``kernel_variants/quantized_matmul/``).
+"""The custom-kernel variants of quantized_matmul and gather_qmm
+(``kernel_variants/quantized_matmul/``).
 
 ``qmv``: for 1 to 32 rows, each packed weight read once per pass over the rows and dequantized
 in registers. A threadgroup of ``warps`` warps serves ``32 / lanes_k * cols`` output columns:
@@ -10,6 +11,10 @@ kernel takes ``rows`` rows per pass: all of them, or a half or a quarter (fewer 
 the weights then come again from cache). ``scale="after"`` sums x times the integer codes and
 applies the group's scale and bias to the sum (fewer operations per weight); ``"before"``
 dequantizes each weight first (fewer per row).
+
+gather_qmm's ``qmv`` is the same kernel over (row, expert) pairs sorted by expert: the
+threadgroups of the first pair of each expert's run take the whole run, so that each selected
+expert's weights are read once for all the rows routed to it.
 """
 
 from __future__ import annotations
@@ -26,6 +31,13 @@ QMV = GpuKernel(
     headers=("quantized_matmul/codes.h",),
     aligned=("x", "w"),
 )
+GATHER_QMV = GpuKernel(
+    ("quantized_matmul/gather_qmv.k", "quantized_matmul/qmv_core.k"),
+    ["x", "w", "scales", "biases", "experts", "x_rows", "y_rows"],
+    ["y"],
+    headers=("quantized_matmul/codes.h",),
+    aligned=("x", "w"),
+)
 
 # rows: the first allowed is the problem's rows (rounded up to a power of two), read once.
 SPACE = {
@@ -36,6 +48,10 @@ SPACE = {
     "rows": (32, 16, 8, 4, 2, 1),
     "scale": ("after", "before"),
 }
+# gather_qmm's: the rows of one expert taken per pass (few at decoding).
+GATHER_SPACE = {**SPACE, "rows": (1, 2, 4, 8)}
+# The most pairs the gather kernel serves: a threadgroup per pair finds its expert's run.
+MAX_PAIRS = 256
 # The widths whose codes the kernel unpacks (a whole number of codes per half-word).
 KERNEL_BITS = (2, 4, 8)
 MAX_ROWS = 32
@@ -45,15 +61,10 @@ MAX_REGISTERS = 160
 MAX_PASSES = 4
 
 
-def _supports(p: dict, q: dict) -> bool:
-    size, bits, k, n = itemsize(p["dtype"]), p["bits"], p["in_features"], p["out_features"]
-    if (
-        size is None
-        or p.get("mode", "affine") != "affine"
-        or not p["transpose"]
-        or bits not in KERNEL_BITS
-        or p["rows"] > MAX_ROWS
-    ):
+def _fits(p: dict, q: dict, n: int) -> bool:
+    """Whether config ``q`` serves the weights of problem ``p`` (``n`` output features)."""
+    bits, k = p["bits"], p["in_features"]
+    if itemsize(p["dtype"]) is None or bits not in KERNEL_BITS:
         return False
     per_word = 32 // bits
     chunk = q["vec"] * per_word  # a lane's codes of one column per step
@@ -62,8 +73,7 @@ def _supports(p: dict, q: dict) -> bool:
     registers = rows * cols + cols * (vec + 2 + per_word) + per_word
     shared = warps * rows * cols * side * 4 if warps > 1 else 0
     return (
-        p["rows"] // MAX_PASSES <= rows <= p["rows"]  # p["rows"]: rounded up to a power of 2
-        and p["group_size"] % chunk == 0  # a chunk lies in one quantization group
+        p["group_size"] % chunk == 0  # a chunk lies in one quantization group
         and (k * bits // 32) % vec == 0  # rows of w start on a vector of words
         and registers <= MAX_REGISTERS
         and 2 * shared <= SHARED["cuda"]  # declared twice in the CUDA body (both alignments)
@@ -73,40 +83,53 @@ def _supports(p: dict, q: dict) -> bool:
     )
 
 
+def _supports(p: dict, q: dict) -> bool:
+    return (
+        p.get("mode", "affine") == "affine"
+        and p["transpose"]
+        and p["rows"] <= MAX_ROWS
+        and p["rows"] // MAX_PASSES <= q["rows"] <= p["rows"]  # p["rows"]: a power of 2
+        and _fits(p, q, p["out_features"])
+    )
+
+
+def _template(x, k: int, n: int, group_size: int, bits: int, q: dict) -> dict:
+    return {
+        "T": x.dtype,
+        "BITS": bits,
+        "GS": group_size,
+        "K": k,
+        "N": n,
+        "LK": q["lanes_k"],
+        "COLS": q["cols"],
+        "WARPS": q["warps"],
+        "WV": q["vec"],
+        "MT": q["rows"],
+        "SCALE_AFTER": q["scale"] == "after",
+        "VEC": min(32 // bits, 16 // x.dtype.size),
+    }
+
+
+def _column_groups(n: int, q: dict) -> int:
+    return -(-n // (32 // q["lanes_k"] * q["cols"]))
+
+
 def qmv_variant(reference: Callable, arrays: Callable) -> Variant:
     """The ``qmv`` variant; ``reference`` gives it gradients, and ``arrays(*args)`` gives a
     call's ``(x, w, scales, biases, group_size, bits)``."""
 
-    def factory(lanes_k, cols, warps, vec, rows, scale):
-        side = 32 // lanes_k
-
+    def factory(**q):
         def forward(*args):
             x, w, scales, biases, group_size, bits = arrays(*args)
             k, n = x.shape[-1], w.shape[0]
             x2 = x.reshape(x.size // k, k)
-            m = x2.shape[0]
-            per_word = 32 // bits
-            template = {
-                "T": x.dtype,
-                "BITS": bits,
-                "GS": group_size,
-                "K": k,
-                "N": n,
-                "LK": lanes_k,
-                "COLS": cols,
-                "WARPS": warps,
-                "WV": vec,
-                "MT": rows,
-                "SCALE_AFTER": scale == "after",
-                "VEC": min(per_word, 16 // x.dtype.size),
-            }
-            groups = -(-n // (side * cols))
+            threads = 32 * q["warps"]
             (y,) = QMV(
                 [x2, w, scales, biases],
-                template=template,
-                grid=(groups * 32 * warps, 1, 1),
-                threadgroup=(32 * warps, 1, 1),
-                output_shapes=[(m, n)],
+                template=_template(x, k, n, group_size, bits, q),
+                grid=(_column_groups(n, q) * threads, 1, 1),
+                threadgroup=(threads, 1, 1),
+                output_shapes=[(x2.shape[0], n)],
                 output_dtypes=[x.dtype],
             )
             return y.reshape(*x.shape[:-1], n)
@@ -122,4 +145,43 @@ def qmv_variant(reference: Callable, arrays: Callable) -> Variant:
         sources=QMV.files,
         description="custom kernel: 1-32 rows, each packed weight read once, dequantized in "
         "registers",
+    )
+
+
+def _gather_supports(p: dict, q: dict) -> bool:
+    return p["pairs"] <= MAX_PAIRS and q["rows"] <= p["pairs"] and _fits(p, q, p["out_features"])
+
+
+def gather_qmv_variant(reference: Callable, arrays: Callable) -> Variant:
+    """The ``qmv`` variant of gather_qmm; ``reference`` gives it gradients, and
+    ``arrays(*args)`` gives a call's ``(x, w, scales, biases, experts, x_rows, y_rows,
+    batch, group_size, bits)``: x as rows, per pair in expert order its expert, its row of x
+    and its row of the output, and the output's batch shape."""
+
+    def factory(**q):
+        def forward(*args):
+            x, w, scales, biases, experts, x_rows, y_rows, batch, group_size, bits = arrays(*args)
+            k, n, pairs = x.shape[-1], w.shape[1], experts.size
+            threads = 32 * q["warps"]
+            (y,) = GATHER_QMV(
+                [x, w, scales, biases, experts, x_rows, y_rows],
+                template=_template(x, k, n, group_size, bits, q),
+                grid=(pairs * _column_groups(n, q) * threads, 1, 1),
+                threadgroup=(threads, 1, 1),
+                output_shapes=[(pairs, n)],
+                output_dtypes=[x.dtype],
+            )
+            return y.reshape(*batch, n)
+
+        return with_reference_transforms(forward, reference)
+
+    return Variant(
+        "qmv",
+        factory,
+        backends=GPU_BACKENDS,
+        space=GATHER_SPACE,
+        supports=_gather_supports,
+        sources=GATHER_QMV.files,
+        description="custom kernel: the pairs in expert order, each selected expert's packed "
+        "weights read once for all its rows, dequantized in registers",
     )

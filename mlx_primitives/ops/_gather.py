@@ -1,0 +1,81 @@
+"""What gather_mm and gather_qmm share: a call's pairs of a row of ``x`` and a matrix.
+
+MLX's gather products index the batch dims of both operands (``lhs_indices`` into ``x``'s,
+``rhs_indices`` into the matrices'), default each index to every batch entry in order, and
+broadcast the two; each pair multiplies one ``(M, K)`` block by one matrix. The variants model
+the mixture-of-experts case, one row per block (``M == 1``): the pairs are then rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+from ..problem import bucket
+
+_INTEGER = (mx.uint32, mx.int32, mx.uint16, mx.int16, mx.uint8, mx.int8, mx.uint64, mx.int64)
+
+
+def check_indices(op: str, name: str, indices) -> tuple | None:
+    """``indices`` is None or an integer mx.array; returns its shape (None for None)."""
+    if indices is None:
+        return None
+    if not isinstance(indices, mx.array):
+        raise TypeError(f"[{op}] {name} must be an mlx.core.array, got {type(indices).__name__}")
+    if indices.dtype not in _INTEGER:
+        raise ValueError(f"[{op}] {name} must have an integer dtype, got {indices.dtype}")
+    return indices.shape
+
+
+def pair_shape(op: str, x_batch: tuple, lhs_shape, rhs_shape, matrices: int) -> tuple:
+    """The batch shape of a call's output: the two index shapes broadcast (an absent index
+    takes its operand's batch shape, ``(matrices,)`` for the matrices)."""
+    left = x_batch if lhs_shape is None else lhs_shape
+    right = (matrices,) if rhs_shape is None else rhs_shape
+    try:
+        return mx.broadcast_shapes(left, right)
+    except ValueError:
+        raise ValueError(
+            f"[{op}] lhs_indices of shape {left} and rhs_indices of shape {right} do not broadcast"
+        ) from None
+
+
+def pairs(x: mx.array, lhs: mx.array | None, rhs: mx.array | None, matrices: int):
+    """The flat row of ``x`` (as ``(rows, K)``) and the matrix of each pair, both uint32, and
+    the pairs' batch shape."""
+    x_batch = x.shape[:-2]
+    if lhs is None:
+        lhs = mx.arange(math.prod(x_batch), dtype=mx.uint32).reshape(x_batch)
+    if rhs is None:
+        rhs = mx.arange(matrices, dtype=mx.uint32)
+    shape = mx.broadcast_shapes(lhs.shape, rhs.shape)
+    flat = (math.prod(shape),)
+    return (
+        mx.broadcast_to(lhs, shape).reshape(flat).astype(mx.uint32),
+        mx.broadcast_to(rhs, shape).reshape(flat).astype(mx.uint32),
+        shape,
+    )
+
+
+def by_matrix(rows: mx.array, matrices: mx.array, sorted_indices: bool):
+    """The pairs in the order of their matrices: ``(rows, matrices, order)``, ``order`` the
+    pairs' positions in that order (None where they already are, as ``sorted_indices``
+    promises)."""
+    if sorted_indices:
+        return rows, matrices, None
+    order = mx.argsort(matrices)
+    return rows[order], matrices[order], order
+
+
+def unsort(y: mx.array, order: mx.array | None) -> mx.array:
+    """Rows of ``y`` in the pairs' order, from their matrices' order."""
+    if order is None:
+        return y
+    inverse = mx.zeros_like(order).at[order].add(mx.arange(order.size, dtype=order.dtype))
+    return y[inverse]
+
+
+def pair_count(shape: tuple) -> int:
+    """A problem's pairs dim: the pairs bucketed to a power of two."""
+    return bucket(math.prod(shape))
