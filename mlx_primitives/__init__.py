@@ -5,20 +5,33 @@ __version__ = "0.1.0"
 from . import registry
 from .dialect import inference_mode
 from .dispatch import explain
+from .moe import (
+    ExpertDispatch,
+    build_expert_dispatch,
+    compute_load_balancing_loss,
+    selective_gather,
+    selective_scatter_add,
+)
 from .nn import (
     ChunkedCrossAttention,
     FlashAttention,
     GeGLU,
     LayerNorm,
     QuantizedLinear,
+    QuantizedSwitchLinear,
     RMSNorm,
     RoPE,
     SlidingWindowAttention,
+    SparseMoE,
     SwiGLU,
+    SwitchGLU,
+    SwitchLinear,
+    SwitchMLP,
 )
 from .ops import (
     chunked_cross_attention,
     flash_attention,
+    gather_mm,
     gather_qmm,
     geglu,
     layer_norm,
@@ -33,6 +46,16 @@ from .patch import patch_mlx, unpatch_mlx
 
 __all__ = [
     "ChunkedCrossAttention",
+    "ExpertDispatch",
+    "QuantizedSwitchLinear",
+    "SparseMoE",
+    "SwitchGLU",
+    "SwitchLinear",
+    "SwitchMLP",
+    "build_expert_dispatch",
+    "compute_load_balancing_loss",
+    "selective_gather",
+    "selective_scatter_add",
     "FlashAttention",
     "SlidingWindowAttention",
     "chunked_cross_attention",
@@ -45,6 +68,7 @@ __all__ = [
     "RoPE",
     "SwiGLU",
     "explain",
+    "gather_mm",
     "gather_qmm",
     "geglu",
     "inference_mode",

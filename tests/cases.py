@@ -58,6 +58,13 @@ CPU_CASES = {
         (((4, 320), (16, 50)), {"bits": 5, "group_size": 64}),
         (((3, 64), (64, 16)), {"bits": 4, "group_size": 64, "transpose": False}),
     ],
+    # a's (tokens, in), b's (experts, in, out): as for gather_qmm.
+    "gather_mm": [
+        (((1, 192), (4, 192, 40)), {"top_k": 2}),
+        (((3, 320), (8, 320, 24)), {"top_k": 3}),
+        (((17, 33), (5, 33, 8)), {"sorted_indices": True}),
+        (((500, 64), (8, 64, 16)), {"top_k": 2, "sorted_indices": True}),
+    ],
     # x's (tokens, in), w's packed (experts, out, in * bits / 32): one token and several, each
     # top-k, sorted pairs (as mlx-lm's SwitchGLU sorts prefills), 1000 pairs, each width.
     "gather_qmm": [
@@ -81,6 +88,15 @@ MLX_TOLERANCES = {
     ("gather_qmm", "sort", "cpu", mx.bfloat16): (0.2, 4e-2),
 }
 
+# (op, variant, back-end, dtype) where MLX's own op raises, and the test checks it does: its
+# CPU gather_mm takes float32 only (the op's default serves the others).
+MLX_RAISES = {
+    (name, variant, "cpu", dtype)
+    for name in ("gather_mm",)
+    for variant in ("builtin", "sort")
+    for dtype in (mx.float16, mx.bfloat16)
+}
+
 # Each op's float64 NumPy reference, called with the op's arguments in canonical order.
 REFERENCES = {
     "rms_norm": lambda a: ref.rms_norm(*a),
@@ -89,6 +105,7 @@ REFERENCES = {
     "swiglu": lambda a: ref.swiglu(*a),
     "geglu": lambda a: ref.geglu(*a),
     "quantized_matmul": lambda a: ref.quantized_matmul(*a),
+    "gather_mm": lambda a: ref.gather_mm(*a),
     "gather_qmm": lambda a: ref.gather_qmm(*a),
     "flash_attention": lambda a: ref.attention(
         *a[:3], causal=a[3], scale=a[4], layout=a[5], mask=a[6]

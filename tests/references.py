@@ -98,6 +98,18 @@ def quantized_matmul(
     return f64(x) @ (wd.T if transpose else wd)
 
 
+def gather_mm(a, b, lhs=None, rhs=None, sorted_indices=False):
+    """Each pair of the broadcast indices: block ``lhs`` of ``a`` times matrix ``rhs`` of ``b``."""
+    af, bf = f64(a), f64(b)
+    batch = af.shape[:-2]
+    left = np.arange(math.prod(batch)).reshape(batch) if lhs is None else np.array(lhs)
+    right = np.arange(math.prod(bf.shape[:-2])) if rhs is None else np.array(rhs)
+    left, right = np.broadcast_arrays(left, right)
+    blocks = af.reshape(-1, *af.shape[-2:])[left.ravel()]
+    out = blocks @ bf.reshape(-1, *bf.shape[-2:])[right.ravel()]
+    return out.reshape(*left.shape, *out.shape[1:])
+
+
 def gather_qmm(
     x, w, scales, biases, lhs=None, rhs=None, transpose=True, group_size=None, bits=None,
     mode="affine", global_scale=None, sorted_indices=False,

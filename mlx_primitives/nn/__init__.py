@@ -5,6 +5,7 @@ from .feed_forward import GeGLU, SwiGLU
 from .normalization import LayerNorm, RMSNorm
 from .positional_encoding import RoPE
 from .quantized import QuantizedLinear
+from .switch import QuantizedSwitchLinear, SparseMoE, SwitchGLU, SwitchLinear, SwitchMLP
 
 __all__ = [
     "ChunkedCrossAttention",
@@ -12,8 +13,13 @@ __all__ = [
     "GeGLU",
     "LayerNorm",
     "QuantizedLinear",
+    "QuantizedSwitchLinear",
     "RMSNorm",
     "RoPE",
     "SlidingWindowAttention",
+    "SparseMoE",
     "SwiGLU",
+    "SwitchGLU",
+    "SwitchLinear",
+    "SwitchMLP",
 ]

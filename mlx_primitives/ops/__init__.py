@@ -3,6 +3,7 @@
 from .chunked_attention import chunked_cross_attention
 from .flash_attention import flash_attention
 from .gated import geglu, swiglu
+from .gather_mm import gather_mm
 from .gather_qmm import gather_qmm
 from .layer_norm import layer_norm
 from .quantized_matmul import quantized_matmul
@@ -14,6 +15,7 @@ from .sliding_window import sliding_window_attention
 __all__ = [
     "chunked_cross_attention",
     "flash_attention",
+    "gather_mm",
     "gather_qmm",
     "geglu",
     "layer_norm",
