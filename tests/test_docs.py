@@ -16,7 +16,7 @@ README = ROOT / "README.md"
 SET_UP = [
     'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[cpu]" && '
     "mlxp-tune --preset quick",
-    'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[cpu,dev]" && '
+    'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[cpu,dev,lm]" && '
     "python -m pytest -q",
 ]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
