@@ -1,0 +1,171 @@
+"""One call to serve an mlx-lm model through the tuned ops, and one to undo it.
+
+:func:`patch` swaps, in the model's module tree, each layer this library has a drop-in for
+(``nn.QuantizedLinear`` in the affine mode, mlx-lm's ``SwitchGLU``, ``SwitchMLP``,
+``SwitchLinear`` and ``QuantizedSwitchLinear``) for the drop-in, holding the same arrays (no
+weight is copied or changed). What a model reaches through functions is served where the
+functions live: ``mx.fast``'s norms, RoPE and attention (:func:`mlx_primitives.patch_mlx`, which
+mlx-lm's ``scaled_dot_product_attention`` calls) and the ``swiglu`` of mlx-lm's model modules;
+those stay in place while any patched model lives patched. :func:`unpatch` puts everything
+back.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import mlx.nn as nn
+
+from .. import patch as fast
+from ..nn import switch
+from ..nn.quantized import QuantizedLinear
+from ..ops.gated import swiglu
+
+try:
+    from mlx_lm.models import activations as lm_activations
+    from mlx_lm.models import switch_layers as lm_switch
+except ImportError as e:  # the optional extra
+    raise ImportError(
+        "[lm] mlx_primitives.lm needs mlx-lm: pip install 'mlx-primitives[lm]'"
+    ) from e
+
+# mlx-lm's layer classes and the drop-in each becomes.
+DROP_INS = {
+    lm_switch.SwitchLinear: switch.SwitchLinear,
+    lm_switch.QuantizedSwitchLinear: switch.QuantizedSwitchLinear,
+    lm_switch.SwitchGLU: switch.SwitchGLU,
+    lm_switch.SwitchMLP: switch.SwitchMLP,
+}
+# mx.fast's functions, served while a model is patched: what mlx-lm's layers call.
+FUNCTIONS = tuple(f"mx.fast.{name}" for name in fast.NAMES)
+
+# The modules patched now, and the swiglu names replaced (module, original), counted by the
+# models that need them.
+_PATCHED: dict[int, tuple[nn.Module, list]] = {}
+_SWIGLU: dict[str, tuple[object, int]] = {}
+
+
+@dataclass
+class PatchReport:
+    """What :func:`patch` served and what it left to mlx-lm, and why.
+
+    Attributes:
+        swapped: layers swapped for a drop-in, by class name.
+        functions: functions this library now serves (for every model, while one is patched).
+        left: layers left as they are, by class name, with the reason.
+    """
+
+    swapped: dict[str, int] = field(default_factory=dict)
+    functions: list[str] = field(default_factory=list)
+    left: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"swapped {n} x {name}" for name, n in sorted(self.swapped.items())]
+        lines += [f"served  {name}" for name in self.functions]
+        lines += [f"left    {name}: {why}" for name, why in sorted(self.left.items())]
+        return "\n".join(lines)
+
+
+def _adopt(cls: type, old: nn.Module) -> nn.Module:
+    """A ``cls`` holding ``old``'s arrays, children and attributes (nothing copied)."""
+    new = cls.__new__(cls)  # a dict subclass: dict.__new__, no __init__
+    new.__dict__.update(old.__dict__)
+    dict.update(new, old)
+    return new
+
+
+def _served(module: nn.Module) -> tuple[type | None, str]:
+    """The drop-in class for ``module``, or None and why not."""
+    kind = type(module)
+    if kind in DROP_INS:  # other modes than affine go on to MLX's gather_qmm inside
+        return DROP_INS[kind], ""
+    if kind is nn.QuantizedLinear:
+        if module.mode != "affine":
+            return None, f"mode {module.mode!r}: mx.quantized_matmul serves it as before"
+        return QuantizedLinear, ""
+    return None, ""
+
+
+def _swap(module: nn.Module, swaps: list, report: PatchReport) -> None:
+    """Swap the children of ``module`` (deepest first), noting each in ``swaps``."""
+    for name, child in list(module.children().items()):
+        if isinstance(child, nn.Module):  # a Module is a dict too
+            entries = [(None, child)]
+        else:
+            entries = child.items() if isinstance(child, dict) else enumerate(child)
+        for key, value in list(entries):
+            if not isinstance(value, nn.Module):
+                continue
+            _swap(value, swaps, report)
+            cls, why = _served(value)
+            if cls is None:
+                if why:
+                    report.left[type(value).__name__] = why
+                continue
+            new = _adopt(cls, value)
+            holder = module[name] if key is not None else module
+            slot = key if key is not None else name
+            holder[slot] = new
+            swaps.append((holder, slot, value))
+            report.swapped[type(value).__name__] = report.swapped.get(type(value).__name__, 0) + 1
+
+
+def _model_modules(model: nn.Module) -> set[str]:
+    """The mlx-lm modules that define the model's layer classes."""
+    names = {type(m).__module__ for _, m in model.named_modules()}
+    return {n for n in names if n.startswith("mlx_lm.") and n in sys.modules}
+
+
+def patch(model: nn.Module) -> PatchReport:
+    """Serve ``model`` (an mlx-lm model) through the tuned ops.
+
+    Args:
+        model: the model; patched in place (a second call does nothing more).
+
+    Returns:
+        what was swapped, the functions now served, and what was left and why.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"[lm.patch] model must be an mlx.nn.Module, got {type(model).__name__}")
+    report = PatchReport(functions=list(FUNCTIONS))
+    if id(model) in _PATCHED:
+        return report
+    swaps: list = []
+    _swap(model, swaps, report)
+    modules = _model_modules(model) | {lm_switch.__name__}
+    for name in sorted(modules):
+        mod = sys.modules[name]
+        if getattr(mod, "swiglu", None) is lm_activations.swiglu or name in _SWIGLU:
+            original, count = _SWIGLU.get(name, (mod.swiglu, 0))
+            _SWIGLU[name] = (original, count + 1)
+            mod.swiglu = swiglu
+            report.functions.append(f"{name}.swiglu")
+            swaps.append((None, name, None))
+    if any(type(m) is nn.Linear for _, m in model.named_modules()):
+        report.left["Linear"] = "float weights: MLX's matmul serves them"
+    if any(hasattr(sys.modules[n], "swiglu_oai") for n in modules):
+        report.left["swiglu_oai"] = "gpt-oss's clipped SwiGLU: no variant yet"
+    fast.patch_mlx()
+    _PATCHED[id(model)] = (model, swaps)
+    return report
+
+
+def unpatch(model: nn.Module) -> None:
+    """Undo :func:`patch`: the original layers back in ``model``; the functions back to
+    mlx-lm's and MLX's once no patched model is left. A model never patched is left as is."""
+    entry = _PATCHED.pop(id(model), None)
+    if entry is None:
+        return
+    for holder, slot, original in reversed(entry[1]):
+        if holder is None:  # a module's swiglu
+            fn, count = _SWIGLU[slot]
+            if count == 1:
+                del _SWIGLU[slot]
+                sys.modules[slot].swiglu = fn
+            else:
+                _SWIGLU[slot] = (fn, count - 1)
+            continue
+        holder[slot] = original
+    if not _PATCHED:
+        fast.unpatch_mlx()

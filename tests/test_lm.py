@@ -1,0 +1,130 @@
+"""mlx_primitives.lm against mlx-lm itself (the ``lm`` extra): models of each family built by
+mlx-lm from their ModelArgs, patched and unpatched, dense and 4-bit, on this machine."""
+
+from __future__ import annotations
+
+import importlib
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+pytest.importorskip("mlx_lm")
+
+import mlx_primitives as mp  # noqa: E402
+from mlx_primitives import lm  # noqa: E402
+from mlx_primitives.patch import patched  # noqa: E402
+
+from . import references as ref  # noqa: E402
+
+# One small configuration for every family: each ModelArgs takes the fields it knows.
+CONFIG = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "rms_norm_eps": 1e-5,
+    "vocab_size": 97,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
+    "num_experts": 8,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 64,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "norm_topk_prob": True,
+    "sliding_window": 8,
+    "query_pre_attn_scalar": 16,
+    "rope_scaling": None,
+    "sliding_window_pattern": 2,
+    "layer_types": ["sliding_attention", "full_attention"],
+    "attention_bias": False,
+}
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma3_text", "gpt_oss"]
+MOE = {"qwen3_moe", "mixtral", "gpt_oss"}
+
+
+def _model(model_type: str, quantized: bool) -> nn.Module:
+    from mlx_lm.utils import MODEL_REMAPPING
+
+    module = importlib.import_module("mlx_lm.models." + MODEL_REMAPPING.get(model_type, model_type))
+    mx.random.seed(sum(map(ord, model_type)))
+    model = module.Model(module.ModelArgs.from_dict({"model_type": model_type, **CONFIG}))
+    if quantized:
+        nn.quantize(model, 64, 4)
+    mx.eval(model.parameters())
+    return model
+
+
+def _greedy(model, prompt: mx.array, tokens: int) -> list[int]:
+    from mlx_lm.generate import generate_step
+
+    steps = generate_step(prompt, model, max_tokens=tokens, sampler=lambda p: mx.argmax(p, -1))
+    return [int(t) for t, _ in steps]
+
+
+@pytest.fixture(autouse=True)
+def _nothing_left_patched():
+    yield
+    for model in [entry[0] for entry in lm.patch.__globals__["_PATCHED"].values()]:
+        lm.unpatch(model)
+    assert not patched()
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float32", "4-bit"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_model_gives_stock_logits_and_tokens(family, quantized):
+    model = _model(family, quantized)
+    before = dict(tree_flatten(model.parameters()))
+    prompt = mx.array([5, 17, 3, 88, 41, 2, 9, 60, 33, 71, 12])
+    stock_logits = model(prompt[None])
+    stock_tokens = _greedy(model, prompt, 12)
+    report = lm.patch(model)
+    assert patched()
+    after = dict(tree_flatten(model.parameters()))
+    assert after.keys() == before.keys()
+    assert all(after[k] is before[k] for k in before)  # the same arrays: nothing copied
+    if quantized:
+        assert report.swapped.get("QuantizedLinear", 0) > 0
+    if family in MOE:
+        assert report.swapped.get("SwitchGLU", 0) == CONFIG["num_hidden_layers"]
+        assert any(isinstance(m, mp.SwitchGLU) for _, m in model.named_modules())
+    ref.assert_close(model(prompt[None]), ref.f64(stock_logits), mx.float32, atol=2e-4,
+                     rtol=1e-3)  # fmt: skip
+    assert _greedy(model, prompt, 12) == stock_tokens
+    lm.unpatch(model)
+    assert not any(
+        type(m).__module__.startswith("mlx_primitives") for _, m in model.named_modules()
+    )
+    np.testing.assert_array_equal(np.array(model(prompt[None])), np.array(stock_logits))
+
+
+def test_report_says_what_was_left_and_why():
+    model = _model("gpt_oss", quantized=False)
+    report = lm.patch(model)
+    assert "Linear" in report.left and "swiglu_oai" in report.left
+    assert "mx.fast.scaled_dot_product_attention" in report.functions
+    assert "swapped" in str(report) or report.swapped
+
+
+def test_functions_stay_patched_while_any_model_is():
+    a, b = _model("llama", False), _model("qwen3", False)
+    lm.patch(a)
+    lm.patch(b)
+    lm.patch(a)  # a second call changes nothing
+    lm.unpatch(a)
+    assert patched()
+    lm.unpatch(b)
+    assert not patched()
+    lm.unpatch(b)  # not patched: nothing happens
+
+
+def test_patch_rejects_what_is_not_a_model():
+    with pytest.raises(TypeError, match=r"\[lm.patch\] model must be an mlx.nn.Module"):
+        lm.patch("llama")
