@@ -64,7 +64,7 @@ def test_shipped_databases_are_valid_and_current():
 # Ops whose default preset the shipped databases do not cover yet, and why. Strict: the entry
 # must go in the change that ships their records.
 UNTUNED = {
-    "quantized_matmul": "added by #27; not yet tuned on an H100 or an H200",
+    "quantized_matmul": "#27: 5 of 30 problems tuned on an H100 (time-boxed), none on an H200",
     "gather_mm": "added by #28; not yet tuned on an H100 or an H200",
     "gather_qmm": "added by #28; not yet tuned on an H100 or an H200",
 }

@@ -76,6 +76,16 @@ def unsort(y: mx.array, order: mx.array | None) -> mx.array:
     return y[inverse]
 
 
+# The most elements the ``take`` variants may copy (a matrix per pair): 2^26 float32 values,
+# 256 MiB. Past it they decline, as a prefill would take tens of gigabytes.
+TAKE_MAX = 2**26
+
+
+def take_fits(problem: dict, params: dict) -> bool:
+    """Whether a ``take`` variant's copy of one matrix per pair stays under TAKE_MAX."""
+    return problem["pairs"] * problem["in_features"] * problem["out_features"] <= TAKE_MAX
+
+
 def pair_count(shape: tuple) -> int:
     """A problem's pairs dim: the pairs bucketed to a power of two."""
     return bucket(math.prod(shape))

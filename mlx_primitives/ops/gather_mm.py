@@ -10,7 +10,15 @@ import mlx.core as mx
 from ..problem import EXACT, Dim
 from ..registry import Example, Op, Variant, register
 from ._common import accumulator, check_array, check_bool, random
-from ._gather import by_matrix, check_indices, pair_count, pair_shape, pairs, unsort
+from ._gather import (
+    by_matrix,
+    check_indices,
+    pair_count,
+    pair_shape,
+    pairs,
+    take_fits,
+    unsort,
+)
 
 NAME = "gather_mm"
 
@@ -65,13 +73,21 @@ def _take_then_matmul(a, b, lhs_indices, rhs_indices, sorted_indices):
     return y.astype(a.dtype)
 
 
+def _upcast(a, b, lhs_indices, rhs_indices, sorted_indices):
+    """MLX's ``gather_mm`` on float32 copies (its CPU kernel takes float32 only)."""
+    f32 = mx.float32
+    y = MLX_GATHER_MM(
+        a.astype(f32), b.astype(f32), lhs_indices, rhs_indices, sorted_indices=sorted_indices
+    )
+    return y.astype(a.dtype)
+
+
 def reference(a, b, lhs_indices, rhs_indices, sorted_indices):
     """MLX's ``gather_mm`` in float32; in float64 (which it does not take), each pair's
     matrix taken and one batched matmul."""
     if a.dtype == mx.float64:
         return _take_then_matmul(a, b, lhs_indices, rhs_indices, sorted_indices)
-    f32 = mx.float32
-    return MLX_GATHER_MM(a.astype(f32), b.astype(f32), lhs_indices, rhs_indices).astype(a.dtype)
+    return _upcast(a, b, lhs_indices, rhs_indices, sorted_indices)
 
 
 def _builtin(a, b, lhs_indices, rhs_indices, sorted_indices):
@@ -88,9 +104,10 @@ def _sort_then_gather(a, b, lhs_indices, rhs_indices, sorted_indices):
 
 
 def _default(problem, backend):
+    if problem["dtype"] == "float64":
+        return "take", {}
     # MLX's CPU gather_mm takes float32 only.
-    cpu_other = backend == "cpu" and problem["dtype"] != "float32"
-    return ("take" if cpu_other or problem["dtype"] == "float64" else "builtin"), {}
+    return ("upcast" if backend == "cpu" and problem["dtype"] != "float32" else "builtin"), {}
 
 
 def _example(shapes, dtype, key, top_k=1, sorted_indices=False):
@@ -190,8 +207,14 @@ OP = register(
                 description="pairs sorted by expert, then mx.gather_mm told so",
             ),
             Variant(
+                "upcast",
+                lambda: _upcast,
+                description="mx.gather_mm on float32 copies",
+            ),
+            Variant(
                 "take",
                 lambda: _take_then_matmul,
+                supports=take_fits,
                 description="each pair's matrix taken, then a batched matmul",
             ),
         ],

@@ -11,7 +11,15 @@ import numpy as np
 from ..problem import EXACT, Dim
 from ..registry import GPU_BACKENDS, Example, Op, Variant, register
 from ._common import accumulator, check_array, check_bool, random
-from ._gather import by_matrix, check_indices, pair_count, pair_shape, pairs, unsort
+from ._gather import (
+    by_matrix,
+    check_indices,
+    pair_count,
+    pair_shape,
+    pairs,
+    take_fits,
+    unsort,
+)
 from ._quantized_kernels import gather_qmv_variant
 from .quantized_matmul import MODES, TOLERANCES, sizes
 
@@ -402,6 +410,7 @@ OP = register(
             Variant(
                 "take",
                 lambda: _take_then_matmul,
+                supports=take_fits,
                 description="each pair's expert dequantized, then a batched matmul",
             ),
             gather_qmv_variant(reference, _kernel_args),
