@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from . import registry
+from . import recording, registry
 from .dialect import inference_mode
 from .dispatch import explain
 from .moe import (
@@ -43,6 +43,9 @@ from .ops import (
     swiglu,
 )
 from .patch import patch_mlx, unpatch_mlx
+from .recording import record
+
+recording._from_environment()
 
 __all__ = [
     "ChunkedCrossAttention",
@@ -75,6 +78,7 @@ __all__ = [
     "layer_norm",
     "patch_mlx",
     "quantized_matmul",
+    "record",
     "registry",
     "rms_norm",
     "rope",

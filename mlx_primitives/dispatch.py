@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import mlx.core as mx
 
-from . import store
+from . import recording, store
 from .hardware import current_backend, detect_chip
 from .problem import Problem, parse_dtype
-from .record import RecordError, TuningRecord
 from .store import shipped
+from .tuning_record import RecordError, TuningRecord
 
 if TYPE_CHECKING:
     from .registry import Op
@@ -70,6 +70,11 @@ def reset() -> None:
     _entries.clear()
     _disabled.clear()
     _warned.clear()
+
+
+def forget_calls() -> None:
+    """Forget the decisions kept per argument marks (each is checked again at its next call)."""
+    _calls.clear()
 
 
 def warn_once(message: str) -> None:
@@ -137,6 +142,8 @@ def _first(op: Op, args: tuple, key: tuple | None) -> Callable:
     """A call with new marks: its problem checked and routed, the decision kept for them."""
     problem = op.problem(*args)
     fn = route(op, problem.dtype, problem.values)
+    if recording.active():
+        fn = recording.counted(op.name, problem.key, fn, len(args))
     if key is not None:
         if len(_calls) >= MAX_CALLS:
             _calls.clear()

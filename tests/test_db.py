@@ -10,9 +10,9 @@ import sqlite3
 import mlx.core as mx
 import pytest
 
-from mlx_primitives.record import FIELDS, RecordError, TuningRecord
 from mlx_primitives.store import database, shipped
 from mlx_primitives.store.database import SCHEMA_VERSION, DatabaseError
+from mlx_primitives.tuning_record import FIELDS, RecordError, TuningRecord
 
 from .toy import make_op, record
 

@@ -10,9 +10,9 @@ import pytest
 import mlx_primitives as mp
 from mlx_primitives import dispatch
 from mlx_primitives.problem import EXACT, Dim, bucket, dtype_name
-from mlx_primitives.record import RecordError, TuningRecord
 from mlx_primitives.registry import Op, Variant
 from mlx_primitives.store import shipped as shipped_store
+from mlx_primitives.tuning_record import RecordError, TuningRecord
 
 from .toy import double, make_op, record, record_data
 

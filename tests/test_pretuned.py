@@ -11,9 +11,9 @@ import pytest
 from mlx_primitives import dispatch
 from mlx_primitives.hardware import Chip, detect_chip
 from mlx_primitives.problem import parse_dtype
-from mlx_primitives.record import TuningRecord, mlx_series
 from mlx_primitives.registry import op, ops
 from mlx_primitives.store import shipped
+from mlx_primitives.tuning_record import TuningRecord, mlx_series
 
 H200 = Chip(
     "nvidia", "NVIDIA H200", "hopper", "", "cuda", "sm_90", 132, 150_000_000_000, 4800.0, 16

@@ -21,12 +21,12 @@ import pytest
 import mlx_primitives as mp
 from mlx_primitives import dispatch, registry
 from mlx_primitives.hardware import Chip, detect_chip
-from mlx_primitives.record import RecordError, TuningRecord
 from mlx_primitives.registry import Example, Variant
 from mlx_primitives.store import shipped
 from mlx_primitives.store.database import SCHEMA_VERSION, DatabaseError
 from mlx_primitives.tuning.cli import main
 from mlx_primitives.tuning.tuner import EXIT_HUNG, Budget, Tuner
+from mlx_primitives.tuning_record import RecordError, TuningRecord
 
 from .stress.harness import ROOT, check_database, concurrent
 from .toy import double, make_op, record, record_data

@@ -49,8 +49,8 @@ def test_compare_reports_added_removed_and_changed(tmp_path, capsys):
 
 def test_pretune_exports_this_chip(tmp_path, capsys):
     from mlx_primitives.hardware import detect_chip
-    from mlx_primitives.record import TuningRecord
     from mlx_primitives.registry import op
+    from mlx_primitives.tuning_record import TuningRecord
 
     code = _load("pretune").main(
         [

@@ -5,8 +5,8 @@ from __future__ import annotations
 import mlx.core as mx
 
 from mlx_primitives.problem import EXACT, Dim, bucket, dtype_name
-from mlx_primitives.record import TuningRecord
 from mlx_primitives.registry import Example, Op, Variant
+from mlx_primitives.tuning_record import TuningRecord
 
 
 def double(x):

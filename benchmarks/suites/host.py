@@ -28,7 +28,7 @@ import time
 import mlx.core as mx
 
 import mlx_primitives as mp
-from mlx_primitives import dispatch
+from mlx_primitives import dispatch, recording
 from mlx_primitives.hardware import current_backend
 from mlx_primitives.problem import parse_dtype
 from mlx_primitives.registry import Example, op, ops
@@ -37,9 +37,11 @@ from mlx_primitives.tuning import timing
 from ..common import _inference, header
 
 OPS = ("rms_norm", "layer_norm", "rope", "swiglu", "geglu")
-SECTIONS = ("overhead", "build", "idle", "offset")
+SECTIONS = ("overhead", "build", "idle", "offset", "record")
 # The most the library may add to a call on a cache hit (issue #26).
 OVERHEAD_GOAL_S = 1.5e-6
+# The most recording (mp.record) may add to a call on a cache hit (issue #29).
+RECORD_GOAL_S = 0.2e-6
 # The idle section's problems: each op's default problems in float16 below this many elements
 # (1 and 64 rows, rope's decode), where MLX's cost per call dominates.
 SMALL = 2**20
@@ -135,6 +137,38 @@ def _paired_per_call_s(a, b, n: int = 2000, rounds: int = 9) -> tuple[float, flo
                 fn()
             best[i] = min(best[i], (time.perf_counter() - start) / n)
     return best[0], best[1]
+
+
+def record_rows(o, preset: str, n: int = 2000, rounds: int = 9) -> list[dict]:
+    """Host seconds per call through the public function with recording off and on, loops
+    taken in turn (the counts are thrown away, not stored)."""
+    ex = min(o.presets[preset], key=lambda e: math.prod(e.shapes[0]))
+    args, _, _, _ = _case(o, ex)
+    call = next(iter(_calls(o, args).values()))[0]  # rope: its int offset
+    best = {"off": float("inf"), "on": float("inf")}
+    try:
+        for _ in range(rounds):
+            for state in ("off", "on"):
+                recording._toggle(1 if state == "on" else 0)
+                call()  # the first call with the new state builds the cached entry
+                start = time.perf_counter()
+                for _ in range(n):
+                    call()
+                best[state] = min(best[state], (time.perf_counter() - start) / n)
+                if state == "on":
+                    recording._toggle(-1)
+    finally:
+        recording._counts.clear()
+    return [
+        {
+            "op": o.name,
+            "example": ex.label(),
+            "off_s": best["off"],
+            "on_s": best["on"],
+            "record_cost_s": best["on"] - best["off"],
+            "goal_s": RECORD_GOAL_S,
+        }
+    ]
 
 
 def build_rows(o, preset: str) -> list[dict]:
@@ -277,7 +311,9 @@ def run(args) -> dict:
         "of each round's ratio; offset: the same bench_many of rope's dispatch with the "
         "example's Python offset, with a new Python offset each call, and with the example's "
         "offset as mx.array(offset, mx.int32) made per call, bandwidth counting the input "
-        "read and the output written once"
+        "read and the output written once; record: host seconds per call through the public "
+        "function with mp.record's counting off and on (best of nine loops of 2000 calls "
+        "each, taken in turn)"
     )
     result["sections"] = chosen
     result["results"] = []
@@ -293,6 +329,8 @@ def run(args) -> dict:
             result["results"] += [{"section": "build", **r} for r in build_rows(o, preset)]
         if "idle" in chosen:
             result["results"] += [{"section": "idle", **r} for r in idle_rows(o, args.budget)]
+        if "record" in chosen:
+            result["results"] += [{"section": "record", **r} for r in record_rows(o, preset)]
         if "offset" in chosen and name == "rope":
             rows = offset_rows(o, preset, args.budget)
             result["results"] += [{"section": "offset", **r} for r in rows]

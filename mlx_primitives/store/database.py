@@ -1,6 +1,6 @@
 """The user's tuning database: SQLAlchemy 2 on SQLite (or any SQLAlchemy URL).
 
-One row of ``records`` is a :class:`~mlx_primitives.record.TuningRecord`; ``trials`` keeps
+One row of ``records`` is a :class:`~mlx_primitives.tuning_record.TuningRecord`; ``trials`` keeps
 every candidate the tuner looked at, rejected ones with their reason. The database lives at
 ``MLXP_TUNING_DB`` (a path or a SQLAlchemy URL) or in the platformdirs user data folder.
 """
@@ -33,7 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from ..record import RecordError, TuningRecord
+from ..tuning_record import RecordError, TuningRecord
 from . import (  # noqa: F401 (the store's light names, also used from here)
     SCHEMA_VERSION,
     DatabaseError,
@@ -77,6 +77,22 @@ _records = Table(
     UniqueConstraint("chip", "op", "problem"),
 )
 Index("ix_records_chip", _records.c.chip)
+
+# Calls counted per problem while recording (mp.record): what an application hits.
+# Added after schema 1 was written; a schema-1 database without it gets it when opened.
+_hits = Table(
+    "hits",
+    _Base.metadata,
+    Column("id", Integer, primary_key=True),
+    Column("chip", String(128), nullable=False),
+    Column("op", String(64), nullable=False),
+    Column("problem", String(512), nullable=False),
+    Column("calls", Integer, nullable=False),
+    Column("first_seen", String(64), nullable=False),
+    Column("last_seen", String(64), nullable=False),
+    UniqueConstraint("chip", "op", "problem"),
+)
+ADDED_TABLES = {"hits"}
 
 
 class Trial(_Base):
@@ -223,8 +239,14 @@ class TuningDB:
                 f"{_HINT}"
             )
         missing = {t.name for t in _Base.metadata.sorted_tables} - tables - {"meta"}
-        if tables - {"meta"} and missing:
+        if tables - {"meta"} and missing - ADDED_TABLES:
             raise DatabaseError(f"{self.url} lacks the tables {sorted(missing)}{_HINT}")
+        if missing:
+            try:
+                with self._writer.begin() as conn:
+                    _Base.metadata.create_all(conn, tables=[_hits])
+            except OperationalError:  # read-only: the records still serve; recording fails
+                pass
 
     def _create(self) -> None:
         # WAL first, once, at creation: switching needs a moment with no other writer, and
@@ -342,6 +364,44 @@ class TuningDB:
             query = query.where(Trial.status == status)
         with Session(self.engine) as s:
             return [t.to_dict() for t in s.scalars(query.order_by(Trial.id))]
+
+    @_guard
+    def add_hits(self, chip: str, counts: dict[tuple[str, str], int]) -> None:
+        """Add ``{(op, problem key): calls}`` to the chip's counts, in one transaction (so
+        processes recording at once all count)."""
+        stamp = now()
+        with self._writer.begin() as conn:
+            for (op, problem), calls in counts.items():
+                where = (_hits.c.chip == chip, _hits.c.op == op, _hits.c.problem == problem)
+                done = conn.execute(
+                    _hits.update()
+                    .where(*where)
+                    .values(calls=_hits.c.calls + calls, last_seen=stamp)
+                )
+                if done.rowcount == 0:
+                    conn.execute(
+                        _hits.insert().values(
+                            chip=chip,
+                            op=op,
+                            problem=problem,
+                            calls=calls,
+                            first_seen=stamp,
+                            last_seen=stamp,
+                        )  # fmt: skip
+                    )
+
+    @_guard
+    def hits(self, chip: str | None = None) -> list[dict]:
+        """Recorded calls per problem (of one chip), the most called first."""
+        query = select(_hits)
+        if chip is not None:
+            query = query.where(_hits.c.chip == chip)
+        query = query.order_by(_hits.c.calls.desc(), _hits.c.op, _hits.c.problem)
+        with self.engine.connect() as conn:
+            return [
+                {k: row[k] for k in ("chip", "op", "problem", "calls", "first_seen", "last_seen")}
+                for row in conn.execute(query).mappings()
+            ]
 
     @_guard
     def clear(self, op: str | None = None, chip: str | None = None) -> int:

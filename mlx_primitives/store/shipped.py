@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from .._paths import data_dir
-from ..record import TuningRecord
+from ..tuning_record import TuningRecord
 from . import SCHEMA_VERSION, DatabaseError
 
 FORMAT = "mlx-primitives-tuning"

@@ -19,15 +19,15 @@ import mlx.core as mx
 from .. import __version__, dispatch
 from ..check import TUNED_DTYPES
 from ..hardware import current_backend, detect_chip
-from ..problem import parse_dtype
-from ..record import RecordError, TuningRecord
+from ..problem import Problem, parse_dtype
 from ..registry import Example, Op, ops
 from ..registry import op as get_op
 from ..store import shipped
 from ..store.database import DatabaseError, TuningDB, default_user_url, exists, url_path
+from ..tuning_record import RecordError, TuningRecord
 from .tuner import BUDGETS, CANDIDATE_TIMEOUT_S, EXIT_HUNG, Outcome, Tuner
 
-COMMANDS = ("tune", "list", "show", "explain", "export", "import", "doctor", "clear")
+COMMANDS = ("tune", "list", "show", "explain", "hits", "export", "import", "doctor", "clear")
 
 
 class UsageError(Exception):
@@ -243,6 +243,85 @@ def _result(outcome: Outcome, seconds: float) -> str:
     return f"{text} [{seconds:.1f} s]"
 
 
+def _hits(db: TuningDB, chip: str) -> list[dict]:
+    """The chip's recorded problems, each with its op, problem and current decision (with
+    ``db`` as the user database); problems of ops or dims this version lacks left out."""
+    rows = []
+    with _user_database(db.url):
+        for hit in db.hits(chip):
+            try:
+                o = get_op(hit["op"])
+                problem = Problem.parse(hit["problem"], o.dims)
+            except (KeyError, ValueError):
+                continue
+            rows.append(
+                {**hit, "op_": o, "problem_": problem, "decision": dispatch.choose(o, problem)}
+            )
+    return rows
+
+
+def _default_s(o: Op, problem: Problem) -> float:
+    """The op's default's time on a call of ``problem`` (a short measurement)."""
+    from .timing import bench_many
+
+    shapes, options = o.case(problem.as_dict())
+    args = o.example(shapes, parse_dtype(problem.dtype), mx.random.key(0), **options)
+    name, params = o.default(problem)
+    fn = o.variant(name).positional(**params)
+    return bench_many([(fn, args, {})], budget_s=0.05, max_reps=20, feed=o.feed)[0].median_s
+
+
+def _recorded_work(db: TuningDB, chip: str, top: int | None) -> list[tuple[Op, Example]]:
+    """The recorded problems that no record of their own serves, the most costly first
+    (calls times the default's time)."""
+    todo = [h for h in _hits(db, chip) if h["decision"].source in ("nearest", "default")]
+    costed = []
+    for h in todo:
+        o, problem = h["op_"], h["problem_"]
+        shapes, options = o.case(problem.as_dict())
+        example = Example(tuple(map(tuple, shapes)), problem.dtype, tuple(options.items()))
+        costed.append((h["calls"] * _default_s(o, problem), o, example))
+    costed.sort(key=lambda c: -c[0])
+    return [(o, ex) for _, o, ex in costed[:top]]
+
+
+def cmd_hits(args) -> int:
+    db = _open(args, create=False)
+    chip = args.chip or detect_chip().slug
+    rows = [
+        {
+            "op": h["op"],
+            "problem": h["problem"],
+            "calls": h["calls"],
+            "variant": h["decision"].variant,
+            "params": h["decision"].params,
+            "source": h["decision"].source,
+            "last_seen": h["last_seen"],
+        }
+        for h in _hits(db, chip)
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=1, sort_keys=True))
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"Recorded problems on {chip} (most called first)")
+    for col in ("calls", "problem", "served by", "source"):
+        table.add_column(col)
+    for r in rows:
+        params = ",".join(f"{k}={v}" for k, v in sorted(r["params"].items()))
+        table.add_row(
+            str(r["calls"]), r["problem"], f"{r['variant']} {params}".strip(), r["source"]
+        )
+    con = _console()
+    con.print(table)
+    if not rows:
+        con.print(
+            "nothing recorded: run your program inside `with mp.record():` or with MLXP_RECORD=1"
+        )
+    return 0
+
+
 def cmd_tune(args) -> int:
     selected = _ops(args.op)
     preset = args.preset or "default"
@@ -251,10 +330,20 @@ def cmd_tune(args) -> int:
         if args.trials < 1:
             raise UsageError("--trials must be at least 1")
         budget = dataclasses.replace(budget, trials=args.trials)
+    if args.top is not None and (not args.recorded or args.top < 1):
+        raise UsageError("--top N (N >= 1) goes with --recorded")
+    if args.recorded and (args.shape or args.op):
+        raise UsageError("--recorded tunes what was recorded: no --op or --shape with it")
     if args.shape:
         if len(selected) != 1 or not args.op:
             raise UsageError("--shape tunes one problem of one --op")
         work = [(selected[0], _example(args))]
+    elif args.recorded:
+        with_hits = _open(args, create=True)
+        try:
+            work = _recorded_work(with_hits, detect_chip().slug, args.top)
+        finally:
+            with_hits.close()
     else:
         work = [(o, ex) for o in selected for ex in o.presets.get(preset, [])]
     db = _open(args, create=True)
@@ -608,6 +697,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="op flag for --shape (layout=BSHD; repeatable)",
     )
+    t.add_argument(
+        "--recorded",
+        action="store_true",
+        help="tune the problems recorded on this chip (mp.record, MLXP_RECORD=1) that no "
+        "record of their own serves, the most costly first (calls x the default's time)",
+    )
+    t.add_argument("--top", type=int, metavar="N", help="with --recorded: only the N costliest")
     t.add_argument("--force", action="store_true", help="re-tune problems already tuned")
     t.add_argument(
         "--candidate-timeout",
@@ -647,6 +743,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     as_json(ex, "the decision")
 
+    hi = add("hits", "problems recorded on this chip, with what serves each now")
+    hi.add_argument("--chip", help="a chip slug (default: this chip)")
+    as_json(hi, "the recorded problems")
+
     ep = add("export", "write records to a JSON file")
     ep.add_argument("path", help="the JSON file to write")
     ep.add_argument("--chip", help="only this chip slug (default: all)")
@@ -668,6 +768,7 @@ HANDLERS = {
     "list": cmd_list,
     "show": cmd_show,
     "explain": cmd_explain,
+    "hits": cmd_hits,
     "export": cmd_export,
     "import": cmd_import,
     "doctor": cmd_doctor,

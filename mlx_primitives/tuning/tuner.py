@@ -34,9 +34,9 @@ from .. import __version__, dispatch
 from ..check import expected, run_checked
 from ..hardware import current_backend, detect_chip
 from ..problem import EXACT, Problem, parse_dtype
-from ..record import RecordError, TuningRecord, noise
 from ..registry import Example, Op
 from ..store.database import TuningDB, now
+from ..tuning_record import RecordError, TuningRecord, noise
 from .timing import TARGET_SAMPLE_S, bench, bench_many, paired
 from .warm import warm
 

@@ -21,8 +21,8 @@ def _record(problem_rows: int, worker: int):
 
     import mlx_primitives as mp
     from mlx_primitives.hardware import detect_chip
-    from mlx_primitives.record import TuningRecord
     from mlx_primitives.registry import op
+    from mlx_primitives.tuning_record import TuningRecord
 
     x, w = mx.ones((problem_rows, 64)), mx.ones((64,))
     return TuningRecord(
