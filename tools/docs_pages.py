@@ -207,11 +207,12 @@ def _latest(results: dict[str, dict], suite: str, where=lambda data: True) -> li
 
 def summaries(results: dict[str, dict]) -> dict[str, list[str]]:
     """The pages that gather one measurement across devices, and the files each is made of:
-    the host suite's dispatch overhead and the model suite."""
-    overhead = _latest(
-        results, "host", lambda d: any(r.get("section") == "overhead" for r in d["results"])
+    the host suite's dispatch overhead (with the cost of recording) and the model suite."""
+    overhead, record = (
+        _latest(results, "host", lambda d, s=s: any(r.get("section") == s for r in d["results"]))
+        for s in ("overhead", "record")
     )
-    return {"overhead": overhead, "model": _latest(results, "model")}
+    return {"overhead": overhead + record, "model": _latest(results, "model")}
 
 
 def _us(seconds: float) -> str:
@@ -234,6 +235,8 @@ def overhead_page(results: dict[str, dict], names: list[str]) -> str:
     for name in names:
         data = results[name]
         rows = [r for r in data["results"] if r.get("section") == "overhead"]
+        if not rows:
+            continue
         lines += [
             "",
             f"## {_device(data)}",
@@ -250,40 +253,91 @@ def overhead_page(results: dict[str, dict], names: list[str]) -> str:
                 f"| `{r['op']}` | {r['call'] or '-'} | `{r['variant']}` | {_us(r['dispatch_s'])} "
                 f"| {_us(r['variant_s'])} | {_us(r['overhead_s'])} |"
             )
+    lines += [
+        "",
+        "## Recording",
+        "",
+        "What `mp.record()` adds to a call on a cache hit while it counts: the host time per "
+        "call through the public function with the counting on, less with it off (loops "
+        "taken in turn). From `python -m benchmarks.runner --suite host --section record`.",
+    ]
+    for name in names:
+        data = results[name]
+        rows = [r for r in data["results"] if r.get("section") == "record"]
+        if not rows:
+            continue
+        lines += [
+            "",
+            f"### {_device(data)}",
+            "",
+            f"MLX {data['mlx_version']}, {data['date'][:10]}, "
+            f"[`{name}`](../../benchmarks/results/{name}); goal: at most "
+            f"{_us(rows[0]['goal_s'])}.",
+            "",
+            "| op | off | on | recording |",
+            "|---|---|---|---|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| `{r['op']}` | {_us(r['off_s'])} | {_us(r['on_s'])} "
+                f"| {_us(r['record_cost_s'])} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def model_page(results: dict[str, dict], names: list[str]) -> str:
-    """An mlx-lm model through the library, stock against patched, on each device."""
+    """mlx-lm models through the library: stock, patched and tuned, on each device."""
     lines = [
         "# Models through mlx-lm",
         "",
         GENERATED,
         "",
-        "An mlx-lm model with random weights run by mlx-lm itself, stock and with "
-        "`mp.patch_mlx()`, rounds interleaved in one run. From `python -m benchmarks.runner "
+        "mlx-lm models with random weights run by mlx-lm itself: stock, patched "
+        "(`mlx_primitives.lm.patch`) and tuned (patched, after `mp.record` and `mlxp-tune tune "
+        "--recorded`), rounds interleaved in one run. From `python -m benchmarks.runner "
         "--suite model`.",
     ]
     for name in names:
-        data, m = results[name], results[name]["model"]
+        data = results[name]
         lines += [
             "",
             f"## {_device(data)}",
             "",
             f"MLX {data['mlx_version']}, mlx-lm {data['mlx_lm_version']}, {data['date'][:10]}, "
-            f"[`{name}`](../../benchmarks/results/{name}). Llama: hidden {m['hidden']}, "
-            f"{m['layers']} layers, {m['heads']}/{m['kv_heads']} heads, MLP {m['mlp']}, "
-            f"vocabulary {m['vocab']}, {m['dtype']}. {data['method']}.",
-            "",
-            "| section | tokens | stock tokens/s | patched tokens/s | patched / stock |",
-            "|---|---|---|---|---|",
+            f"[`{name}`](../../benchmarks/results/{name}). {data['method']}.",
         ]
-        for r in data["results"]:
-            tokens = r.get("tokens", r["prompt"])
-            lines.append(
-                f"| {r['section']} | {tokens} | {r['stock_tok_s']:.1f} | "
-                f"{r['patched_tok_s']:.1f} | {r['patched_vs_stock']:.3f}x |"
+        for m in data["models"]:
+            c = m["config"]
+            shape = (
+                f"hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, "
+                f"{c['num_attention_heads']}/{c['num_key_value_heads']} heads"
             )
+            if "num_experts" in c:
+                shape += (
+                    f", {c['num_experts']} experts (top {c['num_experts_per_tok']}, "
+                    f"{c['moe_intermediate_size']} each)"
+                )
+            else:
+                shape += f", MLP {c['intermediate_size']}"
+            kind = "4-bit (group 64)" if m["quantized"] else m["dtype"]
+            lines += [
+                "",
+                f"### {m['name']}",
+                "",
+                f"`{m['model_type']}`: {shape}, vocabulary {c['vocab_size']}, {kind} "
+                f"({m['dtype']} activations); {m['recorded_problems']} problems recorded and "
+                "tuned.",
+                "",
+                "| section | tokens | stock tokens/s | patched | tuned | patched / stock "
+                "| tuned / stock |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for r in m["results"]:
+                lines.append(
+                    f"| {r['section']} | {r['tokens']} | {r['stock_tok_s']:.1f} | "
+                    f"{r['patched_tok_s']:.1f} | {r['tuned_tok_s']:.1f} | "
+                    f"{r['patched_vs_stock']:.3f}x | {r['tuned_vs_stock']:.3f}x |"
+                )
     return "\n".join(lines) + "\n"
 
 

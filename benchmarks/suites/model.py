@@ -1,54 +1,164 @@
-"""A real model through the library: an mlx-lm model with random weights decoding through
-mlx-lm's own generation loop and KV cache, stock against ``mp.patch_mlx()``, in one run.
+"""Real models through the library: mlx-lm models with random weights decoding through mlx-lm's
+own generation loop and KV cache, in one run:
 
-- ``decode``: tokens per second of ``generate_step`` after a short prompt (the prompt's
-  prefill left out), stock and patched, their rounds interleaved;
-- ``prefill``: tokens per second of the prompt's forward pass, likewise.
+- ``stock``: mlx-lm as it is;
+- ``patched``: after ``mlx_primitives.lm.patch(model)``, with the databases as they are;
+- ``tuned``: patched, after the problems the patched model hits were recorded
+  (``mp.record``) and tuned (``mlxp-tune tune --recorded``, into a scratch database).
 
-Needs mlx-lm (``pip install mlx-lm``). On the CPU a small Llama of the shapes below; on a GPU
-the per-layer shapes of Llama-3-8B with the layers cut to ``--layers``.
+Sections: ``decode``, tokens per second of ``generate_step`` after a short prompt (its prefill
+left out); ``prefill``, tokens per second of one forward pass of a long prompt. Rounds of the
+three modes are interleaved. On the CPU small models; on a GPU the per-layer shapes of
+Llama-3-8B and Qwen3-30B-A3B with the layers cut (``layers`` in the result). Needs mlx-lm
+(``pip install -e ".[lm]"``).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import statistics
+import tempfile
 import time
 
 import mlx.core as mx
+import mlx.nn as nn
 
 import mlx_primitives as mp
+from mlx_primitives import dispatch, lm
 from mlx_primitives.hardware import current_backend
 
 from ..common import header
 
 SECTIONS = ("decode", "prefill")
-# (hidden, layers, heads, kv heads, MLP, vocab): a small Llama for the CPU, Llama-3-8B's layer.
-SHAPES = {
-    "cpu": (512, 8, 8, 2, 1408, 4096),
-    "gpu": (4096, 4, 32, 8, 14336, 128256),
+MODES = ("stock", "patched", "tuned")
+_SMALL = {"vocab_size": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
+# (name, model_type, config, dtype, quantized) per device kind.
+MODELS = {
+    "cpu": (
+        (
+            "llama",
+            "llama",
+            {
+                "hidden_size": 512,
+                "num_hidden_layers": 4,
+                "intermediate_size": 1408,
+                "num_attention_heads": 8,
+                "num_key_value_heads": 2,
+                **_SMALL,
+            },
+            "float32",
+            False,
+        ),  # fmt: skip
+        (
+            "llama 4-bit",
+            "llama",
+            {
+                "hidden_size": 512,
+                "num_hidden_layers": 4,
+                "intermediate_size": 1408,
+                "num_attention_heads": 8,
+                "num_key_value_heads": 2,
+                **_SMALL,
+            },
+            "float32",
+            True,
+        ),  # fmt: skip
+        (
+            "qwen3-moe 4-bit",
+            "qwen3_moe",
+            {
+                "hidden_size": 512,
+                "num_hidden_layers": 2,
+                "intermediate_size": 1024,
+                "num_attention_heads": 8,
+                "num_key_value_heads": 2,
+                "head_dim": 64,
+                "num_experts": 16,
+                "num_experts_per_tok": 4,
+                "moe_intermediate_size": 256,
+                "decoder_sparse_step": 1,
+                "mlp_only_layers": [],
+                "norm_topk_prob": True,
+                "max_position_embeddings": 4096,
+                "tie_word_embeddings": False,
+                **_SMALL,
+            },
+            "float32",
+            True,
+        ),
+    ),  # fmt: skip
+    "gpu": (
+        (
+            "llama-3-8b 4-bit",
+            "llama",
+            {
+                "hidden_size": 4096,
+                "num_hidden_layers": 4,
+                "intermediate_size": 14336,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 8,
+                "vocab_size": 128256,
+                "rms_norm_eps": 1e-5,
+                "rope_theta": 500000.0,
+            },
+            "bfloat16",
+            True,
+        ),
+        (
+            "llama-3-8b",
+            "llama",
+            {
+                "hidden_size": 4096,
+                "num_hidden_layers": 4,
+                "intermediate_size": 14336,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 8,
+                "vocab_size": 128256,
+                "rms_norm_eps": 1e-5,
+                "rope_theta": 500000.0,
+            },
+            "bfloat16",
+            False,
+        ),
+        (
+            "qwen3-30b-a3b 4-bit",
+            "qwen3_moe",
+            {
+                "hidden_size": 2048,
+                "num_hidden_layers": 4,
+                "intermediate_size": 6144,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 4,
+                "head_dim": 128,
+                "num_experts": 128,
+                "num_experts_per_tok": 8,
+                "moe_intermediate_size": 768,
+                "decoder_sparse_step": 1,
+                "mlp_only_layers": [],
+                "norm_topk_prob": True,
+                "max_position_embeddings": 40960,
+                "tie_word_embeddings": False,
+                "vocab_size": 151936,
+                "rms_norm_eps": 1e-6,
+                "rope_theta": 1000000.0,
+            },
+            "bfloat16",
+            True,
+        ),
+    ),  # fmt: skip
 }
-DTYPES = {"cpu": mx.float32, "gpu": mx.bfloat16}
+TOKENS = {"cpu": (48, 512), "gpu": (128, 2048)}
 
 
-def _model(shape, dtype):
-    from mlx_lm.models import llama
-
-    hidden, layers, heads, kv_heads, mlp, vocab = shape
-    args = llama.ModelArgs(
-        model_type="llama",
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        intermediate_size=mlp,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        rms_norm_eps=1e-5,
-        vocab_size=vocab,
-    )
-    model = llama.Model(args)
-    model.set_dtype(dtype)
+def _model(model_type: str, config: dict, dtype: str, quantized: bool) -> nn.Module:
+    module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    model = module.Model(module.ModelArgs.from_dict({"model_type": model_type, **config}))
+    model.set_dtype(getattr(mx, dtype))
+    if quantized:
+        nn.quantize(model, 64, 4)
     mx.eval(model.parameters())
-    return model, args
+    return model
 
 
 def _decode_s(model, prompt: mx.array, tokens: int) -> float:
@@ -72,63 +182,124 @@ def _prefill_s(model, prompt: mx.array) -> float:
     return (time.perf_counter() - start) / prompt.size
 
 
-def _compare(measure, rounds: int) -> dict:
-    """``measure()`` stock and patched, rounds interleaved, warmed up first."""
-    times = {"stock": [], "patched": []}
+class _Modes:
+    """Switches one model between the modes: patched or not, reading the tuned scratch
+    database or the user's."""
+
+    def __init__(self, model, tuned_db: str | None):
+        self.model, self.tuned_db = model, tuned_db
+        self.user_db = os.environ.get("MLXP_TUNING_DB")
+
+    def enter(self, mode: str) -> None:
+        db = self.tuned_db if mode == "tuned" else self.user_db
+        if db is None:
+            os.environ.pop("MLXP_TUNING_DB", None)
+        else:
+            os.environ["MLXP_TUNING_DB"] = db
+        dispatch.reset()
+        if mode != "stock":
+            lm.patch(self.model)
+
+    def leave(self) -> None:
+        lm.unpatch(self.model)
+
+
+def _compare(modes: _Modes, names: tuple, measure, rounds: int) -> dict:
+    """``measure()`` in each mode, rounds interleaved (order rotating), after a warm-up."""
+    times = {m: [] for m in names}
     for r in range(rounds + 1):
-        for mode in ("stock", "patched") if r % 2 else ("patched", "stock"):
-            if mode == "patched":
-                mp.patch_mlx()
+        shift = r % len(names)
+        for mode in names[shift:] + names[:shift]:
+            modes.enter(mode)
             try:
                 t = measure()
             finally:
-                mp.unpatch_mlx()
+                modes.leave()
             if r:  # the first round compiles and fills caches
                 times[mode].append(t)
-    stock, patched = (statistics.median(times[m]) for m in ("stock", "patched"))
+    row = {"rounds": rounds}
+    for mode in names:
+        row[f"{mode}_tok_s"] = 1 / statistics.median(times[mode])
+        row[f"{mode}_samples_s"] = times[mode]
+    for mode in names[1:]:
+        row[f"{mode}_vs_stock"] = row[f"{mode}_tok_s"] / row["stock_tok_s"]
+    return row
+
+
+def _tune_recorded(model, work, db: str) -> int:
+    """Record what the patched model hits while ``work()`` runs, tune it into ``db``; returns
+    the problems recorded."""
+    from mlx_primitives.tuning.cli import main as cli
+
+    preset = "quick" if current_backend() == "cpu" else "default"
+    modes = _Modes(model, db)
+    modes.enter("tuned")
+    try:
+        with mp.record(db):
+            work()
+    finally:
+        modes.leave()
+    cli(["tune", "--recorded", "--preset", preset, "--db", db])
+    from mlx_primitives.store.database import TuningDB
+
+    found = TuningDB(db)
+    try:
+        return len(found.hits())
+    finally:
+        found.close()
+
+
+def _run_model(name, model_type, config, dtype, quantized, chosen, tokens) -> dict:
+    """One model's rows in every mode, after its recorded problems were tuned."""
+    decode_tokens, prefill_tokens = tokens
+    model = _model(model_type, config, dtype, quantized)
+    vocab = config["vocab_size"]
+    prompt = mx.random.randint(0, vocab, (32,), key=mx.random.key(0))
+    long = mx.random.randint(0, vocab, (prefill_tokens,), key=mx.random.key(1))
+    measures = {
+        "decode": lambda: _decode_s(model, prompt, decode_tokens),
+        "prefill": lambda: _prefill_s(model, long),
+    }
+    db = os.path.join(tempfile.mkdtemp(prefix="mlxp-model-"), "tuning.sqlite")
+    report = str(lm.patch(model))
+    lm.unpatch(model)
+    recorded = _tune_recorded(model, lambda: [measures[s]() for s in chosen], db)
+    rows = []
+    for section in chosen:
+        row = _compare(_Modes(model, db), MODES, measures[section], rounds=5)
+        count = decode_tokens if section == "decode" else prefill_tokens
+        rows.append({"section": section, "tokens": count, **row})
+        print(
+            f"[model] {name} {section}: patched {row['patched_vs_stock']:.3f}x, "
+            f"tuned {row['tuned_vs_stock']:.3f}x stock",
+            flush=True,
+        )
     return {
-        "stock_tok_s": 1 / stock,
-        "patched_tok_s": 1 / patched,
-        "patched_vs_stock": stock / patched,
-        "rounds": rounds,
-        "stock_samples_s": times["stock"],
-        "patched_samples_s": times["patched"],
+        "name": name,
+        "model_type": model_type,
+        "config": config,
+        "dtype": dtype,
+        "quantized": quantized,
+        "patch_report": report,
+        "recorded_problems": recorded,
+        "results": rows,
     }
 
 
 def run(args) -> dict:
     chosen = args.section or list(SECTIONS)
     kind = "cpu" if current_backend() == "cpu" else "gpu"
-    shape, dtype = SHAPES[kind], DTYPES[kind]
-    model, margs = _model(shape, dtype)
     result = header("model")
     result["mlx_lm_version"] = importlib.import_module("mlx_lm").__version__
     result["method"] = (
-        "mlx-lm llama.Model with random weights; decode: seconds per token of "
-        "mlx_lm.generate.generate_step after the prompt (greedy), prefill: one forward pass "
-        "of the prompt with a fresh KV cache; stock and with mlx_primitives.patch_mlx(), "
-        "rounds interleaved after a warm-up round, medians"
+        "mlx-lm models with random weights; decode: seconds per token of "
+        "mlx_lm.generate.generate_step after a 32-token prompt (greedy), prefill: one forward "
+        "pass of a long prompt with a fresh KV cache; stock, patched (mlx_primitives.lm.patch) "
+        "and tuned (patched, after mp.record of one decode and one prefill and mlxp-tune tune "
+        f"--recorded, preset {'quick' if kind == 'cpu' else 'default'}, into a scratch "
+        "database), rounds interleaved after a warm-up round, medians"
     )
-    result["model"] = {
-        "hidden": shape[0],
-        "layers": shape[1],
-        "heads": shape[2],
-        "kv_heads": shape[3],
-        "mlp": shape[4],
-        "vocab": shape[5],
-        "dtype": str(dtype).rsplit(".", 1)[-1],
-    }
-    prompt = mx.random.randint(0, margs.vocab_size, (32,))
-    rows = []
-    if "decode" in chosen:
-        tokens = 48 if kind == "cpu" else 128
-        row = _compare(lambda: _decode_s(model, prompt, tokens), rounds=9)
-        rows.append({"section": "decode", "prompt": prompt.size, "tokens": tokens, **row})
-        print(f"[model] decode {row['patched_vs_stock']:.3f}x stock", flush=True)
-    if "prefill" in chosen:
-        long = mx.random.randint(0, margs.vocab_size, (512 if kind == "cpu" else 2048,))
-        row = _compare(lambda: _prefill_s(model, long), rounds=5)
-        rows.append({"section": "prefill", "prompt": long.size, **row})
-        print(f"[model] prefill {row['patched_vs_stock']:.3f}x stock", flush=True)
-    result["results"] = rows
+    models = [_run_model(*spec, chosen, TOKENS[kind]) for spec in MODELS[kind]]
+    result["models"] = models
+    result["results"] = [{"model": m["name"], **r} for m in models for r in m["results"]]
     return result
