@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
-from .ops._gather import check_indices
+from .ops._gather import check_indices, inverse
 
 
 def _floating(op: str, name: str, x) -> None:
@@ -59,9 +59,7 @@ def build_expert_dispatch(indices: mx.array, num_experts: int) -> ExpertDispatch
     order = mx.argsort(flat).astype(mx.uint32)
     counts = mx.zeros((num_experts,), mx.int32).at[flat].add(mx.ones((pairs,), mx.int32))
     offsets = mx.concatenate([mx.zeros((1,), mx.int32), mx.cumsum(counts)])
-    positions = mx.arange(pairs, dtype=mx.uint32)
-    inverse = mx.zeros((pairs,), mx.uint32).at[order].add(positions)
-    return ExpertDispatch(order, flat[order], order // top_k, counts, offsets, inverse)
+    return ExpertDispatch(order, flat[order], order // top_k, counts, offsets, inverse(order))
 
 
 def compute_load_balancing_loss(

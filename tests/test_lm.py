@@ -108,7 +108,7 @@ def test_patched_model_gives_stock_logits_and_tokens(family, quantized):
 def test_report_says_what_was_left_and_why():
     model = _model("gpt_oss", quantized=False)
     report = lm.patch(model)
-    assert "Linear" in report.left and "swiglu_oai" in report.left
+    assert "Linear" in report.left and "SwigluOAI" in report.left
     assert "mx.fast.scaled_dot_product_attention" in report.functions
     assert "swapped" in str(report) or report.swapped
 
@@ -128,3 +128,38 @@ def test_functions_stay_patched_while_any_model_is():
 def test_patch_rejects_what_is_not_a_model():
     with pytest.raises(TypeError, match=r"\[lm.patch\] model must be an mlx.nn.Module"):
         lm.patch("llama")
+
+
+def test_layers_nested_at_any_depth_are_swapped_and_restored():
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.grid = [[nn.QuantizedLinear(64, 64), nn.QuantizedLinear(64, 64)], []]
+            self.named = {"a": [nn.QuantizedLinear(64, 64)], "b": {"c": nn.QuantizedLinear(64, 64)}}
+
+    model = Holder()
+    originals = [m for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]
+    report = lm.patch(model)
+    assert report.swapped == {"QuantizedLinear": 4}
+    assert isinstance(model.named["b"]["c"], mp.QuantizedLinear)
+    # Weights loaded while patched stay after unpatch.
+    fresh = mx.ones_like(model.grid[0][1].scales)
+    model.grid[0][1].scales = fresh
+    lm.unpatch(model)
+    restored = [m for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]
+    assert sorted(map(id, restored)) == sorted(map(id, originals))
+    assert model.grid[0][1].scales is fresh
+
+
+def test_swiglu_is_served_where_models_call_it_and_mx_fast_left_as_the_user_had_it():
+    from mlx_lm.models import activations, qwen3, switch_layers
+
+    model = _model("qwen3_moe", quantized=False)
+    mp.patch_mlx()  # the user's own
+    lm.patch(model)
+    assert activations.swiglu is lm.patch.__globals__["LM_SWIGLU"]  # its home never changes
+    assert switch_layers.swiglu is mp.swiglu
+    lm.unpatch(model)
+    assert patched() and switch_layers.swiglu is activations.swiglu
+    assert qwen3.swiglu is activations.swiglu
+    mp.unpatch_mlx()

@@ -103,3 +103,28 @@ def test_recorded_usage_errors(argv, user_db, capsys):
         cli(argv)
     assert e.value.code == 2
     assert "--recorded" in capsys.readouterr().err
+
+
+def test_each_call_is_stored_once_in_the_innermost_recording(user_db, tmp_path, open_db):
+    inner_db = tmp_path / "inner.sqlite"
+    with mp.record():
+        for _ in range(3):
+            _norm()
+        with mp.record(str(inner_db)):
+            _norm()
+        _norm()
+    assert [h["calls"] for h in open_db(user_db).hits()] == [4]
+    assert [h["calls"] for h in open_db(inner_db).hits()] == [1]
+
+
+def test_a_failure_inside_the_block_is_not_replaced_by_the_store(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # a database under a file cannot be made
+
+    def run():
+        with mp.record(str(blocker / "t.sqlite")):
+            _norm()
+            raise KeyError("the block's own")
+
+    with pytest.raises(KeyError, match="the block's own"), pytest.warns(RuntimeWarning):
+        run()

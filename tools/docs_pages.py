@@ -425,10 +425,12 @@ def index(root: Path, results: dict[str, dict], pages: list[str]) -> str:
     for stem, names in gathered.items():
         for name in names:
             data = results[name]
-            lines.append(
+            line = (
                 f"| {data['suite']} | {_device(data)} | {data['mlx_version']} "
                 f"| {data['date'][:10]} | [{stem}]({stem}.md) |"
             )
+            if line not in lines:  # one page may gather two files of a device
+                lines.append(line)
     paged = set(pages) | {n for names in gathered.values() for n in names}
     lines += [
         "",

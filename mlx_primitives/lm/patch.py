@@ -37,6 +37,9 @@ DROP_INS = {
     lm_switch.SwitchGLU: switch.SwitchGLU,
     lm_switch.SwitchMLP: switch.SwitchMLP,
 }
+# mlx-lm's swiglu as it was imported; the module that defines it is never patched (models
+# imported later would take the replacement from it).
+LM_SWIGLU = lm_activations.swiglu
 # mx.fast's functions, served while a model is patched: what mlx-lm's layers call.
 FUNCTIONS = tuple(f"mx.fast.{name}" for name in fast.NAMES)
 
@@ -44,6 +47,8 @@ FUNCTIONS = tuple(f"mx.fast.{name}" for name in fast.NAMES)
 # models that need them.
 _PATCHED: dict[int, tuple[nn.Module, list]] = {}
 _SWIGLU: dict[str, tuple[object, int]] = {}
+# Whether the first patched model patched mx.fast (not the user's own mp.patch_mlx()).
+_FAST = {"ours": False}
 
 
 @dataclass
@@ -87,33 +92,39 @@ def _served(module: nn.Module) -> tuple[type | None, str]:
     return None, ""
 
 
+def _swap_in(holder, slot, value, swaps: list, report: PatchReport) -> None:
+    """Swap ``value`` (``holder[slot]``: a module, or a list or dict of them at any depth) and
+    the modules inside it, deepest first, noting each swap in ``swaps``."""
+    if isinstance(value, nn.Module):  # before dict: a Module is a dict too
+        _swap(value, swaps, report)
+        cls, why = _served(value)
+        name = type(value).__name__
+        if cls is None:
+            if why:
+                report.left[name] = why
+            return
+        holder[slot] = _adopt(cls, value)
+        swaps.append((holder, slot, value))
+        report.swapped[name] = report.swapped.get(name, 0) + 1
+    elif isinstance(value, dict):
+        for key, item in list(value.items()):
+            _swap_in(value, key, item, swaps, report)
+    elif isinstance(value, list):
+        for i, item in enumerate(list(value)):
+            _swap_in(value, i, item, swaps, report)
+
+
 def _swap(module: nn.Module, swaps: list, report: PatchReport) -> None:
-    """Swap the children of ``module`` (deepest first), noting each in ``swaps``."""
-    for name, child in list(module.children().items()):
-        if isinstance(child, nn.Module):  # a Module is a dict too
-            entries = [(None, child)]
-        else:
-            entries = child.items() if isinstance(child, dict) else enumerate(child)
-        for key, value in list(entries):
-            if not isinstance(value, nn.Module):
-                continue
-            _swap(value, swaps, report)
-            cls, why = _served(value)
-            if cls is None:
-                if why:
-                    report.left[type(value).__name__] = why
-                continue
-            new = _adopt(cls, value)
-            holder = module[name] if key is not None else module
-            slot = key if key is not None else name
-            holder[slot] = new
-            swaps.append((holder, slot, value))
-            report.swapped[type(value).__name__] = report.swapped.get(type(value).__name__, 0) + 1
+    """Swap the modules inside ``module`` (its own entries: ``children()`` copies nested
+    containers)."""
+    for name, child in list(module.items()):
+        _swap_in(module, name, child, swaps, report)
 
 
 def _model_modules(model: nn.Module) -> set[str]:
     """The mlx-lm modules that define the model's layer classes."""
     names = {type(m).__module__ for _, m in model.named_modules()}
+    names.discard(lm_activations.__name__)
     return {n for n in names if n.startswith("mlx_lm.") and n in sys.modules}
 
 
@@ -136,7 +147,7 @@ def patch(model: nn.Module) -> PatchReport:
     modules = _model_modules(model) | {lm_switch.__name__}
     for name in sorted(modules):
         mod = sys.modules[name]
-        if getattr(mod, "swiglu", None) is lm_activations.swiglu or name in _SWIGLU:
+        if getattr(mod, "swiglu", None) is LM_SWIGLU or name in _SWIGLU:
             original, count = _SWIGLU.get(name, (mod.swiglu, 0))
             _SWIGLU[name] = (original, count + 1)
             mod.swiglu = swiglu
@@ -144,16 +155,22 @@ def patch(model: nn.Module) -> PatchReport:
             swaps.append((None, name, None))
     if any(type(m) is nn.Linear for _, m in model.named_modules()):
         report.left["Linear"] = "float weights: MLX's matmul serves them"
-    if any(hasattr(sys.modules[n], "swiglu_oai") for n in modules):
-        report.left["swiglu_oai"] = "gpt-oss's clipped SwiGLU: no variant yet"
+    for _, m in model.named_modules():
+        kind = type(m)
+        if kind.__module__ == lm_activations.__name__ and kind is not lm_switch.SwiGLU:
+            report.left[kind.__name__] = "an mlx-lm activation with no variant yet"
+    if not _PATCHED:
+        _FAST["ours"] = not fast.patched()
     fast.patch_mlx()
     _PATCHED[id(model)] = (model, swaps)
     return report
 
 
 def unpatch(model: nn.Module) -> None:
-    """Undo :func:`patch`: the original layers back in ``model``; the functions back to
-    mlx-lm's and MLX's once no patched model is left. A model never patched is left as is."""
+    """Undo :func:`patch`: the original layers back in ``model``, holding the arrays the
+    swapped-in ones hold now; the functions back to mlx-lm's and MLX's once no patched model
+    is left (``mx.fast`` stays patched if it was before the first :func:`patch`). A model
+    never patched is left as is. A patched model is referenced until it is unpatched."""
     entry = _PATCHED.pop(id(model), None)
     if entry is None:
         return
@@ -166,6 +183,8 @@ def unpatch(model: nn.Module) -> None:
             else:
                 _SWIGLU[slot] = (fn, count - 1)
             continue
+        # What changed while patched (loaded or trained weights) stays.
+        dict.update(original, holder[slot])
         holder[slot] = original
-    if not _PATCHED:
+    if not _PATCHED and _FAST["ours"]:
         fast.unpatch_mlx()

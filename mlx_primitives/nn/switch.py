@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..moe import compute_load_balancing_loss
+from ..ops._gather import inverse
 from ..ops.gated import swiglu
 from ..ops.gather_mm import gather_mm
 from ..ops.gather_qmm import gather_qmm
@@ -173,19 +174,18 @@ def _sort(x: mx.array, indices: mx.array):
     top_k = indices.shape[-1]
     flat = indices.flatten()
     order = mx.argsort(flat)
-    inverse = mx.zeros_like(order).at[order].add(mx.arange(order.size, dtype=order.dtype))
-    return x.flatten(0, -3)[order // top_k], flat[order], inverse
+    return x.flatten(0, -3)[order // top_k], flat[order], inverse(order)
 
 
-def _experts(layers, x: mx.array, indices: mx.array) -> mx.array:
+def _through_experts(layers, x: mx.array, indices: mx.array) -> mx.array:
     """``layers(x, indices, sorted)`` on each (token, expert) pair; pairs sorted by expert
     once when there are many."""
     x = mx.expand_dims(x, (-2, -3))
     indices = mx.stop_gradient(indices)
     if indices.size < SORT_PAIRS:
         return layers(x, indices, False).squeeze(-2)
-    xs, idx, inverse = _sort(x, indices)
-    y = layers(xs, idx, True)[inverse]
+    xs, idx, back = _sort(x, indices)
+    y = layers(xs, idx, True)[back]
     return mx.unflatten(y, 0, indices.shape).squeeze(-2)
 
 
@@ -221,7 +221,7 @@ class SwitchGLU(nn.Module):
             gate = self.gate_proj(x, idx, sorted_indices=is_sorted)
             return self.down_proj(self.activation(up, gate), idx, sorted_indices=is_sorted)
 
-        return _experts(layers, x, indices)
+        return _through_experts(layers, x, indices)
 
 
 class SwitchMLP(nn.Module):
@@ -254,7 +254,7 @@ class SwitchMLP(nn.Module):
             h = self.activation(self.fc1(x, idx, sorted_indices=is_sorted))
             return self.fc2(h, idx, sorted_indices=is_sorted)
 
-        return _experts(layers, x, indices)
+        return _through_experts(layers, x, indices)
 
 
 class SparseMoE(nn.Module):

@@ -11,8 +11,16 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
+import numpy as np
 
 from ..problem import bucket
+
+# A candidate is checked on CHECK_PAIRS pairs at a time and CHECK_COLUMNS output features,
+# with the matrices those pairs use: a float64 copy of every matrix (or one per pair) of a
+# prefill takes gigabytes. Calls within both limits are checked whole.
+CHECK_PAIRS = 16
+CHECK_COLUMNS = 256
+CHECK_VALUES = 2**22
 
 _INTEGER = (mx.uint32, mx.int32, mx.uint16, mx.int16, mx.uint8, mx.int8, mx.uint64, mx.int64)
 
@@ -68,12 +76,15 @@ def by_matrix(rows: mx.array, matrices: mx.array, sorted_indices: bool):
     return rows[order], matrices[order], order
 
 
+def inverse(order: mx.array) -> mx.array:
+    """The inverse of the permutation ``order`` (``order[inverse(order)] == arange``), by one
+    scatter rather than a second sort."""
+    return mx.zeros_like(order).at[order].add(mx.arange(order.size, dtype=order.dtype))
+
+
 def unsort(y: mx.array, order: mx.array | None) -> mx.array:
     """Rows of ``y`` in the pairs' order, from their matrices' order."""
-    if order is None:
-        return y
-    inverse = mx.zeros_like(order).at[order].add(mx.arange(order.size, dtype=order.dtype))
-    return y[inverse]
+    return y if order is None else y[inverse(order)]
 
 
 # The most elements the ``take`` variants may copy (a matrix per pair): 2^26 float32 values,
@@ -84,6 +95,41 @@ TAKE_MAX = 2**26
 def take_fits(problem: dict, params: dict) -> bool:
     """Whether a ``take`` variant's copy of one matrix per pair stays under TAKE_MAX."""
     return problem["pairs"] * problem["in_features"] * problem["out_features"] <= TAKE_MAX
+
+
+def check_slices(x, lhs, rhs, matrices: int, out: int, call) -> list | None:
+    """The ``(args, select)`` slices of a large call that candidates are checked on: the
+    first, middle and last CHECK_PAIRS pairs, each on a window of CHECK_COLUMNS output
+    features, with only the matrices they use; None for a call small enough to check whole.
+
+    Args:
+        x, lhs, rhs: the call's input and indices.
+        matrices: the matrices' count; out: their output features.
+        call: ``call(rows, used, columns, indices)`` gives the smaller call's arguments: x's
+            rows ``(n, 1, K)``, the matrices used, the output window (a slice) and each
+            pair's matrix among them.
+    """
+    rows, chosen, _ = pairs(x, lhs, rhs, matrices)
+    total = rows.size
+    if total <= CHECK_PAIRS and matrices * out * x.shape[-1] <= CHECK_VALUES:
+        return None
+    rows, chosen = np.array(rows), np.array(chosen)
+    x2 = x.reshape(-1, 1, x.shape[-1])
+    width = min(out, CHECK_COLUMNS)
+    slices = []
+    for i, start in enumerate((0, (total - CHECK_PAIRS) // 2, total - CHECK_PAIRS)):
+        start = max(start, 0)
+        part = np.arange(start, min(start + CHECK_PAIRS, total))
+        used, local = np.unique(chosen[part], return_inverse=True)
+        cols = slice((out - width) * i // 2, (out - width) * i // 2 + width)
+        args = call(
+            x2[mx.array(rows[part])], mx.array(used), cols, mx.array(local.astype(np.uint32))
+        )
+        select = (lambda p, c: lambda outs: [o.reshape(-1, 1, out)[p][..., c] for o in outs])(
+            mx.array(part), cols
+        )
+        slices.append((args, select))
+    return slices
 
 
 def pair_count(shape: tuple) -> int:

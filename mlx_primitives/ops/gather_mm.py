@@ -13,6 +13,7 @@ from ._common import accumulator, check_array, check_bool, random
 from ._gather import (
     by_matrix,
     check_indices,
+    check_slices,
     pair_count,
     pair_shape,
     pairs,
@@ -101,6 +102,15 @@ def _sort_then_gather(a, b, lhs_indices, rhs_indices, sorted_indices):
     a_sorted = a.reshape(-1, 1, a.shape[-1])[rows]
     y = MLX_GATHER_MM(a_sorted, b, None, experts, sorted_indices=True)
     return unsort(y, order).reshape(*shape, 1, b.shape[-1])
+
+
+def _check_slices(args):
+    a, b, lhs, rhs, sorted_indices = args
+
+    def call(rows, used, cols, indices):
+        return rows, b[used][..., cols], None, indices, sorted_indices
+
+    return check_slices(a, lhs, rhs, b.shape[0], b.shape[-1], call)
 
 
 def _default(problem, backend):
@@ -220,6 +230,7 @@ OP = register(
         ],
         presets=_presets(),
         differentiable=(0, 1),
+        check_slices=_check_slices,
         # The output is not shaped like a (top-k pairs per token).
         feed=None,
     )

@@ -275,6 +275,11 @@ def _recorded_work(db: TuningDB, chip: str, top: int | None) -> list[tuple[Op, E
     """The recorded problems that no record of their own serves, the most costly first
     (calls times the default's time)."""
     todo = [h for h in _hits(db, chip) if h["decision"].source in ("nearest", "default")]
+    left = [h for h in todo if h["problem_"].dtype not in TUNED_DTYPES]
+    for h in left:
+        print(f"not tuned: {h['problem']} (the tuner takes {', '.join(TUNED_DTYPES)})",
+              file=sys.stderr)  # fmt: skip
+    todo = [h for h in todo if h not in left]
     costed = []
     for h in todo:
         o, problem = h["op_"], h["problem_"]
@@ -288,6 +293,10 @@ def _recorded_work(db: TuningDB, chip: str, top: int | None) -> list[tuple[Op, E
 def cmd_hits(args) -> int:
     db = _open(args, create=False)
     chip = args.chip or detect_chip().slug
+    try:
+        hits = _hits(db, chip)
+    finally:
+        db.close()
     rows = [
         {
             "op": h["op"],
@@ -298,7 +307,7 @@ def cmd_hits(args) -> int:
             "source": h["decision"].source,
             "last_seen": h["last_seen"],
         }
-        for h in _hits(db, chip)
+        for h in hits
     ]
     if args.json:
         print(json.dumps(rows, indent=1, sort_keys=True))
