@@ -155,6 +155,9 @@ def patch(model: nn.Module) -> PatchReport:
             swaps.append((None, name, None))
     if any(type(m) is nn.Linear for _, m in model.named_modules()):
         report.left["Linear"] = "float weights: MLX's matmul serves them"
+    report.left["quantized KV cache"] = (
+        "mlx-lm's quantized_scaled_dot_product_attention (kv_bits): MLX serves it as before"
+    )
     for _, m in model.named_modules():
         kind = type(m)
         if kind.__module__ == lm_activations.__name__ and kind is not lm_switch.SwiGLU:
