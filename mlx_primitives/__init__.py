@@ -29,12 +29,14 @@ from .nn import (
     SwitchMLP,
 )
 from .ops import (
+    associative_scan,
     chunked_cross_attention,
     flash_attention,
     gather_mm,
     gather_qmm,
     geglu,
     layer_norm,
+    linear_scan,
     quantized_matmul,
     rms_norm,
     rope,
@@ -44,6 +46,7 @@ from .ops import (
 )
 from .patch import patch_mlx, unpatch_mlx
 from .recording import record
+from .ssm import selective_scan
 
 recording._from_environment()
 
@@ -55,9 +58,11 @@ __all__ = [
     "SwitchGLU",
     "SwitchLinear",
     "SwitchMLP",
+    "associative_scan",
     "build_expert_dispatch",
     "compute_load_balancing_loss",
     "selective_gather",
+    "selective_scan",
     "selective_scatter_add",
     "FlashAttention",
     "SlidingWindowAttention",
@@ -76,6 +81,7 @@ __all__ = [
     "geglu",
     "inference_mode",
     "layer_norm",
+    "linear_scan",
     "patch_mlx",
     "quantized_matmul",
     "record",

@@ -58,6 +58,22 @@ CPU_CASES = {
         (((4, 320), (16, 50)), {"bits": 5, "group_size": 64}),
         (((3, 64), (64, 16)), {"bits": 4, "group_size": 64, "transpose": False}),
     ],
+    # Lengths 1, 3 and 1000, other axes than the last, reversed, an initial state.
+    "linear_scan": [
+        (((4, 1),), {}),
+        (((3, 7, 5),), {"axis": 1, "h0": "given"}),
+        (((2, 1000),), {"reverse": True}),
+        (((3, 2, 300),), {"h0": "given", "reverse": True}),
+        (((6,),), {"axis": 0}),
+    ],
+    "associative_scan": [
+        (((3, 1),), {}),
+        (((2, 7, 5),), {"op": "max", "axis": 1, "reverse": True}),
+        (((3, 1000),), {"op": "logaddexp"}),
+        (((4, 33),), {"op": "mul", "inclusive": False}),
+        (((5, 17),), {"op": "min", "reverse": True}),
+        (((2, 300),), {"op": "add", "inclusive": False}),
+    ],
     # a's (tokens, in), b's (experts, in, out): as for gather_qmm.
     "gather_mm": [
         (((1, 192), (4, 192, 40)), {"top_k": 2}),
@@ -105,6 +121,8 @@ REFERENCES = {
     "swiglu": lambda a: ref.swiglu(*a),
     "geglu": lambda a: ref.geglu(*a),
     "quantized_matmul": lambda a: ref.quantized_matmul(*a),
+    "linear_scan": lambda a: ref.linear_scan(*a),
+    "associative_scan": lambda a: ref.associative_scan(*a),
     "gather_mm": lambda a: ref.gather_mm(*a),
     "gather_qmm": lambda a: ref.gather_qmm(*a),
     "flash_attention": lambda a: ref.attention(

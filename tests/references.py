@@ -98,6 +98,34 @@ def quantized_matmul(
     return f64(x) @ (wd.T if transpose else wd)
 
 
+def linear_scan(a, b, h0=None, axis=-1, reverse=False):
+    """Every state of ``h_t = a_t h_{t-1} + b_t``, one step at a time."""
+    a, b = (np.moveaxis(f64(v), axis, 0) for v in (a, b))
+    if reverse:
+        a, b = a[::-1], b[::-1]
+    h = np.zeros(b.shape[1:]) if h0 is None else f64(h0)
+    states = []
+    for t in range(b.shape[0]):
+        h = a[t] * h + b[t]
+        states.append(h)
+    out = np.stack(states)
+    return np.moveaxis(out[::-1] if reverse else out, 0, axis)
+
+
+def associative_scan(x, op="add", axis=-1, reverse=False, inclusive=True):
+    """The prefix scan of ``op``, by NumPy's accumulate."""
+    fn = {"add": np.add, "mul": np.multiply, "max": np.maximum, "min": np.minimum,
+          "logaddexp": np.logaddexp}[op]  # fmt: skip
+    identity = {"add": 0.0, "mul": 1.0, "max": -np.inf, "min": np.inf, "logaddexp": -np.inf}[op]
+    v = np.moveaxis(f64(x), axis, 0)
+    if reverse:
+        v = v[::-1]
+    if not inclusive:
+        v = np.concatenate([np.full((1, *v.shape[1:]), identity), v[:-1]])
+    out = fn.accumulate(v, axis=0)
+    return np.moveaxis(out[::-1] if reverse else out, 0, axis)
+
+
 def gather_mm(a, b, lhs=None, rhs=None, sorted_indices=False):
     """Each pair of the broadcast indices: block ``lhs`` of ``a`` times matrix ``rhs`` of ``b``."""
     af, bf = f64(a), f64(b)

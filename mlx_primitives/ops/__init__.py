@@ -1,11 +1,13 @@
 """The ops: each module declares one op's reference, problem key, default and variants."""
 
+from .associative_scan import associative_scan
 from .chunked_attention import chunked_cross_attention
 from .flash_attention import flash_attention
 from .gated import geglu, swiglu
 from .gather_mm import gather_mm
 from .gather_qmm import gather_qmm
 from .layer_norm import layer_norm
+from .linear_scan import linear_scan
 from .quantized_matmul import quantized_matmul
 from .rms_norm import rms_norm
 from .rope import rope
@@ -13,12 +15,14 @@ from .sdpa import scaled_dot_product_attention
 from .sliding_window import sliding_window_attention
 
 __all__ = [
+    "associative_scan",
     "chunked_cross_attention",
     "flash_attention",
     "gather_mm",
     "gather_qmm",
     "geglu",
     "layer_norm",
+    "linear_scan",
     "quantized_matmul",
     "rms_norm",
     "rope",
