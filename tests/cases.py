@@ -182,6 +182,15 @@ KERNEL_CASES = {
         (((1, 512), (100, 32)), {"bits": 2, "group_size": 32}),
         (((7, 4096), (256, 256)), {"bits": 2, "group_size": 128}),
     ],
+    # Lengths 1, 3 and 1000; the scan axis first, in the middle (an SSM's (batch, length,
+    # channels)) and last; reversed; an initial state; states not a multiple of a group.
+    "linear_scan": [
+        (((4, 1),), {}),
+        (((3, 1000, 130),), {"axis": 1, "h0": "given"}),
+        (((2, 7, 5),), {"axis": 1, "reverse": True}),
+        (((3, 300),), {"h0": "given", "reverse": True}),
+        (((1000, 6),), {"axis": 0}),
+    ],
     # One token and eight; runs of one expert longer than a pass (24 sorted pairs over 4
     # experts); out-features that leave a group's columns partly empty; each width.
     "gather_qmm": [

@@ -395,6 +395,13 @@ def _gather_qmm_calls(op, dtype):
         yield f"{tokens}x{k} {experts=} {top_k=} out={n} {bits=} {is_sorted=}", args
 
 
+def _linear_scan_calls(op, dtype):
+    # Each flag: reversed or not, an initial state or not; the axis in the middle and last.
+    for reverse, h0, axis in itertools.product((False, True), (None, "given"), (1, -1)):
+        args = _example(op, ((2, 37, 5),), dtype, h0=h0, axis=axis, reverse=reverse)
+        yield f"{reverse=} h0={h0 is not None} {axis=}", args
+
+
 CALLS: dict[str, tuple[Calls, tuple[str, ...]]] = {
     "rms_norm": (_norm_calls, ()),
     "layer_norm": (_norm_calls, ()),
@@ -405,6 +412,7 @@ CALLS: dict[str, tuple[Calls, tuple[str, ...]]] = {
     "sliding_window_attention": (_attention_calls, ()),
     "quantized_matmul": (_quantized_calls, ("scale",)),
     "gather_qmm": (_gather_qmm_calls, ("scale",)),
+    "linear_scan": (_linear_scan_calls, ()),
 }
 
 

@@ -11,6 +11,7 @@ from ..problem import EXACT, Dim, bucket
 from ..registry import Example, Op, Variant, register
 from ._common import accumulator, check_array, check_bool, check_same, random
 from ._scan import check_axis, doubling, from_front, to_front
+from ._scan_kernels import serial_variant
 
 NAME = "linear_scan"
 DIMS = (Dim("rows"), Dim("length"), Dim("reverse", EXACT), Dim("h0", EXACT))
@@ -176,6 +177,7 @@ OP = register(
                 supports=lambda p, q: q["block"] < p["length"],
                 description="doubling in blocks, then across the blocks' ends",
             ),
+            serial_variant(reference),
         ],
         presets=_presets(),
         differentiable=(0, 1, 2),
