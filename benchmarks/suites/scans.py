@@ -1,0 +1,94 @@
+"""Scans, in one run:
+
+- ``ops``: linear_scan and associative_scan per problem of their preset, the tuned dispatch and
+  every variant against the op's default (linear_scan's doubling; MLX's scans on float32
+  copies);
+- ``selective``: ``mp.selective_scan`` against the sequential composition (one MLX step per
+  position, as a direct port of Mamba's recurrence runs), at a Mamba layer's channels and
+  states (small on the CPU).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+import mlx_primitives as mp
+from mlx_primitives.hardware import current_backend
+from mlx_primitives.registry import op
+
+from ..common import header, measure, open_db, run_or_skip
+from .norms import SIZES
+
+SECTIONS = ("ops", "selective")
+# (batch, length, channels, states) per device kind: Mamba-2.7B's 5120 inner channels.
+SELECTIVE = {
+    "cpu": ((1, 1024, 64, 16), (1, 4096, 64, 16)),
+    "gpu": ((1, 1024, 5120, 16), (1, 4096, 5120, 16)),
+}
+
+
+def _sequential(u, delta, A, B, C, D):
+    """Mamba's recurrence one position at a time, in float32."""
+    f32 = mx.float32
+    u, delta, A, B, C, D = (v.astype(f32) for v in (u, delta, A, B, C, D))
+    h = mx.zeros((u.shape[0], u.shape[2], A.shape[1]), f32)
+    ys = []
+    for t in range(u.shape[1]):
+        dt = delta[:, t, :, None]
+        h = mx.exp(dt * A) * h + dt * u[:, t, :, None] * B[:, t, None, :]
+        ys.append((h * C[:, t, None, :]).sum(-1))
+    return (mx.stack(ys, axis=1) + u * D).astype(mx.float16)
+
+
+def _selective(kind: str, budget_s: float) -> list[dict]:
+    rows = []
+    for batch, length, channels, states in SELECTIVE[kind]:
+        k = mx.random.split(mx.random.key(length), 6)
+        dtype = mx.float16
+        u = mx.random.normal((batch, length, channels), key=k[0]).astype(dtype)
+        delta = (0.1 * mx.random.uniform(shape=u.shape, key=k[1])).astype(dtype)
+        A = -mx.exp(mx.random.normal((channels, states), key=k[2])).astype(dtype)
+        B = mx.random.normal((batch, length, states), key=k[3]).astype(dtype)
+        C = mx.random.normal((batch, length, states), key=k[4]).astype(dtype)
+        D = mx.random.normal((channels,), key=k[5]).astype(dtype)
+        args = (u, delta, A, B, C, D)
+        mx.eval(args)
+        ours, seq = measure([(mp.selective_scan, args, {}), (_sequential, args, {})], budget_s,
+                            feed=None)  # fmt: skip
+        row = {
+            "section": "selective",
+            "shape": [batch, length, channels, states],
+            "dtype": "float16",
+            "median_s": ours["median_s"],
+            "spread_s": ours["spread_s"],
+            "sequential_median_s": seq["median_s"],
+            "vs_sequential": seq["median_s"] / ours["median_s"],
+        }
+        rows.append(row)
+        print(f"[scans] selective {length} tokens: {row['vs_sequential']:.1f}x", flush=True)
+    return rows
+
+
+def run(args) -> dict:
+    chosen = args.section or list(SECTIONS)
+    gpu = current_backend() != "cpu"
+    sizes = args.sizes or ("large" if gpu else "small")
+    result = header("scans")
+    rows, failed = [], []
+    if "ops" in chosen:
+        db, tuner = open_db(args.tune)
+        for name in ("linear_scan", "associative_scan"):
+            o = op(name)
+            for ex in o.presets[SIZES[sizes]]:
+                op_rows = run_or_skip(failed, o, ex, tuner, db, args.budget)
+                rows.extend(op_rows)
+                if op_rows:
+                    d = op_rows[0]
+                    print(f"{ex.label():56s} {d['variant']:>10s} {d['vs_baseline']:5.2f}x",
+                          flush=True)  # fmt: skip
+        if db is not None:
+            db.close()
+    if "selective" in chosen:
+        rows += _selective("gpu" if gpu else "cpu", args.budget)
+    return {**result, "sizes": sizes, "tuned": bool(args.tune), "results": rows,
+            "failed": failed}  # fmt: skip
