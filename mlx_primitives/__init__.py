@@ -32,6 +32,7 @@ from .ops import (
     associative_scan,
     chunked_cross_attention,
     flash_attention,
+    gated_delta,
     gather_mm,
     gather_qmm,
     geglu,
@@ -46,7 +47,7 @@ from .ops import (
 )
 from .patch import patch_mlx, unpatch_mlx
 from .recording import record
-from .ssm import selective_scan
+from .ssm import gated_delta_update, selective_scan
 
 recording._from_environment()
 
@@ -76,6 +77,8 @@ __all__ = [
     "RoPE",
     "SwiGLU",
     "explain",
+    "gated_delta",
+    "gated_delta_update",
     "gather_mm",
     "gather_qmm",
     "geglu",

@@ -104,3 +104,50 @@ def selective_scan(
         y = y * zf * mx.sigmoid(zf)
     y = y.astype(u.dtype)
     return (y, h[:, -1].astype(u.dtype)) if return_state else y
+
+
+def gated_delta_update(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    a: mx.array,
+    b: mx.array,
+    A_log: mx.array,
+    dt_bias: mx.array,
+    state: mx.array | None = None,
+    mask: mx.array | None = None,
+    *,
+    use_kernel: bool = True,
+    lower_bound: float | None = None,
+    allow_neg_eigval: bool = False,
+) -> tuple[mx.array, mx.array]:
+    """mlx-lm's ``gated_delta_update`` (Qwen3-Next, Kimi Linear, Qwen3.5), through the tuned
+    :func:`mlx_primitives.gated_delta`: the same arguments, state layout and results.
+
+    Args:
+        q, k: ``(batch, tokens, k_heads, k_dims)``, normalized by the caller (mlx-lm's
+            ``normalize_qk``).
+        v: ``(batch, tokens, v_heads, v_dims)``.
+        a, b: the gate and strength inputs, ``(batch, tokens, v_heads)``.
+        A_log, dt_bias: the layer's decay parameters, ``(v_heads,)``.
+        state: ``(batch, v_heads, v_dims, k_dims)`` (default zeros, float32).
+        mask: ``(batch, tokens)`` booleans.
+        use_kernel: False runs the token-by-token composition (as mlx-lm does in training).
+        lower_bound: bound the decays from below (``exp(lower_bound * sigmoid(...))``).
+        allow_neg_eigval: beta in [0, 2] instead of [0, 1].
+    """
+    from .ops.gated_delta import OP, gated_delta
+
+    beta = mx.sigmoid(b)
+    if allow_neg_eigval:
+        beta = beta * 2.0
+    decay = mx.exp(A_log.astype(mx.float32))
+    if lower_bound is None:
+        g = mx.exp(-decay * mx.logaddexp(a + dt_bias, mx.zeros_like(a)))
+    else:
+        g = mx.exp(lower_bound * mx.sigmoid(decay * (a.astype(mx.float32) + dt_bias)))
+    g = g.astype(q.dtype)
+    beta = beta.astype(q.dtype)
+    if not use_kernel:
+        return OP.variant("steps").build()(q, k, v, g, beta, state, mask)
+    return gated_delta(q, k, v, g, beta, state, mask)

@@ -74,6 +74,13 @@ CPU_CASES = {
         (((5, 17),), {"op": "min", "reverse": True}),
         (((2, 300),), {"op": "add", "inclusive": False}),
     ],
+    # q's (batch, tokens, k_heads, k_dims): one token and several, GQA (2 value heads per key
+    # head), gates per key dim, a mask, no initial state, value dims other than key dims.
+    "gated_delta": [
+        (((1, 1, 2, 32),), {"heads_v": 4}),
+        (((2, 3, 1, 16),), {"heads_v": 3, "gate": "vector", "mask": True}),
+        (((1, 17, 2, 8),), {"v_dims": 12, "state": "none"}),
+    ],
     # a's (tokens, in), b's (experts, in, out): as for gather_qmm.
     "gather_mm": [
         (((1, 192), (4, 192, 40)), {"top_k": 2}),
@@ -122,6 +129,7 @@ REFERENCES = {
     "geglu": lambda a: ref.geglu(*a),
     "quantized_matmul": lambda a: ref.quantized_matmul(*a),
     "linear_scan": lambda a: ref.linear_scan(*a),
+    "gated_delta": lambda a: ref.gated_delta(*a),
     "associative_scan": lambda a: ref.associative_scan(*a),
     "gather_mm": lambda a: ref.gather_mm(*a),
     "gather_qmm": lambda a: ref.gather_qmm(*a),
@@ -190,6 +198,13 @@ KERNEL_CASES = {
         (((2, 7, 5),), {"axis": 1, "reverse": True}),
         (((3, 300),), {"h0": "given", "reverse": True}),
         (((1000, 6),), {"axis": 0}),
+    ],
+    # Decoding and a prefill at Qwen3-Next's head dims; a gate per key dim, a mask; value dims
+    # that leave a group's rows partly empty.
+    "gated_delta": [
+        (((2, 1, 4, 128),), {"heads_v": 8}),
+        (((1, 33, 2, 128),), {"heads_v": 4, "gate": "vector", "mask": True}),
+        (((1, 5, 2, 64),), {"v_dims": 40, "state": "none"}),
     ],
     # One token and eight; runs of one expert longer than a pass (24 sorted pairs over 4
     # experts); out-features that leave a group's columns partly empty; each width.

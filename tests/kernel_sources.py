@@ -402,6 +402,14 @@ def _linear_scan_calls(op, dtype):
         yield f"{reverse=} h0={h0 is not None} {axis=}", args
 
 
+def _gated_delta_calls(op, dtype):
+    # Each flag: a gate per key dim or per head, a mask or none, a state or none.
+    for gate, mask, state in itertools.product(("scalar", "vector"), (False, True),
+                                               ("float32", "none")):  # fmt: skip
+        args = _example(op, ((1, 3, 2, 64),), dtype, heads_v=4, gate=gate, mask=mask, state=state)
+        yield f"{gate=} {mask=} {state=}", args
+
+
 CALLS: dict[str, tuple[Calls, tuple[str, ...]]] = {
     "rms_norm": (_norm_calls, ()),
     "layer_norm": (_norm_calls, ()),
@@ -413,6 +421,7 @@ CALLS: dict[str, tuple[Calls, tuple[str, ...]]] = {
     "quantized_matmul": (_quantized_calls, ("scale",)),
     "gather_qmm": (_gather_qmm_calls, ("scale",)),
     "linear_scan": (_linear_scan_calls, ()),
+    "gated_delta": (_gated_delta_calls, ()),
 }
 
 

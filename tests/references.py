@@ -126,6 +126,28 @@ def associative_scan(x, op="add", axis=-1, reverse=False, inclusive=True):
     return np.moveaxis(out[::-1] if reverse else out, 0, axis)
 
 
+def gated_delta(q, k, v, g, beta, state=None, mask=None):
+    """The gated delta rule one token and one head at a time."""
+    q, k, v, g, beta = (f64(x) for x in (q, k, v, g, beta))
+    batch, tokens, hk, dk = q.shape
+    hv, dv = v.shape[2:]
+    s = np.zeros((batch, hv, dv, dk)) if state is None else f64(state).copy()
+    y = np.zeros((batch, tokens, hv, dv))
+    m = None if mask is None else np.array(mask)
+    for bi in range(batch):
+        for h in range(hv):
+            kh = h // (hv // hk)
+            for t in range(tokens):
+                decay = g[bi, t, h] if g.ndim == 3 else g[bi, t, h][None, :]
+                new = s[bi, h] * decay
+                kt = k[bi, t, kh]
+                new = new + np.outer((v[bi, t, h] - new @ kt) * beta[bi, t, h], kt)
+                y[bi, t, h] = new @ q[bi, t, kh]
+                if m is None or m[bi, t]:
+                    s[bi, h] = new
+    return y, s
+
+
 def gather_mm(a, b, lhs=None, rhs=None, sorted_indices=False):
     """Each pair of the broadcast indices: block ``lhs`` of ``a`` times matrix ``rhs`` of ``b``."""
     af, bf = f64(a), f64(b)

@@ -45,9 +45,21 @@ CONFIG = {
     "sliding_window_pattern": 2,
     "layer_types": ["sliding_attention", "full_attention"],
     "attention_bias": False,
+    # Qwen3-Next's gated delta (linear attention) layers.
+    "linear_num_value_heads": 4,
+    "linear_num_key_heads": 2,
+    "linear_key_head_dim": 32,
+    "linear_value_head_dim": 16,
+    "linear_conv_kernel_dim": 4,
+    "shared_expert_intermediate_size": 64,
+    "partial_rotary_factor": 0.25,
+    "full_attention_interval": 2,
 }
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma3_text", "gpt_oss"]
-MOE = {"qwen3_moe", "mixtral", "gpt_oss"}
+FAMILIES = [
+    "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma3_text", "gpt_oss",
+    "qwen3_next",
+]  # fmt: skip
+MOE = {"qwen3_moe", "mixtral", "gpt_oss", "qwen3_next"}
 
 
 def _model(model_type: str, quantized: bool) -> nn.Module:
@@ -92,6 +104,8 @@ def test_patched_model_gives_stock_logits_and_tokens(family, quantized):
     assert all(after[k] is before[k] for k in before)  # the same arrays: nothing copied
     if quantized:
         assert report.swapped.get("QuantizedLinear", 0) > 0
+    if family == "qwen3_next":  # its linear attention through mp.gated_delta
+        assert "mlx_lm.models.qwen3_next.gated_delta_update" in report.functions
     if family in MOE:
         assert report.swapped.get("SwitchGLU", 0) == CONFIG["num_hidden_layers"]
         assert any(isinstance(m, mp.SwitchGLU) for _, m in model.named_modules())
@@ -157,9 +171,32 @@ def test_swiglu_is_served_where_models_call_it_and_mx_fast_left_as_the_user_had_
     model = _model("qwen3_moe", quantized=False)
     mp.patch_mlx()  # the user's own
     lm.patch(model)
-    assert activations.swiglu is lm.patch.__globals__["LM_SWIGLU"]  # its home never changes
+    assert activations.swiglu is lm.patch.__globals__["GLOBALS"]["swiglu"][0]  # home unchanged
     assert switch_layers.swiglu is mp.swiglu
     lm.unpatch(model)
     assert patched() and switch_layers.swiglu is activations.swiglu
     assert qwen3.swiglu is activations.swiglu
     mp.unpatch_mlx()
+
+
+@pytest.mark.parametrize(
+    "tokens,options", [(1, {}), (9, {"mask": True}), (5, {"lower_bound": -5.0}),
+                       (4, {"allow_neg_eigval": True, "use_kernel": False})]
+)  # fmt: skip
+def test_gated_delta_update_is_mlx_lms(tokens, options):
+    from mlx_lm.models import gated_delta as theirs
+
+    keys = mx.random.split(mx.random.key(tokens), 8)
+    q, k = (mx.random.normal((2, tokens, 2, 64), key=kk) for kk in keys[:2])
+    q, k = theirs.normalize_qk(q, k, inv_scale=64**-0.5, eps=1e-6)
+    v = mx.random.normal((2, tokens, 4, 32), key=keys[2])
+    a, b = (mx.random.normal((2, tokens, 4), key=kk) for kk in keys[3:5])
+    A_log, dt_bias = (mx.random.normal((4,), key=kk) for kk in keys[5:7])
+    mask = (
+        mx.random.uniform(shape=(2, tokens), key=keys[7]) > 0.3 if options.pop("mask", 0) else None
+    )
+    want = theirs.gated_delta_update(q, k, v, a, b, A_log, dt_bias, None, mask, **options)
+    got = mp.gated_delta_update(q, k, v, a, b, A_log, dt_bias, None, mask, **options)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype
+        ref.assert_close(g, ref.f64(w), mx.float32, atol=1e-5)

@@ -51,11 +51,17 @@ def test_variant_matches_float64_reference(name, variant, cfg, shapes, options, 
         with pytest.raises(RuntimeError, match="only supports float32"):
             mx.eval(fn(*args))
         return
-    got = fn(*args)
-    want = REFERENCES[name](args)
-    assert got.dtype == o.reference(*args).dtype  # promoted like MLX's own ops
+    got, want = _outputs(fn(*args)), _outputs(REFERENCES[name](args))
+    # Promoted like MLX's own ops.
+    assert [g.dtype for g in got] == [r.dtype for r in _outputs(o.reference(*args))]
     tol = _tolerance(name, dtype, variant)
-    ref.assert_close(got, want, dtype, label=f"{name}/{variant}", **tol)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        ref.assert_close(g, w, dtype, label=f"{name}/{variant} output {i}", **tol)
+
+
+def _outputs(out) -> list:
+    """An op's outputs as a list (gated_delta returns the outputs and the state)."""
+    return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -67,7 +73,8 @@ def test_public_function_matches_reference(name):
     params = list(o.signature.parameters.values())
     first = sum(p.kind == p.POSITIONAL_ONLY for p in params)
     got = getattr(mp, name)(*args[:first], **dict(zip(o.params[first:], args[first:])))
-    ref.assert_close(got, REFERENCES[name](args), mx.float32, **_tolerance(name, mx.float32))
+    for g, w in zip(_outputs(got), _outputs(REFERENCES[name](args)), strict=True):
+        ref.assert_close(g, w, mx.float32, **_tolerance(name, mx.float32))
 
 
 def _grad_params():
@@ -83,7 +90,8 @@ def test_variant_gradients_match_reference(name, variant, cfg, case):
     fn = o.variant(variant).build(**cfg)
     shapes, options = case
     args = o.example(shapes, mx.float32, mx.random.key(7), **options)
-    cot = mx.random.normal(o.reference(*args).shape, key=mx.random.key(8))
+    keys = mx.random.split(mx.random.key(8), 4)
+    cots = [mx.random.normal(r.shape, key=kk) for r, kk in zip(_outputs(o.reference(*args)), keys)]
     positions = [i for i in o.differentiable if args[i] is not None]
 
     def loss(f):
@@ -91,7 +99,7 @@ def test_variant_gradients_match_reference(name, variant, cfg, case):
             full = list(args)
             for i, d in zip(positions, diff):
                 full[i] = d
-            return (f(*full) * cot).sum()
+            return sum((out * c).sum() for out, c in zip(_outputs(f(*full)), cots, strict=True))
 
         return mx.grad(inner, argnums=list(range(len(positions))))
 

@@ -68,6 +68,7 @@ UNTUNED = {
     "gather_mm": "added by #28; not yet tuned on an H100 or an H200",
     "associative_scan": "added by #30; not yet tuned on an H100 or an H200",
     "linear_scan": "added by #30; not yet tuned on an H100 or an H200",
+    "gated_delta": "added by #30; not yet tuned on an H100 or an H200",
     "gather_qmm": "added by #28; not yet tuned on an H100 or an H200",
 }
 

@@ -300,7 +300,9 @@ def with_reference_transforms(forward: Callable, reference: Callable) -> Callabl
     def _vjp(primals, cotangent, output):
         arrays, rest = _unpack(primals)
         chosen = floating(arrays)
-        _, grads = mx.vjp(over(arrays, rest, chosen), [arrays[i] for i in chosen], [cotangent])
+        # One cotangent per output: a kernel of several outputs gets them as a sequence.
+        cotangents = list(cotangent) if isinstance(cotangent, (list, tuple)) else [cotangent]
+        _, grads = mx.vjp(over(arrays, rest, chosen), [arrays[i] for i in chosen], cotangents)
         # MLX drops None entries, then takes the arrays' gradients by position: every array
         # gets one (zeros where held constant); only the non-arrays after them may be None.
         out = [mx.zeros_like(a) for a in arrays] + [None] * (len(primals) - len(arrays))
@@ -312,19 +314,20 @@ def with_reference_transforms(forward: Callable, reference: Callable) -> Callabl
         arrays, rest = _unpack(primals)
         # MLX passes None for the arrays the outer jvp holds constant.
         chosen = [i for i in floating(arrays) if tangents[i] is not None]
-        _, (out,) = mx.jvp(
+        _, outs = mx.jvp(
             over(arrays, rest, chosen),
             [arrays[i] for i in chosen],
             [tangents[i] for i in chosen],
         )
-        return out
+        return outs[0] if len(outs) == 1 else tuple(outs)
 
     def _vmap(inputs, axes):
         arrays, rest = _unpack(inputs)
         mapped = mx.vmap(
             over(arrays, rest, list(range(len(arrays)))), in_axes=tuple(axes[: len(arrays)])
         )
-        return mapped(*arrays), 0
+        out = mapped(*arrays)
+        return out, 0 if isinstance(out, mx.array) else tuple(0 for _ in out)
 
     for f in (fn, fn_packed):
         f.vjp(_vjp)

@@ -5,7 +5,8 @@
 ``SwitchLinear`` and ``QuantizedSwitchLinear``) for the drop-in, holding the same arrays (no
 weight is copied or changed). What a model reaches through functions is served where the
 functions live: ``mx.fast``'s norms, RoPE and attention (:func:`mlx_primitives.patch_mlx`, which
-mlx-lm's ``scaled_dot_product_attention`` calls) and the ``swiglu`` of mlx-lm's model modules;
+mlx-lm's ``scaled_dot_product_attention`` calls) and the ``swiglu`` and ``gated_delta_update``
+of mlx-lm's model modules;
 those stay in place while any patched model lives patched. :func:`unpatch` puts everything
 back.
 """
@@ -21,9 +22,11 @@ from .. import patch as fast
 from ..nn import switch
 from ..nn.quantized import QuantizedLinear
 from ..ops.gated import swiglu
+from ..ssm import gated_delta_update
 
 try:
     from mlx_lm.models import activations as lm_activations
+    from mlx_lm.models import gated_delta as lm_gated_delta
     from mlx_lm.models import switch_layers as lm_switch
 except ImportError as e:  # the optional extra
     raise ImportError(
@@ -37,16 +40,21 @@ DROP_INS = {
     lm_switch.SwitchGLU: switch.SwitchGLU,
     lm_switch.SwitchMLP: switch.SwitchMLP,
 }
-# mlx-lm's swiglu as it was imported; the module that defines it is never patched (models
-# imported later would take the replacement from it).
-LM_SWIGLU = lm_activations.swiglu
+# The functions mlx-lm's model modules import by name: mlx-lm's own (as imported here) and
+# ours. The modules that define them are never patched (models imported later would take the
+# replacement from them).
+GLOBALS = {
+    "swiglu": (lm_activations.swiglu, swiglu),
+    "gated_delta_update": (lm_gated_delta.gated_delta_update, gated_delta_update),
+}
+HOMES = {lm_activations.__name__, lm_gated_delta.__name__}
 # mx.fast's functions, served while a model is patched: what mlx-lm's layers call.
 FUNCTIONS = tuple(f"mx.fast.{name}" for name in fast.NAMES)
 
-# The modules patched now, and the swiglu names replaced (module, original), counted by the
+# The modules patched now, and the functions replaced, (module, name) -> (original, count of
 # models that need them.
 _PATCHED: dict[int, tuple[nn.Module, list]] = {}
-_SWIGLU: dict[str, tuple[object, int]] = {}
+_GLOBALS: dict[tuple[str, str], tuple[object, int]] = {}
 # Whether the first patched model patched mx.fast (not the user's own mp.patch_mlx()).
 _FAST = {"ours": False}
 
@@ -124,7 +132,7 @@ def _swap(module: nn.Module, swaps: list, report: PatchReport) -> None:
 def _model_modules(model: nn.Module) -> set[str]:
     """The mlx-lm modules that define the model's layer classes."""
     names = {type(m).__module__ for _, m in model.named_modules()}
-    names.discard(lm_activations.__name__)
+    names -= HOMES
     return {n for n in names if n.startswith("mlx_lm.") and n in sys.modules}
 
 
@@ -147,12 +155,15 @@ def patch(model: nn.Module) -> PatchReport:
     modules = _model_modules(model) | {lm_switch.__name__}
     for name in sorted(modules):
         mod = sys.modules[name]
-        if getattr(mod, "swiglu", None) is LM_SWIGLU or name in _SWIGLU:
-            original, count = _SWIGLU.get(name, (mod.swiglu, 0))
-            _SWIGLU[name] = (original, count + 1)
-            mod.swiglu = swiglu
-            report.functions.append(f"{name}.swiglu")
-            swaps.append((None, name, None))
+        for attr, (theirs, ours) in GLOBALS.items():
+            key = (name, attr)
+            if getattr(mod, attr, None) is not theirs and key not in _GLOBALS:
+                continue
+            original, count = _GLOBALS.get(key, (theirs, 0))
+            _GLOBALS[key] = (original, count + 1)
+            setattr(mod, attr, ours)
+            report.functions.append(f"{name}.{attr}")
+            swaps.append((None, key, None))
     if any(type(m) is nn.Linear for _, m in model.named_modules()):
         report.left["Linear"] = "float weights: MLX's matmul serves them"
     report.left["quantized KV cache"] = (
@@ -178,13 +189,13 @@ def unpatch(model: nn.Module) -> None:
     if entry is None:
         return
     for holder, slot, original in reversed(entry[1]):
-        if holder is None:  # a module's swiglu
-            fn, count = _SWIGLU[slot]
+        if holder is None:  # a module's function
+            fn, count = _GLOBALS[slot]
             if count == 1:
-                del _SWIGLU[slot]
-                sys.modules[slot].swiglu = fn
+                del _GLOBALS[slot]
+                setattr(sys.modules[slot[0]], slot[1], fn)
             else:
-                _SWIGLU[slot] = (fn, count - 1)
+                _GLOBALS[slot] = (fn, count - 1)
             continue
         # What changed while patched (loaded or trained weights) stays.
         dict.update(original, holder[slot])

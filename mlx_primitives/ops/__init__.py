@@ -4,6 +4,7 @@ from .associative_scan import associative_scan
 from .chunked_attention import chunked_cross_attention
 from .flash_attention import flash_attention
 from .gated import geglu, swiglu
+from .gated_delta import gated_delta
 from .gather_mm import gather_mm
 from .gather_qmm import gather_qmm
 from .layer_norm import layer_norm
@@ -18,6 +19,7 @@ __all__ = [
     "associative_scan",
     "chunked_cross_attention",
     "flash_attention",
+    "gated_delta",
     "gather_mm",
     "gather_qmm",
     "geglu",

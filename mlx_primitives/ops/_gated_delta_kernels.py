@@ -1,0 +1,82 @@
+"""The custom-kernel variant of gated_delta (``kernel_variants/gated_delta/``).
+
+``recurrent``: each row of a head's state (a value dim) held by ``lanes`` lanes of a warp in
+registers across all tokens, so the state is read and written once per call; decoding and
+prefill alike step through the tokens in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import mlx.core as mx
+
+from ..dialect.kernel import GpuKernel, itemsize, with_reference_transforms
+from ..registry import GPU_BACKENDS, Variant
+
+RECURRENT = GpuKernel(
+    "gated_delta/recurrent.k",
+    ["q", "k", "v", "g", "beta", "state", "mask"],
+    ["y", "state_out"],
+)
+# Key dims a lane may hold (twice: the state and the next state) before the kernel spills.
+MAX_PER_LANE = 64
+
+
+def recurrent_variant(reference: Callable) -> Variant:
+    """The ``recurrent`` variant; ``reference`` gives it gradients."""
+
+    def factory(lanes, warps):
+        def forward(q, k, v, g, beta, state, mask):
+            batch, tokens, hk, dk = q.shape
+            hv, dv = v.shape[2:]
+            out_state = mx.float32 if state is None else state.dtype
+            rows = warps * 32 // lanes
+            template = {
+                "T": q.dtype,
+                "S": out_state,
+                "DK": dk,
+                "DV": dv,
+                "HK": hk,
+                "HV": hv,
+                "LANES": lanes,
+                "WARPS": warps,
+                "GATE_VEC": g.ndim == 4,
+                "MASK": mask is not None,
+                "HAS_STATE": state is not None,
+            }
+            groups = batch * hv * -(-dv // rows)
+            y, s = RECURRENT(
+                [
+                    q, k, v, g, beta,
+                    mx.zeros((1,), out_state) if state is None else state,
+                    mx.zeros((1,), mx.bool_) if mask is None else mask,
+                ],
+                template=template,
+                grid=(groups * 32 * warps, 1, 1),
+                threadgroup=(32 * warps, 1, 1),
+                output_shapes=[(batch, tokens, hv, dv), (batch, hv, dv, dk)],
+                output_dtypes=[q.dtype, out_state],
+            )  # fmt: skip
+            return y, s
+
+        return with_reference_transforms(forward, reference)
+
+    def supports(p: dict, q: dict) -> bool:
+        state_ok = p["state"] == "none" or itemsize(p["state"]) is not None
+        return (
+            itemsize(p["dtype"]) is not None
+            and state_ok
+            and p["k_dims"] % q["lanes"] == 0
+            and p["k_dims"] // q["lanes"] <= MAX_PER_LANE
+        )
+
+    return Variant(
+        "recurrent",
+        factory,
+        backends=GPU_BACKENDS,
+        space={"lanes": (4, 8, 2, 16), "warps": (4, 2, 1, 8)},
+        supports=supports,
+        sources=RECURRENT.files,
+        description="custom kernel: each state row in registers of a few lanes for all tokens",
+    )
