@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import mlx.core as mx
 
 from .ops._common import accumulator
@@ -106,6 +108,26 @@ def selective_scan(
     return (y, h[:, -1].astype(u.dtype)) if return_state else y
 
 
+@partial(mx.compile, shapeless=True)
+def _raw_gates(a, b, A_log, dt_bias):
+    g = mx.exp(-mx.exp(A_log.astype(mx.float32)) * mx.logaddexp(a + dt_bias, mx.zeros_like(a)))
+    return g, mx.sigmoid(b)
+
+
+def _gates(a, b, A_log, dt_bias, dtype):
+    """The decays ``exp(-exp(A_log) softplus(a + dt_bias))`` and strengths ``sigmoid(b)``
+    (compiled, as mlx-lm's), in ``dtype``."""
+    g, beta = _raw_gates(a, b, A_log, dt_bias)
+    return g.astype(dtype), beta.astype(dtype)
+
+
+def _bounded_gates(a, b, A_log, dt_bias, dtype, lower_bound):
+    """:func:`_gates` with the decays bounded below: ``exp(lower_bound sigmoid(...))``."""
+    decay = mx.exp(A_log.astype(mx.float32))
+    g = mx.exp(lower_bound * mx.sigmoid(decay * (a.astype(mx.float32) + dt_bias)))
+    return g.astype(dtype), mx.sigmoid(b).astype(dtype)
+
+
 def gated_delta_update(
     q: mx.array,
     k: mx.array,
@@ -138,16 +160,12 @@ def gated_delta_update(
     """
     from .ops.gated_delta import OP, gated_delta
 
-    beta = mx.sigmoid(b)
+    if lower_bound is None:
+        g, beta = _gates(a, b, A_log, dt_bias, q.dtype)
+    else:
+        g, beta = _bounded_gates(a, b, A_log, dt_bias, q.dtype, lower_bound)
     if allow_neg_eigval:
         beta = beta * 2.0
-    decay = mx.exp(A_log.astype(mx.float32))
-    if lower_bound is None:
-        g = mx.exp(-decay * mx.logaddexp(a + dt_bias, mx.zeros_like(a)))
-    else:
-        g = mx.exp(lower_bound * mx.sigmoid(decay * (a.astype(mx.float32) + dt_bias)))
-    g = g.astype(q.dtype)
-    beta = beta.astype(q.dtype)
     if not use_kernel:
         return OP.variant("steps").build()(q, k, v, g, beta, state, mask)
     return gated_delta(q, k, v, g, beta, state, mask)

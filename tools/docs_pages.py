@@ -407,6 +407,20 @@ def page(root: Path, name: str, data: dict) -> str:
                 for r in selective
             ),
         ]
+    gated = [r for r in data["results"] if r.get("section") == "gated_delta"]
+    if gated:
+        lines += [
+            "",
+            "## gated_delta_update",
+            "",
+            "| batch x tokens x key heads x value heads x dims | dtype | mp | mlx-lm | vs mlx-lm |",
+            "|---|---|---|---|---|",
+            *(
+                f"| {'x'.join(map(str, r['shape']))} | {r['dtype']} | {_us(r['median_s'])} "
+                f"| {_us(r['mlx_lm_median_s'])} | {r['vs_mlx_lm']:.2f}x |"
+                for r in gated
+            ),
+        ]
     if data.get("failed") or data.get("memory") or data.get("dispatch_overhead"):
         lines += ["", "## Also measured", *_notes(data)]
     return "\n".join(lines) + "\n"

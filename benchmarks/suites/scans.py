@@ -5,7 +5,10 @@
   copies);
 - ``selective``: ``mp.selective_scan`` against the sequential composition (one MLX step per
   position, as a direct port of Mamba's recurrence runs), at a Mamba layer's channels and
-  states (small on the CPU).
+  states (small on the CPU);
+- ``gated_delta``: ``mp.gated_delta_update`` against mlx-lm's ``gated_delta_update`` (its
+  path on this back-end) at Qwen3-Next's linear-attention heads, decoding and a prefill
+  (needs mlx-lm).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from mlx_primitives.registry import op
 from ..common import header, measure, open_db, run_or_skip
 from .norms import SIZES
 
-SECTIONS = ("ops", "selective")
+SECTIONS = ("ops", "selective", "gated_delta")
 # (batch, length, channels, states) per device kind: Mamba-2.7B's 5120 inner channels.
 SELECTIVE = {
     "cpu": ((1, 1024, 64, 16), (1, 4096, 64, 16)),
@@ -69,6 +72,44 @@ def _selective(kind: str, budget_s: float) -> list[dict]:
     return rows
 
 
+# (batch, tokens) per device kind, at Qwen3-Next's 16 key and 32 value heads of 128 dims.
+GATED_DELTA = {"cpu": ((1, 1), (1, 64)), "gpu": ((1, 1), (8, 1), (1, 4096))}
+
+
+def _gated_delta(kind: str, budget_s: float) -> list[dict]:
+    from mlx_lm.models import gated_delta as lm
+
+    rows = []
+    for batch, tokens in GATED_DELTA[kind]:
+        k = mx.random.split(mx.random.key(tokens), 8)
+        q, kk = (mx.random.normal((batch, tokens, 16, 128), key=x) for x in k[:2])
+        q, kk = lm.normalize_qk(q, kk, inv_scale=128**-0.5, eps=1e-6)
+        dtype = mx.bfloat16
+        v = mx.random.normal((batch, tokens, 32, 128), key=k[2])
+        a, b = (mx.random.normal((batch, tokens, 32), key=x) for x in k[3:5])
+        A_log, dt_bias = (mx.random.normal((32,), key=x) for x in k[5:7])
+        state = 0.1 * mx.random.normal((batch, 32, 128, 128), key=k[7])
+        args = (*(x.astype(dtype) for x in (q, kk, v, a, b)), A_log, dt_bias, state)
+        mx.eval(args)
+        ours, theirs = measure(
+            [(mp.gated_delta_update, args, {}), (lm.gated_delta_update, args, {})],
+            budget_s,
+            feed=None,
+        )
+        row = {
+            "section": "gated_delta",
+            "shape": [batch, tokens, 16, 32, 128],
+            "dtype": "bfloat16",
+            "median_s": ours["median_s"],
+            "spread_s": ours["spread_s"],
+            "mlx_lm_median_s": theirs["median_s"],
+            "vs_mlx_lm": theirs["median_s"] / ours["median_s"],
+        }
+        rows.append(row)
+        print(f"[scans] gated_delta {batch}x{tokens}: {row['vs_mlx_lm']:.2f}x mlx-lm", flush=True)
+    return rows
+
+
 def run(args) -> dict:
     chosen = args.section or list(SECTIONS)
     gpu = current_backend() != "cpu"
@@ -90,5 +131,7 @@ def run(args) -> dict:
             db.close()
     if "selective" in chosen:
         rows += _selective("gpu" if gpu else "cpu", args.budget)
+    if "gated_delta" in chosen:
+        rows += _gated_delta("gpu" if gpu else "cpu", args.budget)
     return {**result, "sizes": sizes, "tuned": bool(args.tune), "results": rows,
             "failed": failed}  # fmt: skip
