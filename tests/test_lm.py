@@ -92,6 +92,18 @@ def _nothing_left_patched():
 @pytest.mark.parametrize("quantized", [False, True], ids=["float32", "4-bit"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_patched_model_gives_stock_logits_and_tokens(family, quantized):
+    _check_patched_model(family, quantized)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe", "qwen3_next", "gpt_oss"])
+def test_patched_model_on_the_gpu(family):
+    # On CUDA the patched layers run custom kernels where records name them; every one of
+    # them must give the stock logits and tokens there too.
+    _check_patched_model(family, quantized=True)
+
+
+def _check_patched_model(family: str, quantized: bool) -> None:
     model = _model(family, quantized)
     before = dict(tree_flatten(model.parameters()))
     prompt = mx.array([5, 17, 3, 88, 41, 2, 9, 60, 33, 71, 12])
