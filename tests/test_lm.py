@@ -136,7 +136,9 @@ def test_report_says_what_was_left_and_why():
     report = lm.patch(model)
     assert "Linear" in report.left and "SwigluOAI" in report.left
     assert "mx.fast.scaled_dot_product_attention" in report.functions
-    assert "swapped" in str(report) or report.swapped
+    text = str(report).splitlines()
+    assert f"swapped {CONFIG['num_hidden_layers']} x SwitchGLU" in text
+    assert any(line.startswith("left    SwigluOAI: ") for line in text)
 
 
 def test_functions_stay_patched_while_any_model_is():

@@ -101,13 +101,13 @@ def test_duplicate_variant_names_rejected():
 def test_routing_loads_nothing_of_the_tuner():
     """The dispatcher routes from stores and records alone: importing it (and making a call)
     loads no module of mlx_primitives.tuning (tuner, timing, CLI), and without a user database
-    neither SQLAlchemy nor Optuna (import time)."""
+    neither SQLAlchemy, Optuna nor NumPy (import time)."""
     code = (
         "import sys, mlx.core as mx\n"
         "import mlx_primitives.dispatch\n"
         "import mlx_primitives as mp\n"
         "mp.rms_norm(mx.ones((2, 8)), None)\n"
-        "heavy = ('mlx_primitives.tuning.', 'sqlalchemy', 'optuna')\n"
+        "heavy = ('mlx_primitives.tuning.', 'sqlalchemy', 'optuna', 'numpy')\n"
         "print(sorted(m for m in sys.modules\n"
         "             if m.startswith(heavy) or m == 'mlx_primitives.tuning'))\n"
     )

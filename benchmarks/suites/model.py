@@ -33,120 +33,35 @@ from ..common import header
 SECTIONS = ("decode", "prefill")
 MODES = ("stock", "patched", "tuned")
 _SMALL = {"vocab_size": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
+_MOE = {"decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
+        "tie_word_embeddings": False}  # fmt: skip
+SMALL_LLAMA = {"hidden_size": 512, "num_hidden_layers": 4, "intermediate_size": 1408,
+               "num_attention_heads": 8, "num_key_value_heads": 2, **_SMALL}  # fmt: skip
+SMALL_QWEN3_MOE = {"hidden_size": 512, "num_hidden_layers": 2, "intermediate_size": 1024,
+                   "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64,
+                   "num_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 256,
+                   "max_position_embeddings": 4096, **_MOE, **_SMALL}  # fmt: skip
+# Per-layer shapes of the real models, the layers cut to 4.
+LLAMA_3_8B = {"hidden_size": 4096, "num_hidden_layers": 4, "intermediate_size": 14336,
+              "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+              "rms_norm_eps": 1e-5, "rope_theta": 500000.0}  # fmt: skip
+QWEN3_30B_A3B = {"hidden_size": 2048, "num_hidden_layers": 4, "intermediate_size": 6144,
+                 "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+                 "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+                 "max_position_embeddings": 40960, "vocab_size": 151936,
+                 "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, **_MOE}  # fmt: skip
 # (name, model_type, config, dtype, quantized) per device kind.
 MODELS = {
     "cpu": (
-        (
-            "llama",
-            "llama",
-            {
-                "hidden_size": 512,
-                "num_hidden_layers": 4,
-                "intermediate_size": 1408,
-                "num_attention_heads": 8,
-                "num_key_value_heads": 2,
-                **_SMALL,
-            },
-            "float32",
-            False,
-        ),  # fmt: skip
-        (
-            "llama 4-bit",
-            "llama",
-            {
-                "hidden_size": 512,
-                "num_hidden_layers": 4,
-                "intermediate_size": 1408,
-                "num_attention_heads": 8,
-                "num_key_value_heads": 2,
-                **_SMALL,
-            },
-            "float32",
-            True,
-        ),  # fmt: skip
-        (
-            "qwen3-moe 4-bit",
-            "qwen3_moe",
-            {
-                "hidden_size": 512,
-                "num_hidden_layers": 2,
-                "intermediate_size": 1024,
-                "num_attention_heads": 8,
-                "num_key_value_heads": 2,
-                "head_dim": 64,
-                "num_experts": 16,
-                "num_experts_per_tok": 4,
-                "moe_intermediate_size": 256,
-                "decoder_sparse_step": 1,
-                "mlp_only_layers": [],
-                "norm_topk_prob": True,
-                "max_position_embeddings": 4096,
-                "tie_word_embeddings": False,
-                **_SMALL,
-            },
-            "float32",
-            True,
-        ),
-    ),  # fmt: skip
+        ("llama", "llama", SMALL_LLAMA, "float32", False),
+        ("llama 4-bit", "llama", SMALL_LLAMA, "float32", True),
+        ("qwen3-moe 4-bit", "qwen3_moe", SMALL_QWEN3_MOE, "float32", True),
+    ),
     "gpu": (
-        (
-            "llama-3-8b 4-bit",
-            "llama",
-            {
-                "hidden_size": 4096,
-                "num_hidden_layers": 4,
-                "intermediate_size": 14336,
-                "num_attention_heads": 32,
-                "num_key_value_heads": 8,
-                "vocab_size": 128256,
-                "rms_norm_eps": 1e-5,
-                "rope_theta": 500000.0,
-            },
-            "bfloat16",
-            True,
-        ),
-        (
-            "llama-3-8b",
-            "llama",
-            {
-                "hidden_size": 4096,
-                "num_hidden_layers": 4,
-                "intermediate_size": 14336,
-                "num_attention_heads": 32,
-                "num_key_value_heads": 8,
-                "vocab_size": 128256,
-                "rms_norm_eps": 1e-5,
-                "rope_theta": 500000.0,
-            },
-            "bfloat16",
-            False,
-        ),
-        (
-            "qwen3-30b-a3b 4-bit",
-            "qwen3_moe",
-            {
-                "hidden_size": 2048,
-                "num_hidden_layers": 4,
-                "intermediate_size": 6144,
-                "num_attention_heads": 32,
-                "num_key_value_heads": 4,
-                "head_dim": 128,
-                "num_experts": 128,
-                "num_experts_per_tok": 8,
-                "moe_intermediate_size": 768,
-                "decoder_sparse_step": 1,
-                "mlp_only_layers": [],
-                "norm_topk_prob": True,
-                "max_position_embeddings": 40960,
-                "tie_word_embeddings": False,
-                "vocab_size": 151936,
-                "rms_norm_eps": 1e-6,
-                "rope_theta": 1000000.0,
-            },
-            "bfloat16",
-            True,
-        ),
-    ),  # fmt: skip
+        ("llama-3-8b 4-bit", "llama", LLAMA_3_8B, "bfloat16", True),
+        ("llama-3-8b", "llama", LLAMA_3_8B, "bfloat16", False),
+        ("qwen3-30b-a3b 4-bit", "qwen3_moe", QWEN3_30B_A3B, "bfloat16", True),
+    ),
 }
 TOKENS = {"cpu": (48, 512), "gpu": (128, 2048)}
 

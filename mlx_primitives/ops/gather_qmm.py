@@ -21,7 +21,7 @@ from ._gather import (
     unsort,
 )
 from ._quantized_kernels import gather_qmv_variant
-from .quantized_matmul import MODES, TOLERANCES, sizes
+from .quantized_matmul import MODES, TOLERANCES, check_packed, sizes
 
 NAME = "gather_qmm"
 
@@ -42,32 +42,6 @@ DIMS = (
 _ARRAY = mx.array
 
 
-def _packed(w, scales, biases, group_size: int, bits: int) -> tuple[int, int, int]:
-    """Checks of MLX's packed format of stacked matrices; returns (matrices, rows, values)."""
-    if w.dtype != mx.uint32:
-        raise ValueError(f"[{NAME}] w must be packed in uint32 (mx.quantize), got {w.dtype}")
-    shape = w.shape
-    if len(shape) != 3 or 0 in shape:
-        raise ValueError(f"[{NAME}] w must be (experts, out, packed in), got shape {shape}")
-    values, extra = divmod(shape[2] * 32, bits)
-    if extra or values % group_size:
-        raise ValueError(
-            f"[{NAME}] w of shape {shape} does not hold whole groups of {group_size} "
-            f"{bits}-bit values per row"
-        )
-    want = (*shape[:2], values // group_size)
-    for name, a in (("scales", scales), ("biases", biases)):
-        if a is None:
-            raise ValueError(f"[{NAME}] {name} must be given for mode='affine'")
-        _, got = check_array(NAME, name, a)
-        if got != want:
-            raise ValueError(
-                f"[{NAME}] {name} has shape {got}, expected {want} for w of shape {shape} "
-                f"with group_size={group_size} and bits={bits}"
-            )
-    return shape[0], shape[1], values
-
-
 def _problem(
     x, w, scales, biases, lhs_indices, rhs_indices, transpose, group_size, bits, mode,
     global_scale, sorted_indices,
@@ -82,10 +56,10 @@ def _problem(
         raise ValueError(
             f"[{NAME}] the variants model one row per pair (x.shape[-2] == 1), got {shape}"
         )
-    group_size, bits = sizes(group_size, bits)
-    if not isinstance(w, mx.array):
-        raise TypeError(f"[{NAME}] w must be an mlx.core.array, got {type(w).__name__}")
-    experts, out_features, in_features = _packed(w, scales, biases, group_size, bits)
+    group_size, bits = sizes(group_size, bits, NAME)
+    (experts, out_features), in_features = check_packed(
+        NAME, w, scales, biases, group_size, bits, ndim=3
+    )
     for name, a in (("scales", scales), ("biases", biases)):
         if a.dtype != x.dtype:
             raise TypeError(f"[{NAME}] {name} has dtype {a.dtype}, expected {x.dtype} like x")

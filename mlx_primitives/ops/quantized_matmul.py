@@ -49,48 +49,45 @@ TOLERANCES = {"float32": (2e-5, 1e-4), "float16": (4e-3, 1e-2), "bfloat16": (5e-
 _ARRAY = mx.array
 
 
-def sizes(group_size, bits) -> tuple[int, int]:
-    """The affine mode's group size and bits of a call (None: MLX's defaults, 64 and 4)."""
-    group_size = 64 if group_size is None else check_int(NAME, "group_size", group_size)
-    bits = 4 if bits is None else check_int(NAME, "bits", bits)
+def sizes(group_size, bits, op: str = NAME) -> tuple[int, int]:
+    """The affine mode's group size and bits of a call (None: MLX's defaults, 64 and 4);
+    errors name ``op``."""
+    group_size = 64 if group_size is None else check_int(op, "group_size", group_size)
+    bits = 4 if bits is None else check_int(op, "bits", bits)
     if group_size not in GROUP_SIZES:
-        raise ValueError(
-            f"[{NAME}] group_size must be one of {list(GROUP_SIZES)}, got {group_size}"
-        )
+        raise ValueError(f"[{op}] group_size must be one of {list(GROUP_SIZES)}, got {group_size}")
     if bits not in BITS:
-        raise ValueError(f"[{NAME}] bits must be one of {list(BITS)}, got {bits}")
+        raise ValueError(f"[{op}] bits must be one of {list(BITS)}, got {bits}")
     return group_size, bits
 
 
-def _packed(w, scales, biases, group_size: int, bits: int) -> tuple[int, int]:
-    """Checks of MLX's packed format (of 2-D weights); returns the rows of ``w`` and the values
-    each holds."""
+def check_packed(op: str, w, scales, biases, group_size: int, bits: int, ndim: int = 2):
+    """Checks of MLX's packed format, of ``ndim``-D weights (3: stacked matrices); returns
+    the dims of ``w`` before its last (its rows) and the values each row holds."""
     if not isinstance(w, mx.array):
-        raise TypeError(f"[{NAME}] w must be an mlx.core.array, got {type(w).__name__}")
+        raise TypeError(f"[{op}] w must be an mlx.core.array, got {type(w).__name__}")
     if w.dtype != mx.uint32:
-        raise ValueError(f"[{NAME}] w must be packed in uint32 (mx.quantize), got {w.dtype}")
+        raise ValueError(f"[{op}] w must be packed in uint32 (mx.quantize), got {w.dtype}")
     shape = w.shape
-    if len(shape) != 2 or 0 in shape:
-        raise ValueError(f"[{NAME}] w must be a non-empty 2-D array, got shape {shape}")
-    values, extra = divmod(shape[1] * 32, bits)
+    if len(shape) != ndim or 0 in shape:
+        raise ValueError(f"[{op}] w must be a non-empty {ndim}-D array, got shape {shape}")
+    values, extra = divmod(shape[-1] * 32, bits)
     if extra or values % group_size:
         raise ValueError(
-            f"[{NAME}] w of shape {shape} does not hold whole groups of {group_size} "
+            f"[{op}] w of shape {shape} does not hold whole groups of {group_size} "
             f"{bits}-bit values per row"
         )
-    want = (shape[0], values // group_size)
-    scale_dtype, scale_shape = check_array(NAME, "scales", scales)
-    if scale_shape != want:
-        raise ValueError(
-            f"[{NAME}] scales has shape {scale_shape}, expected {want} for w of shape {shape} "
-            f"with group_size={group_size} and bits={bits}"
-        )
-    if biases is None:
-        raise ValueError(f"[{NAME}] biases must be given for mode='affine'")
-    bias_dtype, bias_shape = check_array(NAME, "biases", biases)
-    if bias_shape != scale_shape:
-        raise ValueError(f"[{NAME}] biases has shape {bias_shape}, expected {scale_shape}")
-    return shape[0], values
+    want = (*shape[:-1], values // group_size)
+    for name, a in (("scales", scales), ("biases", biases)):
+        if a is None:
+            raise ValueError(f"[{op}] {name} must be given for mode='affine'")
+        _, got = check_array(op, name, a)
+        if got != want:
+            raise ValueError(
+                f"[{op}] {name} has shape {got}, expected {want} for w of shape {shape} "
+                f"with group_size={group_size} and bits={bits}"
+            )
+    return shape[:-1], values
 
 
 def _problem(x, w, scales, biases, transpose, group_size, bits, mode):
@@ -99,7 +96,7 @@ def _problem(x, w, scales, biases, transpose, group_size, bits, mode):
         raise ValueError(f"[{NAME}] the variants model mode='affine', got {mode!r}")
     check_bool(NAME, "transpose", transpose)
     group_size, bits = sizes(group_size, bits)
-    rows, values = _packed(w, scales, biases, group_size, bits)
+    (rows,), values = check_packed(NAME, w, scales, biases, group_size, bits)
     for name, a in (("scales", scales), ("biases", biases)):
         if a.dtype != x.dtype:  # mp.quantized_matmul passes mixed dtypes to MLX's op
             raise TypeError(
