@@ -186,7 +186,13 @@ TOLERANCES = {
 
 
 def assert_close(got: mx.array, want: np.ndarray, dtype, *, atol=None, rtol=None, label=""):
-    """Elementwise ``|got - want| <= atol + rtol |want|``; NaN or Inf never passes."""
+    """Elementwise ``|got - want| <= atol + rtol |want|``; NaN or Inf never passes. An op of
+    several outputs compares them in turn."""
+    if isinstance(got, (tuple, list)):
+        assert len(got) == len(want), f"{label}: {len(got)} outputs, expected {len(want)}"
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_close(g, w, dtype, atol=atol, rtol=rtol, label=f"{label} output {i}")
+        return
     a, r = TOLERANCES[dtype]
     atol = a if atol is None else atol
     rtol = r if rtol is None else rtol
