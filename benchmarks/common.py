@@ -170,7 +170,8 @@ def run_op(
     # After the first call: a tuned variant that failed its probe there is disabled, and the
     # decision then names the default that serves instead.
     decision = dispatch.choose(o, problem)
-    moved = sum(a.nbytes for a in args if isinstance(a, mx.array)) + out.nbytes
+    outs = out if isinstance(out, tuple) else (out,)  # gated_delta, selective_scan: and a state
+    moved = sum(a.nbytes for a in (*args, *outs) if isinstance(a, mx.array))
     base = {
         "op": o.name,
         "shape": list(ex.shapes[0]),

@@ -42,12 +42,13 @@ from .ops import (
     rms_norm,
     rope,
     scaled_dot_product_attention,
+    selective_scan,
     sliding_window_attention,
     swiglu,
 )
 from .patch import patch_mlx, unpatch_mlx
 from .recording import record
-from .ssm import gated_delta_update, selective_scan
+from .ssm import gated_delta_update, ssm_attn, ssm_update
 
 recording._from_environment()
 
@@ -64,6 +65,8 @@ __all__ = [
     "compute_load_balancing_loss",
     "selective_gather",
     "selective_scan",
+    "ssm_attn",
+    "ssm_update",
     "selective_scatter_add",
     "FlashAttention",
     "SlidingWindowAttention",

@@ -1,4 +1,6 @@
-"""State-space models: Mamba's selective scan, composed on the tuned :func:`linear_scan`."""
+"""State-space models' drop-ins for mlx-lm: Mamba-2's ``ssm_update`` and ``ssm_attn`` on the
+tuned :func:`mlx_primitives.selective_scan`, and the gated delta rule's ``gated_delta_update``
+on the tuned :func:`mlx_primitives.gated_delta`."""
 
 from __future__ import annotations
 
@@ -6,106 +8,87 @@ from functools import partial
 
 import mlx.core as mx
 
-from .ops._common import accumulator
-from .ops.linear_scan import linear_scan
-
-NAME = "selective_scan"
+from .ops.selective_scan import selective_scan
 
 
-def _array(name: str, a, ndim: tuple[int, ...]) -> tuple:
-    if not isinstance(a, mx.array):
-        raise TypeError(f"[{NAME}] {name} must be an mlx.core.array, got {type(a).__name__}")
-    if not mx.issubdtype(a.dtype, mx.floating):
-        raise ValueError(f"[{NAME}] {name} must have a floating dtype, got {a.dtype}")
-    if a.ndim not in ndim:
-        raise ValueError(f"[{NAME}] {name} must have {' or '.join(map(str, ndim))} dims, got "
-                         f"shape {a.shape}")  # fmt: skip
-    return a.shape
+@partial(mx.compile, shapeless=True)
+def _step_sizes(dt, dt_bias, low, high):
+    dt = dt.astype(mx.float32) + dt_bias
+    return mx.clip(mx.logaddexp(dt, mx.zeros_like(dt)), low, high)
 
 
-def _per_channel(name: str, m: mx.array, shape: tuple, channels: int) -> mx.array:
-    """B or C as ``(batch, length, channels, state)``: ``(batch, length, state)`` is shared by
-    every channel, ``(batch, length, groups, state)`` split evenly over them."""
-    got = _array(name, m, (3, 4))
-    batch, length = shape[:2]
-    if got[:2] != (batch, length):
-        raise ValueError(f"[{NAME}] {name} has shape {got}, expected ({batch}, {length}, ...)")
-    if m.ndim == 3:
-        return m[:, :, None, :]
-    groups = got[2]
-    if channels % groups:
-        raise ValueError(
-            f"[{NAME}] {name} has {groups} groups, which do not split {channels} channels evenly"
-        )
-    return mx.repeat(m, channels // groups, axis=2)
-
-
-def selective_scan(
-    u: mx.array,
-    delta: mx.array,
-    A: mx.array,
+def ssm_attn(
+    x: mx.array,
+    A_log: mx.array,
     B: mx.array,
     C: mx.array,
-    D: mx.array | None = None,
-    z: mx.array | None = None,
-    delta_bias: mx.array | None = None,
-    delta_softplus: bool = False,
-    return_state: bool = False,
-):
-    """Mamba's selective scan (mamba-ssm's ``selective_scan_fn``), channels last: per channel
-    ``d`` and state ``n``, ``h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t`` and
-    ``y_t = C_t . h_t + D u_t``, times ``silu(z_t)`` when ``z`` is given. The recurrence runs
-    through the tuned :func:`mlx_primitives.linear_scan`; accumulated in float32, returned in
-    ``u``'s dtype; differentiable in every input.
+    D: mx.array,
+    dt: mx.array,
+    dt_bias: mx.array,
+    state: mx.array | None = None,
+    time_step_limit: tuple[float, float] = (0.001, 100.0),
+    mask: mx.array | None = None,
+    lengths: mx.array | None = None,
+    step: int = 256,
+) -> tuple[mx.array, mx.array]:
+    """mlx-lm's Mamba-2 SSM (``mlx_lm.models.ssm.ssm_attn``): the same arguments, state layout
+    and results, through :func:`mlx_primitives.selective_scan` with one decay per head.
+
+    A position that ``mask`` hides or that lies past its sequence's ``lengths`` leaves the
+    state as it was (its own output is padding).
 
     Args:
-        u: the input, ``(batch, length, channels)``.
-        delta: the step sizes, like ``u``.
-        A: the state matrix (diagonal per channel), ``(channels, state)``.
-        B: ``(batch, length, state)``, or ``(batch, length, groups, state)`` with the
-            channels split evenly over the groups.
-        C: like ``B``.
-        D: the skip connection, ``(channels,)``.
-        z: the gate, like ``u``.
-        delta_bias: added to ``delta``, ``(channels,)``.
-        delta_softplus: pass ``delta`` (plus its bias) through softplus.
-        return_state: also return the last state, ``(batch, channels, state)``.
+        x: ``(batch, length, heads, head_dim)``.
+        A_log: the decays' logarithms, ``(heads,)``.
+        B, C: ``(batch, length, groups, states)``.
+        D: the skip connection, ``(heads,)``.
+        dt: the raw step sizes, ``(batch, length, heads)``.
+        dt_bias: ``(heads,)``.
+        state: ``(batch, heads, head_dim, states)`` (default zeros).
+        time_step_limit: the step sizes' bounds after softplus.
+        mask: ``(batch, length)``, True (or nonzero) where a position is real.
+        lengths: ``(batch,)``, each sequence's length (a negative one keeps the state).
+        step: mlx-lm's chunk size; accepted for its signature, the chunk is tuned here.
     """
-    shape = _array("u", u, (3,))
-    channels = shape[2]
-    if _array("delta", delta, (3,)) != shape:
-        raise ValueError(f"[{NAME}] delta has shape {delta.shape}, expected {shape} like u")
-    a_shape = _array("A", A, (2,))
-    if a_shape[0] != channels:
-        raise ValueError(f"[{NAME}] A has shape {a_shape}, expected ({channels}, state)")
-    state = a_shape[1]
-    Bc, Cc = (_per_channel(n, m, shape, channels) for n, m in (("B", B), ("C", C)))
-    for name, m in (("B", Bc), ("C", Cc)):
-        if m.shape[-1] != state:
-            raise ValueError(f"[{NAME}] {name} has {m.shape[-1]} states, expected {state} like A")
-    for name, v in (("D", D), ("delta_bias", delta_bias)):
-        if v is not None and _array(name, v, (1,)) != (channels,):
-            raise ValueError(f"[{NAME}] {name} has shape {v.shape}, expected ({channels},)")
-    if z is not None and _array("z", z, (3,)) != shape:
-        raise ValueError(f"[{NAME}] z has shape {z.shape}, expected {shape} like u")
+    if not isinstance(x, mx.array) or x.ndim != 4:
+        raise ValueError(f"[ssm_attn] x must be (batch, length, heads, head_dim), got "
+                         f"{getattr(x, 'shape', type(x).__name__)}")  # fmt: skip
+    batch, length, heads, head_dim = x.shape
+    delta = _step_sizes(dt, dt_bias, *time_step_limit)
+    if lengths is not None:
+        real = mx.arange(length)[None] < lengths[:, None]
+        mask = real if mask is None else mx.logical_and(real, mask.astype(mx.bool_))
+    if mask is not None:
+        delta = mx.where(mask.astype(mx.bool_)[..., None], delta, 0.0)
+    channels = heads * head_dim
+    if state is not None:
+        state = state.reshape(batch, channels, -1)
+    A = -mx.exp(A_log.astype(mx.float32))
+    y, state = selective_scan(x.reshape(batch, length, channels), delta, A, B, C, D,
+                              return_state=True, state=state)  # fmt: skip
+    y = y.reshape(x.shape).astype(mx.result_type(x, D))
+    return y, state.reshape(batch, heads, head_dim, -1)
 
-    acc = accumulator(u.dtype)
-    uf, dt = u.astype(acc), delta.astype(acc)
-    if delta_bias is not None:
-        dt = dt + delta_bias.astype(acc)
-    if delta_softplus:
-        dt = mx.logaddexp(dt, mx.zeros_like(dt))
-    decay = mx.exp(dt[..., None] * A.astype(acc))  # (batch, length, channels, state)
-    drive = (dt * uf)[..., None] * Bc.astype(acc)
-    h = linear_scan(decay, drive, axis=1)
-    y = (h * Cc.astype(acc)).sum(-1)
-    if D is not None:
-        y = y + uf * D.astype(acc)
-    if z is not None:
-        zf = z.astype(acc)
-        y = y * zf * mx.sigmoid(zf)
-    y = y.astype(u.dtype)
-    return (y, h[:, -1].astype(u.dtype)) if return_state else y
+
+def ssm_update(
+    hidden_states: mx.array,
+    A_log: mx.array,
+    B: mx.array,
+    C: mx.array,
+    D: mx.array,
+    dt: mx.array,
+    dt_bias: mx.array,
+    state: mx.array | None = None,
+    time_step_limit: tuple[float, float] = (0.001, 100.0),
+    mask: mx.array | None = None,
+    lengths: mx.array | None = None,
+) -> tuple[mx.array, mx.array]:
+    """mlx-lm's ``ssm_update`` (Mamba-2, Nemotron-H, Falcon-H1, Granite-MoE-hybrid, PLaMo 2):
+    prefill and decoding steps alike through :func:`ssm_attn` (the tuned dispatch picks the
+    chunked product, the recurrent kernel or a composition per shape). Arguments as
+    :func:`ssm_attn`'s."""
+    return ssm_attn(hidden_states, A_log, B, C, D, dt, dt_bias, state, time_step_limit,
+                    mask=mask, lengths=lengths)  # fmt: skip
 
 
 @partial(mx.compile, shapeless=True)

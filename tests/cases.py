@@ -81,6 +81,18 @@ CPU_CASES = {
         (((2, 3, 1, 16),), {"heads_v": 3, "gate": "vector", "mask": True}),
         (((1, 17, 2, 8),), {"v_dims": 12, "state": "none"}),
     ],
+    # u's (batch, length, channels): lengths 1, 3 and 1000; Mamba-1 (a decay per channel and
+    # state, softplus, bias, gate) and Mamba-2 (one decay per head, groups of B and C, a state).
+    "selective_scan": [
+        (((2, 1, 6),), {"states": 4, "state": "float32"}),
+        (((1, 3, 12),), {"states": 8, "groups": 3, "gate": True, "bias": True, "softplus": True}),
+        (((1, 1000, 4),), {"states": 3, "softplus": True}),
+        (
+            ((2, 37, 24),),
+            {"heads": 6, "states": 16, "groups": 2, "decay": "scalar", "state": "float32"},
+        ),  # fmt: skip
+        (((1, 300, 16),), {"heads": 4, "states": 8, "decay": "scalar", "skip": False}),
+    ],
     # a's (tokens, in), b's (experts, in, out): as for gather_qmm.
     "gather_mm": [
         (((1, 192), (4, 192, 40)), {"top_k": 2}),
@@ -130,6 +142,7 @@ REFERENCES = {
     "quantized_matmul": lambda a: ref.quantized_matmul(*a),
     "linear_scan": lambda a: ref.linear_scan(*a),
     "gated_delta": lambda a: ref.gated_delta(*a),
+    "selective_scan": lambda a: ref.selective_scan(*a),
     "associative_scan": lambda a: ref.associative_scan(*a),
     "gather_mm": lambda a: ref.gather_mm(*a),
     "gather_qmm": lambda a: ref.gather_qmm(*a),
@@ -205,6 +218,16 @@ KERNEL_CASES = {
         (((2, 1, 4, 128),), {"heads_v": 8}),
         (((1, 33, 2, 128),), {"heads_v": 4, "gate": "vector", "mask": True}),
         (((1, 5, 2, 64),), {"v_dims": 40, "state": "none"}),
+    ],
+    # Mamba-2's decoding step (128 states, a state) and a prefill with groups; Mamba-1's 16
+    # states with every option; rows that leave a group partly empty.
+    "selective_scan": [
+        (((2, 1, 192),), {"heads": 3, "states": 128, "decay": "scalar", "state": "float32"}),
+        (((1, 65, 256),), {"heads": 4, "states": 64, "groups": 2, "decay": "scalar"}),
+        (
+            ((1, 33, 40),),
+            {"states": 16, "gate": True, "bias": True, "softplus": True, "state": "float32"},
+        ),  # fmt: skip
     ],
     # One token and eight; runs of one expert longer than a pass (24 sorted pairs over 4
     # experts); out-features that leave a group's columns partly empty; each width.

@@ -410,6 +410,18 @@ def _gated_delta_calls(op, dtype):
         yield f"{gate=} {mask=} {state=}", args
 
 
+def _selective_scan_calls(op, dtype):
+    # Each flag: Mamba-1 (a decay per state) or Mamba-2 (per head, groups), a state or none,
+    # the skip, gate, bias and softplus together or none of them.
+    for decay, state, extras in itertools.product(("matrix", "scalar"), ("float32", "none"),
+                                                  (False, True)):  # fmt: skip
+        options = {"gate": extras, "bias": extras, "softplus": extras, "skip": extras}
+        heads = 4 if decay == "scalar" else None
+        args = _example(op, ((1, 3, 64),), dtype, heads=heads, states=32, groups=2, decay=decay,
+                        state=state, **options)  # fmt: skip
+        yield f"{decay=} {state=} {extras=}", args
+
+
 CALLS: dict[str, tuple[Calls, tuple[str, ...]]] = {
     "rms_norm": (_norm_calls, ()),
     "layer_norm": (_norm_calls, ()),
@@ -422,6 +434,7 @@ CALLS: dict[str, tuple[Calls, tuple[str, ...]]] = {
     "gather_qmm": (_gather_qmm_calls, ("scale",)),
     "linear_scan": (_linear_scan_calls, ()),
     "gated_delta": (_gated_delta_calls, ()),
+    "selective_scan": (_selective_scan_calls, ()),
 }
 
 

@@ -148,6 +148,47 @@ def gated_delta(q, k, v, g, beta, state=None, mask=None):
     return y, s
 
 
+def selective_scan(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    softplus=False,
+    return_state=False,
+    state=None,
+):
+    """Mamba's selective scan one position at a time; the channels split evenly into
+    ``delta``'s heads (one step size, A row or decay, D and bias per head) and into B's groups.
+    Returns ``y`` and the last state ``(batch, channels, states)``."""
+    u, dt, A, B, C = (f64(v) for v in (u, delta, A, B, C))
+    batch, length, channels = u.shape
+    per = channels // dt.shape[-1]
+    if delta_bias is not None:
+        dt = dt + f64(delta_bias)
+    if softplus:
+        dt = np.logaddexp(dt, 0.0)
+    dt = np.repeat(dt, per, axis=-1)
+    A = np.repeat(A if A.ndim == 2 else A[:, None], per, axis=0)
+    B, C = (m[:, :, None, :] if m.ndim == 3 else np.repeat(m, channels // m.shape[2], axis=2)
+            for m in (B, C))  # fmt: skip
+    h = np.zeros((batch, channels, B.shape[-1])) if state is None else f64(state).copy()
+    ys = []
+    for t in range(length):
+        h = np.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[..., None] * B[:, t]
+        ys.append((h * C[:, t]).sum(-1))
+    y = np.stack(ys, axis=1)
+    if D is not None:
+        y = y + u * np.repeat(f64(D), per)
+    if z is not None:
+        zf = f64(z)
+        y = y * zf / (1 + np.exp(-zf))
+    return y, h
+
+
 def gather_mm(a, b, lhs=None, rhs=None, sorted_indices=False):
     """Each pair of the broadcast indices: block ``lhs`` of ``a`` times matrix ``rhs`` of ``b``."""
     af, bf = f64(a), f64(b)

@@ -55,10 +55,21 @@ CONFIG = {
     "partial_rotary_factor": 0.25,
     "full_attention_interval": 2,
 }
+# Mamba-2's SSM layers (Mamba-2 itself, and Nemotron-H's hybrid of SSM, attention and MLP).
+_SSM = {"head_dim": 16, "n_groups": 2, "conv_kernel": 4, "layer_norm_epsilon": 1e-5,
+        "use_bias": False, "use_conv_bias": True, "time_step_limit": (0.001, 100.0)}  # fmt: skip
+FAMILY_CONFIG = {
+    "mamba2": {**_SSM, "num_heads": 4, "state_size": 16, "time_step_rank": "auto"},
+    "nemotron_h": {**_SSM, "mamba_num_heads": 4, "mamba_head_dim": 16, "ssm_state_size": 16,
+                   "mamba_proj_bias": False, "mlp_bias": False,
+                   "hybrid_override_pattern": ["M", "*", "-"], "layer_types": None},
+}  # fmt: skip
 FAMILIES = [
     "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma3_text", "gpt_oss",
-    "qwen3_next",
+    "qwen3_next", "mamba2", "nemotron_h",
 ]  # fmt: skip
+# The families whose SSM layers call mlx-lm's ssm_update.
+SSM = {"mamba2", "nemotron_h"}
 MOE = {"qwen3_moe", "mixtral", "gpt_oss", "qwen3_next"}
 
 
@@ -67,7 +78,8 @@ def _model(model_type: str, quantized: bool) -> nn.Module:
 
     module = importlib.import_module("mlx_lm.models." + MODEL_REMAPPING.get(model_type, model_type))
     mx.random.seed(sum(map(ord, model_type)))
-    model = module.Model(module.ModelArgs.from_dict({"model_type": model_type, **CONFIG}))
+    config = {"model_type": model_type, **CONFIG, **FAMILY_CONFIG.get(model_type, {})}
+    model = module.Model(module.ModelArgs.from_dict(config))
     if quantized:
         nn.quantize(model, 64, 4)
     mx.eval(model.parameters())
@@ -96,7 +108,7 @@ def test_patched_model_gives_stock_logits_and_tokens(family, quantized):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family", ["llama", "qwen3_moe", "qwen3_next", "gpt_oss"])
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe", "qwen3_next", "gpt_oss", "mamba2"])
 def test_patched_model_on_the_gpu(family):
     # On CUDA the patched layers run custom kernels where records name them; every one of
     # them must give the stock logits and tokens there too.
@@ -118,6 +130,8 @@ def _check_patched_model(family: str, quantized: bool) -> None:
         assert report.swapped.get("QuantizedLinear", 0) > 0
     if family == "qwen3_next":  # its linear attention through mp.gated_delta
         assert "mlx_lm.models.qwen3_next.gated_delta_update" in report.functions
+    if family in SSM:  # its SSM through mp.selective_scan
+        assert f"mlx_lm.models.{family}.ssm_update" in report.functions
     if family in MOE:
         assert report.swapped.get("SwitchGLU", 0) == CONFIG["num_hidden_layers"]
         assert any(isinstance(m, mp.SwitchGLU) for _, m in model.named_modules())
@@ -214,3 +228,43 @@ def test_gated_delta_update_is_mlx_lms(tokens, options):
     for g, w in zip(got, want, strict=True):
         assert g.dtype == w.dtype
         ref.assert_close(g, ref.f64(w), mx.float32, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize(
+    "tokens,options", [(1, {"state": True}), (300, {}), (37, {"state": True, "mask": True}),
+                       (20, {"state": True, "mask": True, "lengths": True})]
+)  # fmt: skip
+def test_ssm_update_is_mlx_lms(tokens, options, dtype):
+    """Decoding and prefill (past mlx-lm's 256-position chunk), a carried state, a left-padding
+    mask, and right-padded lengths with their mask, as mlx-lm's Mamba-2 layers call it."""
+    from mlx_lm.models import ssm as theirs
+
+    keys = mx.random.split(mx.random.key(tokens), 8)
+    batch, heads, head_dim, groups, states = 2, 4, 8, 2, 16
+    x = mx.random.normal((batch, tokens, heads, head_dim), key=keys[0]).astype(dtype)
+    B, C = (mx.random.normal((batch, tokens, groups, states), key=k).astype(dtype)
+            for k in keys[1:3])  # fmt: skip
+    dt = mx.random.normal((batch, tokens, heads), key=keys[3]).astype(dtype)
+    A_log, dt_bias = mx.random.uniform(shape=(heads,), key=keys[4]), mx.zeros((heads,))
+    D = mx.random.uniform(shape=(heads,), key=keys[5]).astype(dtype)
+    state = (0.1 * mx.random.normal((batch, heads, head_dim, states), key=keys[6])
+             if options.get("state") else None)  # fmt: skip
+    lengths = mx.array([tokens, tokens // 2]) if options.get("lengths") else None
+    mask = None
+    if lengths is not None:
+        mask = mx.arange(tokens)[None] < lengths[:, None]
+    elif options.get("mask"):
+        mask = mx.arange(tokens)[None] >= mx.array([0, 5])[:, None]
+    args = (x, A_log, B, C, D, dt, dt_bias, state, (0.001, 100.0), mask, lengths)
+    want, got = theirs.ssm_update(*args), mp.ssm_update(*args)
+    real = np.ones((batch, tokens), bool) if mask is None else np.array(mask)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        g, w = (ref.f64(a) for a in (g, w))
+        tol = {"atol": 1e-4, "rtol": 1e-4}
+        if i == 0:  # a hidden position's own output is padding
+            g, w = g[real], w[real]
+            if dtype == mx.bfloat16:  # mlx-lm rounds the scan's and the skip's terms apart, so
+                tol = {"atol": 1e-2 * np.abs(w).max()}  # a sum is off by the terms' ulps
+        ref.assert_close(mx.array(g), w, mx.float32, **tol)

@@ -1,5 +1,6 @@
-"""Scans beyond the op harness: Mamba's selective scan against a float64 NumPy loop, its
-gradients, and its argument checks. (linear_scan's and associative_scan's variants, dtypes,
+"""Scans beyond the op harness: Mamba's selective scan through its public function (mamba-ssm's
+arguments) against a float64 NumPy loop, its gradients, decoding from a carried state, and its
+argument checks. (linear_scan's and associative_scan's variants, dtypes,
 odd lengths and gradients are in test_ops with every op.)"""
 
 from __future__ import annotations
@@ -11,32 +12,6 @@ import pytest
 import mlx_primitives as mp
 
 from . import references as ref
-
-
-def _numpy_selective_scan(u, delta, A, B, C, D, z, delta_bias, softplus):
-    u, dt, A, B, C = (ref.f64(v) for v in (u, delta, A, B, C))
-    batch, length, channels = u.shape
-    if delta_bias is not None:
-        dt = dt + ref.f64(delta_bias)
-    if softplus:
-        dt = np.log1p(np.exp(dt))
-    if B.ndim == 4:
-        B = np.repeat(B, channels // B.shape[2], axis=2)
-        C = np.repeat(C, channels // C.shape[2], axis=2)
-    else:
-        B, C = B[:, :, None, :], C[:, :, None, :]
-    h = np.zeros((batch, channels, A.shape[1]))
-    ys = []
-    for t in range(length):
-        h = np.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[..., None] * B[:, t]
-        ys.append((h * C[:, t]).sum(-1))
-    y = np.stack(ys, axis=1)
-    if D is not None:
-        y = y + u * ref.f64(D)
-    if z is not None:
-        zf = ref.f64(z)
-        y = y * zf / (1 + np.exp(-zf))
-    return y, h
 
 
 def _inputs(batch, length, channels, state, groups, dtype, seed=0):
@@ -68,8 +43,8 @@ def test_selective_scan_matches_a_float64_loop(length, groups, options, dtype):
     x = _inputs(2, length, 6, 4, groups, dtype)
     y, last = mp.selective_scan(**x, return_state=True, **options)
     softplus = options.get("delta_softplus", False)
-    want_y, want_h = _numpy_selective_scan(*x.values(), softplus)
-    assert y.dtype == dtype and last.shape == (2, 6, 4)
+    want_y, want_h = ref.selective_scan(*x.values(), softplus)
+    assert y.dtype == dtype and last.shape == (2, 6, 4) and last.dtype == mx.float32
     ref.assert_close(y, want_y, dtype, label="y")
     ref.assert_close(last, want_h, dtype, label="state")
 
@@ -77,8 +52,7 @@ def test_selective_scan_matches_a_float64_loop(length, groups, options, dtype):
 def test_selective_scan_without_the_optional_inputs():
     x = _inputs(1, 50, 5, 3, 0, mx.float32)
     y = mp.selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"])
-    want, _ = _numpy_selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], None, None, None,
-                                    False)  # fmt: skip
+    want, _ = ref.selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"])
     ref.assert_close(y, want, mx.float32)
 
 
@@ -106,7 +80,40 @@ def test_selective_scan_names_the_argument_at_fault():
         mp.selective_scan(**{**x, "A": x["A"][:5]})
     with pytest.raises(ValueError, match=r"\[selective_scan\] B has 4 groups, which do not"):
         mp.selective_scan(**{**x, "B": mx.zeros((1, 8, 4, 4))})
-    with pytest.raises(ValueError, match=r"\[selective_scan\] C has 3 states, expected 4"):
+    with pytest.raises(ValueError, match=r"\[selective_scan\] C has shape \(1, 8, 3\), expected"):
         mp.selective_scan(**{**x, "C": x["C"][..., :3]})
     with pytest.raises(ValueError, match=r"\[selective_scan\] D has shape"):
         mp.selective_scan(**{**x, "D": x["D"][:2]})
+
+
+def test_selective_scan_decodes_from_a_carried_state():
+    """A prefill's last state carried into one-position steps gives the whole sequence's outputs
+    and state, per head of channels (Mamba-2's form)."""
+    k = mx.random.split(mx.random.key(4), 6)
+    u = mx.random.normal((2, 20, 12), key=k[0])
+    dt = 0.1 * mx.random.uniform(shape=(2, 20, 3), key=k[1])
+    A = -mx.exp(mx.random.normal((3,), key=k[2]))
+    B, C = (mx.random.normal((2, 20, 3, 8), key=kk) for kk in k[3:5])
+    D = mx.random.normal((3,), key=k[5])
+    y, h = mp.selective_scan(u[:, :17], dt[:, :17], A, B[:, :17], C[:, :17], D, return_state=True)
+    ys = [y]
+    for t in range(17, 20):
+        s = slice(t, t + 1)
+        y_t, h = mp.selective_scan(u[:, s], dt[:, s], A, B[:, s], C[:, s], D, return_state=True,
+                                   state=h)  # fmt: skip
+        ys.append(y_t)
+    want_y, want_h = ref.selective_scan(u, dt, A, B, C, D)
+    ref.assert_close(mx.concatenate(ys, axis=1), want_y, mx.float32, label="y")
+    ref.assert_close(h, want_h, mx.float32, label="state")
+
+
+def test_selective_scan_names_the_head_split_at_fault():
+    x = _inputs(1, 8, 6, 4, 0, mx.float32)
+    with pytest.raises(ValueError, match=r"\[selective_scan\] delta has shape \(1, 8, 4\)"):
+        mp.selective_scan(x["u"], x["delta"][..., :4], x["A"][:4], x["B"], x["C"])
+    with pytest.raises(
+        ValueError, match=r"\[selective_scan\] A has shape \(6, 4\), expected \(3, st"
+    ):
+        mp.selective_scan(x["u"], x["delta"][..., :3], x["A"], x["B"], x["C"])
+    with pytest.raises(ValueError, match=r"\[selective_scan\] state has shape \(1, 6, 3\)"):
+        mp.selective_scan(**x, state=mx.zeros((1, 6, 3)))

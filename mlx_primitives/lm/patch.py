@@ -5,8 +5,8 @@
 ``SwitchLinear`` and ``QuantizedSwitchLinear``) for the drop-in, holding the same arrays (no
 weight is copied or changed). What a model reaches through functions is served where the
 functions live: ``mx.fast``'s norms, RoPE and attention (:func:`mlx_primitives.patch_mlx`, which
-mlx-lm's ``scaled_dot_product_attention`` calls) and the ``swiglu`` and ``gated_delta_update``
-of mlx-lm's model modules;
+mlx-lm's ``scaled_dot_product_attention`` calls) and the ``swiglu``, ``gated_delta_update``
+and ``ssm_update`` (Mamba-2's SSM) of mlx-lm's model modules;
 those stay in place while any patched model lives patched. :func:`unpatch` puts everything
 back.
 """
@@ -22,11 +22,12 @@ from .. import patch as fast
 from ..nn import switch
 from ..nn.quantized import QuantizedLinear
 from ..ops.gated import swiglu
-from ..ssm import gated_delta_update
+from ..ssm import gated_delta_update, ssm_update
 
 try:
     from mlx_lm.models import activations as lm_activations
     from mlx_lm.models import gated_delta as lm_gated_delta
+    from mlx_lm.models import ssm as lm_ssm
     from mlx_lm.models import switch_layers as lm_switch
 except ImportError as e:  # the optional extra
     raise ImportError(
@@ -46,8 +47,9 @@ DROP_INS = {
 GLOBALS = {
     "swiglu": (lm_activations.swiglu, swiglu),
     "gated_delta_update": (lm_gated_delta.gated_delta_update, gated_delta_update),
+    "ssm_update": (lm_ssm.ssm_update, ssm_update),
 }
-HOMES = {lm_activations.__name__, lm_gated_delta.__name__}
+HOMES = {lm_activations.__name__, lm_gated_delta.__name__, lm_ssm.__name__}
 # mx.fast's functions, served while a model is patched: what mlx-lm's layers call.
 FUNCTIONS = tuple(f"mx.fast.{name}" for name in fast.NAMES)
 

@@ -13,6 +13,7 @@ from .quantized_matmul import quantized_matmul
 from .rms_norm import rms_norm
 from .rope import rope
 from .sdpa import scaled_dot_product_attention
+from .selective_scan import selective_scan
 from .sliding_window import sliding_window_attention
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "rms_norm",
     "rope",
     "scaled_dot_product_attention",
+    "selective_scan",
     "sliding_window_attention",
     "swiglu",
 ]

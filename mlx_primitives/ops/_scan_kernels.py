@@ -1,9 +1,13 @@
-"""The custom-kernel variant of linear_scan (``kernel_variants/scan/``).
+"""The custom-kernel variants of the scans (``kernel_variants/scan/``).
 
-``serial``: one thread per state, stepping along the scan axis with the state in a register;
-the threads of a group take neighbouring states, so where the scan axis is not the last (a
-state-space model's ``(batch, length, channels)``) every step's loads coalesce. ``unroll``
-steps' inputs are loaded before they are used.
+``serial`` (linear_scan): one thread per state, stepping along the scan axis with the state in
+a register; the threads of a group take neighbouring states, so where the scan axis is not the
+last (a state-space model's ``(batch, length, channels)``) every step's loads coalesce.
+``unroll`` steps' inputs are loaded before they are used.
+
+``recurrent`` (selective_scan): one (batch, channel) row's states in registers of ``lanes``
+lanes of a warp for every position, so the states are never written out but the last; the
+step sizes' bias and softplus, the skip and the gate are applied on the way.
 """
 
 from __future__ import annotations
@@ -17,6 +21,13 @@ from ..dialect.kernel import GpuKernel, itemsize, with_reference_transforms
 from ..registry import GPU_BACKENDS, Variant
 
 SERIAL = GpuKernel("scan/serial.k", ["a", "b", "h0"], ["y"])
+SELECTIVE = GpuKernel(
+    "scan/selective.k",
+    ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "state"],
+    ["y", "state_out"],
+)
+# States a lane may hold (with their decays) before the kernel spills.
+MAX_PER_LANE = 32
 
 
 def serial_variant(reference: Callable) -> Variant:
@@ -50,4 +61,62 @@ def serial_variant(reference: Callable) -> Variant:
         supports=lambda p, q: itemsize(p["dtype"]) is not None,
         sources=SERIAL.files,
         description="custom kernel: a thread per state, stepping along the axis",
+    )
+
+
+def selective_variant(reference: Callable) -> Variant:
+    """The ``recurrent`` variant of selective_scan; ``reference`` gives it gradients."""
+
+    def factory(lanes, warps):
+        def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_state, state):
+            batch, length, channels = u.shape
+            n = B.shape[-1]
+            out_state = mx.float32 if state is None else state.dtype
+            placeholder = mx.zeros((1,), mx.float32)
+            template = {
+                "T": u.dtype,
+                "S": out_state,
+                "NS": n,
+                "NC": channels,
+                "NH": delta.shape[-1],
+                "NG": 1 if B.ndim == 3 else B.shape[2],
+                "LANES": lanes,
+                "WARPS": warps,
+                "A_ROW": A.ndim == 2,
+                "HAS_D": D is not None,
+                "HAS_Z": z is not None,
+                "HAS_BIAS": delta_bias is not None,
+                "SOFTPLUS": delta_softplus,
+                "HAS_STATE": state is not None,
+            }
+            rows = warps * 32 // lanes
+            inputs = [u, delta, A, B, C, D, z, delta_bias, state]
+            return SELECTIVE(
+                [placeholder if a is None else a for a in inputs],
+                template=template,
+                grid=(-(-batch * channels // rows) * 32 * warps, 1, 1),
+                threadgroup=(32 * warps, 1, 1),
+                output_shapes=[(batch, length, channels), (batch, channels, n)],
+                output_dtypes=[u.dtype, out_state],
+            )
+
+        return with_reference_transforms(forward, reference)
+
+    def supports(p: dict, q: dict) -> bool:
+        state_ok = p["state"] == "none" or itemsize(p["state"]) is not None
+        return (
+            itemsize(p["dtype"]) is not None
+            and state_ok
+            and p["states"] % q["lanes"] == 0
+            and p["states"] // q["lanes"] <= MAX_PER_LANE
+        )
+
+    return Variant(
+        "recurrent",
+        factory,
+        backends=GPU_BACKENDS,
+        space={"lanes": (4, 8, 2, 16, 1, 32), "warps": (4, 2, 1, 8)},
+        supports=supports,
+        sources=SELECTIVE.files,
+        description="custom kernel: each row's states in registers of a few lanes",
     )
