@@ -69,6 +69,7 @@ UNTUNED = {
     "associative_scan": "#30: tuned on an H100, not yet on an H200",
     "linear_scan": "#30: tuned on an H100, not yet on an H200",
     "gated_delta": "#30: tuned on an H100, not yet on an H200",
+    "selective_scan": "#30: 3 of 7 problems tuned on an H100 (time-boxed), none on an H200",
     "gather_qmm": "#28: 2 of 15 problems tuned on an H100 (time-boxed), none on an H200",
 }
 

@@ -117,3 +117,18 @@ def test_selective_scan_names_the_head_split_at_fault():
         mp.selective_scan(x["u"], x["delta"][..., :3], x["A"], x["B"], x["C"])
     with pytest.raises(ValueError, match=r"\[selective_scan\] state has shape \(1, 6, 3\)"):
         mp.selective_scan(**x, state=mx.zeros((1, 6, 3)))
+
+
+def test_selective_scan_composition_in_segments(monkeypatch):
+    """Past SCAN_MAX elements the scan composition goes segment by segment, each starting from
+    the state the one before left: the same outputs and last state."""
+    import sys
+
+    module = sys.modules["mlx_primitives.ops.selective_scan"]
+    monkeypatch.setattr(module, "SCAN_MAX", 2**10)  # 100 positions of 2x12x8 states: 11 segments
+    args = module.OP.example(((2, 100, 12),), mx.float32, mx.random.key(1), states=8, groups=3,
+                             gate=True, state="float32")  # fmt: skip
+    y, h = module.OP.variant("scan").build()(*args)
+    want_y, want_h = ref.selective_scan(*args)
+    ref.assert_close(y, want_y, mx.float32, label="y")
+    ref.assert_close(h, want_h, mx.float32, label="state")

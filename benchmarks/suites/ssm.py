@@ -67,7 +67,7 @@ def _selective(kind: str, budget_s: float) -> list[dict]:
             "vs_sequential": seq["median_s"] / ours["median_s"],
         }
         rows.append(row)
-        print(f"[scans] selective {length} tokens: {row['vs_sequential']:.1f}x", flush=True)
+        print(f"[ssm] selective {length} tokens: {row['vs_sequential']:.1f}x", flush=True)
     return rows
 
 
@@ -105,7 +105,7 @@ def _gated_delta(kind: str, budget_s: float) -> list[dict]:
             "vs_mlx_lm": theirs["median_s"] / ours["median_s"],
         }
         rows.append(row)
-        print(f"[scans] gated_delta {batch}x{tokens}: {row['vs_mlx_lm']:.2f}x mlx-lm", flush=True)
+        print(f"[ssm] gated_delta {batch}x{tokens}: {row['vs_mlx_lm']:.2f}x mlx-lm", flush=True)
     return rows
 
 
@@ -149,7 +149,7 @@ def _ssm(kind: str, budget_s: float) -> list[dict]:
             "vs_mlx_lm": theirs["median_s"] / ours["median_s"],
         }
         rows.append(row)
-        print(f"[scans] ssm {batch}x{tokens}: {row['vs_mlx_lm']:.2f}x mlx-lm", flush=True)
+        print(f"[ssm] ssm {batch}x{tokens}: {row['vs_mlx_lm']:.2f}x mlx-lm", flush=True)
     return rows
 
 

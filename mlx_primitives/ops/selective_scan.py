@@ -29,8 +29,8 @@ DIMS = (
     Dim("softplus", EXACT),
     Dim("state", EXACT),
 )
-# The scan composition forms a (batch, length, channels, states) decay and input: past this
-# many elements it declines.
+# The scan composition forms a (batch, positions, channels, states) decay and input: at most
+# this many elements at a time.
 SCAN_MAX = 2**26
 
 
@@ -162,18 +162,23 @@ def _compiled(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_state,
 
 
 def _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_state, state):
-    """Every state at once through the tuned :func:`linear_scan` (the decays and inputs of
-    every position and state formed first)."""
+    """Every state at once through the tuned :func:`linear_scan`, the decays and inputs of a
+    segment of positions formed first (segments of at most ``SCAN_MAX`` elements, each
+    starting from the state the one before left)."""
     x, dt, a, Bg, Cg, d = _parts(u, delta, A, B, C, D, delta_bias, delta_softplus, mx.float32)
-    decay = mx.exp(dt[..., None] * a)  # (batch, length, groups, per, states)
-    drive = (dt * x)[..., None] * Bg
-    h0 = (
-        None
-        if state is None
-        else state.astype(mx.float32).reshape(decay.shape[:1] + decay.shape[2:])
-    )
-    h = linear_scan(decay, drive, h0, axis=1)
-    return _finish((h * Cg).sum(-1), u, d, z, h[:, -1], state)
+    batch, length, groups, per = x.shape
+    n = Bg.shape[-1]
+    h = None if state is None else state.astype(mx.float32).reshape(batch, groups, per, n)
+    segment = max(1, SCAN_MAX // (batch * groups * per * n))
+    ys = []
+    for s in range(0, length, segment):
+        t = slice(s, s + segment)
+        decay = mx.exp(dt[:, t, ..., None] * a)  # (batch, positions, groups, per, states)
+        states = linear_scan(decay, (dt[:, t] * x[:, t])[..., None] * Bg[:, t], h, axis=1)
+        ys.append((states * Cg[:, t]).sum(-1))
+        h = states[:, -1]
+    y = mx.concatenate(ys, axis=1) if len(ys) > 1 else ys[0]
+    return _finish(y, u, d, z, h, state)
 
 
 def _chunked(chunk):
@@ -234,13 +239,7 @@ def _default(problem, backend):
         return "compiled", {}
     if _scalar_heads(problem):  # mlx-lm's own path for Mamba-2 on every back-end but Metal
         return "chunked", {"chunk": 256}
-    if _fits_scan(problem):
-        return "scan", {}
-    return "compiled", {}
-
-
-def _fits_scan(p: dict) -> bool:
-    return p["batch"] * p["length"] * p["channels"] * p["states"] <= SCAN_MAX
+    return "scan", {}
 
 
 def _example(shapes, dtype, key, heads=None, states=16, groups=1, decay="matrix",
@@ -361,12 +360,7 @@ OP = register(
                 lambda: _compiled,
                 description="one position at a time, each step mx.compile'd",
             ),
-            Variant(
-                "scan",
-                lambda: _scan,
-                supports=lambda p, q: _fits_scan(p),
-                description="every state at once through linear_scan",
-            ),
+            Variant("scan", lambda: _scan, description="every state at once through linear_scan"),
             Variant(
                 "chunked",
                 _chunked,
