@@ -227,10 +227,10 @@ def choose(op: Op, problem: Problem) -> Decision:
             return f"variant {rec.variant} is disabled in this process"
         return rec.unusable(op, p, backend)
 
-    entries = _load_entries(op, chip)
+    found = entries(op, chip)
     skipped = []
     for source in ("user", "pretuned"):
-        for p, rec, src in entries:
+        for p, rec, src in found:
             if src == source and p == problem:
                 why = unusable(rec, problem)
                 if why is None:
@@ -238,10 +238,44 @@ def choose(op: Op, problem: Problem) -> Decision:
                         rec.variant, rec.params, source, f"tuned for this problem on {chip}"
                     )
                 skipped.append(f"{source} record skipped: {why}")
-    nearest, far = None, math.inf
-    for p, rec, src in entries:
+    near = nearest(problem, found, lambda rec: unusable(rec, problem))
+    if near.record is not None:
+        rec = near.record
+        reason = f"nearest tuned problem {rec.problem} ({near.source} record)"
+        if rec.kept_default:  # it says the default serves: this problem's own default
+            return decision(*op.default(problem, backend), "nearest", reason)
+        return decision(rec.variant, rec.params, "nearest", reason)
+    reason = f"no usable tuning record for {problem.key} on {chip}"
+    if near.far < math.inf:
+        skipped.append(
+            f"the nearest tuned problem is {near.far:g} powers of two away in size (at most "
+            f"{NEAREST_MAX_DISTANCE})"
+        )
+    return default("; ".join([reason, *skipped]))
+
+
+class Nearest(NamedTuple):
+    """What the nearest rule found for a problem: the record that serves it and where that
+    record lives (both None where no tuned problem is in reach), and how many powers of two
+    in size the closest tuned problem beyond reach is away (inf where there is none)."""
+
+    record: TuningRecord | None
+    source: str | None
+    far: float
+
+
+def nearest(
+    problem: Problem,
+    found: list[tuple[Problem, TuningRecord, str]],
+    unusable: Callable[[TuningRecord], str | None],
+) -> Nearest:
+    """The nearest rule: among the records ``found`` (:func:`entries`) of other problems with
+    the same exact dims that may serve ``problem`` (``unusable(record)`` is None), the closest
+    in size, then in shape, at most ``NEAREST_MAX_DISTANCE`` powers of two apart in size."""
+    best, far = None, math.inf
+    for p, rec, src in found:
         d = problem.distance(p)
-        if not 0 < d.shape < math.inf or unusable(rec, problem) is not None:
+        if not 0 < d.shape < math.inf or unusable(rec) is not None:
             continue
         if d.size > NEAREST_MAX_DISTANCE:
             far = min(far, d.size)
@@ -250,39 +284,30 @@ def choose(op: Op, problem: Problem) -> Decision:
         # smaller one better than the smaller's serves the larger); then a user record, then
         # one that kept the default.
         rank = (d, p.size < problem.size, src != "user", not rec.kept_default, rec.problem)
-        if nearest is None or rank < nearest[0]:
-            nearest = (rank, rec, src)
-    if nearest is not None:
-        _, rec, src = nearest
-        reason = f"nearest tuned problem {rec.problem} ({src} record)"
-        if rec.kept_default:  # it says the default serves: this problem's own default
-            return decision(*op.default(problem, backend), "nearest", reason)
-        return decision(rec.variant, rec.params, "nearest", reason)
-    reason = f"no usable tuning record for {problem.key} on {chip}"
-    if far < math.inf:
-        skipped.append(
-            f"the nearest tuned problem is {far:g} powers of two away in size (at most "
-            f"{NEAREST_MAX_DISTANCE})"
-        )
-    return default("; ".join([reason, *skipped]))
+        if best is None or rank < best[0]:
+            best = (rank, rec, src)
+    return Nearest(None, None, far) if best is None else Nearest(best[1], best[2], far)
 
 
-def _load_entries(op: Op, chip: str) -> list[tuple[Problem, TuningRecord, str]]:
+def entries(op: Op, chip: str) -> list[tuple[Problem, TuningRecord, str]]:
+    """The records of ``op`` on ``chip`` that fit the op, each with its problem and source
+    (``user``: the user database, ``pretuned``: the shipped file), loaded once per process
+    (:func:`reset` forgets them); stale ones too, which :meth:`TuningRecord.unusable` refuses."""
     cached = _entries.get((op.name, chip))
     if cached is not None:
         return cached
-    entries = []
+    loaded = []
     for source, records in (
         ("user", _user_records(chip, op.name)),
         ("pretuned", _shipped_records(chip, op.name)),
     ):
         for rec in records:
             try:
-                entries.append((rec.problem_of(op), rec, source))
+                loaded.append((rec.problem_of(op), rec, source))
             except RecordError as e:
                 warn_once(f"[{op.name}] ignoring a {source} tuning record: {e}")
-    _entries[(op.name, chip)] = entries
-    return entries
+    _entries[(op.name, chip)] = loaded
+    return loaded
 
 
 def _user_records(chip: str, op_name: str) -> list[TuningRecord]:
@@ -301,8 +326,8 @@ def _user_records(chip: str, op_name: str) -> list[TuningRecord]:
         return []
     except Exception as e:  # a broken user database must never break a call
         warn_once(
-            f"[mlx_primitives] ignoring the tuning database {url}: {str(e)[:300]}. "
-            "Run `mlxp-tune doctor` for how to recover."
+            f"[mlx_primitives] ignoring the tuning database {store.shown_url(url)}: "
+            f"{str(e)[:300]}. Run `mlxp-tune doctor` for how to recover."
         )
         return []
 

@@ -1,6 +1,9 @@
-"""Every test gets its own empty user database and a fresh dispatcher."""
+"""Every test gets its own empty user database and a fresh dispatcher; the fleet tests get a
+PostgreSQL server (tests/postgres.py) shared by the session, with a new database per test."""
 
 from __future__ import annotations
+
+import os
 
 import mlx.core as mx
 import pytest
@@ -62,3 +65,25 @@ def open_db(tmp_path):
 def db(open_db) -> TuningDB:
     """The test's user database, open (created)."""
     return open_db()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server for the session. Where none can start, the tests that use it are
+    skipped, or fail under ``MLXP_REQUIRE_POSTGRES=1`` (CI: there they must run)."""
+    from . import postgres as pg
+
+    why = pg.unavailable()
+    if why is not None:
+        if os.environ.get(pg.REQUIRE) == "1":
+            pytest.fail(f"{pg.REQUIRE}=1 but no PostgreSQL server can start: {why}")
+        pytest.skip(f"no PostgreSQL server: {why}")
+    server = pg.Server(pg.binaries())
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres) -> str:
+    """The URL of a new, empty database on the session's PostgreSQL server."""
+    return postgres.new_database()

@@ -12,21 +12,10 @@ from mlx_primitives.hardware import current_backend, detect_chip
 from mlx_primitives.store import shipped
 from mlx_primitives.tuning.cli import main
 
+from .cli_run import run, run_json
 from .toy import record
 
 TUNE = ["--op", "rms_norm", "--shape", "8x64", "--dtype", "float32", "--preset", "quick"]
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def run_json(capsys, *argv):
-    code, out, _ = run(capsys, *argv, "--json")
-    assert code == 0
-    return json.loads(out)
 
 
 def user_rows(capsys, *argv) -> list[dict]:

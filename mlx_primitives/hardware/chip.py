@@ -25,6 +25,14 @@ def to_int(value: Any) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
+def slug_backend(slug: str) -> str:
+    """The back-end of the chip a slug names, read from the slug's form (:attr:`Chip.slug`):
+    ``cpu-...`` runs on the CPU, an Apple GPU on Metal, any other GPU on CUDA."""
+    if slug.startswith("cpu-"):
+        return "cpu"
+    return "metal" if slug.startswith("apple-") else "cuda"
+
+
 def _vendor_and_name(vendor: str, name: str) -> str:
     # "Tesla T4" files under "nvidia-tesla-t4"; "Apple M4" must not become "apple-apple-m4".
     base, prefix = slugify(name), slugify(vendor)

@@ -4,6 +4,7 @@ only where a database is opened) and the shipped per-chip exports (:mod:`.shippe
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 SCHEMA_VERSION = 1
@@ -25,6 +26,11 @@ def default_user_url() -> str:
     from platformdirs import user_data_dir
 
     return path_url(Path(user_data_dir("mlx-primitives")) / "tuning.sqlite")
+
+
+def shown_url(url: str) -> str:
+    """``url`` as printed in messages and logs: a password in it replaced by ``***``."""
+    return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", url)
 
 
 def path_url(path) -> str:

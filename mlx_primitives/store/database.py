@@ -1,7 +1,10 @@
-"""The user's tuning database: SQLAlchemy 2 on SQLite (or any SQLAlchemy URL).
+"""The user's tuning database: SQLAlchemy 2 on SQLite, or PostgreSQL for a fleet of tuners
+(any SQLAlchemy URL).
 
-One row of ``records`` is a :class:`~mlx_primitives.tuning_record.TuningRecord`; ``trials`` keeps
-every candidate the tuner looked at, rejected ones with their reason. The database lives at
+One row of ``records`` is a :class:`~mlx_primitives.tuning_record.TuningRecord`;
+``tuner_trials`` keeps every candidate the tuner looked at, rejected ones with their reason;
+``leases`` says which worker tunes which problem now (:mod:`.leases`). Optuna's own tables
+(``studies``, ``trials``, ...) may live beside them. The database lives at
 ``MLXP_TUNING_DB`` (a path or a SQLAlchemy URL) or in the platformdirs user data folder.
 """
 
@@ -12,11 +15,14 @@ import json
 import sqlite3
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import fields
 from datetime import datetime, timezone
+from typing import TypeVar
 
 from sqlalchemy import (
     Column,
+    Connection,
     Float,
     Index,
     Integer,
@@ -27,10 +33,12 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    inspect,
     select,
     text,
 )
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from ..tuning_record import RecordError, TuningRecord
@@ -41,6 +49,7 @@ from . import (  # noqa: F401 (the store's light names, also used from here)
     default_user_url,
     exists,
     path_url,
+    shown_url,
     url_path,
 )
 
@@ -50,6 +59,12 @@ _HINT = (
 )
 # SQLite waits this long for another process's write lock before giving up.
 BUSY_TIMEOUT_MS = 60_000
+# A PostgreSQL server that does not answer within this many seconds is unusable.
+CONNECT_TIMEOUT_S = 10
+# Any number, the same in every process: PostgreSQL's advisory lock that serialises changes
+# of the schema (concurrent CREATE TABLEs of the same table fail there).
+_SCHEMA_LOCK = 0x6D6C7870
+T = TypeVar("T")
 
 
 class _Base(DeclarativeBase):
@@ -92,13 +107,28 @@ _hits = Table(
     Column("last_seen", String(64), nullable=False),
     UniqueConstraint("chip", "op", "problem"),
 )
-ADDED_TABLES = {"hits"}
+# Which worker tunes which (chip, op, problem) now, until when (seconds since the epoch on the
+# database's clock): the claims of :mod:`.leases`, by which tuners sharing a database split it.
+leases_table = Table(
+    "leases",
+    _Base.metadata,
+    Column("chip", String(128), primary_key=True),
+    Column("op", String(64), primary_key=True),
+    Column("problem", String(512), primary_key=True),
+    Column("owner", String(256), nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+# Tables a database of schema 1 may lack: they are made when it is opened.
+ADDED_TABLES = {"hits", "leases", "tuner_trials"}
+# The trials table's name until Optuna's studies came to live in the same database (Optuna
+# has a "trials" table of its own); renamed when such a database is opened for writing.
+LEGACY_TRIALS = "trials"
 
 
 class Trial(_Base):
     """One candidate measured (or rejected) while tuning one problem."""
 
-    __tablename__ = "trials"
+    __tablename__ = "tuner_trials"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     chip: Mapped[str] = mapped_column(String(128), index=True)
@@ -170,35 +200,91 @@ def _guard(method):
             raise
         except (SQLAlchemyError, sqlite3.Error) as e:
             detail = getattr(e, "orig", None) or e
-            raise DatabaseError(f"{self.url}: {detail}{_HINT}") from e
+            raise DatabaseError(f"{self.shown}: {detail}{_HINT}") from e
 
     return wrapper
+
+
+def _lock_schema(conn: Connection) -> None:
+    """Serialise changes of the schema for the rest of this transaction. SQLite's writers hold
+    the write lock already (``BEGIN IMMEDIATE``); PostgreSQL takes an advisory lock."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
+
+
+def _upsert(conn: Connection, table: Table, key: dict, insert: dict, update: dict) -> None:
+    """Update the row of ``key`` (``update``), or insert ``insert`` where there is none. Where
+    another writer inserts that row at the same moment (PostgreSQL: our INSERT waits for theirs,
+    then fails on the unique key), ours updates the row it wrote: never two rows, never an
+    error."""
+    where = [table.c[k] == v for k, v in key.items()]
+    if conn.execute(table.update().where(*where).values(**update)).rowcount:
+        return
+    try:
+        with conn.begin_nested():
+            conn.execute(table.insert().values(**insert))
+    except IntegrityError:
+        conn.execute(table.update().where(*where).values(**update))
+
+
+def _complete(conn: Connection) -> None:
+    """Bring a database of schema 1 up to date: make the tables added since, and rename its
+    trials table (``LEGACY_TRIALS``, the name Optuna's own tables need)."""
+    _lock_schema(conn)
+    found = inspect(conn)
+    tables = set(found.get_table_names())
+    ours = LEGACY_TRIALS in tables and Trial.__tablename__ not in tables
+    if ours and "chip" in {c["name"] for c in found.get_columns(LEGACY_TRIALS)}:  # not Optuna's
+        conn.execute(text(f"ALTER TABLE {LEGACY_TRIALS} RENAME TO {Trial.__tablename__}"))
+        conn.execute(text(f"DROP INDEX IF EXISTS ix_{LEGACY_TRIALS}_chip"))
+        for index in Trial.__table__.indexes:
+            index.create(conn)
+    _Base.metadata.create_all(conn)
+
+
+def connect_args(backend: str) -> dict:
+    """The driver's arguments for a database of ``backend`` (a URL's backend name): how long to
+    wait for a lock or a server."""
+    if backend == "sqlite":
+        return {"timeout": BUSY_TIMEOUT_MS / 1000}
+    if backend == "postgresql":
+        return {"connect_timeout": CONNECT_TIMEOUT_S}
+    return {}
 
 
 class TuningDB:
     """A tuning database.
 
-    Readers never wait (WAL); writers take the write lock when their transaction begins and
-    wait up to ``BUSY_TIMEOUT_MS`` for it, so several tuning and dispatching processes can
-    share one file. Every failure of the database surfaces as :class:`DatabaseError`.
+    On SQLite, readers never wait (WAL); writers take the write lock when their transaction
+    begins and wait up to ``BUSY_TIMEOUT_MS`` for it, so several tuning and dispatching
+    processes can share one file. On PostgreSQL, the server's row locks and unique keys do
+    the same for processes on many machines. Every failure of the database surfaces as
+    :class:`DatabaseError`. ``shown`` is the URL as messages print it (no password).
 
     Args:
-        url: a SQLAlchemy URL (``sqlite:///path``) or a plain file path.
+        url: a SQLAlchemy URL (``sqlite:///path``, ``postgresql+psycopg://host/db``) or a plain
+            file path.
         create: create the file and tables when missing; when False a missing file raises.
     """
 
     def __init__(self, url: str, *, create: bool = True):
         self.url = url if "://" in url else path_url(url)
+        self.shown = shown_url(self.url)
         path = url_path(self.url)
         try:
             if path is not None and not path.exists():
                 if not create:
                     raise DatabaseError(f"no tuning database at {path}")
                 path.parent.mkdir(parents=True, exist_ok=True)
-            args = {"timeout": BUSY_TIMEOUT_MS / 1000} if self.url.startswith("sqlite") else {}
+            args = connect_args(make_url(self.url).get_backend_name())
             self.engine = self._writer = create_engine(self.url, connect_args=args)
+        except ImportError as e:  # the URL's driver is not installed
+            raise DatabaseError(
+                f"cannot open a tuning database at {self.shown}: {e} (PostgreSQL needs the fleet "
+                "extra: pip install 'mlx-primitives[fleet]')"
+            ) from e
         except (OSError, SQLAlchemyError) as e:
-            raise DatabaseError(f"cannot open a tuning database at {self.url}: {e}") from e
+            raise DatabaseError(f"cannot open a tuning database at {self.shown}: {e}") from e
         if self.engine.dialect.name == "sqlite" and path is not None:
             event.listen(self.engine, "connect", _on_connect)
             self._writer = create_engine(self.url, connect_args=args)
@@ -211,41 +297,38 @@ class TuningDB:
             raise
 
     def __repr__(self) -> str:
-        return f"TuningDB({self.url!r})"
+        return f"TuningDB({self.shown!r})"
 
     def _prepare(self, create: bool) -> None:
         try:
             with self.engine.connect() as conn:
-                tables = set(
-                    conn.exec_driver_sql(
-                        "SELECT name FROM sqlite_master WHERE type='table'"
-                    ).scalars()
-                )
+                tables = set(inspect(conn).get_table_names())
         except Exception as e:  # not a database at all, or unreadable
-            raise DatabaseError(f"{self.url} is not a readable SQLite database ({e}){_HINT}") from e
+            kind = "SQLite database" if self.engine.dialect.name == "sqlite" else "database"
+            raise DatabaseError(f"{self.shown} is not a readable {kind} ({e}){_HINT}") from e
         if "meta" not in tables:
             if tables - {"meta"}:
                 raise DatabaseError(
-                    f"{self.url} is not a tuning database (tables: {sorted(tables)[:8]}){_HINT}"
+                    f"{self.shown} is not a tuning database (tables: {sorted(tables)[:8]}){_HINT}"
                 )
             if not create:
-                raise EmptyDatabaseError(f"{self.url} holds no tuning tables")
+                raise EmptyDatabaseError(f"{self.shown} holds no tuning tables")
             self._create()
         version = self.meta("schema_version")
         if version != str(SCHEMA_VERSION):
             raise DatabaseError(
-                f"{self.url} has schema version {version}, this mlx-primitives reads "
+                f"{self.shown} has schema version {version}, this mlx-primitives reads "
                 f"{SCHEMA_VERSION}: export it with the version that wrote it, or start a new one"
                 f"{_HINT}"
             )
         missing = {t.name for t in _Base.metadata.sorted_tables} - tables - {"meta"}
         if tables - {"meta"} and missing - ADDED_TABLES:
-            raise DatabaseError(f"{self.url} lacks the tables {sorted(missing)}{_HINT}")
+            raise DatabaseError(f"{self.shown} lacks the tables {sorted(missing)}{_HINT}")
         if missing:
             try:
                 with self._writer.begin() as conn:
-                    _Base.metadata.create_all(conn, tables=[_hits])
-            except OperationalError:  # read-only: the records still serve; recording fails
+                    _complete(conn)
+            except SQLAlchemyError:  # read-only: the records still serve; tuning fails later
                 pass
 
     def _create(self) -> None:
@@ -261,14 +344,17 @@ class TuningDB:
                     finally:
                         raw.close()
                 with self._writer.begin() as conn:
+                    _lock_schema(conn)
                     _Base.metadata.create_all(conn)
-                    conn.execute(
-                        text("INSERT OR IGNORE INTO meta (key, value) VALUES (:k, :v)"),
-                        [
-                            {"k": "schema_version", "v": str(SCHEMA_VERSION)},
-                            {"k": "created_at", "v": now()},
-                        ],
-                    )
+                    meta = _Meta.__table__
+                    have = set(conn.execute(select(meta.c.key)).scalars())
+                    rows = [
+                        {"key": "schema_version", "value": str(SCHEMA_VERSION)},
+                        {"key": "created_at", "value": now()},
+                    ]
+                    rows = [r for r in rows if r["key"] not in have]
+                    if rows:
+                        conn.execute(meta.insert(), rows)
                 return
             except OperationalError as e:
                 if "locked" not in str(e) and "busy" not in str(e) or attempt == 99:
@@ -298,27 +384,42 @@ class TuningDB:
                     out.append(TuningRecord.from_row({**row}))
                 except RecordError as e:
                     warnings.warn(
-                        f"[mlx_primitives] ignoring row {row['id']} of {self.url}: {e}",
+                        f"[mlx_primitives] ignoring row {row['id']} of {self.shown}: {e}",
                         RuntimeWarning,
                         stacklevel=3,
                     )
         return out
 
     @_guard
-    def put(self, record: TuningRecord) -> None:
-        """Insert or replace the record for its (chip, op, problem), atomically."""
+    def read(self, work: Callable[[Connection], T]) -> T:
+        """``work(connection)`` on a connection that reads; returns what it returns."""
+        with self.engine.connect() as conn:
+            return work(conn)
+
+    @_guard
+    def write(self, work: Callable[[Connection], T]) -> T:
+        """``work(connection)`` in one write transaction (on SQLite holding the write lock from
+        its start); returns what it returns."""
+        with self._writer.begin() as conn:
+            return work(conn)
+
+    @_guard
+    def put(self, record: TuningRecord, fence: Callable[[Connection], None] | None = None) -> None:
+        """Insert or replace the record for its (chip, op, problem), atomically.
+
+        Args:
+            record: the record.
+            fence: called first, in the same transaction; what it raises keeps the record out
+                (a tuner's check that it still holds the problem's lease).
+        """
         if not isinstance(record, TuningRecord):
             raise TypeError(f"[TuningDB.put] expected a TuningRecord, got {type(record).__name__}")
         row = record.to_row()
         with self._writer.begin() as conn:
-            conn.execute(
-                delete(_records).where(
-                    _records.c.chip == row["chip"],
-                    _records.c.op == row["op"],
-                    _records.c.problem == row["problem"],
-                )
-            )
-            conn.execute(_records.insert().values(**row))
+            if fence is not None:
+                fence(conn)
+            key = {k: row[k] for k in ("chip", "op", "problem")}
+            _upsert(conn, _records, key, row, row)
 
     @_guard
     def add_trial(self, chip: str, trial: dict) -> int:
@@ -372,23 +473,10 @@ class TuningDB:
         stamp = now()
         with self._writer.begin() as conn:
             for (op, problem), calls in counts.items():
-                where = (_hits.c.chip == chip, _hits.c.op == op, _hits.c.problem == problem)
-                done = conn.execute(
-                    _hits.update()
-                    .where(*where)
-                    .values(calls=_hits.c.calls + calls, last_seen=stamp)
-                )
-                if done.rowcount == 0:
-                    conn.execute(
-                        _hits.insert().values(
-                            chip=chip,
-                            op=op,
-                            problem=problem,
-                            calls=calls,
-                            first_seen=stamp,
-                            last_seen=stamp,
-                        )  # fmt: skip
-                    )
+                key = {"chip": chip, "op": op, "problem": problem}
+                added = {"calls": _hits.c.calls + calls, "last_seen": stamp}
+                new = {**key, "calls": calls, "first_seen": stamp, "last_seen": stamp}
+                _upsert(conn, _hits, key, new, added)
 
     @_guard
     def hits(self, chip: str | None = None) -> list[dict]:
@@ -420,7 +508,12 @@ class TuningDB:
 
     @_guard
     def integrity_ok(self) -> bool:
+        """SQLite's integrity check. A server (PostgreSQL) checks its own storage: there a
+        readable records table passes."""
         with self.engine.connect() as conn:
+            if conn.dialect.name != "sqlite":
+                conn.execute(select(_records.c.id).limit(1)).all()
+                return True
             return conn.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
 
     def close(self) -> None:

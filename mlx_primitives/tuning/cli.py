@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import mlx.core as mx
 
@@ -23,11 +24,23 @@ from ..problem import Problem, parse_dtype
 from ..registry import Example, Op, ops
 from ..registry import op as get_op
 from ..store import shipped
-from ..store.database import DatabaseError, TuningDB, default_user_url, exists, url_path
+from ..store.database import (
+    DatabaseError,
+    TuningDB,
+    default_user_url,
+    exists,
+    shown_url,
+    url_path,
+)
+from ..store.leases import DEFAULT_LEASE_S, MIN_LEASE_S, Leases
 from ..tuning_record import RecordError, TuningRecord
+from .progress import TuneProgress
 from .tuner import BUDGETS, CANDIDATE_TIMEOUT_S, EXIT_HUNG, Outcome, Tuner
 
-COMMANDS = ("tune", "list", "show", "explain", "hits", "export", "import", "doctor", "clear")
+COMMANDS = (
+    "tune", "list", "show", "explain", "hits", "report", "export", "import", "merge", "doctor",
+    "clear",
+)  # fmt: skip
 
 
 class UsageError(Exception):
@@ -182,53 +195,6 @@ def _records_tables(title: str, rows: list[dict]) -> list:
     return tables
 
 
-class _Progress:
-    """A tuning run's progress on stderr: rich's bar on a terminal; elsewhere (a log, a pipe)
-    one plain line per problem as it finishes, so a log is never silent for long."""
-
-    def __init__(self, total: int, transient: bool):
-        self.total, self.done = total, 0
-        self.console = _console(stderr=True)
-        self.bar = None
-        if self.console.is_terminal:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
-
-            columns = (
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-            )
-            self.bar = Progress(*columns, console=self.console, transient=transient)
-
-    def __enter__(self):
-        if self.bar is not None:
-            self.bar.__enter__()
-            self.task = self.bar.add_task("tuning", total=self.total)
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-
-    def start(self, what: str) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, description=what)
-
-    def finish(self, what: str, result: str) -> None:
-        self.done += 1
-        if self.bar is not None:
-            self.bar.advance(self.task)
-        else:
-            print(f"[{self.done}/{self.total}] {what}: {result}", file=sys.stderr, flush=True)
-
-
 def _result(outcome: Outcome, seconds: float) -> str:
     """One problem's outcome in a line."""
     rec = outcome.record
@@ -343,6 +309,8 @@ def cmd_tune(args) -> int:
         raise UsageError("--top N (N >= 1) goes with --recorded")
     if args.recorded and (args.shape or args.op):
         raise UsageError("--recorded tunes what was recorded: no --op or --shape with it")
+    if not args.lease >= MIN_LEASE_S:
+        raise UsageError(f"--lease must be at least {MIN_LEASE_S:g} seconds")
     if args.shape:
         if len(selected) != 1 or not args.op:
             raise UsageError("--shape tunes one problem of one --op")
@@ -357,40 +325,74 @@ def cmd_tune(args) -> int:
         work = [(o, ex) for o in selected for ex in o.presets.get(preset, [])]
     db = _open(args, create=True)
     tuner = Tuner(
-        db, budget, seed=args.seed, force=args.force, candidate_timeout_s=args.candidate_timeout
+        db,
+        budget,
+        seed=args.seed,
+        force=args.force,
+        candidate_timeout_s=args.candidate_timeout,
+        leases=Leases(db, seconds=args.lease),
     )
     chosen = "" if args.preset else " (the default; --preset quick|default|full chooses)"
     print(
         f"mlxp-tune: {len(work)} problems of {len({o.name for o, _ in work})} ops on "
-        f"{tuner.chip.name} ({tuner.chip.slug}), preset {preset}{chosen}, into {db.url}",
+        f"{tuner.chip.name} ({tuner.chip.slug}), preset {preset}{chosen}, into {db.shown}",
         file=sys.stderr,
         flush=True,
     )
     deadline = None if args.time_budget is None else time.perf_counter() + args.time_budget
     outcomes, failures, unstarted = [], [], 0
-    with _Progress(len(work), transient=args.json) as progress:
-        for o, ex in work:
-            what = f"{o.name} {ex.label()}"
-            if deadline is not None and time.perf_counter() > deadline:
-                unstarted += 1
-                progress.finish(what, "not started: --time-budget ran out")
-                continue
-            progress.start(what)
-            begun = time.perf_counter()
-            if args.shape:  # an --shape or --option the op rejects is a usage error
-                try:
-                    o.problem(
-                        *o.example(
-                            ex.shapes, parse_dtype(ex.dtype), mx.random.key(0), **dict(ex.options)
-                        )
+    progress = TuneProgress(
+        len(work), _console(stderr=True), transient=args.json, deadline=deadline
+    )
+    tuner.on_candidate = progress.candidate
+
+    def attempt(o: Op, ex: Example, force: bool | None = None) -> Outcome | None:
+        """One try at a problem; where another worker holds its lease, the outcome that says
+        so (try again later), else None."""
+        nonlocal unstarted
+        what = f"{o.name} {ex.label()}"
+        if deadline is not None and time.perf_counter() > deadline:
+            unstarted += 1
+            progress.finish(what, "not started: --time-budget ran out")
+            return None
+        progress.start(what)
+        begun = time.perf_counter()
+        if args.shape:  # an --shape or --option the op rejects is a usage error
+            try:
+                o.problem(
+                    *o.example(
+                        ex.shapes, parse_dtype(ex.dtype), mx.random.key(0), **dict(ex.options)
                     )
-                except (ValueError, TypeError) as e:
-                    raise UsageError(str(e)) from None
-            outcome = tuner.tune(o, ex)
-            if outcome.record is None and outcome.note != "already tuned":
-                failures.append(outcome)
-            outcomes.append(outcome)
-            progress.finish(what, _result(outcome, time.perf_counter() - begun))
+                )
+            except (ValueError, TypeError) as e:
+                raise UsageError(str(e)) from None
+        outcome = tuner.tune(o, ex, force=force)
+        if outcome.held:
+            return outcome
+        if outcome.record is None and outcome.note != "already tuned":
+            failures.append(outcome)
+        outcomes.append(outcome)
+        progress.finish(what, _result(outcome, time.perf_counter() - begun))
+        return None
+
+    with progress:
+        held = []
+        for o, ex in work:
+            busy = attempt(o, ex)
+            if busy is not None:
+                print(f"{o.name} {ex.label()}: {busy.note}", file=sys.stderr, flush=True)
+                held.append((o, ex))
+        if held:
+            print(
+                f"mlxp-tune: {len(held)} problems are held by other workers: waiting until they "
+                "finish them, or their leases expire and this worker takes them over",
+                file=sys.stderr,
+                flush=True,
+            )
+        while held:
+            time.sleep(min(5.0, args.lease / 4))
+            # What the holder finished is done: not tuned again here, whatever --force says.
+            held = [(o, ex) for o, ex in held if attempt(o, ex, force=False) is not None]
     rows = [_row(o.record, "user") for o in outcomes if o.record is not None]
     noisy = [o for o in outcomes if o.noisy]
     if args.json:
@@ -404,7 +406,7 @@ def cmd_tune(args) -> int:
             con.print(f"{skipped} problems already tuned (use --force to re-tune them)")
         if unstarted:
             con.print(f"{unstarted} problems not started: --time-budget ran out")
-        con.print(f"database: {db.url}")
+        con.print(f"database: {db.shown}")
     if noisy:
         print(
             f"{len(noisy)} problems this machine was too noisy to decide: their defaults are "
@@ -525,6 +527,28 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from . import report  # matplotlib, only for this command
+    from .report_figures import MissingExtra
+
+    selected = _ops(args.op)
+    chip = args.chip or detect_chip().slug
+    url = args.db or default_user_url()
+    if args.png:
+        os.makedirs(args.png, exist_ok=True)
+    try:
+        with _user_database(url):
+            sections = report.collect(url, chip, selected)
+            text, pngs = report.page(sections, chip, url, Path(args.png) if args.png else None)
+    except MissingExtra as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    Path(args.output).write_text(text)
+    figures = f", {len(pngs)} PNG figures in {args.png}" if args.png else ""
+    print(f"wrote {args.output}: {len(sections)} sections (chip and op){figures}")
+    return 0
+
+
 def cmd_export(args) -> int:
     db = _open(args, create=False)
     chip = None if args.chip in (None, "all") else args.chip
@@ -546,10 +570,45 @@ def cmd_import(args) -> int:
     for rec in valid:
         db.put(rec)
     dispatch.reset()
-    print(f"imported {len(valid)} records into {db.url}")
+    print(f"imported {len(valid)} records into {db.shown}")
     if skipped:
         print(f"skipped {len(skipped)} malformed records, e.g.: {skipped[0]}", file=sys.stderr)
     return 0
+
+
+def cmd_merge(args) -> int:
+    from .merge import fold
+
+    incoming, rejected, unreadable = [], [], []
+    for path in args.files:
+        try:
+            entries = shipped.read(path)
+        except DatabaseError as e:
+            unreadable.append(str(e))
+            continue
+        for entry in entries:
+            rec, why = _checked(entry)
+            if rec is None:
+                rejected.append(f"{path}: {why}")
+            else:
+                incoming.append((rec, path))
+    db = _open(args, create=True)
+    try:
+        merge = fold(db, incoming)
+    finally:
+        db.close()
+    dispatch.reset()
+    for kind, line in merge.lines:
+        print(f"{kind}: {line}")
+    for line in rejected:
+        print(f"rejected: {line}")
+    print(
+        f"merged into {db.shown}: {merge.count('added')} added, {merge.count('replaced')} "
+        f"replaced, {merge.count('kept')} kept, {len(rejected)} rejected"
+    )
+    for error in unreadable:
+        print(f"error: {error}", file=sys.stderr)
+    return 1 if unreadable else 0
 
 
 def cmd_doctor(args) -> int:
@@ -561,7 +620,7 @@ def cmd_doctor(args) -> int:
         "mlx": mx.__version__,
         "backend": backend,
         "chip": chip.to_dict(),
-        "user_db": {"url": url},
+        "user_db": {"url": shown_url(url)},
         "shipped_db": {"chips": shipped.chips(), "this_chip": chip.slug in shipped.chips()},
         "dispatch": dispatch.mode(),
     }
@@ -628,7 +687,7 @@ def _doctor_text(report: dict) -> str:
 def cmd_clear(args) -> int:
     url = args.db or default_user_url()
     if not exists(url):
-        print(f"nothing to clear: no database at {url}")
+        print(f"nothing to clear: no database at {shown_url(url)}")
         return 0
     path = url_path(url)
     try:
@@ -647,7 +706,7 @@ def cmd_clear(args) -> int:
     chip = None if args.chip == "all" else (args.chip or detect_chip().slug)
     n = db.clear(op=args.op, chip=chip)
     dispatch.reset()
-    print(f"cleared {n} records" + (f" of {chip}" if chip else "") + f" from {db.url}")
+    print(f"cleared {n} records" + (f" of {chip}" if chip else "") + f" from {db.shown}")
     return 0
 
 
@@ -728,6 +787,15 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         help="seed of the search and of the timing inputs (default 0)",
     )
+    t.add_argument(
+        "--lease",
+        type=float,
+        default=DEFAULT_LEASE_S,
+        metavar="SECONDS",
+        help="how long this worker's claim on a problem holds without its heartbeat: workers "
+        "sharing a database skip the problems others hold, and take over those of a worker "
+        f"that died after this long (default {DEFAULT_LEASE_S:g})",
+    )
     as_json(t, "the records made (instead of tables)")
 
     ls = add("list", "ops, variants and which run on this chip", db=False)
@@ -756,12 +824,25 @@ def _parser() -> argparse.ArgumentParser:
     hi.add_argument("--chip", help="a chip slug (default: this chip)")
     as_json(hi, "the recorded problems")
 
+    rp = add("report", "an HTML page of the tuning records with plots (the report extra)")
+    rp.add_argument("--op", action="append", help="only this op (repeatable; default all)")
+    rp.add_argument("--chip", help="a chip slug, or 'all' (default: this chip)")
+    rp.add_argument("-o", "--output", required=True, metavar="PATH", help="the HTML file to write")
+    rp.add_argument("--png", metavar="DIR", help="also write each figure as a PNG into DIR")
+
     ep = add("export", "write records to a JSON file")
     ep.add_argument("path", help="the JSON file to write")
     ep.add_argument("--chip", help="only this chip slug (default: all)")
 
     ip = add("import", "add the records of a JSON export to the database")
     ip.add_argument("path", help="a JSON export (mlxp-tune export, or tuning_db/<chip>.json)")
+
+    mg = add(
+        "merge",
+        "fold the exports of a fleet into the database; of two records of one problem the "
+        "current one stays, then the larger speedup_low, then the later",
+    )
+    mg.add_argument("files", nargs="+", metavar="FILE", help="JSON exports (mlxp-tune export)")
 
     dr = add("doctor", "check the installation, the chip and the databases")
     as_json(dr, "the report")
@@ -778,8 +859,10 @@ HANDLERS = {
     "show": cmd_show,
     "explain": cmd_explain,
     "hits": cmd_hits,
+    "report": cmd_report,
     "export": cmd_export,
     "import": cmd_import,
+    "merge": cmd_merge,
     "doctor": cmd_doctor,
     "clear": cmd_clear,
 }

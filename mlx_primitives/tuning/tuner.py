@@ -36,7 +36,9 @@ from ..hardware import current_backend, detect_chip
 from ..problem import EXACT, Problem, parse_dtype
 from ..registry import Example, Op
 from ..store.database import TuningDB, now
+from ..store.leases import Lease, LeaseLost, Leases
 from ..tuning_record import RecordError, TuningRecord, noise
+from . import studies
 from .timing import TARGET_SAMPLE_S, bench, bench_many, paired
 from .warm import warm
 
@@ -133,11 +135,37 @@ class Result:
         }
 
 
+@dataclass(frozen=True)
+class Step:
+    """Where one problem's search stands after a candidate: what a progress display shows.
+
+    Args:
+        done: candidates evaluated so far in this run (the default first).
+        total: candidates the search evaluates at most (it may stop early, at the time per
+            problem or when its suggestions keep missing).
+        best: the fastest candidate that passed its check so far, the default included.
+        default: the default's result (None until it is evaluated).
+    """
+
+    done: int
+    total: int
+    best: Result | None
+    default: Result | None
+
+    @property
+    def speedup(self) -> float | None:
+        """The default's search time over the best's, where both passed."""
+        if self.best is None or self.default is None or self.default.status != "ok":
+            return None
+        return self.default.median_s / self.best.median_s
+
+
 @dataclass
 class Outcome:
     """What tuning one problem produced, and ``note``, how it was decided. ``noisy``: the
     machine was too noisy to decide, and ``record`` keeps the default. ``record`` is None
-    when the problem was skipped or failed."""
+    when the problem was skipped or failed. ``held``: another worker sharing the database
+    holds the problem's lease (it is tuning it, or took it over): ask again later."""
 
     op: str
     problem: str
@@ -146,6 +174,7 @@ class Outcome:
     results: list[Result] = field(default_factory=list)
     note: str = ""
     noisy: bool = False
+    held: bool = False
 
 
 def _margins(a: Result, b: Result) -> tuple[float, float, float]:
@@ -239,6 +268,9 @@ class Tuner:
         force: re-tune problems that already have a current record.
         candidate_timeout_s: a candidate that has not finished (built, checked and timed)
             after this long is recorded as hung and the process exits with ``EXIT_HUNG``.
+        on_candidate: called with a :class:`Step` after each candidate evaluated (a progress
+            display; the tuner itself shows nothing).
+        leases: this worker's leases in ``db`` (default: a new worker id, the default lease).
     """
 
     def __init__(
@@ -249,8 +281,13 @@ class Tuner:
         seed: int = 0,
         force: bool = False,
         candidate_timeout_s: float = CANDIDATE_TIMEOUT_S,
+        on_candidate: Callable[[Step], None] | None = None,
+        leases: Leases | None = None,
     ):
         self.db = db
+        self.leases = leases or Leases(db)
+        self._storage: optuna.storages.RDBStorage | None = None  # made by the first TPE search
+        self.on_candidate = on_candidate
         self.candidate_timeout_s = candidate_timeout_s
         self.budget = budget
         self.seed = seed
@@ -260,17 +297,54 @@ class Tuner:
         self._fresh = int(time.time_ns() % 2**31)
         self._warmed: set[tuple] = set()
 
-    def tune(self, op: Op, example: Example) -> Outcome:
-        """Tune one problem of ``op`` given by ``example``."""
-        dtype = parse_dtype(example.dtype)
-        options = dict(example.options)
-        args = op.example(example.shapes, dtype, mx.random.key(self.seed), **options)
+    def tune(self, op: Op, example: Example, *, force: bool | None = None) -> Outcome:
+        """Tune one problem of ``op`` given by ``example``, holding the problem's lease while
+        it is tuned: other workers sharing the database leave it alone meanwhile.
+
+        Args:
+            op: the op.
+            example: the problem: shapes, dtype and options.
+            force: re-tune a problem that has a current record (default: the tuner's).
+        """
+        args = op.example(
+            example.shapes,
+            parse_dtype(example.dtype),
+            mx.random.key(self.seed),
+            **dict(example.options),
+        )
         problem = op.problem(*args)
         pkey = problem.key
         previous = self._previous(op, problem)
-        if previous is not None and not self.force and previous.stale(op) is None:
+        force = self.force if force is None else force
+        if previous is not None and not force and previous.stale(op) is None:
             return Outcome(op.name, pkey, example, None, note="already tuned")
+        lease = self.leases.claim(self.chip.slug, op.name, pkey)
+        if lease is None:
+            holder = self.leases.holder(self.chip.slug, op.name, pkey) or "another worker"
+            return Outcome(op.name, pkey, example, None, note=f"held by {holder}", held=True)
+        with lease:
+            # Another worker may have finished it between the look above and the claim.
+            if self._previous(op, problem) != previous:
+                return Outcome(op.name, pkey, example, None, note="already tuned")
+            try:
+                return self._tune(op, example, args, problem, previous, lease)
+            except LeaseLost:
+                note = "its lease expired and another worker took it over"
+                return Outcome(op.name, pkey, example, None, note=note, held=True)
 
+    def _tune(
+        self,
+        op: Op,
+        example: Example,
+        args: tuple,
+        problem: Problem,
+        previous: TuningRecord | None,
+        lease: Lease,
+    ) -> Outcome:
+        """Tune a problem whose lease this worker holds (``args``: its timing inputs)."""
+        dtype = parse_dtype(example.dtype)
+        options = dict(example.options)
+        pkey = problem.key
         order = candidates(op, problem, self.backend)
         default = Candidate.of(*op.default(problem, self.backend))
         results: dict[Candidate, Result] = self._unfinished(op, pkey)
@@ -302,8 +376,12 @@ class Tuner:
         check_args = op.example(example.shapes, dtype, mx.random.key(self._fresh), **options)
         check = (check_args, expected(op, check_args), problem.dtype)
         results.pop(default, None)  # the default is always measured
+        # What _search evaluates at most: every one of ``first``, then the trials left.
+        total = len(first) + min(len(rest), max(0, self.budget.trials - len(first)))
+        done = 0
 
         def evaluate(c: Candidate) -> Result:
+            nonlocal done
             if c not in results:
                 limit = None
                 if c != default and results[default].status == "ok":
@@ -311,6 +389,11 @@ class Tuner:
                 results[c] = self._recorded(
                     op, pkey, c, lambda: self._evaluate(op, c, args, check, limit)
                 )
+                done += 1
+                if self.on_candidate is not None:
+                    ok = [r for r in results.values() if r.status == "ok"]
+                    best = min(ok, key=lambda r: r.median_s) if ok else None
+                    self.on_candidate(Step(done, total, best, results.get(default)))
             return results[c]
 
         if evaluate(default).status != "ok":
@@ -323,7 +406,7 @@ class Tuner:
                 list(results.values()),
                 note=f"the default failed its check: {r.reason}",
             )
-        self._search(first, rest, evaluate)
+        self._search(first, rest, evaluate, studies.study_name(self.chip.slug, pkey))
 
         winner, base, note, noisy = self._decide(
             op, list(results.values()), results[default], [default, *order], args
@@ -345,7 +428,7 @@ class Tuner:
             source_hash=op.variant(winner.candidate.variant).source_hash,
             created_at=now(),
         )
-        self.db.put(record)
+        self.db.put(record, fence=lease.fence)
         dispatch.reset()
         return Outcome(
             op.name, pkey, example, record, list(results.values()), note=note, noisy=noisy
@@ -527,7 +610,11 @@ class Tuner:
         return None
 
     def _search(
-        self, first: list[Candidate], rest: list[Candidate], evaluate: Callable[[Candidate], Result]
+        self,
+        first: list[Candidate],
+        rest: list[Candidate],
+        evaluate: Callable[[Candidate], Result],
+        study: str,
     ) -> None:
         deadline = time.perf_counter() + self.budget.problem_s
         for c in first:
@@ -541,7 +628,7 @@ class Tuner:
                     return
                 evaluate(c)
             return
-        self._tpe(rest, remaining, deadline, evaluate)
+        self._tpe(rest, remaining, deadline, evaluate, study)
 
     def _tpe(
         self,
@@ -549,8 +636,10 @@ class Tuner:
         n: int,
         deadline: float,
         evaluate: Callable[[Candidate], Result],
+        name: str,
     ) -> None:
-        """TPE over the variant and its conditional parameters, limited to ``space``."""
+        """TPE over the variant and its conditional parameters, limited to ``space``, in the
+        Optuna study ``name`` of the tuning database (:mod:`.studies`)."""
         allowed = set(space)
         choices: dict[str, dict[str, list]] = {}
         for c in space:
@@ -575,9 +664,9 @@ class Tuner:
             return r.median_s if r.status == "ok" else math.inf
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(
-            direction="minimize", sampler=optuna.samplers.TPESampler(seed=self.seed)
-        )
+        if self._storage is None:
+            self._storage = studies.storage(self.db.url)
+        study = studies.fresh_study(self._storage, name, optuna.samplers.TPESampler(seed=self.seed))
         # Suggestions may repeat or fall outside the space: stop on new evaluations, the
         # deadline, or when suggestions keep missing.
         for _ in range(8 * n):

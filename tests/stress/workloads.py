@@ -3,6 +3,9 @@
     write DB WORKER N    put N records (problems shared between workers) with their trials
     read DB SECONDS      dispatch and explain in a loop, re-reading the database each time
     tune DB SHAPE...     tune rms_norm at each shape with the CLI (one real tuning process)
+    fleet URL CHIP LEASE SLOW ROWS...
+                         one worker of a fleet: mlxp-tune over rms_norm at ROWS x 64 as chip
+                         CHIP, with leases of LEASE seconds, each candidate SLOW seconds longer
 
 Each prints one JSON line and exits 1 on any exception or database warning.
 """
@@ -121,6 +124,35 @@ def tune(db: str, *shapes: str) -> dict:
     return {"tuned": len(shapes)}
 
 
+def fleet(url: str, chip: str, lease: str, slow: str, *rows: str) -> dict:
+    """One worker of a fleet sharing ``url``: ``mlxp-tune tune`` over rms_norm at each of
+    ``rows`` x 64 (the quick preset made of them), as the chip ``chip`` (this machine's chip
+    renamed, so that workers of two chips share one machine), holding leases of ``lease``
+    seconds; each candidate takes ``slow`` seconds more (a worker to kill mid-problem)."""
+    import dataclasses
+
+    from mlx_primitives import hardware
+    from mlx_primitives.registry import Example, op
+    from mlx_primitives.tuning.cli import main as tune
+    from mlx_primitives.tuning.tuner import Tuner
+
+    detect = hardware._detect
+    hardware._detect = lambda backend: dataclasses.replace(detect(backend), name=chip)
+    op("rms_norm").presets["quick"] = [Example(((int(r), 64),), "float32") for r in rows]
+    evaluate = Tuner._evaluate
+
+    def slowed(self, *args, **kwargs):
+        time.sleep(float(slow))
+        return evaluate(self, *args, **kwargs)
+
+    Tuner._evaluate = slowed
+    argv = ["tune", "--op", "rms_norm", "--preset", "quick", "--trials", "3", "--db", url]
+    code = tune([*argv, "--lease", lease, "--json"])
+    if code:
+        raise RuntimeError(f"mlxp-tune exit code {code}")
+    return {"chip": hardware.detect_chip().slug}
+
+
 def main(argv: list[str]) -> int:
     name, db, *rest = argv
     warnings.simplefilter("error")  # a database warning (e.g. ignored as unreadable) fails
@@ -129,6 +161,8 @@ def main(argv: list[str]) -> int:
             out = write(db, int(rest[0]), int(rest[1]))
         elif name == "read":
             out = read(db, float(rest[0]))
+        elif name == "fleet":
+            out = fleet(db, *rest)
         else:
             out = tune(db, *rest)
     except BaseException:
