@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--budget", type=float, default=0.3, help="timing seconds per measurement")
     p.add_argument(
+        "--tune-budget",
+        type=float,
+        help="seconds the model suite's tuning of the recorded problems may take (default: all)",
+    )
+    p.add_argument(
         "--section",
         action="append",
         help="only these sections (attention: problems, seed, window, decode, memory)",

@@ -141,9 +141,10 @@ def _compare(modes: _Modes, names: tuple, measure, rounds: int) -> dict:
     return row
 
 
-def _tune_recorded(model, work, db: str) -> int:
-    """Record what the patched model hits while ``work()`` runs, tune it into ``db``; returns
-    the problems recorded."""
+def _tune_recorded(model, work, db: str, budget_s: float | None) -> int:
+    """Record what the patched model hits while ``work()`` runs, tune it into ``db`` (within
+    ``budget_s`` seconds where given, the costliest problems first); returns the problems
+    recorded."""
     from mlx_primitives.tuning.cli import main as cli
 
     preset = "quick" if current_backend() == "cpu" else "default"
@@ -154,7 +155,8 @@ def _tune_recorded(model, work, db: str) -> int:
             work()
     finally:
         modes.leave()
-    cli(["tune", "--recorded", "--preset", preset, "--db", db])
+    budget = [] if budget_s is None else ["--time-budget", str(budget_s)]
+    cli(["tune", "--recorded", "--preset", preset, "--db", db, *budget])
     from mlx_primitives.store.database import TuningDB
 
     found = TuningDB(db)
@@ -164,7 +166,7 @@ def _tune_recorded(model, work, db: str) -> int:
         found.close()
 
 
-def _run_model(name, model_type, config, dtype, quantized, chosen, tokens) -> dict:
+def _run_model(name, model_type, config, dtype, quantized, chosen, tokens, budget_s) -> dict:
     """One model's rows in every mode, after its recorded problems were tuned."""
     decode_tokens, prefill_tokens = tokens
     model = _model(model_type, config, dtype, quantized)
@@ -178,7 +180,7 @@ def _run_model(name, model_type, config, dtype, quantized, chosen, tokens) -> di
     db = os.path.join(tempfile.mkdtemp(prefix="mlxp-model-"), "tuning.sqlite")
     report = str(lm.patch(model))
     lm.unpatch(model)
-    recorded = _tune_recorded(model, lambda: [measures[s]() for s in chosen], db)
+    recorded = _tune_recorded(model, lambda: [measures[s]() for s in chosen], db, budget_s)
     rows = []
     for section in chosen:
         row = _compare(_Modes(model, db), MODES, measures[section], rounds=5)
@@ -214,7 +216,9 @@ def run(args) -> dict:
         f"--recorded, preset {'quick' if kind == 'cpu' else 'default'}, into a scratch "
         "database), rounds interleaved after a warm-up round, medians"
     )
-    models = [_run_model(*spec, chosen, TOKENS[kind]) for spec in MODELS[kind]]
+    if args.tune_budget is not None:
+        result["method"] += f"; each model's tuning cut at {args.tune_budget:g} s"
+    models = [_run_model(*spec, chosen, TOKENS[kind], args.tune_budget) for spec in MODELS[kind]]
     result["models"] = models
     result["results"] = [{"model": m["name"], **r} for m in models for r in m["results"]]
     return result
