@@ -65,8 +65,10 @@ def _problem(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_state, 
         groups, states = g, n
     if len(a_shape) == 2 and a_shape[1] != states:
         raise ValueError(f"[{NAME}] A has {a_shape[1]} states, expected {states} like B")
-    skip = check_vector(NAME, "D", D, heads)
-    bias = check_vector(NAME, "delta_bias", delta_bias, heads)
+    # Whether D and the bias are given, not their dtypes: a model's may be either, and a
+    # vector per head is read once a call.
+    skip = check_vector(NAME, "D", D, heads) != "none"
+    bias = check_vector(NAME, "delta_bias", delta_bias, heads) != "none"
     if z is not None and check_array(NAME, "z", z)[1] != shape:
         raise ValueError(f"[{NAME}] z has shape {z.shape}, expected {shape} like u")
     check_bool(NAME, "delta_softplus", delta_softplus)
@@ -270,8 +272,8 @@ def _example(shapes, dtype, key, heads=None, states=16, groups=1, decay="matrix"
 def _case(p):
     shapes = ((p["batch"], p["length"], p["channels"]),)
     options = {"heads": p["heads"], "states": p["states"], "groups": p["groups"],
-               "decay": p["decay"], "delta": p["delta"], "skip": p["skip"] != "none",
-               "gate": p["gate"], "bias": p["bias"] != "none", "softplus": p["softplus"],
+               "decay": p["decay"], "delta": p["delta"], "skip": p["skip"], "gate": p["gate"],
+               "bias": p["bias"], "softplus": p["softplus"],
                "state": p["state"]}  # fmt: skip
     return shapes, options
 
