@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import platform
 from datetime import datetime, timezone
 
@@ -50,10 +52,14 @@ METHOD = (
 
 
 def header(suite: str) -> dict:
+    """What every result file starts with: the suite and what it measures (its docstring), the
+    device, the versions, the date and the timing method."""
     backend = current_backend()
     chip = detect_chip(backend)
+    about = importlib.import_module(f"benchmarks.suites.{suite}").__doc__ or ""
     return {
         "suite": suite,
+        "about": inspect.cleandoc(about),
         "device": chip.name,
         "chip": chip.to_dict(),
         "backend": backend,

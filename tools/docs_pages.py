@@ -374,7 +374,9 @@ def page(root: Path, name: str, data: dict) -> str:
         + (f", sections {', '.join(data['sections'])}" if "sections" in data else "")
         + " |",
         "",
-        "**What the suite measures.** " + _suite_doc(root, data["suite"]),
+        # A run that names what its suite measured (the suite's docstring then) is described
+        # by it; older runs by the suite as it is now.
+        "**What the suite measures.** " + (data.get("about") or _suite_doc(root, data["suite"])),
         "",
         "**Method.** " + _head(data),
     ]
