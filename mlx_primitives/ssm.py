@@ -92,23 +92,18 @@ def ssm_update(
 
 
 @partial(mx.compile, shapeless=True)
-def _raw_gates(a, b, A_log, dt_bias):
+def _gates(a, b, A_log, dt_bias):
+    """The decays ``exp(-exp(A_log) softplus(a + dt_bias))`` in float32 and the strengths
+    ``sigmoid(b)`` in b's dtype (compiled, as mlx-lm's)."""
     g = mx.exp(-mx.exp(A_log.astype(mx.float32)) * mx.logaddexp(a + dt_bias, mx.zeros_like(a)))
     return g, mx.sigmoid(b)
 
 
-def _gates(a, b, A_log, dt_bias, dtype):
-    """The decays ``exp(-exp(A_log) softplus(a + dt_bias))`` and strengths ``sigmoid(b)``
-    (compiled, as mlx-lm's), in ``dtype``."""
-    g, beta = _raw_gates(a, b, A_log, dt_bias)
-    return g.astype(dtype), beta.astype(dtype)
-
-
-def _bounded_gates(a, b, A_log, dt_bias, dtype, lower_bound):
+def _bounded_gates(a, b, A_log, dt_bias, lower_bound):
     """:func:`_gates` with the decays bounded below: ``exp(lower_bound sigmoid(...))``."""
     decay = mx.exp(A_log.astype(mx.float32))
     g = mx.exp(lower_bound * mx.sigmoid(decay * (a.astype(mx.float32) + dt_bias)))
-    return g.astype(dtype), mx.sigmoid(b).astype(dtype)
+    return g, mx.sigmoid(b)
 
 
 def gated_delta_update(
@@ -144,9 +139,9 @@ def gated_delta_update(
     from .ops.gated_delta import OP, gated_delta
 
     if lower_bound is None:
-        g, beta = _gates(a, b, A_log, dt_bias, q.dtype)
+        g, beta = _gates(a, b, A_log, dt_bias)
     else:
-        g, beta = _bounded_gates(a, b, A_log, dt_bias, q.dtype, lower_bound)
+        g, beta = _bounded_gates(a, b, A_log, dt_bias, lower_bound)
     if allow_neg_eigval:
         beta = beta * 2.0
     if not use_kernel:
