@@ -17,6 +17,65 @@ def _step_sizes(dt, dt_bias, low, high):
     return mx.clip(mx.logaddexp(dt, mx.zeros_like(dt)), low, high)
 
 
+def _shape(op: str, name: str, a, shape: tuple, what: str, floating: bool = True) -> None:
+    """``a`` is an mx.array of ``shape`` (``what`` names its dims for the message)."""
+    if not isinstance(a, mx.array):
+        raise TypeError(f"[{op}] {name} must be an mlx.core.array, got {type(a).__name__}")
+    if floating and not mx.issubdtype(a.dtype, mx.floating):
+        raise ValueError(f"[{op}] {name} must have a floating dtype, got {a.dtype}")
+    if a.shape != shape:
+        raise ValueError(f"[{op}] {name} has shape {a.shape}, expected {shape} {what}")
+
+
+def _check(op: str, x, A_log, B, C, D, dt, dt_bias, state, mask, lengths) -> None:
+    """mlx-lm's Mamba-2 arguments, each named where it is wrong."""
+    if not isinstance(x, mx.array) or x.ndim != 4:
+        raise ValueError(f"[{op}] x must be (batch, length, heads, head_dim), got "
+                         f"{getattr(x, 'shape', type(x).__name__)}")  # fmt: skip
+    batch, length, heads, head_dim = x.shape
+    _shape(op, "A_log", A_log, (heads,), "(heads,)")
+    _shape(op, "dt", dt, (batch, length, heads), "(batch, length, heads)")
+    _shape(op, "dt_bias", dt_bias, (heads,), "(heads,)")
+    _shape(op, "D", D, (heads,), "(heads,)")
+    groups_states = B.shape[2:] if isinstance(B, mx.array) and B.ndim == 4 else (1, 1)
+    for name, m in (("B", B), ("C", C)):
+        _shape(op, name, m, (batch, length, *groups_states), "(batch, length, groups, states)")
+    if heads % groups_states[0]:
+        raise ValueError(f"[{op}] B has {groups_states[0]} groups, which do not split {heads} "
+                         "heads evenly")  # fmt: skip
+    if state is not None:
+        want = (batch, heads, head_dim, groups_states[1])
+        _shape(op, "state", state, want, "(batch, heads, head_dim, states)")
+    if mask is not None:
+        _shape(op, "mask", mask, (batch, length), "(batch, length)", floating=False)
+    if lengths is not None:
+        _shape(op, "lengths", lengths, (batch,), "(batch,)", floating=False)
+
+
+def _ssm(op: str, x, A_log, B, C, D, dt, dt_bias, state, limits, mask, lengths, kernel_dtypes):
+    """The SSM through :func:`selective_scan`. ``kernel_dtypes``: the output in x's dtype and
+    the state in its own, as mlx-lm's Metal decoding kernel gives them; else as its
+    ``ssm_attn``: the output in x's and D's promoted dtype, the state in float32."""
+    _check(op, x, A_log, B, C, D, dt, dt_bias, state, mask, lengths)
+    batch, length, heads, head_dim = x.shape
+    delta = _step_sizes(dt, dt_bias, *limits)
+    if lengths is not None:
+        real = mx.arange(length)[None] < lengths[:, None]
+        mask = real if mask is None else mx.logical_and(real, mask.astype(mx.bool_))
+    if mask is not None:
+        delta = mx.where(mask.astype(mx.bool_)[..., None], delta, 0.0)
+    channels = heads * head_dim
+    if state is not None:
+        state = state.reshape(batch, channels, -1)
+        if not kernel_dtypes:
+            state = state.astype(mx.float32)
+    A = -mx.exp(A_log.astype(mx.float32))
+    y, state = selective_scan(x.reshape(batch, length, channels), delta, A, B, C, D,
+                              return_state=True, state=state)  # fmt: skip
+    y = y.reshape(x.shape).astype(x.dtype if kernel_dtypes else mx.result_type(x, D))
+    return y, state.reshape(batch, heads, head_dim, -1)
+
+
 def ssm_attn(
     x: mx.array,
     A_log: mx.array,
@@ -32,7 +91,8 @@ def ssm_attn(
     step: int = 256,
 ) -> tuple[mx.array, mx.array]:
     """mlx-lm's Mamba-2 SSM (``mlx_lm.models.ssm.ssm_attn``): the same arguments, state layout
-    and results, through :func:`mlx_primitives.selective_scan` with one decay per head.
+    and results, through :func:`mlx_primitives.selective_scan` with one decay per head. The
+    output has x's and D's promoted dtype, the state float32, as mlx-lm's.
 
     A position that ``mask`` hides or that lies past its sequence's ``lengths`` leaves the
     state as it was (its own output is padding).
@@ -50,24 +110,8 @@ def ssm_attn(
         lengths: ``(batch,)``, each sequence's length (a negative one keeps the state).
         step: mlx-lm's chunk size; accepted for its signature, the chunk is tuned here.
     """
-    if not isinstance(x, mx.array) or x.ndim != 4:
-        raise ValueError(f"[ssm_attn] x must be (batch, length, heads, head_dim), got "
-                         f"{getattr(x, 'shape', type(x).__name__)}")  # fmt: skip
-    batch, length, heads, head_dim = x.shape
-    delta = _step_sizes(dt, dt_bias, *time_step_limit)
-    if lengths is not None:
-        real = mx.arange(length)[None] < lengths[:, None]
-        mask = real if mask is None else mx.logical_and(real, mask.astype(mx.bool_))
-    if mask is not None:
-        delta = mx.where(mask.astype(mx.bool_)[..., None], delta, 0.0)
-    channels = heads * head_dim
-    if state is not None:
-        state = state.reshape(batch, channels, -1)
-    A = -mx.exp(A_log.astype(mx.float32))
-    y, state = selective_scan(x.reshape(batch, length, channels), delta, A, B, C, D,
-                              return_state=True, state=state)  # fmt: skip
-    y = y.reshape(x.shape).astype(mx.result_type(x, D))
-    return y, state.reshape(batch, heads, head_dim, -1)
+    return _ssm("ssm_attn", x, A_log, B, C, D, dt, dt_bias, state, time_step_limit, mask,
+                lengths, kernel_dtypes=False)  # fmt: skip
 
 
 def ssm_update(
@@ -84,11 +128,20 @@ def ssm_update(
     lengths: mx.array | None = None,
 ) -> tuple[mx.array, mx.array]:
     """mlx-lm's ``ssm_update`` (Mamba-2, Nemotron-H, Falcon-H1, Granite-MoE-hybrid, PLaMo 2):
-    prefill and decoding steps alike through :func:`ssm_attn` (the tuned dispatch picks the
-    chunked product, the recurrent kernel or a composition per shape). Arguments as
-    :func:`ssm_attn`'s."""
-    return ssm_attn(hidden_states, A_log, B, C, D, dt, dt_bias, state, time_step_limit,
-                    mask=mask, lengths=lengths)  # fmt: skip
+    prefill and decoding steps alike through :func:`selective_scan` (the tuned dispatch picks
+    the chunked product, the recurrent kernel or a composition per shape). Arguments as
+    :func:`ssm_attn`'s; the dtypes as mlx-lm's path on this device gives them (on Metal a
+    decoding step keeps x's dtype and the state's, as its kernel does)."""
+    kernel = (
+        isinstance(hidden_states, mx.array)
+        and hidden_states.ndim == 4
+        and hidden_states.shape[1] == 1
+        and state is not None
+        and mx.default_device() == mx.gpu
+        and mx.metal.is_available()
+    )
+    return _ssm("ssm_update", hidden_states, A_log, B, C, D, dt, dt_bias, state,
+                time_step_limit, mask, lengths, kernel_dtypes=kernel)  # fmt: skip
 
 
 @partial(mx.compile, shapeless=True)

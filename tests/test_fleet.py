@@ -135,13 +135,16 @@ def test_a_database_the_server_lacks_is_a_clean_error(capsys, postgres, monkeypa
     assert decision.source != "user"
 
 
-def test_a_password_in_the_url_is_never_printed(capsys, postgres, pg_url):
+def test_a_password_in_the_url_is_never_printed(capsys, postgres, pg_url, tmp_path):
+    """Nor written into a report, which is made to be shared."""
     url = pg_url.replace("postgres@", "postgres:hunter2@")  # trust: the server ignores it
     missing = postgres.url("no_such_database").replace("postgres@", "postgres:hunter2@")
+    page = tmp_path / "report.html"
     said = [run(capsys, *argv) for argv in ([*TUNE, "--db", url], ["doctor", "--db", url],
-            ["show", "--db", missing], ["clear", "--db", url])]  # fmt: skip
-    assert [code for code, _, _ in said] == [0, 0, 1, 0]
-    text = "".join(out + err for _, out, err in said)
+            ["show", "--db", missing], ["report", "--db", url, "-o", str(page)],
+            ["clear", "--db", url])]  # fmt: skip
+    assert [code for code, _, _ in said] == [0, 0, 1, 0, 0]
+    text = "".join(out + err for _, out, err in said) + page.read_text()
     assert "postgres:***@" in text and "hunter2" not in text
 
 
@@ -280,6 +283,22 @@ def test_a_problem_its_holder_finishes_is_not_tuned_again_even_with_force(capsys
     db.close()
 
 
+def test_a_forced_worker_takes_over_what_a_dead_holder_left(capsys, url):
+    """With --force, a problem that has a record and whose holder died (no newer record) is
+    re-tuned once the holder's lease expires."""
+    db = TuningDB(url)
+    ours = _rms("compiled")
+    db.put(ours)
+    dead = Leases(db, "gone:1:00", 1.0)  # a --force worker that died holding it
+    assert dead.claim(detect_chip().slug, "rms_norm", PROBLEM) is not None
+    code, out, err = run(capsys, *TUNE, "--db", url, "--lease", "1", "--force")
+    assert code == 0, err
+    assert "held by gone:1:00" in err
+    (record,) = db.records()
+    assert record.created_at != ours.created_at and db.trials()  # tuned here
+    db.close()
+
+
 def test_a_worker_that_lost_its_lease_leaves_the_takers_record(opened):
     leases = Leases(opened, "slow:1:00", 1.0)
     tuner = Tuner(opened, FAST, leases=leases)
@@ -308,6 +327,24 @@ def test_the_search_is_an_optuna_study_in_the_tuning_database(opened, url):
     Tuner(opened, TPE, force=True).tune(toy, EX)
     assert optuna.get_all_study_names(storage=url) == [name]  # one study: the latest search
     assert len(opened.records()) == 1 and opened.trials()  # the tuner's tables beside Optuna's
+
+
+def test_a_search_of_every_candidate_is_a_study_too(opened, url):
+    """Where the tuner tries every candidate (no TPE), each is a finished trial of the study,
+    its time the one measured, a rejected one failed with its reason."""
+    outcome = Tuner(opened, FAST).tune(make_op(), EX)
+    name = studies.study_name(detect_chip().slug, outcome.problem)
+    trials = optuna.load_study(study_name=name, storage=url).trials
+    tried = {(r.candidate.variant, r.candidate.params): r for r in outcome.results}
+    assert len(trials) == len(tried) > 1
+    for t in trials:
+        variant = t.params["variant"]
+        params = tuple(sorted((k.split(".", 1)[1], v) for k, v in t.params.items() if "." in k))
+        r = tried[(variant, params)]
+        if r.status == "ok":
+            assert t.state == optuna.trial.TrialState.COMPLETE and t.value == r.median_s
+        else:
+            assert t.state == optuna.trial.TrialState.FAIL and t.user_attrs["reason"] == r.reason
 
 
 def test_a_seeded_search_suggests_the_same_in_the_database_as_in_memory(opened, monkeypatch):
@@ -382,6 +419,21 @@ def test_merge_keeps_the_better_record_of_each_problem(capsys, opened, url, tmp_
     assert f"added: {new.chip} {new.problem} from {a}" in out
     merged = {r.problem.split("|")[2].split(",")[0]: r for r in opened.records()}
     assert merged == {"rows=8": later, "rows=16": fresh, "rows=32": new, "rows=64": lone_stale}
+
+
+def test_merge_leaves_a_better_record_written_while_it_ran(opened, monkeypatch):
+    """A worker writes a better record of a problem after merge read the database and before it
+    writes: the worker's stays, and the merge says so."""
+    from mlx_primitives.tuning import merge
+
+    worse, better = _rms("eager", rows=8), _rms("compiled", rows=8, median_s=0.5e-5)
+    opened.put(better)  # written after merge read the database, which then held nothing:
+    monkeypatch.setattr(opened, "records", lambda *a, **k: [])
+    done = merge.fold(opened, [(worse, "a.json")])
+    assert done.lines == [("kept", f"{worse.chip} {worse.problem}: a record written since "
+                                   "ranks at least as high")]  # fmt: skip
+    monkeypatch.undo()
+    assert opened.records() == [better]
 
 
 # Eight workers of two chips on one server, one killed -----------------------------------------

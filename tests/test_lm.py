@@ -238,7 +238,8 @@ def test_gated_delta_update_is_mlx_lms(tokens, options, dtype):
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize(
     "tokens,options", [(1, {"state": True}), (300, {}), (37, {"state": True, "mask": True}),
-                       (20, {"state": True, "mask": True, "lengths": True})]
+                       (20, {"state": True, "mask": True, "lengths": True}),
+                       (9, {"state": "bfloat16"})]
 )  # fmt: skip
 def test_ssm_update_is_mlx_lms(tokens, options, dtype):
     """Decoding and prefill (past mlx-lm's 256-position chunk), a carried state, a left-padding
@@ -251,10 +252,14 @@ def test_ssm_update_is_mlx_lms(tokens, options, dtype):
     B, C = (mx.random.normal((batch, tokens, groups, states), key=k).astype(dtype)
             for k in keys[1:3])  # fmt: skip
     dt = mx.random.normal((batch, tokens, heads), key=keys[3]).astype(dtype)
-    A_log, dt_bias = mx.random.uniform(shape=(heads,), key=keys[4]), mx.zeros((heads,))
+    A_log = mx.random.uniform(shape=(heads,), key=keys[4])
+    dt_bias = 0.5 * mx.random.normal((heads,), key=keys[7])
     D = mx.random.uniform(shape=(heads,), key=keys[5]).astype(dtype)
-    state = (0.1 * mx.random.normal((batch, heads, head_dim, states), key=keys[6])
-             if options.get("state") else None)  # fmt: skip
+    state = None
+    if options.get("state"):  # float32, as mlx-lm's cache holds it, or another dtype
+        state = 0.1 * mx.random.normal((batch, heads, head_dim, states), key=keys[6])
+        if isinstance(options["state"], str):
+            state = state.astype(getattr(mx, options["state"]))
     lengths = mx.array([tokens, tokens // 2]) if options.get("lengths") else None
     mask = None
     if lengths is not None:
@@ -273,3 +278,27 @@ def test_ssm_update_is_mlx_lms(tokens, options, dtype):
             if dtype == mx.bfloat16:  # mlx-lm rounds the scan's and the skip's terms apart, so
                 tol = {"atol": 1e-2 * np.abs(w).max()}  # a sum is off by the terms' ulps
         ref.assert_close(mx.array(g), w, mx.float32, **tol)
+
+
+def test_ssm_update_names_the_argument_at_fault():
+    x = mx.zeros((1, 3, 4, 8))
+    B = mx.zeros((1, 3, 2, 16))
+    good = dict(hidden_states=x, A_log=mx.zeros((4,)), B=B, C=B, D=mx.ones((4,)),
+                dt=mx.zeros((1, 3, 4)), dt_bias=mx.zeros((4,)))  # fmt: skip
+    for name, bad, message in [
+        (
+            "dt",
+            mx.zeros((1, 3, 5)),
+            r"\[ssm_update\] dt has shape \(1, 3, 5\), expected \(1, 3, 4\)",
+        ),
+        ("A_log", mx.zeros((5,)), r"\[ssm_update\] A_log has shape \(5,\), expected \(4,\)"),
+        ("C", mx.zeros((1, 3, 2, 8)), r"\[ssm_update\] C has shape \(1, 3, 2, 8\)"),
+        ("B", mx.zeros((1, 3, 3, 16)), r"\[ssm_update\] C has shape"),
+        ("state", mx.zeros((1, 4, 8, 17)), r"\[ssm_update\] state has shape \(1, 4, 8, 17\)"),
+        ("mask", mx.zeros((1, 4), mx.bool_), r"\[ssm_update\] mask has shape \(1, 4\)"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            mp.ssm_update(**{**good, name: bad})
+    with pytest.raises(ValueError, match=r"\[ssm_attn\] B has 3 groups, which do not split 4"):
+        mp.ssm_attn(x, good["A_log"], mx.zeros((1, 3, 3, 16)), mx.zeros((1, 3, 3, 16)),
+                    good["D"], good["dt"], good["dt_bias"])  # fmt: skip

@@ -670,3 +670,17 @@ def test_a_candidate_another_live_tuner_is_measuring_is_left_alone(db):
     assert "did not finish" in by_variant["nan"].reason
     assert by_variant["same"].status == "ok"  # measured here too, not taken for dead
     assert next(t for t in db.trials() if t["id"] == live_id)["status"] == "pending"
+
+
+def test_a_candidate_pending_on_another_host_is_taken_for_crashed(db):
+    """A pending trial of another host's worker, however young: this tuner holds the problem's
+    lease, which that worker has lost, so it died in it or is no longer wanted; the candidate
+    is rejected, not run again (it may crash this worker too)."""
+    op = make_op([Variant("same", lambda: double)])
+    key = op.problem(mx.ones((64, 256))).key
+    elsewhere = {"op": "toy", "problem": key, "variant": "same", "params": {},
+                 "status": "pending", "reason": "started by pid 1 on some-other-host"}  # fmt: skip
+    db.add_trial(detect_chip().slug, elsewhere)
+    out = Tuner(db, FAST).tune(op, Example(((64, 256),), "float32"))
+    (same,) = [r for r in out.results if r.candidate.variant == "same"]
+    assert same.status == "rejected" and "did not finish" in same.reason

@@ -125,7 +125,7 @@ def test_selective_scan_composition_in_segments(monkeypatch):
     import sys
 
     module = sys.modules["mlx_primitives.ops.selective_scan"]
-    monkeypatch.setattr(module, "SCAN_MAX", 2**10)  # 100 positions of 2x12x8 states: 11 segments
+    monkeypatch.setattr(module, "SCAN_MAX", 2**10)  # 100 positions of 2x12x8 states: 20 segments
     args = module.OP.example(((2, 100, 12),), mx.float32, mx.random.key(1), states=8, groups=3,
                              gate=True, state="float32")  # fmt: skip
     y, h = module.OP.variant("scan").build()(*args)

@@ -35,9 +35,9 @@ def check_array(op: str, name: str, x, *, min_ndim: int = 1) -> tuple[str, tuple
 
 
 def check_vector(op: str, name: str, v, size: int) -> str:
-    """``v`` is None or a floating vector of ``size`` elements; returns its problem value: its
-    dtype's name, or "none" (kernels are built per dtype of each argument and per argument
-    present)."""
+    """``v`` is None or a floating vector of ``size`` elements; returns its dtype's name, or
+    "none": a problem value where kernels are built per dtype of each argument and per
+    argument present (selective_scan keeps only whether it is present)."""
     if v is None:
         return "none"
     dtype, shape = check_array(op, name, v)

@@ -85,6 +85,14 @@ def _problem(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_state, 
     return dtype, values
 
 
+def _step_sizes(delta, delta_bias, delta_softplus, acc):
+    """``delta`` plus its bias, through softplus where asked, in ``acc``: one per head."""
+    dt = delta.astype(acc)
+    if delta_bias is not None:
+        dt = dt + delta_bias.astype(acc)
+    return mx.logaddexp(dt, mx.zeros_like(dt)) if delta_softplus else dt
+
+
 def _parts(u, delta, A, B, C, D, delta_bias, delta_softplus, acc):
     """The inputs in ``acc`` shaped per group of channels: u and dt ``(batch, length, groups,
     per)``, A ``(groups, per, states)``, B and C ``(batch, length, groups, 1, states)``, D
@@ -93,11 +101,7 @@ def _parts(u, delta, A, B, C, D, delta_bias, delta_softplus, acc):
     heads = delta.shape[-1]
     n = B.shape[-1]
     groups = 1 if B.ndim == 3 else B.shape[2]
-    dt = delta.astype(acc)
-    if delta_bias is not None:
-        dt = dt + delta_bias.astype(acc)
-    if delta_softplus:
-        dt = mx.logaddexp(dt, mx.zeros_like(dt))
+    dt = _step_sizes(delta, delta_bias, delta_softplus, acc)
     per_head = channels // heads
     if per_head > 1:
         dt = mx.repeat(dt, per_head, axis=-1)
@@ -167,10 +171,11 @@ def _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_state, sta
     """Every state at once through the tuned :func:`linear_scan`, the decays and inputs of a
     segment of positions formed first (segments of at most ``SCAN_MAX`` elements, each
     starting from the state the one before left)."""
-    x, dt, a, Bg, Cg, d = _parts(u, delta, A, B, C, D, delta_bias, delta_softplus, mx.float32)
+    acc = accumulator(u.dtype)
+    x, dt, a, Bg, Cg, d = _parts(u, delta, A, B, C, D, delta_bias, delta_softplus, acc)
     batch, length, groups, per = x.shape
     n = Bg.shape[-1]
-    h = None if state is None else state.astype(mx.float32).reshape(batch, groups, per, n)
+    h = None if state is None else state.astype(acc).reshape(batch, groups, per, n)
     segment = max(1, SCAN_MAX // (batch * groups * per * n))
     ys = []
     for s in range(0, length, segment):
@@ -188,16 +193,12 @@ def _chunked(chunk):
         """Mamba-2's state-space duality: within a chunk of positions the output is a masked
         attention-like product (decays between positions times ``C_i . B_j``); across chunks
         the state carries. Needs one decay per head (``A`` of shape ``(heads,)``)."""
-        acc = mx.float32
+        acc = accumulator(u.dtype)
         batch, length, channels = u.shape
         heads, n = delta.shape[-1], B.shape[-1]
         groups = 1 if B.ndim == 3 else B.shape[2]
         per, r = channels // heads, heads // groups
-        dt = delta.astype(acc)
-        if delta_bias is not None:
-            dt = dt + delta_bias.astype(acc)
-        if delta_softplus:
-            dt = mx.logaddexp(dt, mx.zeros_like(dt))
+        dt = _step_sizes(delta, delta_bias, delta_softplus, acc)
         log_decay = (dt * A.astype(acc)).swapaxes(1, 2)  # (batch, heads, length)
         xs = (dt[..., None] * u.astype(acc).reshape(batch, length, heads, per)).transpose(
             0, 2, 1, 3

@@ -422,6 +422,27 @@ class TuningDB:
             _upsert(conn, _records, key, row, row)
 
     @_guard
+    def put_if(self, record: TuningRecord, wanted: Callable[[TuningRecord | None], bool]) -> bool:
+        """Put the record where ``wanted(current)`` says so of the record now stored for its
+        (chip, op, problem) (None: none, or one not well-formed), read and written in one
+        transaction that holds the row: a writer in between cannot be overwritten unseen.
+        Returns whether it was put."""
+        row = record.to_row()
+        key = {k: row[k] for k in ("chip", "op", "problem")}
+        where = [_records.c[k] == v for k, v in key.items()]
+        with self._writer.begin() as conn:
+            found = conn.execute(select(_records).where(*where).with_for_update()).mappings()
+            found = found.first()
+            try:
+                current = None if found is None else TuningRecord.from_row({**found})
+            except RecordError:
+                current = None
+            if not wanted(current):
+                return False
+            _upsert(conn, _records, key, row, row)
+        return True
+
+    @_guard
     def add_trial(self, chip: str, trial: dict) -> int:
         """Store one trial; returns its id (to finish a ``pending`` one later)."""
         with Session(self._writer) as s, s.begin():

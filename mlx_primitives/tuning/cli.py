@@ -375,13 +375,18 @@ def cmd_tune(args) -> int:
         progress.finish(what, _result(outcome, time.perf_counter() - begun))
         return None
 
+    def written(o: Op, problem: str) -> str | None:
+        """When the problem's record on this chip was written (None: it has none)."""
+        found = [r for r in db.records(tuner.chip.slug, o.name) if r.problem == problem]
+        return found[0].created_at if found else None
+
     with progress:
         held = []
         for o, ex in work:
             busy = attempt(o, ex)
             if busy is not None:
                 print(f"{o.name} {ex.label()}: {busy.note}", file=sys.stderr, flush=True)
-                held.append((o, ex))
+                held.append((o, ex, busy.problem, written(o, busy.problem)))
         if held:
             print(
                 f"mlxp-tune: {len(held)} problems are held by other workers: waiting until they "
@@ -391,8 +396,14 @@ def cmd_tune(args) -> int:
             )
         while held:
             time.sleep(min(5.0, args.lease / 4))
-            # What the holder finished is done: not tuned again here, whatever --force says.
-            held = [(o, ex) for o, ex in held if attempt(o, ex, force=False) is not None]
+            # What the holder finished (a record written since) is done: not tuned again here,
+            # whatever --force says; what it left (it died) is taken over as asked.
+            held = [
+                (o, ex, problem, before)
+                for o, ex, problem, before in held
+                if attempt(o, ex, force=None if written(o, problem) == before else False)
+                is not None
+            ]
     rows = [_row(o.record, "user") for o in outcomes if o.record is not None]
     noisy = [o for o in outcomes if o.noisy]
     if args.json:

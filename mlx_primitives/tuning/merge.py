@@ -41,10 +41,10 @@ def why(winner: TuningRecord, loser: TuningRecord) -> str:
 @dataclass
 class Merge:
     """What a merge did: one line per incoming record (``added``, ``replaced``, ``kept``),
-    and the records to write."""
+    and each problem's winner with its source and the number of the line that made it so."""
 
     lines: list[tuple[str, str]] = field(default_factory=list)
-    winners: dict[tuple[str, str, str], tuple[TuningRecord, str]] = field(default_factory=dict)
+    winners: dict[tuple[str, str, str], tuple[TuningRecord, str, int]] = field(default_factory=dict)
 
     def count(self, what: str) -> int:
         return sum(kind == what for kind, _ in self.lines)
@@ -61,23 +61,28 @@ def fold(db: TuningDB, incoming: list[tuple[TuningRecord, str]]) -> Merge:
     merge = Merge()
     best = merge.winners
     for rec in db.records():
-        best[(rec.chip, rec.op, rec.problem)] = (rec, DATABASE)
+        best[(rec.chip, rec.op, rec.problem)] = (rec, DATABASE, -1)
     for rec, source in incoming:
         key = (rec.chip, rec.op, rec.problem)
         name = f"{rec.chip} {rec.problem}"
         if key not in best:
-            best[key] = (rec, source)
+            best[key] = (rec, source, len(merge.lines))
             merge.lines.append(("added", f"{name} from {source}"))
             continue
-        held, held_from = best[key]
+        held, held_from, _ = best[key]
         if rank(rec) > rank(held):
-            best[key] = (rec, source)
+            best[key] = (rec, source, len(merge.lines))
             reason = f"{source}'s record over {held_from}'s: {why(rec, held)}"
             merge.lines.append(("replaced", f"{name}: {reason}"))
         else:
             reason = f"{held_from}'s record over {source}'s: {why(held, rec)}"
             merge.lines.append(("kept", f"{name}: {reason}"))
-    for rec, source in best.values():
-        if source != DATABASE:
-            db.put(rec)
+    for rec, source, line in best.values():
+        # A worker may have written a record of the problem since it was read: it stays where
+        # the rule ranks it at least as high.
+        if source != DATABASE and not db.put_if(
+            rec, lambda now, r=rec: now is None or rank(r) > rank(now)
+        ):
+            name = f"{rec.chip} {rec.problem}"
+            merge.lines[line] = ("kept", f"{name}: a record written since ranks at least as high")
     return merge

@@ -20,7 +20,7 @@ import mlx.core as mx
 from .. import __version__
 from ..registry import Op
 from ..store import exists, shipped
-from ..store.database import TuningDB
+from ..store.database import TuningDB, shown_url
 from . import report_figures as figures
 from .report_data import SOURCES, Entry, OpReport, op_report, summary, without_op
 
@@ -204,7 +204,7 @@ def page(sections: list[OpReport], chip: str, url: str, png_dir: Path | None = N
     users = sum(e.source == "user" for e in own)
     meta = (
         f"{len(own) - users} records of the shipped files and {users} of the user database "
-        f"{url}{when}. Made by mlx-primitives {__version__} with MLX {mx.__version__}."
+        f"{shown_url(url)}{when}. Made by mlx-primitives {__version__} with MLX {mx.__version__}."
     )
     body = [
         f"<h1>mlx-primitives tuning report: {html.escape(chip)}</h1>",

@@ -25,7 +25,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 import mlx.core as mx
 import optuna
@@ -228,23 +227,21 @@ def decide(results: list[Result], default: Result, order: list[Candidate]) -> Re
     return _pick(challengers, order) if challengers else default
 
 
-def _alive(reason: str, created_at: str, timeout_s: float) -> bool:
-    """Whether the process that started a pending trial may still be running it: on this host
-    the pid answers; on another, the trial is younger than a candidate may take."""
+def _alive(reason: str) -> bool:
+    """Whether the process that started a pending trial may still be running it. Asked while
+    this process holds the problem's lease, which that one has lost: on this host its pid
+    answers; on another it is taken for dead (a candidate that crashed a worker must not crash
+    the one that takes its problem over)."""
     match = re.fullmatch(r"started by pid (\d+) on (.+)", reason)
-    if match and match[2] == socket.gethostname():
-        try:
-            os.kill(int(match[1]), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # another user's process: it exists
-            pass
-        return True
-    try:
-        started = datetime.fromisoformat(created_at)
-    except (TypeError, ValueError):
+    if not match or match[2] != socket.gethostname():
         return False
-    return (datetime.now(timezone.utc) - started).total_seconds() < timeout_s
+    try:
+        os.kill(int(match[1]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        pass
+    return True
 
 
 def candidates(op: Op, problem: Problem, backend: str) -> list[Candidate]:
@@ -256,6 +253,19 @@ def candidates(op: Op, problem: Problem, backend: str) -> list[Candidate]:
             continue
         out.extend(Candidate.of(v.name, cfg) for cfg in v.configs() if v.allows(pdict, cfg))
     return out
+
+
+def _choices(space: list[Candidate]) -> dict[str, dict[str, list]]:
+    """Each variant's parameters and their values in ``space``, in order: the search's
+    categorical distributions."""
+    choices: dict[str, dict[str, list]] = {}
+    for c in space:
+        per = choices.setdefault(c.variant, {})
+        for k, v in c.params:
+            per.setdefault(k, [])
+            if v not in per[k]:
+                per[k].append(v)
+    return choices
 
 
 class Tuner:
@@ -443,7 +453,7 @@ class Tuner:
                 continue
             c = Candidate.of(t["variant"], t["params"])
             if t["status"] == "pending":
-                if _alive(t["reason"], t["created_at"], self.candidate_timeout_s):
+                if _alive(t["reason"]):
                     continue  # another tuning process is measuring it right now
                 out[c] = Result(c, "rejected", f"{CRASHED}: process died in it (crash or kill)")
                 self.db.finish_trial(t["id"], out[c].trial(op.name, pkey))
@@ -622,13 +632,51 @@ class Tuner:
         remaining = self.budget.trials - len(first)
         if remaining <= 0:
             return
-        if len(rest) <= remaining:
-            for c in rest:
-                if time.perf_counter() > deadline:
-                    return
-                evaluate(c)
+        if len(rest) > remaining:
+            self._tpe(rest, remaining, deadline, evaluate, study)
             return
-        self._tpe(rest, remaining, deadline, evaluate, study)
+        tried = list(first)
+        for c in rest:
+            if time.perf_counter() > deadline:
+                break
+            evaluate(c)
+            tried.append(c)
+        self._tried_study(first + rest, [evaluate(c) for c in tried], study)
+
+    def _study(self, name: str) -> optuna.Study:
+        """The Optuna study ``name`` of the tuning database, emptied (:mod:`.studies`)."""
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        if self._storage is None:
+            self._storage = studies.storage(self.db.url)
+        sampler = optuna.samplers.TPESampler(seed=self.seed)
+        return studies.fresh_study(self._storage, name, sampler)
+
+    def _tried_study(self, space: list[Candidate], tried: list[Result], name: str) -> None:
+        """A search that tried every candidate, as the Optuna study ``name``: one finished
+        trial per candidate (a failed one where it was rejected, with the reason), so that
+        ``optuna-dashboard`` shows it as it shows a TPE search."""
+        choices = _choices(space)
+        study = self._study(name)
+        variant = optuna.distributions.CategoricalDistribution(list(choices))
+        for r in tried:
+            c = r.candidate
+            params = {"variant": c.variant} | {f"{c.variant}.{k}": v for k, v in c.params}
+            dists = {"variant": variant} | {
+                f"{c.variant}.{k}": optuna.distributions.CategoricalDistribution(
+                    choices[c.variant][k]
+                )
+                for k, _ in c.params
+            }
+            ok = r.status == "ok"
+            study.add_trial(
+                optuna.trial.create_trial(
+                    params=params,
+                    distributions=dists,
+                    value=r.median_s if ok else None,
+                    state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL,
+                    user_attrs={} if ok else {"reason": r.reason},
+                )
+            )
 
     def _tpe(
         self,
@@ -641,13 +689,7 @@ class Tuner:
         """TPE over the variant and its conditional parameters, limited to ``space``, in the
         Optuna study ``name`` of the tuning database (:mod:`.studies`)."""
         allowed = set(space)
-        choices: dict[str, dict[str, list]] = {}
-        for c in space:
-            per = choices.setdefault(c.variant, {})
-            for k, v in c.params:
-                per.setdefault(k, [])
-                if v not in per[k]:
-                    per[k].append(v)
+        choices = _choices(space)
         seen: set[Candidate] = set()
 
         def objective(trial: optuna.Trial) -> float:
@@ -663,10 +705,7 @@ class Tuner:
             r = evaluate(c)
             return r.median_s if r.status == "ok" else math.inf
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        if self._storage is None:
-            self._storage = studies.storage(self.db.url)
-        study = studies.fresh_study(self._storage, name, optuna.samplers.TPESampler(seed=self.seed))
+        study = self._study(name)
         # Suggestions may repeat or fall outside the space: stop on new evaluations, the
         # deadline, or when suggestions keep missing.
         for _ in range(8 * n):
