@@ -314,6 +314,22 @@ def test_a_worker_that_lost_its_lease_leaves_the_takers_record(opened):
     assert opened.records() == []  # the taker's record will stand alone
 
 
+def test_a_worker_stops_searching_once_its_heartbeat_finds_the_lease_taken(opened):
+    leases = Leases(opened, "slow:1:00", 1.0)
+    tuner = Tuner(opened, FAST, leases=leases)
+
+    def taken_over(step):
+        if step.done == 1:
+            table = leases_table
+            opened.write(lambda c: c.execute(table.update().values(owner="taker:2:00")))
+            time.sleep(0.6)  # past a heartbeat (a third of the lease)
+
+    tuner.on_candidate = taken_over
+    outcome = tuner.tune(make_op(), EX)
+    assert outcome.held and outcome.record is None
+    assert len(opened.trials()) == 1  # nothing measured after the heartbeat saw it
+
+
 # Optuna's studies in the tuning database ----------------------------------------------------
 
 

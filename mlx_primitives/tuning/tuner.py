@@ -392,6 +392,8 @@ class Tuner:
 
         def evaluate(c: Candidate) -> Result:
             nonlocal done
+            if lease.lost:  # the heartbeat found it taken over: the rest is the taker's
+                raise LeaseLost(f"[lease] {pkey}: taken over by another worker")
             if c not in results:
                 limit = None
                 if c != default and results[default].status == "ok":
