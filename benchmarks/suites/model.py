@@ -9,8 +9,8 @@ own generation loop and KV cache, in one run:
 Sections: ``decode``, tokens per second of ``generate_step`` after a short prompt (its prefill
 left out); ``prefill``, tokens per second of one forward pass of a long prompt. Rounds of the
 three modes are interleaved. On the CPU small models; on a GPU the per-layer shapes of
-Llama-3-8B and Qwen3-30B-A3B with the layers cut (``layers`` in the result). Needs mlx-lm
-(``pip install -e ".[lm]"``).
+Llama-3-8B, Qwen3-30B-A3B and Mamba-2 2.7B with the layers cut (``layers`` in the result).
+Needs mlx-lm (``pip install -e ".[lm]"``).
 """
 
 from __future__ import annotations
@@ -50,17 +50,30 @@ QWEN3_30B_A3B = {"hidden_size": 2048, "num_hidden_layers": 4, "intermediate_size
                  "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
                  "max_position_embeddings": 40960, "vocab_size": 151936,
                  "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, **_MOE}  # fmt: skip
+# Mamba-2's SSM layers (through mp.ssm_update once patched): a small one, and Mamba-2 2.7B's
+# per-layer shapes (80 heads of 64, 128 states) with the layers cut to 4.
+_MAMBA2 = {"n_groups": 1, "conv_kernel": 4, "layer_norm_epsilon": 1e-5, "use_bias": False,
+           "use_conv_bias": True, "tie_word_embeddings": True, "time_step_rank": "auto",
+           "time_step_limit": (0.0, float("inf"))}  # fmt: skip
+SMALL_MAMBA2 = {"hidden_size": 512, "num_heads": 16, "head_dim": 64, "intermediate_size": 1024,
+                "state_size": 64, "num_hidden_layers": 4, "vocab_size": 4096,
+                **_MAMBA2}  # fmt: skip
+MAMBA2_2_7B = {"hidden_size": 2560, "num_heads": 80, "head_dim": 64, "intermediate_size": 5120,
+               "state_size": 128, "num_hidden_layers": 4, "vocab_size": 50288,
+               **_MAMBA2}  # fmt: skip
 # (name, model_type, config, dtype, quantized) per device kind.
 MODELS = {
     "cpu": (
         ("llama", "llama", SMALL_LLAMA, "float32", False),
         ("llama 4-bit", "llama", SMALL_LLAMA, "float32", True),
         ("qwen3-moe 4-bit", "qwen3_moe", SMALL_QWEN3_MOE, "float32", True),
+        ("mamba2", "mamba2", SMALL_MAMBA2, "float32", False),
     ),
     "gpu": (
         ("llama-3-8b 4-bit", "llama", LLAMA_3_8B, "bfloat16", True),
         ("llama-3-8b", "llama", LLAMA_3_8B, "bfloat16", False),
         ("qwen3-30b-a3b 4-bit", "qwen3_moe", QWEN3_30B_A3B, "bfloat16", True),
+        ("mamba2-2.7b", "mamba2", MAMBA2_2_7B, "bfloat16", False),
     ),
 }
 TOKENS = {"cpu": (48, 512), "gpu": (128, 2048)}

@@ -95,8 +95,8 @@ def _step_sizes(delta, delta_bias, delta_softplus, acc):
 
 def _parts(u, delta, A, B, C, D, delta_bias, delta_softplus, acc):
     """The inputs in ``acc`` shaped per group of channels: u and dt ``(batch, length, groups,
-    per)``, A ``(groups, per, states)``, B and C ``(batch, length, groups, 1, states)``, D
-    ``(groups, per)`` or None."""
+    per)``, A ``(groups, per, states)`` (``(groups, per, 1)`` for one decay per head), B and C
+    ``(batch, length, groups, 1, states)``, D ``(groups, per)`` or None."""
     batch, length, channels = u.shape
     heads = delta.shape[-1]
     n = B.shape[-1]
@@ -105,9 +105,12 @@ def _parts(u, delta, A, B, C, D, delta_bias, delta_softplus, acc):
     per_head = channels // heads
     if per_head > 1:
         dt = mx.repeat(dt, per_head, axis=-1)
+    # One decay per head (Mamba-2) stays one per channel, not per state: exp runs once a
+    # channel, and broadcasting does the rest.
     a = A.astype(acc)
-    a = a[:, None, :] if a.ndim == 2 else mx.broadcast_to(a[:, None, None], (heads, 1, n))
-    a = mx.broadcast_to(a, (heads, per_head, n)).reshape(groups, channels // groups, n)
+    a = a[:, None, :] if a.ndim == 2 else a[:, None, None]
+    width = a.shape[-1]
+    a = mx.broadcast_to(a, (heads, per_head, width)).reshape(groups, channels // groups, width)
     split = (batch, length, groups, channels // groups)
     Bg, Cg = (m.astype(acc).reshape(batch, length, groups, 1, n) for m in (B, C))
     d = None
@@ -180,8 +183,9 @@ def _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_state, sta
     ys = []
     for s in range(0, length, segment):
         t = slice(s, s + segment)
-        decay = mx.exp(dt[:, t, ..., None] * a)  # (batch, positions, groups, per, states)
-        states = linear_scan(decay, (dt[:, t] * x[:, t])[..., None] * Bg[:, t], h, axis=1)
+        drive = (dt[:, t] * x[:, t])[..., None] * Bg[:, t]  # (batch, positions, groups, per, n)
+        decay = mx.broadcast_to(mx.exp(dt[:, t, ..., None] * a), drive.shape)
+        states = linear_scan(decay, drive, h, axis=1)
         ys.append((states * Cg[:, t]).sum(-1))
         h = states[:, -1]
     y = mx.concatenate(ys, axis=1) if len(ys) > 1 else ys[0]
@@ -238,8 +242,8 @@ def _scalar_heads(p: dict) -> bool:
 def _default(problem, backend):
     if problem["dtype"] == "float64":
         return "steps", {}
-    if problem["length"] == 1:  # a decoding step: one compiled step
-        return "compiled", {}
+    if problem["length"] == 1:  # a decoding step: one step, compiled but on the CPU, where
+        return ("steps" if backend == "cpu" else "compiled"), {}  # MLX's fusion runs slower
     if _scalar_heads(problem):  # mlx-lm's own path for Mamba-2 on every back-end but Metal
         return "chunked", {"chunk": 256}
     return "scan", {}
