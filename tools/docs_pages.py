@@ -313,17 +313,17 @@ def model_page(results: dict[str, dict], names: list[str]) -> str:
         ]
         for m in data["models"]:
             c = m["config"]
-            shape = (
-                f"hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, "
-                f"{c['num_attention_heads']}/{c['num_key_value_heads']} heads"
-            )
-            if "num_experts" in c:
+            shape = f"hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, "
+            heads = f"{c.get('num_attention_heads')}/{c.get('num_key_value_heads')} heads"
+            if "state_size" in c:  # Mamba-2: SSM layers, no attention or MLP
+                shape += f"{c['num_heads']} SSM heads of {c['head_dim']}, {c['state_size']} states"
+            elif "num_experts" in c:
                 shape += (
-                    f", {c['num_experts']} experts (top {c['num_experts_per_tok']}, "
+                    f"{heads}, {c['num_experts']} experts (top {c['num_experts_per_tok']}, "
                     f"{c['moe_intermediate_size']} each)"
                 )
             else:
-                shape += f", MLP {c['intermediate_size']}"
+                shape += f"{heads}, MLP {c['intermediate_size']}"
             kind = "4-bit (group 64)" if m["quantized"] else m["dtype"]
             lines += [
                 "",
