@@ -13,11 +13,24 @@ import mlx.core as mx
 
 NAMES = ("rms_norm", "layer_norm", "rope", "scaled_dot_product_attention")
 
+
+def mlx_own(owner, name: str):
+    """MLX's own ``owner.name`` (``mx.fast`` or ``mx``), as it is when this library is
+    imported: the built-in variants call it, so a program that puts this library's function
+    in its place never makes them call themselves.
+
+    Args:
+        owner: ``mx`` or ``mx.fast``.
+        name: the function's name there.
+    """
+    fn = getattr(owner, name)
+    if getattr(fn, "__module__", "").startswith("mlx_primitives"):
+        raise ImportError(f"[mlx_primitives] {owner.__name__}.{name} is already this library's")
+    return fn
+
+
 # MLX's own functions, as they were before anything was patched.
-MLX_FAST = {name: getattr(mx.fast, name) for name in NAMES}
-for _name, _fn in MLX_FAST.items():
-    if getattr(_fn, "__module__", "").startswith("mlx_primitives"):
-        raise ImportError(f"[patch_mlx] mx.fast.{_name} is already this library's: reimported?")
+MLX_FAST = {name: mlx_own(mx.fast, name) for name in NAMES}
 
 
 def patch_mlx() -> list[str]:

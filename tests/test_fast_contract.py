@@ -5,7 +5,9 @@ results, same exception types), called directly and through ``mp.patch_mlx()``."
 
 from __future__ import annotations
 
+import importlib
 import math
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -360,3 +362,13 @@ def test_a_causal_and_an_additive_mask_agree_in_every_variant(variant, cfg, dtyp
     want = MLX_FAST["scaled_dot_product_attention"](q, k, v, scale=0.25, mask=folded)
     got = variant.build(**cfg)(q, k, v, causal=True, scale=0.25, mask=mask)
     _close(got, want, 1e-5 if dtype == mx.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("name", ["gather_mm", "gather_qmm", "quantized_matmul"])
+def test_a_module_loaded_with_ours_in_mlxs_place_refuses(monkeypatch, name):
+    """The built-in variants call MLX's own function as it was at import: loaded where a
+    program has put this library's in MLX's place, an op module refuses rather than recurse."""
+    monkeypatch.setattr(mx, name, getattr(mp, name))
+    monkeypatch.delitem(sys.modules, f"mlx_primitives.ops.{name}")
+    with pytest.raises(ImportError, match=rf"mlx.core.{name} is already this library's"):
+        importlib.import_module(f"mlx_primitives.ops.{name}")

@@ -7,6 +7,7 @@ import math
 
 import mlx.core as mx
 
+from ..patch import mlx_own
 from ..problem import EXACT, Dim
 from ..registry import Example, Op, Variant, register
 from ._common import accumulator, check_array, check_bool, random
@@ -23,10 +24,7 @@ from ._gather import (
 
 NAME = "gather_mm"
 
-# MLX's own function, as it was when this module was imported.
-MLX_GATHER_MM = mx.gather_mm
-if getattr(MLX_GATHER_MM, "__module__", "").startswith("mlx_primitives"):
-    raise ImportError("[gather_mm] mx.gather_mm is already this library's")
+MLX_GATHER_MM = mlx_own(mx, "gather_mm")
 
 DIMS = (
     Dim("pairs"),

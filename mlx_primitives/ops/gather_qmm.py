@@ -7,6 +7,7 @@ import math
 
 import mlx.core as mx
 
+from ..patch import mlx_own
 from ..problem import EXACT, Dim
 from ..registry import GPU_BACKENDS, Example, Op, Variant, register
 from ._common import accumulator, check_array, check_bool, random
@@ -25,10 +26,7 @@ from .quantized_matmul import MODES, TOLERANCES, check_packed, sizes
 
 NAME = "gather_qmm"
 
-# MLX's own function, as it was when this module was imported.
-MLX_GATHER_QMM = mx.gather_qmm
-if getattr(MLX_GATHER_QMM, "__module__", "").startswith("mlx_primitives"):
-    raise ImportError("[gather_qmm] mx.gather_qmm is already this library's")
+MLX_GATHER_QMM = mlx_own(mx, "gather_qmm")
 
 DIMS = (
     Dim("pairs"),

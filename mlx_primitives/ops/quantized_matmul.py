@@ -7,6 +7,7 @@ import math
 
 import mlx.core as mx
 
+from ..patch import mlx_own
 from ..problem import EXACT, Dim, bucket, dtype_name
 from ..registry import Example, Op, Variant, register
 from ._common import accumulator, check_array, check_bool, check_int, random
@@ -14,10 +15,7 @@ from ._quantized_kernels import qmv_variant
 
 NAME = "quantized_matmul"
 
-# MLX's own function, as it was when this module was imported.
-MLX_QUANTIZED_MATMUL = mx.quantized_matmul
-if getattr(MLX_QUANTIZED_MATMUL, "__module__", "").startswith("mlx_primitives"):
-    raise ImportError("[quantized_matmul] mx.quantized_matmul is already this library's")
+MLX_QUANTIZED_MATMUL = mlx_own(mx, "quantized_matmul")
 
 # MLX's quantization modes and their default (group_size, bits). The variants model "affine";
 # mp.quantized_matmul passes the others to MLX's own op.
