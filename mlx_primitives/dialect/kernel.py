@@ -86,6 +86,24 @@ def itemsize(dtype_name: str) -> int | None:
     return getattr(mx, dtype_name).size if dtype_name in KERNEL_DTYPES else None
 
 
+def lanes_hold(row: str, max_per_lane: int):
+    """``supports`` of a kernel that holds a row of the problem's dim ``row`` across
+    ``lanes`` lanes of a warp in registers, at most ``max_per_lane`` elements each, reading a
+    state of the problem's ``state`` dtype (or none) and arguments of its dtype."""
+
+    def supports(p: dict, q: dict) -> bool:
+        state_ok = p["state"] == "none" or itemsize(p["state"]) is not None
+        size = p[row]
+        return (
+            itemsize(p["dtype"]) is not None
+            and state_ok
+            and size % q["lanes"] == 0
+            and size // q["lanes"] <= max_per_lane
+        )
+
+    return supports
+
+
 def float_bits(value: float) -> int:
     """The float32 bit pattern of a non-negative ``value`` as an int (a kernel template
     constant; MLX writes template values into CUDA kernel names, so no minus sign)."""

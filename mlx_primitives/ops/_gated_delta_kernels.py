@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-from ..dialect.kernel import GpuKernel, itemsize, with_reference_transforms
+from ..dialect.kernel import GpuKernel, lanes_hold, with_reference_transforms
 from ..registry import GPU_BACKENDS, Variant
 
 RECURRENT = GpuKernel(
@@ -62,21 +62,12 @@ def recurrent_variant(reference: Callable) -> Variant:
 
         return with_reference_transforms(forward, reference)
 
-    def supports(p: dict, q: dict) -> bool:
-        state_ok = p["state"] == "none" or itemsize(p["state"]) is not None
-        return (
-            itemsize(p["dtype"]) is not None
-            and state_ok
-            and p["k_dims"] % q["lanes"] == 0
-            and p["k_dims"] // q["lanes"] <= MAX_PER_LANE
-        )
-
     return Variant(
         "recurrent",
         factory,
         backends=GPU_BACKENDS,
         space={"lanes": (4, 8, 2, 16), "warps": (4, 2, 1, 8)},
-        supports=supports,
+        supports=lanes_hold("k_dims", MAX_PER_LANE),
         sources=RECURRENT.files,
         description="custom kernel: each state row in registers of a few lanes for all tokens",
     )

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-from ..dialect.kernel import GpuKernel, itemsize, with_reference_transforms
+from ..dialect.kernel import GpuKernel, itemsize, lanes_hold, with_reference_transforms
 from ..registry import GPU_BACKENDS, Variant
 
 SERIAL = GpuKernel("scan/serial.k", ["a", "b", "h0"], ["y"])
@@ -102,21 +102,12 @@ def selective_variant(reference: Callable) -> Variant:
 
         return with_reference_transforms(forward, reference)
 
-    def supports(p: dict, q: dict) -> bool:
-        state_ok = p["state"] == "none" or itemsize(p["state"]) is not None
-        return (
-            itemsize(p["dtype"]) is not None
-            and state_ok
-            and p["states"] % q["lanes"] == 0
-            and p["states"] // q["lanes"] <= MAX_PER_LANE
-        )
-
     return Variant(
         "recurrent",
         factory,
         backends=GPU_BACKENDS,
         space={"lanes": (4, 8, 2, 16, 1, 32), "warps": (4, 2, 1, 8)},
-        supports=supports,
+        supports=lanes_hold("states", MAX_PER_LANE),
         sources=SELECTIVE.files,
         description="custom kernel: each row's states in registers of a few lanes",
     )
