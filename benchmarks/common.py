@@ -71,6 +71,23 @@ def header(suite: str) -> dict:
     }
 
 
+def against(ours: dict, theirs: dict, baseline: str, **fields) -> dict:
+    """A row of a call timed against another in one :func:`measure`: ``fields``, our median
+    and spread, ``<baseline>_median_s`` and ``vs_<baseline>`` (their time over ours).
+
+    Args:
+        ours, theirs: the two fragments :func:`measure` returned.
+        baseline: what the other call is, as the row names it (``mlx_lm``, ``sequential``).
+    """
+    return {
+        **fields,
+        "median_s": ours["median_s"],
+        "spread_s": ours["spread_s"],
+        f"{baseline}_median_s": theirs["median_s"],
+        f"vs_{baseline}": theirs["median_s"] / ours["median_s"],
+    }
+
+
 def measure(
     calls, budget_s: float = 0.3, feed: int | None = 0, min_idle_s: float = 0.0
 ) -> list[dict]:

@@ -23,7 +23,7 @@ import mlx_primitives as mp
 from mlx_primitives.hardware import current_backend
 from mlx_primitives.registry import op
 
-from ..common import header, measure, open_db, run_or_skip
+from ..common import against, header, measure, open_db, run_or_skip
 from .norms import SIZES, copy_ceiling
 
 SECTIONS = ("ops", "block")
@@ -101,20 +101,9 @@ def _block(kind: str, budget_s: float) -> list[dict]:
             t_ours, t_theirs = measure(
                 [(ours, (x, indices), {}), (theirs, (x, indices), {})], budget_s, feed=None
             )
-            row = {
-                "section": "block",
-                "model": name,
-                "experts": experts,
-                "top_k": top_k,
-                "hidden": hidden,
-                "expert_hidden": inner,
-                "tokens": tokens,
-                "dtype": str(dtype).rsplit(".", 1)[-1],
-                "median_s": t_ours["median_s"],
-                "spread_s": t_ours["spread_s"],
-                "mlx_lm_median_s": t_theirs["median_s"],
-                "vs_mlx_lm": t_theirs["median_s"] / t_ours["median_s"],
-            }
+            row = against(t_ours, t_theirs, "mlx_lm", section="block", model=name,
+                          experts=experts, top_k=top_k, hidden=hidden, expert_hidden=inner,
+                          tokens=tokens, dtype=str(dtype).rsplit(".", 1)[-1])  # fmt: skip
             rows.append(row)
             print(f"[moe] {name} {tokens:5d} tokens: {row['vs_mlx_lm']:.2f}x mlx-lm", flush=True)
     return rows

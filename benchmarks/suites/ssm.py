@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx_primitives as mp
 from mlx_primitives.hardware import current_backend
 
-from ..common import header, measure
+from ..common import against, header, measure
 
 SECTIONS = ("selective", "gated_delta", "ssm")
 
@@ -63,15 +63,8 @@ def _selective(kind: str, budget_s: float) -> list[dict]:
         mx.eval(args)
         calls = [(mp.selective_scan, args, {"delta_softplus": True}), (_sequential, args, {})]
         ours, seq = measure(calls, budget_s, feed=None)
-        row = {
-            "section": "selective",
-            "shape": [batch, length, channels, states],
-            "dtype": "bfloat16",
-            "median_s": ours["median_s"],
-            "spread_s": ours["spread_s"],
-            "sequential_median_s": seq["median_s"],
-            "vs_sequential": seq["median_s"] / ours["median_s"],
-        }
+        row = against(ours, seq, "sequential", section="selective",
+                      shape=[batch, length, channels, states], dtype="bfloat16")  # fmt: skip
         rows.append(row)
         print(f"[ssm] selective {length} tokens: {row['vs_sequential']:.1f}x", flush=True)
     return rows
@@ -101,15 +94,8 @@ def _gated_delta(kind: str, budget_s: float) -> list[dict]:
             budget_s,
             feed=None,
         )
-        row = {
-            "section": "gated_delta",
-            "shape": [batch, tokens, 16, 32, 128],
-            "dtype": "bfloat16",
-            "median_s": ours["median_s"],
-            "spread_s": ours["spread_s"],
-            "mlx_lm_median_s": theirs["median_s"],
-            "vs_mlx_lm": theirs["median_s"] / ours["median_s"],
-        }
+        row = against(ours, theirs, "mlx_lm", section="gated_delta",
+                      shape=[batch, tokens, 16, 32, 128], dtype="bfloat16")  # fmt: skip
         rows.append(row)
         print(f"[ssm] gated_delta {batch}x{tokens}: {row['vs_mlx_lm']:.2f}x mlx-lm", flush=True)
     return rows
@@ -145,15 +131,7 @@ def _ssm(kind: str, budget_s: float) -> list[dict]:
         mx.eval([a for a in args if isinstance(a, mx.array)])
         ours, theirs = measure([(mp.ssm_update, args, {}), (lm.ssm_update, args, {})], budget_s,
                                feed=None)  # fmt: skip
-        row = {
-            "section": "ssm",
-            "shape": list(shape),
-            "dtype": "bfloat16",
-            "median_s": ours["median_s"],
-            "spread_s": ours["spread_s"],
-            "mlx_lm_median_s": theirs["median_s"],
-            "vs_mlx_lm": theirs["median_s"] / ours["median_s"],
-        }
+        row = against(ours, theirs, "mlx_lm", section="ssm", shape=list(shape), dtype="bfloat16")
         rows.append(row)
         print(f"[ssm] ssm {batch}x{tokens}: {row['vs_mlx_lm']:.2f}x mlx-lm", flush=True)
     return rows
