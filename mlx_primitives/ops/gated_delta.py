@@ -85,7 +85,10 @@ def _steps(q, k, v, g, beta, state, mask, acc, step=_step):
     hv, dv = v.shape[2:]
     if hv > hk:
         q, k = (mx.repeat(x, hv // hk, axis=2) for x in (q, k))
-    q, k, v, g, beta = (x.astype(acc) for x in (q, k, v, g, beta))
+    # The state in ``acc`` carries every step's arithmetic there (inputs promote to it), as
+    # in mlx-lm; only a float64 reference casts them all up front.
+    if acc == mx.float64:
+        q, k, v, g, beta = (x.astype(acc) for x in (q, k, v, g, beta))
     s = mx.zeros((batch, hv, dv, dk), acc) if state is None else state.astype(acc)
     ys = []
     for t in range(tokens):
