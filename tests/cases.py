@@ -192,8 +192,8 @@ KERNEL_CASES = {
         (((1000, 1024),), {"approximate": "fast"}),
         (((2, 4097),), {"approximate": "none"}),
     ],
-    # Rows 1, 3, 10 (in leading dims), 17 and 32; in-features 192 and 320; out-features that
-    # leave a group's columns partly empty; each width the kernel unpacks and group size.
+    # Rows 1, 3, 10 (in leading dims), 17, 20 and 32; in-features 192, 320 and 4160; out-features
+    # that leave a group's columns partly empty; each width the kernels unpack and group size.
     "quantized_matmul": [
         (((1, 4096), (4096, 512)), {"bits": 4, "group_size": 64}),
         (((3, 320), (40, 40)), {"bits": 4, "group_size": 64}),
@@ -202,6 +202,8 @@ KERNEL_CASES = {
         (((32, 1024), (64, 256)), {"bits": 8, "group_size": 64}),
         (((1, 512), (100, 32)), {"bits": 2, "group_size": 32}),
         (((7, 4096), (256, 256)), {"bits": 2, "group_size": 128}),
+        # 20 rows (two mma tiles of 16) and in-features that end inside an mma step.
+        (((20, 4160), (40, 520)), {"bits": 4, "group_size": 64}),
     ],
     # Lengths 1, 3 and 1000; the scan axis first, in the middle (an SSM's (batch, length,
     # channels)) and last; reversed; an initial state; states not a multiple of a group.

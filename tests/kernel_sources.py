@@ -372,6 +372,7 @@ def _quantized_calls(op, dtype):
         (32, 256, 16, 4, 128),
         (2, 2048, 8, 8, 128),
         (1, 64, 2, 4, 32),
+        (5, 4160, 24, 4, 64),  # in-features that end inside a step of the mma kernel
     )
     for rows, k, n, bits, group_size in cases:
         shapes = ((rows, k), (n, k * bits // 32))
@@ -442,6 +443,7 @@ def _plan(variant: registry.Variant, cases: list, crossed: tuple[str, ...]) -> l
     """``(case, params)`` pairs: each case with its first allowed config (and with each value of
     the ``crossed`` parameters), then each value of each parameter in some allowed config."""
     configs = variant.configs()  # the first value of each parameter first
+    crossed = tuple(k for k in crossed if k in variant.space)
     allowed = [[c for c in configs if variant.allows(problem, c)] for _, problem in cases]
     chosen: list[tuple[int, dict]] = []
 

@@ -1,6 +1,6 @@
 """quantized_matmul and QuantizedLinear: MLX's semantics on MLX's packed format, the calls the
 variants leave to MLX, bad inputs against the errors MLX raises, the layer as a drop-in, and
-the qmv kernel's limits. Every variant against the float64 NumPy reference, on odd shapes and
+the kernels' limits. Every variant against the float64 NumPy reference, on odd shapes and
 every dtype, is tests/test_ops.py's (CPU) and tests/test_gpu.py's (kernels), over the cases
 of tests/cases.py."""
 
@@ -362,15 +362,71 @@ def test_qmv_launch_covers_every_output(rows, n, monkeypatch):
         assert template["SCALE_AFTER"] is (cfg["scale"] == "after")
 
 
+# --- the mma kernel -------------------------------------------------------------------------
+
+
+def test_mma_declines_what_it_does_not_model():
+    v = OP.variant("mma")
+
+    def served(**changes):
+        return any(v.allows(_problem(**changes), c) for c in v.configs())
+
+    assert v.backends == {"cuda"}
+    assert served() and served(rows=32) and served(bits=8) and served(dtype="bfloat16")
+    assert not served(rows=64) and not served(transpose=False)
+    assert not served(dtype="float32") and not served(bits=2) and not served(bits=3)
+    # Every warp of every split has a step of 128 in-features (4-bit).
+    assert served(k=1024) and not v.allows(_problem(k=1024), {"tiles": 1, "warps": 8, "split": 2})
+    # Serves every 16-bit 4- and 8-bit problem of the default preset of up to 32 rows.
+    for ex in OP.presets["default"]:
+        (rows, k), (n, _) = ex.shapes
+        if rows <= 32:
+            assert served(rows=rows, k=k, n=n, dtype=ex.dtype, **dict(ex.options)), ex.label()
+
+
+@pytest.mark.parametrize("rows,k,n", [(1, 4096, 4096), (3, 4160, 40), (17, 192, 24), (32, 256, 8)])
+def test_mma_launch_covers_every_output(rows, k, n, monkeypatch):
+    """What the kernel is handed (launch skipped): one or two row tiles, a grid of whole groups
+    whose columns cover every output once per split, float32 partial sums when split."""
+    w, scales, biases = _packed(n, k, 64, 4, mx.float16)
+    x = _x((rows, k), mx.float16)
+    launches = []
+
+    def launch(self, inputs, *, template, grid, threadgroup, output_shapes, output_dtypes):
+        launches.append((template, grid, threadgroup, output_shapes, output_dtypes))
+        return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+
+    monkeypatch.setattr(kernels.GpuKernel, "__call__", launch)
+    v = OP.variant("mma")
+    configs = covering(v, OP.problem(x, w, scales, biases).as_dict())
+    assert configs
+    for cfg in configs:
+        y = v.factory(**cfg)(x, w, scales, biases, True, 64, 4, "affine")
+        assert y.shape == (rows, n) and y.dtype == mx.float16
+        template, grid, group, shapes, dtypes = launches.pop()
+        assert template["MT"] == (1 if rows <= 16 else 2) and template["NT"] == cfg["tiles"]
+        assert group == (32 * cfg["warps"], 1, 1) and grid[0] % group[0] == 0
+        groups, columns = grid[0] // group[0], 8 * cfg["tiles"]
+        assert groups % cfg["split"] == 0
+        per_split = groups // cfg["split"]
+        assert per_split * columns >= n > (per_split - 1) * columns
+        assert shapes == [(cfg["split"], rows, n)]
+        assert dtypes == [mx.float16 if cfg["split"] == 1 else mx.float32]
+
+
 def _shifted(a: mx.array) -> mx.array:
     """``a`` as a row-contiguous view one element into its buffer (off any vector boundary)."""
     flat = mx.concatenate([mx.zeros((1,), a.dtype), a.reshape(-1)])
     return flat[1:].reshape(a.shape)
 
 
+KERNELS = [v.name for v in OP.variants if v.is_kernel]
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("which", ["x", "w", "both"])
-def test_kernel_on_views_that_start_off_a_vector_boundary(which):
+def test_kernel_on_views_that_start_off_a_vector_boundary(which, kernel):
     """Views one element into their buffers reach the kernel uncopied: its vector loads of x
     and of the packed words must fall back to elements."""
     w, scales, biases = _packed(72, 1024, 64, 4, mx.float16)
@@ -381,20 +437,21 @@ def test_kernel_on_views_that_start_off_a_vector_boundary(which):
         w = _shifted(w)
     args = (x, w, scales, biases, True, 64, 4, "affine")
     want = ref.quantized_matmul(*args)
-    v = OP.variant("qmv")
+    v = OP.variant(kernel)
     for cfg in covering(v, OP.problem(*args).as_dict())[:4]:
         with poisoned():
             got = v.build(**cfg)(*args)
-        ref.assert_close(got, want, mx.float16, label=f"qmv {cfg}", **_tolerance(mx.float16))
+        ref.assert_close(got, want, mx.float16, label=f"{kernel} {cfg}", **_tolerance(mx.float16))
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["f16", "bf16"])
-def test_kernel_at_layer_sizes_matches_the_reference(dtype):
+def test_kernel_at_layer_sizes_matches_the_reference(dtype, kernel):
     """A decode step and a batch of 16 rows at a Llama-3-8B down projection (14336
     in-features), each config family once."""
     w, scales, biases = _packed(4096, 14336, 64, 4, dtype)
-    v = OP.variant("qmv")
+    v = OP.variant(kernel)
     for rows in (1, 16):
         x = _x((rows, 14336), dtype)
         args = (x, w, scales, biases, True, 64, 4, "affine")
@@ -402,4 +459,4 @@ def test_kernel_at_layer_sizes_matches_the_reference(dtype):
         for cfg in covering(v, OP.problem(*args).as_dict())[:3]:
             with poisoned():
                 got = v.build(**cfg)(*args)
-            ref.assert_close(got, want, dtype, label=f"qmv {cfg}", **_tolerance(dtype))
+            ref.assert_close(got, want, dtype, label=f"{kernel} {cfg}", **_tolerance(dtype))

@@ -12,6 +12,12 @@ the weights then come again from cache). ``scale="after"`` sums x times the inte
 applies the group's scale and bias to the sum (fewer operations per weight); ``"before"``
 dequantizes each weight first (fewer per row).
 
+``mma`` (CUDA only) forms the products on tensor cores: the rows fill the 16 rows of mma tiles
+(one tile up to 16 rows, two up to 32), a warp takes ``tiles`` tiles of 8 output columns, and
+a lane's 16 bytes of codes per step, dequantized two at a time in 16-bit registers, are its
+operand as loaded (x is loaded in the same order). The ``warps`` of a threadgroup split the
+in-features, and ``split`` threadgroups split them further into float32 partial sums.
+
 gather_qmm's ``qmv`` is the same kernel over (row, expert) pairs sorted by expert: the
 threadgroups of the first pair of each expert's run take the whole run, so that each selected
 expert's weights are read once for all the rows routed to it.
@@ -21,6 +27,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import mlx.core as mx
+
 from ..dialect.kernel import SHARED, GpuKernel, itemsize, with_reference_transforms
 from ..registry import GPU_BACKENDS, Variant
 
@@ -29,6 +37,13 @@ QMV = GpuKernel(
     ["x", "w", "scales", "biases"],
     ["y"],
     headers=("quantized_matmul/codes.h",),
+    aligned=("x", "w"),
+)
+MMA = GpuKernel(
+    "quantized_matmul/mma.k",
+    ["x", "w", "scales", "biases"],
+    ["y"],
+    headers=("_dialect/mma.cuda.h", "quantized_matmul/pairs.cuda.h"),
     aligned=("x", "w"),
 )
 GATHER_QMV = GpuKernel(
@@ -48,6 +63,12 @@ SPACE = {
     "rows": (32, 16, 8, 4, 2, 1),
     "scale": ("after", "before"),
 }
+MMA_SPACE = {"tiles": (4, 2, 1, 8), "warps": (4, 8, 2), "split": (1, 2, 4)}
+# The widths mma dequantizes two at a time, and its 16-bit types.
+MMA_BITS = (4, 8)
+MMA_DTYPES = ("float16", "bfloat16")
+# Accumulators a lane may hold (16 x 8 tiles of rows by columns, 4 floats each).
+MMA_MAX_TILES = 8
 # gather_qmm's: the rows of one expert taken per pass (few at decoding).
 GATHER_SPACE = {**SPACE, "rows": (1, 2, 4, 8)}
 # The most pairs the gather kernel serves: a threadgroup per pair finds its expert's run.
@@ -90,6 +111,23 @@ def _supports(p: dict, q: dict) -> bool:
         and p["rows"] <= MAX_ROWS
         and p["rows"] // MAX_PASSES <= q["rows"] <= p["rows"]  # p["rows"]: a power of 2
         and _fits(p, q, p["out_features"])
+    )
+
+
+def _mma_supports(p: dict, q: dict) -> bool:
+    bits, k, n = p["bits"], p["in_features"], p["out_features"]
+    if p.get("mode", "affine") != "affine" or not p["transpose"] or p["rows"] > MAX_ROWS:
+        return False
+    if p["dtype"] not in MMA_DTYPES or bits not in MMA_BITS:
+        return False
+    m_tiles = 1 if p["rows"] <= 16 else 2
+    block = 4 * 4 * 32 // bits  # the in-features of a step of a warp
+    shared = q["warps"] * 32 * m_tiles * q["tiles"] * 4 * 4 if q["warps"] > 1 else 0
+    return (
+        m_tiles * q["tiles"] <= MMA_MAX_TILES
+        and 2 * shared <= SHARED["cuda"]  # declared twice in the body (both alignments)
+        and -(-k // block) >= q["warps"] * q["split"]  # every warp has a step
+        and 8 * q["tiles"] < 2 * n  # a group's columns are at least half used
     )
 
 
@@ -145,6 +183,55 @@ def qmv_variant(reference: Callable, arrays: Callable) -> Variant:
         sources=QMV.files,
         description="custom kernel: 1-32 rows, each packed weight read once, dequantized in "
         "registers",
+    )
+
+
+def mma_variant(reference: Callable, arrays: Callable) -> Variant:
+    """The ``mma`` variant (CUDA only); ``reference`` gives it gradients, and ``arrays(*args)``
+    gives a call's ``(x, w, scales, biases, group_size, bits)``."""
+
+    def factory(tiles: int, warps: int, split: int):
+        def forward(*args):
+            x, w, scales, biases, group_size, bits = arrays(*args)
+            k, n = x.shape[-1], w.shape[0]
+            x2 = x.reshape(x.size // k, k)
+            rows = x2.shape[0]
+            out = x.dtype if split == 1 else mx.float32
+            threads = 32 * warps
+            (y,) = MMA(
+                [x2, w, scales, biases],
+                template={
+                    "T": x.dtype,
+                    "Y": out,
+                    "BITS": bits,
+                    "GS": group_size,
+                    "K": k,
+                    "N": n,
+                    "NT": tiles,
+                    "MT": 1 if rows <= 16 else 2,
+                    "WARPS": warps,
+                    "SPLIT": split,
+                    "VEC": 8,
+                },
+                grid=(-(-n // (8 * tiles)) * split * threads, 1, 1),
+                threadgroup=(threads, 1, 1),
+                output_shapes=[(split, rows, n)],
+                output_dtypes=[out],
+            )
+            y = y.reshape(rows, n) if split == 1 else y.sum(axis=0).astype(x.dtype)
+            return y.reshape(*x.shape[:-1], n)
+
+        return with_reference_transforms(forward, reference)
+
+    return Variant(
+        "mma",
+        factory,
+        backends=frozenset({"cuda"}),
+        space=MMA_SPACE,
+        supports=_mma_supports,
+        sources=MMA.files,
+        description="custom kernel on tensor cores: 1-32 rows, each packed weight read once, "
+        "dequantized two at a time in 16-bit registers",
     )
 
 

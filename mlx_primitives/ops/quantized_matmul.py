@@ -11,7 +11,7 @@ from ..patch import mlx_own
 from ..problem import EXACT, Dim, bucket, dtype_name
 from ..registry import Example, Op, Variant, register
 from ._common import accumulator, check_array, check_bool, check_int, random
-from ._quantized_kernels import qmv_variant
+from ._quantized_kernels import mma_variant, qmv_variant
 
 NAME = "quantized_matmul"
 
@@ -297,6 +297,7 @@ OP = register(
                 description="mx.compile'd dequantize and matmul",
             ),
             qmv_variant(reference, _kernel_args),
+            mma_variant(reference, _kernel_args),
         ],
         presets=_presets(),
         tolerances=TOLERANCES,

@@ -95,3 +95,19 @@ struct __nv_bfloat162 {
 
 __device__ __half2 __floats2half2_rn(float a, float b);
 __device__ __nv_bfloat162 __floats2bfloat162_rn(float a, float b);
+
+// Paired 16-bit arithmetic and bit moves (quantized_matmul/pairs.cuda.h).
+__device__ __half __ushort_as_half(unsigned short x);
+__device__ __nv_bfloat16 __ushort_as_bfloat16(unsigned short x);
+__device__ __half2 __half2half2(__half a);
+__device__ __nv_bfloat162 __bfloat162bfloat162(__nv_bfloat16 a);
+__device__ __half2 __hsub2(__half2 a, __half2 b);
+__device__ __nv_bfloat162 __hsub2(__nv_bfloat162 a, __nv_bfloat162 b);
+__device__ __half2 __hfma2(__half2 a, __half2 b, __half2 c);
+__device__ __nv_bfloat162 __hfma2(__nv_bfloat162 a, __nv_bfloat162 b, __nv_bfloat162 c);
+struct float2 {
+  float x, y;
+};
+__device__ float2 __half22float2(__half2 a);
+__device__ float __bfloat162float(__nv_bfloat16 a);
+__device__ unsigned int __byte_perm(unsigned int x, unsigned int y, unsigned int s);
