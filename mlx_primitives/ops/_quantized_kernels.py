@@ -69,8 +69,10 @@ MMA_BITS = (4, 8)
 MMA_DTYPES = ("float16", "bfloat16")
 # Accumulators a lane may hold (16 x 8 tiles of rows by columns, 4 floats each).
 MMA_MAX_TILES = 8
-# gather_qmm's: the rows of one expert taken per pass (few at decoding).
-GATHER_SPACE = {**SPACE, "rows": (1, 2, 4, 8)}
+# gather_qmm's: the rows of one expert taken per pass (few at decoding), and whether the pairs
+# are sorted by expert first (each expert read once) or taken as given (no sort and no
+# gathers before the launch; an expert repeated apart is read again).
+GATHER_SPACE = {**SPACE, "rows": (1, 2, 4, 8), "sort": (True, False)}
 # The most pairs the gather kernel serves: a threadgroup per pair finds its expert's run.
 MAX_PAIRS = 256
 # The widths whose codes the kernel unpacks (a whole number of codes per half-word).
@@ -241,13 +243,15 @@ def _gather_supports(p: dict, q: dict) -> bool:
 
 def gather_qmv_variant(reference: Callable, arrays: Callable) -> Variant:
     """The ``qmv`` variant of gather_qmm; ``reference`` gives it gradients, and
-    ``arrays(*args)`` gives a call's ``(x, w, scales, biases, experts, x_rows, y_rows,
-    batch, group_size, bits)``: x as rows, per pair in expert order its expert, its row of x
-    and its row of the output, and the output's batch shape."""
+    ``arrays(*args, sort=...)`` gives a call's ``(x, w, scales, biases, experts, x_rows,
+    y_rows, batch, group_size, bits)``: x as rows, per pair (in expert order with ``sort``)
+    its expert, its row of x and its row of the output, and the output's batch shape."""
 
     def factory(**q):
         def forward(*args):
-            x, w, scales, biases, experts, x_rows, y_rows, batch, group_size, bits = arrays(*args)
+            x, w, scales, biases, experts, x_rows, y_rows, batch, group_size, bits = arrays(
+                *args, sort=q["sort"]
+            )
             k, n, pairs = x.shape[-1], w.shape[1], experts.size
             threads = 32 * q["warps"]
             (y,) = GATHER_QMV(

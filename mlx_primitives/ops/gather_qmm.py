@@ -158,13 +158,14 @@ def _dequantize_then_gather(
 
 def _kernel_args(
     x, w, scales, biases, lhs_indices, rhs_indices, transpose, group_size, bits, mode,
-    global_scale, sorted_indices,
+    global_scale, sorted_indices, *, sort: bool = True,
 ):  # fmt: skip
-    """What the gather_qmv kernel takes: x as rows, the weights, and per pair in expert
-    order its expert, its row of x and its row of the output; then the output's shape."""
+    """What the gather_qmv kernel takes: x as rows, the weights, and per pair (in expert order
+    with ``sort``) its expert, its row of x and its row of the output; then the output's
+    shape."""
     k = x.shape[-1]
     rows, experts, shape = pairs(x, lhs_indices, rhs_indices, w.shape[0])
-    rows, experts, order = by_matrix(rows, experts, sorted_indices)
+    rows, experts, order = by_matrix(rows, experts, sorted_indices or not sort)
     if order is None:
         order = mx.arange(experts.size, dtype=mx.uint32)
     x2 = x.reshape(-1, k)
