@@ -250,35 +250,37 @@ def test_selective_gather_and_scatter_add(dtype):
         mp.selective_gather(indices, indices)
 
 
+@pytest.mark.parametrize("kernel", ["qmv", "mma"])
 @pytest.mark.parametrize("sort", [True, False])
 @pytest.mark.parametrize("sorted_indices", [False, True])
-def test_gather_qmv_pairs_reach_the_kernel_as_it_reads_them(sort, sorted_indices, monkeypatch):
-    """What gather_qmm's qmv kernel is handed (launch replaced by a NumPy model of it: a run
+def test_gather_kernel_pairs_reach_it_as_it_reads_them(kernel, sort, sorted_indices, monkeypatch):
+    """What gather_qmm's kernels are handed (launch replaced by a NumPy model of it: a run
     of equal adjacent experts is one read, row m of the run goes to y_rows[m]): the product
     of every pair, the pairs sorted by expert or as given."""
     from mlx_primitives.ops import _quantized_kernels as kernels
     from mlx_primitives.registry import op as get_op
 
     o = get_op("gather_qmm")
-    args = o.example(((5, 128), (6, 24, 16)), mx.float32, mx.random.key(3), top_k=3,
+    args = o.example(((5, 256), (6, 24, 32)), mx.float16, mx.random.key(3), top_k=3,
                      sorted_indices=sorted_indices)  # fmt: skip
     x, w, scales, biases = args[:4]
-    wf = np.array(mx.dequantize(w, scales, biases, 64, 4))
+    wf = np.array(mx.dequantize(w, scales, biases, 64, 4).astype(mx.float32))
     seen = []
 
     def launch(self, inputs, *, template, grid, threadgroup, output_shapes, output_dtypes):
-        xs, _, _, _, experts, x_rows, y_rows = (np.array(a) for a in inputs)
+        xs = np.array(inputs[0].astype(mx.float32))
+        experts, x_rows, y_rows = (np.array(a) for a in inputs[4:])
         seen.append(experts)
         y = np.full(output_shapes[0], np.nan, np.float32)
         for m, e in enumerate(experts):
             y[y_rows[m]] = xs[x_rows[m]] @ wf[e].T
-        return [mx.array(y)]
+        return [mx.array(y).astype(output_dtypes[0])]
 
     monkeypatch.setattr(kernels.GpuKernel, "__call__", launch)
-    v, problem = o.variant("qmv"), o.problem(*args).as_dict()
+    v, problem = o.variant(kernel), o.problem(*args).as_dict()
     cfg = next(c for c in v.configs() if c["sort"] is sort and v.allows(problem, c))
     got = v.factory(**cfg)(*args)
-    ref.assert_close(got, ref.gather_qmm(*args), mx.float32, label=f"{sort=}")
+    ref.assert_close(got, ref.gather_qmm(*args), mx.float16, label=f"{kernel} {sort=}")
     (experts,) = seen
     flat = np.array(args[5]).reshape(-1)
     if sort or sorted_indices:

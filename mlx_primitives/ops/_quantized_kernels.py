@@ -18,9 +18,9 @@ a lane's 16 bytes of codes per step, dequantized two at a time in 16-bit registe
 operand as loaded (x is loaded in the same order). The ``warps`` of a threadgroup split the
 in-features, and ``split`` threadgroups split them further into float32 partial sums.
 
-gather_qmm's ``qmv`` is the same kernel over (row, expert) pairs sorted by expert: the
-threadgroups of the first pair of each expert's run take the whole run, so that each selected
-expert's weights are read once for all the rows routed to it.
+gather_qmm's ``qmv`` and ``mma`` are the same kernels over (row, expert) pairs, sorted by expert
+or as given: the threadgroups of the first pair of each run of one expert take the whole run,
+so that each selected expert's weights are read once for all the rows routed to it.
 """
 
 from __future__ import annotations
@@ -39,11 +39,19 @@ QMV = GpuKernel(
     headers=("quantized_matmul/codes.h",),
     aligned=("x", "w"),
 )
+MMA_HEADERS = ("_dialect/mma.cuda.h", "quantized_matmul/pairs.cuda.h")
 MMA = GpuKernel(
-    "quantized_matmul/mma.k",
+    ("quantized_matmul/mma.k", "quantized_matmul/mma_core.k"),
     ["x", "w", "scales", "biases"],
     ["y"],
-    headers=("_dialect/mma.cuda.h", "quantized_matmul/pairs.cuda.h"),
+    headers=MMA_HEADERS,
+    aligned=("x", "w"),
+)
+GATHER_MMA = GpuKernel(
+    ("quantized_matmul/gather_mma.k", "quantized_matmul/mma_core.k"),
+    ["x", "w", "scales", "biases", "experts", "x_rows", "y_rows"],
+    ["y"],
+    headers=MMA_HEADERS,
     aligned=("x", "w"),
 )
 GATHER_QMV = GpuKernel(
@@ -69,6 +77,11 @@ MMA_BITS = (4, 8)
 MMA_DTYPES = ("float16", "bfloat16")
 # Accumulators a lane may hold (16 x 8 tiles of rows by columns, 4 floats each).
 MMA_MAX_TILES = 8
+# gather_qmm's: the rows of an expert's run taken per pass (one or two tiles), and the sort.
+GATHER_MMA_SPACE = {"tiles": (4, 2, 1, 8), "warps": (4, 8, 2), "rows": (16, 32),
+                    "sort": (True, False)}  # fmt: skip
+# MLX launches a grid of at most this many threads (a threadgroup per pair and column tile).
+MAX_THREADS = 2**31 - 1
 # gather_qmm's: the rows of one expert taken per pass (few at decoding), and whether the pairs
 # are sorted by expert first (each expert read once) or taken as given (no sort and no
 # gathers before the launch; an expert repeated apart is read again).
@@ -116,21 +129,25 @@ def _supports(p: dict, q: dict) -> bool:
     )
 
 
-def _mma_supports(p: dict, q: dict) -> bool:
+def _mma_fits(p: dict, q: dict, m_tiles: int, split: int) -> bool:
+    """Whether mma config ``q`` with ``m_tiles`` row tiles a pass serves problem ``p``."""
     bits, k, n = p["bits"], p["in_features"], p["out_features"]
-    if p.get("mode", "affine") != "affine" or not p["transpose"] or p["rows"] > MAX_ROWS:
-        return False
     if p["dtype"] not in MMA_DTYPES or bits not in MMA_BITS:
         return False
-    m_tiles = 1 if p["rows"] <= 16 else 2
     block = 4 * 4 * 32 // bits  # the in-features of a step of a warp
     shared = q["warps"] * 32 * m_tiles * q["tiles"] * 4 * 4 if q["warps"] > 1 else 0
     return (
         m_tiles * q["tiles"] <= MMA_MAX_TILES
         and 2 * shared <= SHARED["cuda"]  # declared twice in the body (both alignments)
-        and -(-k // block) >= q["warps"] * q["split"]  # every warp has a step
+        and -(-k // block) >= q["warps"] * split  # every warp has a step
         and 8 * q["tiles"] < 2 * n  # a group's columns are at least half used
     )
+
+
+def _mma_supports(p: dict, q: dict) -> bool:
+    if p.get("mode", "affine") != "affine" or not p["transpose"] or p["rows"] > MAX_ROWS:
+        return False
+    return _mma_fits(p, q, 1 if p["rows"] <= 16 else 2, q["split"])
 
 
 def _template(x, k: int, n: int, group_size: int, bits: int, q: dict) -> dict:
@@ -234,6 +251,62 @@ def mma_variant(reference: Callable, arrays: Callable) -> Variant:
         sources=MMA.files,
         description="custom kernel on tensor cores: 1-32 rows, each packed weight read once, "
         "dequantized two at a time in 16-bit registers",
+    )
+
+
+def _gather_mma_supports(p: dict, q: dict) -> bool:
+    threads = p["pairs"] * -(-p["out_features"] // (8 * q["tiles"])) * 32 * q["warps"]
+    return (
+        (q["rows"] == 16 or p["pairs"] > 16)
+        and threads <= MAX_THREADS
+        and _mma_fits(p, q, q["rows"] // 16, 1)
+    )
+
+
+def gather_mma_variant(reference: Callable, arrays: Callable) -> Variant:
+    """The ``mma`` variant of gather_qmm (CUDA only); ``reference`` and ``arrays`` as for
+    :func:`gather_qmv_variant`."""
+
+    def factory(tiles: int, warps: int, rows: int, sort: bool):
+        def forward(*args):
+            x, w, scales, biases, experts, x_rows, y_rows, batch, group_size, bits = arrays(
+                *args, sort=sort
+            )
+            k, n, pairs = x.shape[-1], w.shape[1], experts.size
+            threads = 32 * warps
+            (y,) = GATHER_MMA(
+                [x, w, scales, biases, experts, x_rows, y_rows],
+                template={
+                    "T": x.dtype,
+                    "Y": x.dtype,
+                    "BITS": bits,
+                    "GS": group_size,
+                    "K": k,
+                    "N": n,
+                    "NT": tiles,
+                    "MT": rows // 16,
+                    "WARPS": warps,
+                    "SPLIT": 1,
+                    "VEC": 8,
+                },
+                grid=(pairs * -(-n // (8 * tiles)) * threads, 1, 1),
+                threadgroup=(threads, 1, 1),
+                output_shapes=[(pairs, n)],
+                output_dtypes=[x.dtype],
+            )
+            return y.reshape(*batch, n)
+
+        return with_reference_transforms(forward, reference)
+
+    return Variant(
+        "mma",
+        factory,
+        backends=frozenset({"cuda"}),
+        space=GATHER_MMA_SPACE,
+        supports=_gather_mma_supports,
+        sources=GATHER_MMA.files,
+        description="custom kernel on tensor cores: the pairs in expert order, each selected "
+        "expert's packed weights read once a pass of 16 or 32 of its rows",
     )
 
 

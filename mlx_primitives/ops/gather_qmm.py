@@ -21,7 +21,7 @@ from ._gather import (
     take_fits,
     unsort,
 )
-from ._quantized_kernels import gather_qmv_variant
+from ._quantized_kernels import gather_mma_variant, gather_qmv_variant
 from .quantized_matmul import MODES, TOLERANCES, check_packed, sizes
 
 NAME = "gather_qmm"
@@ -363,6 +363,7 @@ OP = register(
                 description="each pair's expert dequantized, then a batched matmul",
             ),
             gather_qmv_variant(reference, _kernel_args),
+            gather_mma_variant(reference, _kernel_args),
         ],
         presets=_presets(),
         tolerances=TOLERANCES,
