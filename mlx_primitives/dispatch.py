@@ -22,7 +22,7 @@ import mlx.core as mx
 
 from . import recording, store
 from .hardware import current_backend, detect_chip
-from .problem import Problem, parse_dtype
+from .problem import Problem, Unmodelled, parse_dtype
 from .store import shipped
 from .tuning_record import RecordError, TuningRecord
 
@@ -139,11 +139,18 @@ def fast_path(op: Op) -> Callable:
 
 
 def _first(op: Op, args: tuple, key: tuple | None) -> Callable:
-    """A call with new marks: its problem checked and routed, the decision kept for them."""
-    problem = op.problem(*args)
-    fn = route(op, problem.dtype, problem.values)
-    if recording.active():
-        fn = recording.counted(op.name, problem.key, fn, len(args))
+    """A call with new marks: its problem checked and routed, the decision kept for them (a
+    call the variants do not model goes to the op's ``outside``, kept the same way)."""
+    try:
+        problem = op.problem(*args)
+    except Unmodelled:
+        if op.outside is None:
+            raise
+        fn = op.outside
+    else:
+        fn = route(op, problem.dtype, problem.values)
+        if recording.active():
+            fn = recording.counted(op.name, problem.key, fn, len(args))
     if key is not None:
         if len(_calls) >= MAX_CALLS:
             _calls.clear()

@@ -45,6 +45,12 @@ def bucket(n: int) -> int:
     return 1 << (int(n) - 1).bit_length() if n > 1 else 1  # int(): NumPy integers too
 
 
+class Unmodelled(ValueError):
+    """Raised by an op's problem function for a call that its variants do not model (another
+    mode, stacked weights): dispatch serves such calls with the op's ``outside`` function
+    (MLX's own op), kept per argument marks like a decision."""
+
+
 class Dim(NamedTuple):
     """A dim of an op's problem: its name, whether it is bucketed or exact, and for a dim
     added to an op later, the value every earlier problem had. A key leaves out a dim at that

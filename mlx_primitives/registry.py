@@ -168,6 +168,8 @@ class Op:
         volatile: ``{position: check}`` for an argument whose value changes from call to call
             (a position offset): dispatch reuses a decision across its values, checking each
             with ``check`` (which raises on a bad one) instead of the whole problem.
+        outside: serves, given the canonical arguments, the calls for which ``problem``
+            raises :class:`~mlx_primitives.problem.Unmodelled` (MLX's own op, with its errors).
     """
 
     def __init__(
@@ -188,6 +190,7 @@ class Op:
         check_slices: Callable[[tuple], list | None] | None = None,
         feed: int | None = 0,
         volatile: dict[int, Callable] | None = None,
+        outside: Callable | None = None,
     ):
         self.name = name
         self.signature = inspect.signature(signature)
@@ -210,6 +213,7 @@ class Op:
             raise TypeError(f"[{name}] feed must be an argument position or None, got {feed!r}")
         self.feed = feed
         self.volatile = volatile or {}
+        self.outside = outside
         # The call with the canonical arguments, all given, and an optional stream: what the
         # public functions call.
         self.serve = dispatch.fast_path(self)

@@ -17,6 +17,7 @@ import mlx_primitives as mp
 from mlx_primitives import dispatch
 from mlx_primitives.dialect import poisoned
 from mlx_primitives.ops import _quantized_kernels as kernels
+from mlx_primitives.problem import Unmodelled
 from mlx_primitives.registry import op as get_op
 
 from . import references as ref
@@ -166,12 +167,14 @@ def test_a_tuned_record_serves_the_call(db):
 
 
 def _mlx_served(monkeypatch):
-    """Fail the test if the tuned path serves a call (it must go to MLX's own op)."""
+    """Fail the test if a call is routed to the variants (it must go to MLX's own op, the
+    op's ``outside``)."""
 
-    def refuse(*args, stream=None):
+    def refuse(*args):
         raise AssertionError("served by the variants")
 
-    monkeypatch.setattr(qmm.OP, "serve", refuse)
+    dispatch.forget_calls()
+    monkeypatch.setattr(dispatch, "route", refuse)
 
 
 @pytest.mark.parametrize("mode", ["mxfp4", "mxfp8", "nvfp4"])
@@ -219,16 +222,27 @@ def test_stream_reaches_both_paths():
 # --- bad inputs (the public function's are tests/test_bad_inputs.py's) ----------------
 
 
-def test_direct_calls_of_the_op_check_what_the_public_function_routes():
-    """Arguments the public function would pass to MLX reach the op's own checks when the op
-    is called directly (a variant never sees them)."""
+def test_calls_the_variants_do_not_model_are_unmodelled_and_kept_as_mlxs():
+    """The problem function marks the calls the variants do not model; dispatch keeps MLX's op
+    for their argument marks, as it keeps a decision, while bad modelled calls stay errors."""
     x, (w, scales, biases) = _x((3, 256)), _packed(64, 256)
-    with pytest.raises(TypeError, match=r"\[quantized_matmul\] scales has dtype float16"):
-        OP(x, w, scales.astype(mx.float16), biases)
-    with pytest.raises(ValueError, match=r"variants model mode='affine', got 'mxfp4'"):
-        OP(x, w, scales, biases, mode="mxfp4")
-    with pytest.raises(ValueError, match=r"w must be a non-empty 2-D array"):
-        OP(x, w[None], scales, biases)
+    outside = [
+        ((x, w, scales.astype(mx.float16), biases), {}),
+        ((x, w, scales, biases), {"mode": "mxfp4"}),
+        ((x, w[None], scales[None], biases[None]), {}),
+    ]
+    for args, kwargs in outside:
+        with pytest.raises(Unmodelled):
+            OP.problem(*args, **kwargs)
+    with pytest.raises(ValueError, match=r"x has 255 features \(its last dim\), expected 256"):
+        OP.problem(x[:, :255], w, scales, biases)
+    dispatch.forget_calls()
+    args = outside[0][0]
+    for _ in range(2):
+        got = mp.quantized_matmul(*args)
+    assert mx.array_equal(got, mx.quantized_matmul(*args)).item()
+    kept = [fn for key, fn in dispatch._calls.items() if key[0] == "quantized_matmul"]
+    assert kept == [OP.outside]
 
 
 # --- QuantizedLinear ------------------------------------------------------------------------

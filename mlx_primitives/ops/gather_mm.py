@@ -8,7 +8,7 @@ import math
 import mlx.core as mx
 
 from ..patch import mlx_own
-from ..problem import EXACT, Dim
+from ..problem import EXACT, Dim, Unmodelled
 from ..registry import Example, Op, Variant, register
 from ._common import accumulator, check_array, check_bool, random
 from ._gather import (
@@ -38,26 +38,26 @@ _ARRAY = mx.array
 
 
 def _problem(a, b, lhs_indices, rhs_indices, sorted_indices):
+    if not (
+        _ARRAY is a.__class__ is b.__class__
+        and a.ndim >= 2
+        and a.shape[-2] == 1
+        and b.ndim == 3
+        and a.dtype == b.dtype
+        and (lhs_indices is not None or rhs_indices is not None)
+    ):
+        raise Unmodelled(
+            f"[{NAME}] the variants model one row per pair (a.shape[-2] == 1), b of shape "
+            "(experts, in, out) and a's dtype, and calls with lhs_indices or rhs_indices"
+        )
     dtype, shape = check_array(NAME, "a", a, min_ndim=2)
-    b_dtype, b_shape = check_array(NAME, "b", b, min_ndim=3)
+    _, b_shape = check_array(NAME, "b", b, min_ndim=3)
     check_bool(NAME, "sorted_indices", sorted_indices)
-    if shape[-2] != 1:
-        raise ValueError(
-            f"[{NAME}] the variants model one row per pair (a.shape[-2] == 1), got {shape}"
-        )
-    if len(b_shape) != 3:
-        raise ValueError(
-            f"[{NAME}] the variants model b of shape (experts, in, out), got {b_shape}"
-        )
-    if b_dtype != dtype:
-        raise TypeError(f"[{NAME}] b has dtype {b.dtype}, expected {a.dtype} like a")
     experts, in_features, out_features = b_shape
     if shape[-1] != in_features:
         raise ValueError(f"[{NAME}] a has {shape[-1]} features, expected {in_features} from b")
     lhs = check_indices(NAME, "lhs_indices", lhs_indices)
     rhs = check_indices(NAME, "rhs_indices", rhs_indices)
-    if lhs is None and rhs is None:
-        raise ValueError(f"[{NAME}] the variants model calls with lhs_indices or rhs_indices")
     batch = pair_shape(NAME, shape[:-2], lhs, rhs, experts)
     return dtype, (pair_count(batch), experts, in_features, out_features, sorted_indices)
 
@@ -183,18 +183,12 @@ def gather_mm(
         sorted_indices: the indices are in ascending order (a promise some variants use).
         stream: the stream or device to run on (default: the default stream).
     """
-    if (
-        _ARRAY is a.__class__ is b.__class__
-        and a.ndim >= 2
-        and a.shape[-2] == 1
-        and b.ndim == 3
-        and a.dtype == b.dtype
-        and (lhs_indices is not None or rhs_indices is not None)
-    ):
-        return OP.serve(a, b, lhs_indices, rhs_indices, sorted_indices, stream)
-    return MLX_GATHER_MM(
-        a, b, lhs_indices, rhs_indices, sorted_indices=sorted_indices, stream=stream
-    )
+    return OP.serve(a, b, lhs_indices, rhs_indices, sorted_indices, stream)
+
+
+def _served_by_mlx(a, b, lhs_indices, rhs_indices, sorted_indices):
+    """MLX's own op, for the calls the variants do not model, with its own errors."""
+    return MLX_GATHER_MM(a, b, lhs_indices, rhs_indices, sorted_indices=sorted_indices)
 
 
 OP = register(
@@ -203,6 +197,7 @@ OP = register(
         signature=gather_mm,
         dims=DIMS,
         problem=_problem,
+        outside=_served_by_mlx,
         reference=reference,
         example=_example,
         case=_case,

@@ -8,7 +8,7 @@ import math
 import mlx.core as mx
 
 from ..patch import mlx_own
-from ..problem import EXACT, Dim
+from ..problem import EXACT, Dim, Unmodelled
 from ..registry import GPU_BACKENDS, Example, Op, Variant, register
 from ._common import accumulator, check_array, check_bool, random
 from ._gather import (
@@ -44,23 +44,29 @@ def _problem(
     x, w, scales, biases, lhs_indices, rhs_indices, transpose, group_size, bits, mode,
     global_scale, sorted_indices,
 ):  # fmt: skip
+    if not (
+        _ARRAY is x.__class__ is w.__class__ is scales.__class__ is biases.__class__
+        and w.ndim == 3
+        and x.ndim >= 2
+        and x.dtype == scales.dtype == biases.dtype
+    ):
+        raise Unmodelled(
+            f"[{NAME}] the variants model arrays x, w (3-D), scales and biases of one dtype"
+        )
     dtype, shape = check_array(NAME, "x", x, min_ndim=2)
     if mode != "affine" or global_scale is not None:
-        raise ValueError(f"[{NAME}] the variants model mode='affine' without a global_scale")
-    if not check_bool(NAME, "transpose", transpose):
-        raise ValueError(f"[{NAME}] the variants model transpose=True")
+        raise Unmodelled(f"[{NAME}] the variants model mode='affine' without a global_scale")
+    if transpose is not True:
+        raise Unmodelled(f"[{NAME}] the variants model transpose=True")
     check_bool(NAME, "sorted_indices", sorted_indices)
     if shape[-2] != 1:
-        raise ValueError(
+        raise Unmodelled(
             f"[{NAME}] the variants model one row per pair (x.shape[-2] == 1), got {shape}"
         )
     group_size, bits = sizes(group_size, bits, NAME)
     (experts, out_features), in_features = check_packed(
         NAME, w, scales, biases, group_size, bits, ndim=3
     )
-    for name, a in (("scales", scales), ("biases", biases)):
-        if a.dtype != x.dtype:
-            raise TypeError(f"[{NAME}] {name} has dtype {a.dtype}, expected {x.dtype} like x")
     if shape[-1] != in_features:
         raise ValueError(
             f"[{NAME}] x has {shape[-1]} features (its last dim), expected {in_features} from "
@@ -69,7 +75,7 @@ def _problem(
     lhs = check_indices(NAME, "lhs_indices", lhs_indices)
     rhs = check_indices(NAME, "rhs_indices", rhs_indices)
     if lhs is None and rhs is None:
-        raise ValueError(f"[{NAME}] the variants model calls with lhs_indices or rhs_indices")
+        raise Unmodelled(f"[{NAME}] the variants model calls with lhs_indices or rhs_indices")
     batch = pair_shape(NAME, shape[:-2], lhs, rhs, experts)
     key = (pair_count(batch), experts, in_features, out_features, bits, group_size)
     return dtype, (*key, sorted_indices)
@@ -262,7 +268,7 @@ def _presets() -> dict:
     return {"quick": quick, "default": default, "full": list(dict.fromkeys(full))}
 
 
-def _served_by_mlx(args, stream):
+def _served_by_mlx(*args):
     """MLX's own op, for the calls the variants do not model, with its own errors; but a
     ``mode`` it does not know is ours."""
     mode = args[9]
@@ -271,7 +277,7 @@ def _served_by_mlx(args, stream):
     if mode not in MODES:
         raise ValueError(f"[{NAME}] mode must be one of {list(MODES)}, got {mode!r}")
     *head, sorted_indices = args
-    return MLX_GATHER_QMM(*head, sorted_indices=sorted_indices, stream=stream)
+    return MLX_GATHER_QMM(*head, sorted_indices=sorted_indices)
 
 
 def gather_qmm(
@@ -313,23 +319,10 @@ def gather_qmm(
         sorted_indices: the indices are in ascending order (a promise some variants use).
         stream: the stream or device to run on (default: the default stream).
     """
-    args = (
+    return OP.serve(
         x, w, scales, biases, lhs_indices, rhs_indices, transpose, group_size, bits, mode,
-        global_scale, sorted_indices,
+        global_scale, sorted_indices, stream,
     )  # fmt: skip
-    if (
-        mode == "affine"
-        and global_scale is None
-        and transpose is True
-        and _ARRAY is x.__class__ is w.__class__ is scales.__class__ is biases.__class__
-        and w.ndim == 3
-        and x.ndim >= 2
-        and x.shape[-2] == 1
-        and x.dtype == scales.dtype == biases.dtype
-        and (lhs_indices is not None or rhs_indices is not None)
-    ):
-        return OP.serve(*args, stream)
-    return _served_by_mlx(args, stream)
 
 
 OP = register(
@@ -338,6 +331,7 @@ OP = register(
         signature=gather_qmm,
         dims=DIMS,
         problem=_problem,
+        outside=_served_by_mlx,
         reference=reference,
         example=_example,
         case=_case,

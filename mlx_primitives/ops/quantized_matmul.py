@@ -8,7 +8,7 @@ import math
 import mlx.core as mx
 
 from ..patch import mlx_own
-from ..problem import EXACT, Dim, bucket, dtype_name
+from ..problem import EXACT, Dim, Unmodelled, bucket
 from ..registry import Example, Op, Variant, register
 from ._common import accumulator, check_array, check_bool, check_int, random
 from ._quantized_kernels import mma_variant, qmv_variant
@@ -89,17 +89,18 @@ def check_packed(op: str, w, scales, biases, group_size: int, bits: int, ndim: i
 
 
 def _problem(x, w, scales, biases, transpose, group_size, bits, mode):
-    dtype, shape = check_array(NAME, "x", x)
     if mode != "affine":
-        raise ValueError(f"[{NAME}] the variants model mode='affine', got {mode!r}")
+        raise Unmodelled(f"[{NAME}] the variants model mode='affine', got {mode!r}")
+    # Stacked weights and mixed dtypes (which MLX promotes) are MLX's; arguments that are not
+    # arrays get this op's errors below.
+    if _ARRAY is x.__class__ is w.__class__ is scales.__class__ is biases.__class__ and (
+        w.ndim != 2 or not x.dtype == scales.dtype == biases.dtype
+    ):
+        raise Unmodelled(f"[{NAME}] the variants model 2-D weights of x's dtype")
+    dtype, shape = check_array(NAME, "x", x)
     check_bool(NAME, "transpose", transpose)
     group_size, bits = sizes(group_size, bits)
     (rows,), values = check_packed(NAME, w, scales, biases, group_size, bits)
-    for name, a in (("scales", scales), ("biases", biases)):
-        if a.dtype != x.dtype:  # mp.quantized_matmul passes mixed dtypes to MLX's op
-            raise TypeError(
-                f"[{NAME}] {name} has dtype {dtype_name(a.dtype)}, expected {dtype} like x"
-            )
     in_features, out_features = (values, rows) if transpose else (rows, values)
     if shape[-1] != in_features:
         raise ValueError(
@@ -213,7 +214,7 @@ def _presets() -> dict:
     return {"quick": quick, "default": default, "full": full}
 
 
-def _served_by_mlx(x, w, scales, biases, transpose, group_size, bits, mode, stream):
+def _served_by_mlx(x, w, scales, biases, transpose, group_size, bits, mode):
     """MLX's own op, for the calls the variants do not model (other modes, stacked weights,
     arguments of several dtypes, which MLX promotes), with its own errors; but a ``mode`` it
     does not know, and scales whose rows are not w's (which MLX computes on), are ours."""
@@ -221,18 +222,13 @@ def _served_by_mlx(x, w, scales, biases, transpose, group_size, bits, mode, stre
         raise TypeError(f"[{NAME}] mode must be a str, got {type(mode).__name__}")
     if mode not in MODES:
         raise ValueError(f"[{NAME}] mode must be one of {list(MODES)}, got {mode!r}")
-    arrays = (x, w, scales, biases)
-    if mode == "affine" and not all(isinstance(a, mx.array) for a in arrays):
-        return OP.serve(x, w, scales, biases, transpose, group_size, bits, mode, stream)
     both = isinstance(w, mx.array) and isinstance(scales, mx.array)
     if both and scales.shape[:-1] != w.shape[:-1]:
         raise ValueError(
             f"[{NAME}] scales has shape {scales.shape}, expected {w.shape[:-1]} before its "
             f"last dim like w's {w.shape}"
         )
-    return MLX_QUANTIZED_MATMUL(
-        x, w, scales, biases, transpose, group_size, bits, mode, stream=stream
-    )
+    return MLX_QUANTIZED_MATMUL(x, w, scales, biases, transpose, group_size, bits, mode)
 
 
 def quantized_matmul(
@@ -264,14 +260,7 @@ def quantized_matmul(
         mode: ``"affine"``, or MLX's ``"mxfp4"``, ``"mxfp8"``, ``"nvfp4"`` (served by MLX).
         stream: the stream or device to run on (default: the default stream).
     """
-    if (
-        mode == "affine"
-        and _ARRAY is x.__class__ is w.__class__ is scales.__class__ is biases.__class__
-        and w.ndim == 2
-        and x.dtype == scales.dtype == biases.dtype
-    ):
-        return OP.serve(x, w, scales, biases, transpose, group_size, bits, mode, stream)
-    return _served_by_mlx(x, w, scales, biases, transpose, group_size, bits, mode, stream)
+    return OP.serve(x, w, scales, biases, transpose, group_size, bits, mode, stream)
 
 
 def _kernel_args(x, w, scales, biases, transpose, group_size, bits, mode):
@@ -284,6 +273,7 @@ OP = register(
         signature=quantized_matmul,
         dims=DIMS,
         problem=_problem,
+        outside=_served_by_mlx,
         reference=reference,
         example=_example,
         case=_case,
