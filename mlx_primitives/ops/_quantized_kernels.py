@@ -150,6 +150,25 @@ def _mma_supports(p: dict, q: dict) -> bool:
     return _mma_fits(p, q, 1 if p["rows"] <= 16 else 2, q["split"])
 
 
+def _mma_template(x, out, n: int, group_size: int, bits: int, tiles: int, rows: int,
+                  warps: int, split: int) -> dict:  # fmt: skip
+    """The mma kernels' template, for x as (rows, K) of a 16-bit type, ``out`` the output's
+    type and ``rows`` the rows of a pass: one tile up to 16, two beyond."""
+    return {
+        "T": x.dtype,
+        "Y": out,
+        "BITS": bits,
+        "GS": group_size,
+        "K": x.shape[-1],
+        "N": n,
+        "NT": tiles,
+        "MT": 1 if rows <= 16 else 2,
+        "WARPS": warps,
+        "SPLIT": split,
+        "VEC": 8,
+    }
+
+
 def _template(x, k: int, n: int, group_size: int, bits: int, q: dict) -> dict:
     return {
         "T": x.dtype,
@@ -219,19 +238,7 @@ def mma_variant(reference: Callable, arrays: Callable) -> Variant:
             threads = 32 * warps
             (y,) = MMA(
                 [x2, w, scales, biases],
-                template={
-                    "T": x.dtype,
-                    "Y": out,
-                    "BITS": bits,
-                    "GS": group_size,
-                    "K": k,
-                    "N": n,
-                    "NT": tiles,
-                    "MT": 1 if rows <= 16 else 2,
-                    "WARPS": warps,
-                    "SPLIT": split,
-                    "VEC": 8,
-                },
+                template=_mma_template(x, out, n, group_size, bits, tiles, rows, warps, split),
                 grid=(-(-n // (8 * tiles)) * split * threads, 1, 1),
                 threadgroup=(threads, 1, 1),
                 output_shapes=[(split, rows, n)],
@@ -272,23 +279,11 @@ def gather_mma_variant(reference: Callable, arrays: Callable) -> Variant:
             x, w, scales, biases, experts, x_rows, y_rows, batch, group_size, bits = arrays(
                 *args, sort=sort
             )
-            k, n, pairs = x.shape[-1], w.shape[1], experts.size
+            n, pairs = w.shape[1], experts.size
             threads = 32 * warps
             (y,) = GATHER_MMA(
                 [x, w, scales, biases, experts, x_rows, y_rows],
-                template={
-                    "T": x.dtype,
-                    "Y": x.dtype,
-                    "BITS": bits,
-                    "GS": group_size,
-                    "K": k,
-                    "N": n,
-                    "NT": tiles,
-                    "MT": rows // 16,
-                    "WARPS": warps,
-                    "SPLIT": 1,
-                    "VEC": 8,
-                },
+                template=_mma_template(x, x.dtype, n, group_size, bits, tiles, rows, warps, 1),
                 grid=(pairs * -(-n // (8 * tiles)) * threads, 1, 1),
                 threadgroup=(threads, 1, 1),
                 output_shapes=[(pairs, n)],
