@@ -102,6 +102,32 @@ def test_gather_ops_keep_mlxs_contract(x_shape, lhs, rhs, quantized):
     ref.assert_close(got, ref.f64(want), mx.float32, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("quantized", [False, True], ids=["gather_mm", "gather_qmm"])
+def test_calls_the_gather_variants_do_not_model_are_kept_as_mlxs(quantized):
+    """Three rows per block is not one row per pair: the problem function says so, dispatch
+    keeps MLX's op (the op's ``outside``) for those marks, and the result is MLX's."""
+    from mlx_primitives import dispatch
+    from mlx_primitives.problem import Unmodelled
+    from mlx_primitives.registry import op as get_op
+
+    o = get_op("gather_qmm" if quantized else "gather_mm")
+    x = mx.random.normal((2, 3, 64), key=mx.random.key(5))
+    right = mx.array([1, 0], dtype=mx.uint32)
+    weight = mx.random.normal((2, 32, 64), key=mx.random.key(6))
+    if quantized:
+        args, mlx_call = (x, *mx.quantize(weight, 64, 4)), mx.gather_qmm
+    else:
+        args, mlx_call = (x, weight.swapaxes(-1, -2)), mx.gather_mm
+    with pytest.raises(Unmodelled):
+        o.problem(*args, rhs_indices=right)
+    dispatch.forget_calls()
+    public = getattr(mp, o.name)
+    for _ in range(2):
+        got = public(*args, rhs_indices=right)
+    assert mx.array_equal(got, mlx_call(*args, rhs_indices=right)).item()
+    assert [fn for key, fn in dispatch._calls.items() if key[0] == o.name] == [o.outside]
+
+
 def test_gather_qmm_rejects_what_mlx_would_miscompute():
     w, scales, biases = mx.quantize(mx.random.normal((4, 32, 128)), 64, 4)
     x = mx.random.normal((3, 1, 1, 128))
