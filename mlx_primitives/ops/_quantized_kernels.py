@@ -190,6 +190,36 @@ def _column_groups(n: int, q: dict) -> int:
     return -(-n // (32 // q["lanes_k"] * q["cols"]))
 
 
+def _mma_tiles(n: int, tiles: int) -> int:
+    """The threadgroups of ``tiles`` tiles of 8 columns that cover ``n`` output columns."""
+    return -(-n // (8 * tiles))
+
+
+def _gather_forward(kernel: GpuKernel, arrays: Callable, sort: bool, warps: int, template,
+                    groups) -> Callable:  # fmt: skip
+    """A gather kernel's forward: a threadgroup of ``warps`` warps per pair and group of
+    output columns (``groups(n)`` of them), its template ``template(x, n, group_size, bits)``;
+    ``arrays`` as :func:`gather_qmv_variant` takes it."""
+
+    def forward(*args):
+        x, w, scales, biases, experts, x_rows, y_rows, batch, group_size, bits = arrays(
+            *args, sort=sort
+        )
+        n, pairs = w.shape[1], experts.size
+        threads = 32 * warps
+        (y,) = kernel(
+            [x, w, scales, biases, experts, x_rows, y_rows],
+            template=template(x, n, group_size, bits),
+            grid=(pairs * groups(n) * threads, 1, 1),
+            threadgroup=(threads, 1, 1),
+            output_shapes=[(pairs, n)],
+            output_dtypes=[x.dtype],
+        )
+        return y.reshape(*batch, n)
+
+    return forward
+
+
 def qmv_variant(reference: Callable, arrays: Callable) -> Variant:
     """The ``qmv`` variant; ``reference`` gives it gradients, and ``arrays(*args)`` gives a
     call's ``(x, w, scales, biases, group_size, bits)``."""
@@ -239,7 +269,7 @@ def mma_variant(reference: Callable, arrays: Callable) -> Variant:
             (y,) = MMA(
                 [x2, w, scales, biases],
                 template=_mma_template(x, out, n, group_size, bits, tiles, rows, warps, split),
-                grid=(-(-n // (8 * tiles)) * split * threads, 1, 1),
+                grid=(_mma_tiles(n, tiles) * split * threads, 1, 1),
                 threadgroup=(threads, 1, 1),
                 output_shapes=[(split, rows, n)],
                 output_dtypes=[out],
@@ -262,7 +292,7 @@ def mma_variant(reference: Callable, arrays: Callable) -> Variant:
 
 
 def _gather_mma_supports(p: dict, q: dict) -> bool:
-    threads = p["pairs"] * -(-p["out_features"] // (8 * q["tiles"])) * 32 * q["warps"]
+    threads = p["pairs"] * _mma_tiles(p["out_features"], q["tiles"]) * 32 * q["warps"]
     return (
         (q["rows"] == 16 or p["pairs"] > 16)
         and threads <= MAX_THREADS
@@ -275,22 +305,12 @@ def gather_mma_variant(reference: Callable, arrays: Callable) -> Variant:
     :func:`gather_qmv_variant`."""
 
     def factory(tiles: int, warps: int, rows: int, sort: bool):
-        def forward(*args):
-            x, w, scales, biases, experts, x_rows, y_rows, batch, group_size, bits = arrays(
-                *args, sort=sort
-            )
-            n, pairs = w.shape[1], experts.size
-            threads = 32 * warps
-            (y,) = GATHER_MMA(
-                [x, w, scales, biases, experts, x_rows, y_rows],
-                template=_mma_template(x, x.dtype, n, group_size, bits, tiles, rows, warps, 1),
-                grid=(pairs * -(-n // (8 * tiles)) * threads, 1, 1),
-                threadgroup=(threads, 1, 1),
-                output_shapes=[(pairs, n)],
-                output_dtypes=[x.dtype],
-            )
-            return y.reshape(*batch, n)
+        def template(x, n, group_size, bits):
+            return _mma_template(x, x.dtype, n, group_size, bits, tiles, rows, warps, 1)
 
+        forward = _gather_forward(
+            GATHER_MMA, arrays, sort, warps, template, lambda n: _mma_tiles(n, tiles)
+        )
         return with_reference_transforms(forward, reference)
 
     return Variant(
@@ -316,22 +336,12 @@ def gather_qmv_variant(reference: Callable, arrays: Callable) -> Variant:
     its expert, its row of x and its row of the output, and the output's batch shape."""
 
     def factory(**q):
-        def forward(*args):
-            x, w, scales, biases, experts, x_rows, y_rows, batch, group_size, bits = arrays(
-                *args, sort=q["sort"]
-            )
-            k, n, pairs = x.shape[-1], w.shape[1], experts.size
-            threads = 32 * q["warps"]
-            (y,) = GATHER_QMV(
-                [x, w, scales, biases, experts, x_rows, y_rows],
-                template=_template(x, k, n, group_size, bits, q),
-                grid=(pairs * _column_groups(n, q) * threads, 1, 1),
-                threadgroup=(threads, 1, 1),
-                output_shapes=[(pairs, n)],
-                output_dtypes=[x.dtype],
-            )
-            return y.reshape(*batch, n)
+        def template(x, n, group_size, bits):
+            return _template(x, x.shape[-1], n, group_size, bits, q)
 
+        forward = _gather_forward(
+            GATHER_QMV, arrays, q["sort"], q["warps"], template, lambda n: _column_groups(n, q)
+        )
         return with_reference_transforms(forward, reference)
 
     return Variant(
