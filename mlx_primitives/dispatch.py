@@ -12,6 +12,7 @@ falls back to the default.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import warnings
@@ -96,30 +97,25 @@ def mode() -> str:
 
 def fast_path(op: Op) -> Callable:
     """The hot path of ``op``'s calls, made once per op: ``serve(*args, stream=None)``, given
-    the op's arguments in canonical order, marks each argument (an array by its shape and dtype,
-    anything else by its type and value; a volatile one by its type, after its own check),
-    finds the decision kept for those marks and calls it. A call with new marks is checked by
-    the op's problem function and routed (:func:`_first`). The function is written out for
-    the op's arity so that the marks are made inline: a loop over the arguments cost as much
-    again per call as the rest of the dispatch."""
+    the op's arguments in canonical order, marks each argument (:func:`_marks`), finds the
+    decision kept for those marks and calls it. A call with new marks is checked by the op's
+    problem function and routed (:func:`_first`). The function is written out for the op's
+    arity so that the marks are made inline: a loop over the arguments cost as much again per
+    call as the rest of the dispatch."""
     names = [f"a{i}" for i in range(len(op.params))]
-    marks = []
-    for i, a in enumerate(names):
-        # Two flat entries an argument (no tuple to build and hash): an array's shape and
-        # dtype, anything else's type and value (a volatile one's check, then None).
-        value = f"(V{i}({a}) or None)" if i in op.volatile else a
-        marks.append(f"{a}.shape if {a}.__class__ is ARRAY else {a}.__class__")
-        marks.append(f"{a}.dtype if {a}.__class__ is ARRAY else {value}")
+    marks = [_marks(op, i, a) for i, a in enumerate(names)]
+    # Without a GPU back-end every call runs on the CPU: no device to read per call.
+    gpu = "DEVICE().type is GPU" if mx.cuda.is_available() or mx.metal.is_available() else "False"
     args = ", ".join(names)
     source = (
         f"def serve({args}, stream=None):\n"
         f"    if stream is not None:  # chosen for the stream's device, so routed inside it\n"
         f"        with STREAM(stream):\n"
         f"            return serve({args})\n"
-        f"    key = (NAME, DEVICE().type is GPU, {', '.join(marks)})\n"
         f"    try:\n"
+        f"        key = (NAME, {gpu}, {', '.join(marks)})\n"
         f"        fn = CALLS.get(key)\n"
-        f"    except TypeError:  # an argument that cannot be a key\n"
+        f"    except (AttributeError, TypeError):  # not an array where one must be; no key\n"
         f"        fn = key = None\n"
         f"    return (fn or FIRST(OP, ({args},), key))({args})\n"
     )
@@ -136,6 +132,34 @@ def fast_path(op: Op) -> Callable:
     }
     exec(compile(source, f"<dispatch of {op.name}>", "exec"), scope)
     return scope["serve"]
+
+
+def _marks(op: Op, i: int, a: str) -> str:
+    """Two flat key entries for argument ``i`` (no tuple to build and hash), by its annotation:
+    an array's shape and dtype; a value's type and value (a volatile one's type and check);
+    for an argument that may be either, whichever it is. A value is never an array: the
+    problem functions refuse one there, so no array is kept as a mark."""
+    kind = _kind(op.signature.parameters[op.params[i]].annotation)
+    value = f"(V{i}({a}) or None)" if i in op.volatile else a
+    if kind == "array":
+        return f"{a}.shape, {a}.dtype"
+    if kind == "value":
+        return f"{a}.__class__, {value}"
+    return (
+        f"{a}.shape if {a}.__class__ is ARRAY else {a}.__class__, "
+        f"{a}.dtype if {a}.__class__ is ARRAY else {value}"
+    )
+
+
+def _kind(annotation) -> str:
+    """``array`` for an argument annotated as an array alone, ``value`` for one that cannot
+    be an array, ``either`` for the rest (``mx.array | None``, an unannotated one)."""
+    text = annotation if isinstance(annotation, str) else inspect.formatannotation(annotation)
+    if annotation is inspect.Parameter.empty:
+        return "either"
+    if text in ("mx.array", "mlx.core.array"):
+        return "array"
+    return "either" if "array" in text else "value"
 
 
 def _first(op: Op, args: tuple, key: tuple | None) -> Callable:
@@ -191,6 +215,11 @@ def _resolve(op: Op, problem: Problem) -> Callable:
     except Exception as e:
         _disable(op, variant.name, e)
         return _resolve(op, problem)
+    return guard(op, problem, variant.name, fn)
+
+
+def guard(op: Op, problem: Problem, name: str, fn: Callable) -> Callable:
+    """``fn`` (variant ``name``, probed) serving ``problem``, falling back to the default."""
 
     def guarded(*args):
         # A call can still fail where the probe did not (a transformation the variant lacks,
@@ -198,7 +227,7 @@ def _resolve(op: Op, problem: Problem) -> Callable:
         try:
             return fn(*args)
         except Exception as e:
-            _disable(op, variant.name, e)
+            _disable(op, name, e)
             return route(op, problem.dtype, problem.values)(*args)
 
     return guarded

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 
 import mlx.core as mx
 import pytest
 
 import mlx_primitives as mp
 from mlx_primitives import dispatch
-from mlx_primitives.problem import EXACT, Dim, bucket, dtype_name
+from mlx_primitives.problem import EXACT, Dim, Unmodelled, bucket, dtype_name
 from mlx_primitives.registry import Op, Variant
 from mlx_primitives.store import shipped as shipped_store
 from mlx_primitives.tuning_record import RecordError, TuningRecord
@@ -426,6 +427,37 @@ def test_the_fast_path_reuses_only_what_was_checked():
     for offset in range(50):  # a decoding loop keeps one decision per shape
         mp.rope(h, 8, offset=offset)
     assert len(dispatch._calls) == calls
+
+
+def test_the_fast_path_marks_each_argument_by_its_annotation():
+    """An argument annotated as an array is marked by its shape and dtype alone; anything else
+    there (None, a list) still reaches the op's own error."""
+    x, w = mx.ones((2, 8)), mx.ones((8,))
+    mp.rms_norm(x, w, 1e-5)
+    for bad in (None, [[1.0] * 8]):
+        with pytest.raises((TypeError, ValueError), match=r"\[rms_norm\] x"):
+            mp.rms_norm(bad, w, 1e-5)
+    kinds = [dispatch._kind(mp.registry.op("rms_norm").signature.parameters[n].annotation)
+             for n in ("x", "weight", "eps")]  # fmt: skip
+    assert kinds == ["array", "either", "value"]
+
+
+@pytest.mark.parametrize("name", [o.name for o in mp.registry.ops()])
+def test_every_op_refuses_an_array_for_a_value(name):
+    """A value's mark is the value itself, so an array there would be kept by identity (and an
+    array can change in place): every op's problem function refuses one, or leaves the call to
+    MLX's op, which reads the value at each call."""
+    o = mp.registry.op(name)
+    ex = min(o.presets["quick"], key=lambda e: math.prod(e.shapes[0]))
+    args = o.example(ex.shapes, mx.float32, mx.random.key(0), **dict(ex.options))
+    for i, param in enumerate(o.params):
+        if dispatch._kind(o.signature.parameters[param].annotation) != "value":
+            continue
+        value = args[i] if isinstance(args[i], (bool, int, float)) else 1
+        bad = (*args[:i], mx.array(value), *args[i + 1 :])
+        with pytest.raises((TypeError, ValueError)) as e:
+            o.problem(*bad)
+        assert isinstance(e.value, Unmodelled) or f"[{name}] {param}" in str(e.value)
 
 
 def test_a_nearest_record_that_kept_the_default_serves_this_problems_default(db):

@@ -216,6 +216,9 @@ def test_the_host_suite_times_builds_and_both_starts():
     idle = [r for r in rows if r["section"] == "idle"]
     # 1 and 64 rows, four implementations, each start.
     assert len(idle) == 2 * 4 * 2
+    # The overhead leaves out the variant's build: the kept decision was swapped for a stub.
+    (over,) = [r for r in rows if r["section"] == "overhead"]
+    assert 0 < over["overhead_s"] < over["dispatch_s"] - over["variant_s"] / 2
     assert {r["idle_s"] for r in idle if not r["equal_start"]} == {0.0}
     for example in {r["example"] for r in idle}:
         waits = {r["idle_s"] for r in idle if r["equal_start"] and r["example"] == example}
