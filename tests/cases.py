@@ -75,11 +75,13 @@ CPU_CASES = {
         (((2, 300),), {"op": "add", "inclusive": False}),
     ],
     # q's (batch, tokens, k_heads, k_dims): one token and several, GQA (2 value heads per key
-    # head), gates per key dim, a mask, no initial state, value dims other than key dims.
+    # head), gates per key dim, a mask, no initial state, value dims other than key dims, a
+    # prefill over several chunks.
     "gated_delta": [
         (((1, 1, 2, 32),), {"heads_v": 4}),
         (((2, 3, 1, 16),), {"heads_v": 3, "gate": "vector", "mask": True}),
         (((1, 17, 2, 8),), {"v_dims": 12, "state": "none"}),
+        (((2, 70, 2, 16),), {"heads_v": 4}),  # chunks of tokens: several, the last short
     ],
     # u's (batch, length, channels): lengths 1, 3 and 1000; Mamba-1 (a decay per channel and
     # state, softplus, bias, gate) and Mamba-2 (one decay per head, groups of B and C, a state).

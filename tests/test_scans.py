@@ -132,3 +132,18 @@ def test_selective_scan_composition_in_segments(monkeypatch):
     want_y, want_h = ref.selective_scan(*args)
     ref.assert_close(y, want_y, mx.float32, label="y")
     ref.assert_close(h, want_h, mx.float32, label="state")
+
+
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_gated_delta_chunks_hold_decays_of_zero_and_one(chunk):
+    """The chunked form works with differences of log decays: a decay of 0 (the state
+    forgotten) or 1 must still give the recurrence's result, not inf - inf."""
+    o = mp.registry.op("gated_delta")
+    q, k, v, g, beta, state, mask = o.example(((1, 40, 2, 8),), mx.float32, mx.random.key(3))
+    g = mx.where(mx.arange(40)[None, :, None] % 7 == 0, 0.0, mx.where(g > 0.9, 1.0, g))
+    args = (q, k, v, g, beta, state, mask)
+    want = o.reference(*args)
+    got = o.variant("chunked").positional(chunk=chunk)(*args)
+    for w, x in zip(want, got):
+        assert not mx.isnan(x).any().item()
+        assert mx.allclose(x, w, atol=1e-5, rtol=1e-4).item()

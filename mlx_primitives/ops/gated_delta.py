@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from ..dialect.kernel import with_reference_transforms
 from ..problem import EXACT, Dim, bucket
 from ..registry import Example, Op, Variant, register
 from ._common import check_array, random
@@ -107,6 +108,47 @@ def _compiled(q, k, v, g, beta, state, mask):
     return y.astype(q.dtype), s.astype(mx.float32 if state is None else state.dtype)
 
 
+def _chunked(chunk):
+    def chunked(q, k, v, g, beta, state, mask):
+        """The tokens a chunk at a time (the WY form of the delta rule): within a chunk the
+        corrections ``W`` solve one unit lower-triangular system, and the outputs and the
+        next state are matrix products, so the steps of a chunk cost a few matmuls. One
+        decay per head, no mask."""
+        dtype = q.dtype
+        acc = mx.float64 if dtype == mx.float64 else mx.float32
+        batch, tokens, hk, dk = q.shape
+        hv, dv = v.shape[2:]
+        q, k, v, beta = (x.astype(acc).swapaxes(1, 2) for x in (q, k, v, beta))
+        if hv > hk:
+            q, k = (mx.repeat(x, hv // hk, axis=1) for x in (q, k))
+        # Log decays, a decay of 0 (a state forgotten) held finite: exp of their differences.
+        tiny = 1e-300 if acc == mx.float64 else 1e-37
+        log_g = mx.log(mx.maximum(g.astype(acc), tiny)).swapaxes(1, 2)
+        s = mx.zeros((batch, hv, dv, dk), acc) if state is None else state.astype(acc)
+        ys = []
+        for start in range(0, tokens, chunk):
+            t = slice(start, start + chunk)
+            qc, kc, vc, bc = q[:, :, t], k[:, :, t], v[:, :, t], beta[:, :, t]
+            n = qc.shape[2]
+            c = mx.cumsum(log_g[:, :, t], axis=-1)  # (batch, heads, n)
+            below = mx.tril(mx.ones((n, n), mx.bool_))
+            decays = mx.where(below, mx.exp(c[..., :, None] - c[..., None, :]), 0)
+            kk = mx.tril(decays * (kc @ kc.swapaxes(-1, -2)), -1)
+            system = mx.eye(n, dtype=acc) + bc[..., None] * kk
+            gamma = mx.exp(c)[..., None]
+            rhs = bc[..., None] * (vc - gamma * (kc @ s.swapaxes(-1, -2)))
+            w = mx.linalg.solve_triangular(system, rhs, upper=False, stream=mx.cpu)
+            ys.append(gamma * (qc @ s.swapaxes(-1, -2)) + (decays * (qc @ kc.swapaxes(-1, -2))) @ w)
+            to_end = mx.exp(c[..., -1:] - c)[..., None]  # (batch, heads, n, 1)
+            s = gamma[..., -1:, :] * s + (w * to_end).swapaxes(-1, -2) @ kc
+        y = mx.concatenate(ys, axis=2) if len(ys) > 1 else ys[0]
+        out_state = mx.float32 if state is None else state.dtype
+        return y.swapaxes(1, 2).astype(dtype), s.astype(out_state)
+
+    # MLX has no VJP of the solve's matrix: gradients go through the reference.
+    return with_reference_transforms(chunked, reference)
+
+
 def reference(q, k, v, g, beta, state, mask):
     """The recurrence step by step in float32 (float64 for float64 inputs)."""
     acc = mx.float64 if q.dtype == mx.float64 else mx.float32
@@ -114,9 +156,18 @@ def reference(q, k, v, g, beta, state, mask):
     return y.astype(q.dtype), s.astype(mx.float32 if state is None else state.dtype)
 
 
+def _chunks(p: dict) -> bool:
+    return p["gate"] == "scalar" and not p["mask"]
+
+
 def _default(problem, backend):
+    if problem["dtype"] == "float64":
+        return "steps", {}
+    # On the CPU a chunk's steps as matmuls beat stepping from two tokens on (the ssm suite).
+    if backend == "cpu" and problem["tokens"] > 1 and _chunks(problem):
+        return "chunked", {"chunk": 16}
     # mlx-lm's own path on every back-end but Metal (each step compiled): never slower than it.
-    return ("steps" if problem["dtype"] == "float64" else "compiled"), {}
+    return "compiled", {}
 
 
 def _example(shapes, dtype, key, heads_v=None, v_dims=None, gate="scalar", mask=False,
@@ -206,6 +257,15 @@ OP = register(
                 "compiled",
                 lambda: _compiled,
                 description="one token at a time, each step mx.compile'd (mlx-lm's ops path)",
+            ),
+            Variant(
+                "chunked",
+                _chunked,
+                backends=frozenset({"cpu"}),
+                space={"chunk": (64, 32, 16, 128)},
+                supports=lambda p, params: _chunks(p),
+                description="a chunk of tokens at a time: a triangular solve and matmuls "
+                "(the solve runs on the CPU)",
             ),
             recurrent_variant(reference),
         ],
