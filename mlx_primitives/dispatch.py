@@ -154,9 +154,9 @@ def _marks(op: Op, i: int, a: str) -> str:
 def _kind(annotation) -> str:
     """``array`` for an argument annotated as an array alone, ``value`` for one that cannot
     be an array, ``either`` for the rest (``mx.array | None``, an unannotated one)."""
-    text = annotation if isinstance(annotation, str) else inspect.formatannotation(annotation)
     if annotation is inspect.Parameter.empty:
         return "either"
+    text = annotation if isinstance(annotation, str) else inspect.formatannotation(annotation)
     if text in ("mx.array", "mlx.core.array"):
         return "array"
     return "either" if "array" in text else "value"

@@ -239,6 +239,16 @@ def _overhead_method(data: dict) -> str:
     return "the public call less the variant alone"
 
 
+def _host_parts(data: dict) -> str:
+    if "device_read_s" not in data:
+        return ""
+    return (
+        f" On this host reading the default device takes {_us(data['device_read_s'])} (a GPU "
+        f"back-end's dispatch does it every call) and an empty Python call "
+        f"{_us(data['empty_call_s'])}."
+    )
+
+
 def overhead_page(results: dict[str, dict], names: list[str]) -> str:
     """What the library adds to a call on a cache hit, per op, on each device."""
     lines = [
@@ -263,7 +273,7 @@ def overhead_page(results: dict[str, dict], names: list[str]) -> str:
             "",
             f"MLX {data['mlx_version']}, {data['date'][:10]}, "
             f"[`{name}`](../../benchmarks/results/{name}); goal: at most "
-            f"{_us(rows[0]['goal_s'])}. Overhead: {_overhead_method(data)}.",
+            f"{_us(rows[0]['goal_s'])}. Overhead: {_overhead_method(data)}.{_host_parts(data)}",
             "",
             "| op | call | served by | through the library | the variant alone | overhead |",
             "|---|---|---|---|---|---|",
@@ -339,6 +349,12 @@ def model_page(results: dict[str, dict], names: list[str]) -> str:
                 )
             else:
                 shape += f"{heads}, MLP {c['intermediate_size']}"
+            if "linear_num_value_heads" in c:  # Qwen3-Next: gated delta between attention
+                shape += (
+                    f"; gated delta layers ({c['linear_num_key_heads']}/"
+                    f"{c['linear_num_value_heads']} heads of {c['linear_key_head_dim']}) but "
+                    f"every {c['full_attention_interval']}th"
+                )
             kind = "4-bit (group 64)" if m["quantized"] else m["dtype"]
             lines += [
                 "",

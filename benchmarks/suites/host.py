@@ -352,6 +352,12 @@ def run(args) -> dict:
     result["results"] = []
     preset = "default" if current_backend() != "cpu" else "quick"
     if "overhead" in chosen:
+        # What two parts of every dispatch cost on this host: reading the default device (a
+        # GPU back-end's key holds it) and an empty Python call, for reading the overheads.
+        device, empty = _paired_per_call_s(
+            lambda: mx.default_device().type is mx.DeviceType.gpu, lambda: None
+        )
+        result["device_read_s"], result["empty_call_s"] = device, empty
         for o in ops():
             if not args.op or o.name in args.op:
                 rows = overhead_rows(o, preset)
