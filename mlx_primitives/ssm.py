@@ -185,7 +185,8 @@ def gated_delta_update(
         A_log, dt_bias: the layer's decay parameters, ``(v_heads,)``.
         state: ``(batch, v_heads, v_dims, k_dims)`` (default zeros, float32).
         mask: ``(batch, tokens)`` booleans.
-        use_kernel: False runs the token-by-token composition (as mlx-lm does in training).
+        use_kernel: False runs mlx-lm's own token-by-token composition, each step compiled
+            (as mlx-lm does in training).
         lower_bound: bound the decays from below (``exp(lower_bound * sigmoid(...))``).
         allow_neg_eigval: beta in [0, 2] instead of [0, 1].
     """
@@ -198,5 +199,5 @@ def gated_delta_update(
     if allow_neg_eigval:
         beta = beta * 2.0
     if not use_kernel:
-        return OP.variant("steps").build()(q, k, v, g, beta, state, mask)
+        return OP.variant("compiled").build()(q, k, v, g, beta, state, mask)
     return gated_delta(q, k, v, g, beta, state, mask)

@@ -82,6 +82,7 @@ def _model(model_type: str, quantized: bool) -> nn.Module:
     model = module.Model(module.ModelArgs.from_dict(config))
     if quantized:
         nn.quantize(model, 64, 4)
+    model.eval()  # as mlx-lm's load leaves it
     mx.eval(model.parameters())
     return model
 
