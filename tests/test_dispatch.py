@@ -430,11 +430,16 @@ def test_the_fast_path_reuses_only_what_was_checked():
 
 
 def test_the_fast_path_marks_each_argument_by_its_annotation():
-    """An argument annotated as an array is marked by its shape and dtype alone; anything else
-    there (None, a list) still reaches the op's own error."""
+    """An argument annotated as an array is marked by its shape and dtype; anything else there
+    (None, a list, a look-alike with an array's shape and dtype) still reaches the op's own
+    error after an array's call was kept."""
     x, w = mx.ones((2, 8)), mx.ones((8,))
     mp.rms_norm(x, w, 1e-5)
-    for bad in (None, [[1.0] * 8]):
+
+    class LookAlike:  # an array's shape and dtype, but not an array
+        shape, dtype = x.shape, x.dtype
+
+    for bad in (None, [[1.0] * 8], LookAlike()):
         with pytest.raises((TypeError, ValueError), match=r"\[rms_norm\] x"):
             mp.rms_norm(bad, w, 1e-5)
     kinds = [dispatch._kind(mp.registry.op("rms_norm").signature.parameters[n].annotation)

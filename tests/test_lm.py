@@ -208,6 +208,27 @@ def test_swiglu_is_served_where_models_call_it_and_mx_fast_left_as_the_user_had_
     mp.unpatch_mlx()
 
 
+@pytest.mark.parametrize("use_kernel", [False, True])
+def test_gated_delta_update_keeps_a_float64_state(use_kernel):
+    """float64 in, float64 arithmetic throughout, as mlx-lm's own steps (use_kernel=False
+    included: its compiled steps must not round the state to float32)."""
+    from mlx_lm.models import gated_delta as theirs
+
+    keys = mx.random.split(mx.random.key(0), 8)
+    q, k = (mx.random.normal((1, 9, 2, 32), key=kk).astype(mx.float64) * 0.1 for kk in keys[:2])
+    v = mx.random.normal((1, 9, 4, 32), key=keys[2]).astype(mx.float64)
+    a, b = (mx.random.normal((1, 9, 4), key=kk).astype(mx.float64) for kk in keys[3:5])
+    A_log, dt_bias = (mx.random.normal((4,), key=kk).astype(mx.float64) for kk in keys[5:7])
+    state = (mx.random.normal((1, 4, 32, 32), key=keys[7]) * 0.1).astype(mx.float64) + 1e-9
+    with mx.stream(mx.cpu):
+        args = (q, k, v, a, b, A_log, dt_bias, state, None)
+        want = theirs.gated_delta_update(*args, use_kernel=False)
+        got = mp.gated_delta_update(*args, use_kernel=use_kernel)
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == w.dtype == mx.float64
+            assert mx.abs(g - w).max().item() < 1e-12
+
+
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize(
     "tokens,options", [(1, {}), (9, {"mask": True}), (5, {"lower_bound": -5.0}),

@@ -147,3 +147,19 @@ def test_gated_delta_chunks_hold_decays_of_zero_and_one(chunk):
     for w, x in zip(want, got):
         assert not mx.isnan(x).any().item()
         assert mx.allclose(x, w, atol=1e-5, rtol=1e-4).item()
+
+
+@pytest.mark.parametrize("chunk", [16, 128])
+def test_gated_delta_chunks_hold_forget_gates(chunk):
+    """Decays near 0 (a state reset) make the in-chunk sums of log decays large: their
+    differences must keep float32 accuracy over a long chunk."""
+    o = mp.registry.op("gated_delta")
+    q, k, v, g, beta, state, _ = o.example(((1, 256, 2, 64),), mx.float32, mx.random.key(1),
+                                           heads_v=4)  # fmt: skip
+    u = mx.random.uniform(shape=g.shape, key=mx.random.key(2))
+    g = mx.where(u < 0.3, 1e-8 * u, 0.9 + 0.1 * u)
+    args = (q, k, v, g, beta, state, None)
+    want = o.reference(*(a.astype(mx.float64) for a in args[:6]), None, stream=mx.cpu)
+    got = o.variant("chunked").positional(chunk=chunk)(*args)
+    for x, w in zip(got, want):
+        assert mx.allclose(x.astype(mx.float64), w, atol=1e-5, rtol=1e-4).item()
