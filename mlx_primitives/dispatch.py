@@ -138,8 +138,9 @@ def _marks(op: Op, i: int, a: str) -> str:
     """Two flat key entries for argument ``i`` (no tuple to build and hash), by its annotation:
     an array's shape and dtype (anything else there its class, so that a look-alike never
     reuses an array's decision); a value's type and value (a volatile one's type and check);
-    for an argument that may be either, whichever it is. A value is never an array: the
-    problem functions refuse one there, so no array is kept as a mark."""
+    for an argument that may be either, whichever it is. An array given for a value is its
+    own mark: the problem functions refuse one there, or leave the call to MLX's op, which
+    reads it afresh each call."""
     kind = _kind(op.signature.parameters[op.params[i]].annotation)
     value = f"(V{i}({a}) or None)" if i in op.volatile else a
     if kind == "array":  # not an array: its class, then no dtype (the slow path's error)

@@ -229,16 +229,6 @@ def _us(seconds: float) -> str:
     return f"{seconds * 1e6:.2f} us"
 
 
-def _overhead_method(data: dict) -> str:
-    if "swapped" in data.get("method", ""):
-        return (
-            "the public call with its kept decision swapped for one that builds nothing, "
-            "less that one alone"
-        )
-    # Files made before the swap: the difference of the two builds, their noise included.
-    return "the public call less the variant alone"
-
-
 def _host_parts(data: dict) -> str:
     if "device_read_s" not in data:
         return ""
@@ -257,10 +247,11 @@ def overhead_page(results: dict[str, dict], names: list[str]) -> str:
         GENERATED,
         "",
         "What the library adds to a call whose decision is cached (the arguments' marks, the "
-        "lookup, the call): host time per call, no evaluation. Beside it, the time to build "
-        "one call's graph through the public function and through the variant it serves "
-        "called directly with the same arguments. From `python -m benchmarks.runner --suite "
-        "host --section overhead`.",
+        "lookup, the call): host time per call, no evaluation: the public call with its kept "
+        "decision swapped for one that builds nothing, less that one alone. Beside it, the "
+        "time to build one call's graph through the public function and through the variant "
+        "it serves called directly with the same arguments. From `python -m benchmarks.runner "
+        "--suite host --section overhead`.",
     ]
     for name in names:
         data = results[name]
@@ -273,7 +264,7 @@ def overhead_page(results: dict[str, dict], names: list[str]) -> str:
             "",
             f"MLX {data['mlx_version']}, {data['date'][:10]}, "
             f"[`{name}`](../../benchmarks/results/{name}); goal: at most "
-            f"{_us(rows[0]['goal_s'])}. Overhead: {_overhead_method(data)}.{_host_parts(data)}",
+            f"{_us(rows[0]['goal_s'])}.{_host_parts(data)}",
             "",
             "| op | call | served by | through the library | the variant alone | overhead |",
             "|---|---|---|---|---|---|",

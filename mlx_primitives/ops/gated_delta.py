@@ -114,9 +114,8 @@ def _chunked(chunk):
         """The tokens a chunk at a time (the WY form of the delta rule): within a chunk the
         corrections ``W`` solve one unit lower-triangular system, and the outputs and the
         next state are matrix products, so the steps of a chunk cost a few matmuls. One
-        decay per head, no mask."""
-        dtype = q.dtype
-        acc = mx.float64 if dtype == mx.float64 else mx.float32
+        decay per head, no mask, not float64."""
+        dtype, acc = q.dtype, mx.float32
         batch, tokens, hk, dk = q.shape
         hv, dv = v.shape[2:]
         q, k, v, beta = (x.astype(acc).swapaxes(1, 2) for x in (q, k, v, beta))
