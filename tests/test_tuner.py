@@ -175,6 +175,22 @@ def test_warm_runs_candidates_in_worker_processes():
     assert ran == len(cands) == 3
 
 
+def test_tuner_compiles_ahead_only_what_its_search_will_run(db, monkeypatch):
+    """A space larger than the trials is compiled as the search samples it, not all ahead
+    (quantized_matmul's 396 configurations at 16 rows cost minutes to compile)."""
+    warmed = []
+    monkeypatch.setattr(tuner_mod, "warm", lambda op, problem, c: warmed.append(list(c)))
+    t = Tuner(db, dataclasses.replace(FAST, trials=4))
+    t.backend = "cuda"  # the only back-end that compiles ahead
+    t.tune(make_op(), EX)
+    heads = {"default", "slow", "tiled", "nan", "wrong", "broken_build", "raises", "gpu_only"}
+    assert sorted(c.variant for c in warmed[0]) == sorted(heads)  # each variant's first config
+    t = Tuner(db, dataclasses.replace(FAST, trials=64), force=True)
+    t.backend = "cuda"
+    t.tune(make_op(), EX)  # every candidate runs: all compiled ahead, none twice
+    assert sum(c.variant == "tiled" for c in warmed[1]) == 6 and len(warmed[1]) == 13
+
+
 def test_warm_survives_a_worker_that_dies(monkeypatch):
     """A worker killed by a faulty kernel neither hangs nor breaks warming."""
     from mlx_primitives.registry import op

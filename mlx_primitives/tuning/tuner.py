@@ -371,16 +371,8 @@ class Tuner:
             heads.setdefault(c.variant, c)
         first += [c for c in heads.values() if c not in first]
         rest = [c for c in order if c not in first]
-        # Kernels are specialized on dtype and exact dims: compile them once per such group,
-        # in parallel, where the back-end keeps compiled kernels on disk (CUDA).
-        group = (
-            op.name,
-            problem.dtype,
-            tuple(v for d, v in zip(op.dims, problem.values) if d.kind == EXACT),
-        )
-        if self.backend == "cuda" and group not in self._warmed:
-            self._warmed.add(group)
-            warm(op, problem, order)
+        if self.backend == "cuda":
+            self._warm(op, problem, first if len(first) + len(rest) > self.budget.trials else order)
 
         self._fresh += 1
         check_args = op.example(example.shapes, dtype, mx.random.key(self._fresh), **options)
@@ -445,6 +437,20 @@ class Tuner:
         return Outcome(
             op.name, pkey, example, record, list(results.values()), note=note, noisy=noisy
         )
+
+    def _warm(self, op: Op, problem: Problem, planned: list[Candidate]) -> None:
+        """Compile the candidates the search is sure to run, in parallel, where the back-end
+        keeps compiled kernels on disk (CUDA); kernels are specialized on dtype and exact dims,
+        so once per such group. What a sampling search picks later compiles as it runs: a
+        space of hundreds compiled ahead cost minutes."""
+        group = (
+            op.name,
+            problem.dtype,
+            tuple(v for d, v in zip(op.dims, problem.values) if d.kind == EXACT),
+        )
+        fresh = [c for c in planned if (group, c) not in self._warmed]
+        self._warmed.update((group, c) for c in fresh)
+        warm(op, problem, fresh)
 
     def _unfinished(self, op: Op, pkey: str) -> dict[Candidate, Result]:
         """Candidates that hung or crashed in an earlier run, rejected rather than run again:
