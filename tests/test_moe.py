@@ -313,3 +313,11 @@ def test_gather_kernel_pairs_reach_it_as_it_reads_them(kernel, sort, sorted_indi
         assert (np.diff(experts.astype(np.int64)) >= 0).all()
     else:
         np.testing.assert_array_equal(experts, flat)
+
+
+@pytest.mark.parametrize("n", [1, 37, 2047, 2048, 5000])
+def test_inverse_permutation_on_both_sides_of_its_switch(n):
+    from mlx_primitives.ops._gather import inverse
+
+    order = np.random.default_rng(n).permutation(n).astype(np.uint32)
+    np.testing.assert_array_equal(order[np.array(inverse(mx.array(order)))], np.arange(n))

@@ -75,9 +75,15 @@ def by_matrix(rows: mx.array, matrices: mx.array, sorted_indices: bool):
     return rows[order], matrices[order], order
 
 
+# Below this many pairs a permutation is inverted by sorting it (one small kernel, as mlx-lm
+# does); above, by a scatter (three kernels, but linear in the pairs where a sort is not).
+SORT_INVERSE_MAX = 2048
+
+
 def inverse(order: mx.array) -> mx.array:
-    """The inverse of the permutation ``order`` (``order[inverse(order)] == arange``), by one
-    scatter rather than a second sort."""
+    """The inverse of the permutation ``order`` (``order[inverse(order)] == arange``)."""
+    if order.size < SORT_INVERSE_MAX:
+        return mx.argsort(order)
     return mx.zeros_like(order).at[order].add(mx.arange(order.size, dtype=order.dtype))
 
 
