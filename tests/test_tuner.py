@@ -191,6 +191,24 @@ def test_tuner_compiles_ahead_only_what_its_search_will_run(db, monkeypatch):
     assert sum(c.variant == "tiled" for c in warmed[1]) == 6 and len(warmed[1]) == 13
 
 
+def test_the_random_start_of_a_search_is_drawn_ahead_and_compiled_with_the_first(db, monkeypatch):
+    """Past each variant's first config, a space larger than the trials starts with up to
+    RANDOM_TRIALS candidates drawn at random: compiled ahead with the first, all measured, and
+    TPE picks the rest starting from them."""
+    warmed = []
+    monkeypatch.setattr(tuner_mod, "warm", lambda op, problem, c: warmed.append(list(c)))
+    big = Variant("big", lambda a, b: double, space={"a": tuple(range(10)), "b": (1, 2, 3)})
+    heads = 9  # the toy op's 8 variants and this one, each its first config
+    for extra in (4, tuner_mod.RANDOM_TRIALS + 3):
+        t = Tuner(db, Budget(trials=heads + extra, problem_s=60, bench_s=0.01), force=True)
+        t.backend = "cuda"
+        outcome = t.tune(make_op([big]), EX)
+        ahead, timed = warmed[-1], {r.candidate for r in outcome.results}
+        assert len(ahead) == heads + min(extra, tuner_mod.RANDOM_TRIALS)
+        assert set(ahead) <= timed  # what was compiled ahead was measured
+        assert len(timed) == heads + extra  # and TPE added the rest
+
+
 def test_warm_survives_a_worker_that_dies(monkeypatch):
     """A worker killed by a faulty kernel neither hangs nor breaks warming."""
     from mlx_primitives.registry import op

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import re
 import socket
 import sys
@@ -59,6 +60,9 @@ NOISY_REPS = 60
 ROUNDS_AGREE = 2.0
 # A candidate slower than this many times the default is abandoned mid-measurement.
 ABANDON_FACTOR = 100.0
+# Where the space exceeds the trials, at most this many of them are drawn at random before TPE
+# models the results (Optuna's own start for TPE).
+RANDOM_TRIALS = 10
 # A candidate that has not finished after this long is taken to hang.
 CANDIDATE_TIMEOUT_S = 300.0
 # The exit code of a tuning process that stopped on a hung candidate.
@@ -268,6 +272,29 @@ def _choices(space: list[Candidate]) -> dict[str, dict[str, list]]:
     return choices
 
 
+def _add_trials(study: optuna.Study, choices: dict, tried: list[Result]) -> None:
+    """``tried`` as finished trials of ``study`` (a failed one where it was rejected, with the
+    reason), over the categorical distributions ``choices``."""
+    variant = optuna.distributions.CategoricalDistribution(list(choices))
+    for r in tried:
+        c = r.candidate
+        params = {"variant": c.variant} | {f"{c.variant}.{k}": v for k, v in c.params}
+        dists = {"variant": variant} | {
+            f"{c.variant}.{k}": optuna.distributions.CategoricalDistribution(choices[c.variant][k])
+            for k, _ in c.params
+        }
+        ok = r.status == "ok"
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params,
+                distributions=dists,
+                value=r.median_s if ok else None,
+                state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL,
+                user_attrs={} if ok else {"reason": r.reason},
+            )
+        )
+
+
 class Tuner:
     """Tunes problems of ops into a database.
 
@@ -371,8 +398,10 @@ class Tuner:
             heads.setdefault(c.variant, c)
         first += [c for c in heads.values() if c not in first]
         rest = [c for c in order if c not in first]
+        drawn = self._drawn(first, rest)
         if self.backend == "cuda":
-            self._warm(op, problem, first if len(first) + len(rest) > self.budget.trials else order)
+            every = len(first) + len(rest) <= self.budget.trials
+            self._warm(op, problem, order if every else first + drawn)
 
         self._fresh += 1
         check_args = op.example(example.shapes, dtype, mx.random.key(self._fresh), **options)
@@ -410,7 +439,7 @@ class Tuner:
                 list(results.values()),
                 note=f"the default failed its check: {r.reason}",
             )
-        self._search(first, rest, evaluate, studies.study_name(self.chip.slug, pkey))
+        self._search(first, drawn, rest, evaluate, studies.study_name(self.chip.slug, pkey))
 
         winner, base, note, noisy = self._decide(
             op, list(results.values()), results[default], [default, *order], args
@@ -438,11 +467,20 @@ class Tuner:
             op.name, pkey, example, record, list(results.values()), note=note, noisy=noisy
         )
 
+    def _drawn(self, first: list[Candidate], rest: list[Candidate]) -> list[Candidate]:
+        """Where the space exceeds the trials, the search's random phase (TPE's start, up to
+        ``RANDOM_TRIALS`` of the trials left), drawn ahead so that it compiles in parallel;
+        none where every candidate is tried."""
+        left = self.budget.trials - len(first)
+        if len(rest) <= left:
+            return []
+        return random.Random(self.seed).sample(rest, max(0, min(left, RANDOM_TRIALS)))
+
     def _warm(self, op: Op, problem: Problem, planned: list[Candidate]) -> None:
         """Compile the candidates the search is sure to run, in parallel, where the back-end
         keeps compiled kernels on disk (CUDA); kernels are specialized on dtype and exact dims,
-        so once per such group. What a sampling search picks later compiles as it runs: a
-        space of hundreds compiled ahead cost minutes."""
+        so once per such group. What TPE picks later compiles as it runs: a space of hundreds
+        compiled ahead cost minutes."""
         group = (
             op.name,
             problem.dtype,
@@ -630,26 +668,30 @@ class Tuner:
     def _search(
         self,
         first: list[Candidate],
+        drawn: list[Candidate],
         rest: list[Candidate],
         evaluate: Callable[[Candidate], Result],
         study: str,
     ) -> None:
+        """Evaluate ``first``, then every one of ``rest`` where the trials allow, else the
+        ``drawn`` ones (of ``rest``) and TPE's picks from ``rest``, which start from them."""
         deadline = time.perf_counter() + self.budget.problem_s
         for c in first:
             evaluate(c)
         remaining = self.budget.trials - len(first)
         if remaining <= 0:
             return
-        if len(rest) > remaining:
-            self._tpe(rest, remaining, deadline, evaluate, study)
-            return
         tried = list(first)
-        for c in rest:
+        for c in drawn or rest:
             if time.perf_counter() > deadline:
                 break
             evaluate(c)
             tried.append(c)
-        self._tried_study(first + rest, [evaluate(c) for c in tried], study)
+        if drawn and remaining > len(drawn):
+            start = [evaluate(c) for c in tried[len(first) :]]
+            self._tpe(rest, remaining - len(drawn), deadline, evaluate, study, start)
+        else:
+            self._tried_study(first + rest, [evaluate(c) for c in tried], study)
 
     def _study(self, name: str) -> optuna.Study:
         """The Optuna study ``name`` of the tuning database, emptied (:mod:`.studies`)."""
@@ -663,28 +705,7 @@ class Tuner:
         """A search that tried every candidate, as the Optuna study ``name``: one finished
         trial per candidate (a failed one where it was rejected, with the reason), so that
         ``optuna-dashboard`` shows it as it shows a TPE search."""
-        choices = _choices(space)
-        study = self._study(name)
-        variant = optuna.distributions.CategoricalDistribution(list(choices))
-        for r in tried:
-            c = r.candidate
-            params = {"variant": c.variant} | {f"{c.variant}.{k}": v for k, v in c.params}
-            dists = {"variant": variant} | {
-                f"{c.variant}.{k}": optuna.distributions.CategoricalDistribution(
-                    choices[c.variant][k]
-                )
-                for k, _ in c.params
-            }
-            ok = r.status == "ok"
-            study.add_trial(
-                optuna.trial.create_trial(
-                    params=params,
-                    distributions=dists,
-                    value=r.median_s if ok else None,
-                    state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL,
-                    user_attrs={} if ok else {"reason": r.reason},
-                )
-            )
+        _add_trials(self._study(name), _choices(space), tried)
 
     def _tpe(
         self,
@@ -693,10 +714,13 @@ class Tuner:
         deadline: float,
         evaluate: Callable[[Candidate], Result],
         name: str,
+        tried: list[Result] = (),
     ) -> None:
-        """TPE over the variant and its conditional parameters, limited to ``space``, in the
-        Optuna study ``name`` of the tuning database (:mod:`.studies`)."""
+        """``n`` new candidates picked by TPE over the variant and its conditional parameters,
+        limited to ``space``, in the Optuna study ``name`` of the tuning database
+        (:mod:`.studies`), which starts with the results ``tried`` (candidates of ``space``)."""
         allowed = set(space)
+        known = {r.candidate for r in tried}
         choices = _choices(space)
         seen: set[Candidate] = set()
 
@@ -709,11 +733,13 @@ class Tuner:
             c = Candidate.of(name, params)
             if c not in allowed:
                 raise optuna.TrialPruned()
-            seen.add(c)
-            r = evaluate(c)
+            if c not in known:
+                seen.add(c)
+            r = evaluate(c)  # one tried before is not measured again
             return r.median_s if r.status == "ok" else math.inf
 
         study = self._study(name)
+        _add_trials(study, choices, tried)
         # Suggestions may repeat or fall outside the space: stop on new evaluations, the
         # deadline, or when suggestions keep missing.
         for _ in range(8 * n):
