@@ -2,7 +2,8 @@
 
 Timings are ratios measured in one run on one device; the result file names the device, the
 MLX version and the date, and is what the benchmark pages in docs/benchmarks/ and the README's
-results table are generated from (tools/docs_pages.py).
+results table are generated from (tools/docs_pages.py). A run stopped before its end (Ctrl-C,
+SIGTERM) still writes the problems it measured, marked ``stopped``, and exits with 130.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import argparse
 import importlib
 import json
 import pkgutil
+import signal
 import sys
 from pathlib import Path
 
-from . import suites
+from . import common, suites
 
 
 def available() -> list[str]:
@@ -48,7 +50,23 @@ def main(argv: list[str] | None = None) -> int:
         help="only these sections (attention: problems, seed, window, decode, memory)",
     )
     args = p.parse_args(argv)
-    result = importlib.import_module(f"benchmarks.suites.{args.suite}").run(args)
+    signal.signal(signal.SIGTERM, _stop)  # what timeout(1) and job schedulers send
+    status = 0
+    try:
+        result = importlib.import_module(f"benchmarks.suites.{args.suite}").run(args)
+    except KeyboardInterrupt as e:
+        rows = common.MEASURED.get("rows")
+        if not (args.output and rows):
+            raise
+        # What was measured is kept, marked as the part it is.
+        how = str(e) or "interrupted"
+        result = {
+            **common.MEASURED["header"],
+            "results": rows,
+            "stopped": f"{how} after {len({r['problem'] for r in rows})} problems",
+        }
+        print(f"[{args.suite}] {result['stopped']}: writing what it measured", flush=True)
+        status = 130
     text = json.dumps(result, indent=1, sort_keys=True)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -56,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.output}")
     else:
         print(text)
-    return 0
+    return status
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
 
 
 if __name__ == "__main__":

@@ -101,6 +101,19 @@ def test_a_superseded_file_loses_its_page(tmp_path, capsys):
     assert (root / "docs" / "benchmarks" / "norms-z-nvidia-h200.md").exists()
 
 
+def test_a_stopped_run_says_so_on_its_page(tmp_path):
+    tool = _tool()
+    root = _copy(tmp_path)
+    path = root / "benchmarks" / "results" / "norms-nvidia-h200.json"
+    data = json.loads(path.read_text())
+    data["results"] = data["results"][:3]
+    data["stopped"] = "stopped by SIGTERM after 1 problems"
+    path.write_text(json.dumps(data))
+    assert tool.main(["--root", str(root)]) == 0
+    page = (root / "docs" / "benchmarks" / "norms-nvidia-h200.md").read_text()
+    assert "**Stopped** before its end (stopped by SIGTERM after 1 problems)" in page
+
+
 def test_the_readme_needs_its_results_block(tmp_path):
     tool = _tool()
     root = _copy(tmp_path)

@@ -315,3 +315,27 @@ def test_a_gpu_test_summary_counts_every_shard(tmp_path):
     assert out["shards"] == 3 and out["mlx_version"] and out["device"] and out["commit"]
     assert summary.main([str(tmp_path)]) == 1
     assert json.loads((tmp_path / "summary.json").read_text())["failed"] == 1
+
+
+def test_a_benchmark_run_stopped_midway_keeps_what_it_measured(tmp_path):
+    """SIGTERM (a time limit) in the middle of a suite: the problems measured so far are
+    written, marked as stopped, and the exit code says so."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "norms.json"
+    cmd = [sys.executable, "-m", "benchmarks.runner", "--suite", "norms", "--sizes", "small",
+           "--budget", "0.002", "-o", str(out)]  # fmt: skip
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "MLXP_TUNING_DB": str(tmp_path / "none.sqlite")}
+    p = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, text=True)
+    first = p.stdout.readline()  # the first problem's line: it is measured
+    p.send_signal(signal.SIGTERM)
+    rest = p.communicate(timeout=120)[0]
+    assert p.returncode == 130, first + rest
+    data = json.loads(out.read_text())
+    assert data["stopped"].startswith("stopped by SIGTERM after ")
+    problems = {r["problem"] for r in data["results"]}
+    assert 1 <= len(problems) < 20 and data["suite"] == "norms" and data["device"]

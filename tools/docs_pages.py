@@ -402,6 +402,8 @@ def page(root: Path, name: str, data: dict) -> str:
         "",
         "**Method.** " + _head(data),
     ]
+    if data.get("stopped"):
+        lines += ["", f"**Stopped** before its end ({data['stopped']}): the rows it measured."]
     if data.get("tuned"):
         lines += ["", "Each problem was tuned in the run itself, before it was measured."]
     for run in data.get("runs", []):
