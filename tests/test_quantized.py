@@ -357,11 +357,11 @@ def test_qmv_launch_covers_every_output(rows, n, monkeypatch):
     x = _x((rows, k), mx.float16)
     launches = []
 
-    def launch(self, inputs, *, template, grid, threadgroup, output_shapes, output_dtypes):
-        launches.append((inputs, template, grid, threadgroup))
-        return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+    def launch(self, inputs, plan):
+        launches.append((inputs, dict(plan["template"]), plan["grid"], plan["threadgroup"]))
+        return [mx.zeros(s, d) for s, d in zip(plan["output_shapes"], plan["output_dtypes"])]
 
-    monkeypatch.setattr(kernels.GpuKernel, "__call__", launch)
+    monkeypatch.setattr(kernels.GpuKernel, "launch", launch)
     v = OP.variant("qmv")
     for cfg in covering(v, OP.problem(x, w, scales, biases).as_dict()):
         y = v.factory(**cfg)(x, w, scales, biases, True, 64, 4, "affine")
@@ -406,11 +406,12 @@ def test_mma_launch_covers_every_output(rows, k, n, monkeypatch):
     x = _x((rows, k), mx.float16)
     launches = []
 
-    def launch(self, inputs, *, template, grid, threadgroup, output_shapes, output_dtypes):
-        launches.append((template, grid, threadgroup, output_shapes, output_dtypes))
-        return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+    def launch(self, inputs, plan):
+        shapes, dtypes = plan["output_shapes"], plan["output_dtypes"]
+        launches.append((dict(plan["template"]), plan["grid"], plan["threadgroup"], shapes, dtypes))
+        return [mx.zeros(s, d) for s, d in zip(shapes, dtypes)]
 
-    monkeypatch.setattr(kernels.GpuKernel, "__call__", launch)
+    monkeypatch.setattr(kernels.GpuKernel, "launch", launch)
     v = OP.variant("mma")
     configs = covering(v, OP.problem(x, w, scales, biases).as_dict())
     assert configs
@@ -424,7 +425,7 @@ def test_mma_launch_covers_every_output(rows, k, n, monkeypatch):
         assert groups % cfg["split"] == 0
         per_split = groups // cfg["split"]
         assert per_split * columns >= n > (per_split - 1) * columns
-        assert shapes == [(cfg["split"], rows, n)]
+        assert shapes == [(rows, n) if cfg["split"] == 1 else (cfg["split"], rows, n)]
         assert dtypes == [mx.float16 if cfg["split"] == 1 else mx.float32]
 
 
@@ -474,3 +475,40 @@ def test_kernel_at_layer_sizes_matches_the_reference(dtype, kernel):
             with poisoned():
                 got = v.build(**cfg)(*args)
             ref.assert_close(got, want, dtype, label=f"{kernel} {cfg}", **_tolerance(dtype))
+
+
+def _stand_in(*, inputs, template, grid, threadgroup, output_shapes, output_dtypes, init_value):
+    """What a quantized kernel computes, in MLX ops, for the launch it is given: checks the
+    path around the kernels (shapes, cached launch settings, the split's sum) on any machine."""
+    t = dict(template)
+    x2, w, scales, biases = inputs
+    assert x2.ndim == 2 and output_shapes[0][-2:] == (x2.shape[0], w.shape[0])
+    y = mx.quantized_matmul(x2, w, scales, biases, group_size=t["GS"], bits=t["BITS"])
+    if len(output_shapes[0]) == 3:  # split: partial sums that add up to y
+        split = output_shapes[0][0]
+        y = mx.broadcast_to(y.astype(mx.float32) / split, output_shapes[0])
+    return [y.astype(output_dtypes[0])]
+
+
+@pytest.mark.parametrize(
+    "variant, config",
+    [
+        ("qmv", {"lanes_k": 32, "cols": 4, "warps": 2, "vec": 4, "rows": 1, "scale": "after"}),
+        ("mma", {"tiles": 4, "warps": 4, "split": 1}),
+        ("mma", {"tiles": 2, "warps": 2, "split": 4}),
+    ],
+)
+def test_a_kernel_launch_shapes_what_it_takes_and_gives(monkeypatch, variant, config):
+    """One built variant, called with x of one, two and three dims (its launch settings kept
+    per shape), gives the built-in's output in x's leading shape."""
+    for kernel in (kernels.QMV, kernels.MMA):  # in place of the MLX kernel it makes on first use
+        monkeypatch.setitem(kernel.__dict__, "_kernel", _stand_in)
+    w, scales, biases = _packed(96, 256, dtype=mx.float16)
+    fn = OP.variant(variant).build(**config)
+    for shape in [(256,), (3, 256), (2, 5, 256), (3, 256)]:
+        x = mx.random.normal(shape, key=mx.random.key(len(shape))).astype(mx.float16)
+        got = fn(x, w, scales, biases, True, 64, 4, "affine")
+        want = mx.quantized_matmul(x, w, scales, biases)
+        assert got.shape == want.shape == (*shape[:-1], 96) and got.dtype == mx.float16
+        np.testing.assert_allclose(np.array(got, np.float32), np.array(want, np.float32),
+                                   rtol=1e-2, atol=1e-2)  # fmt: skip

@@ -208,17 +208,33 @@ class GpuKernel:
         output_shapes: Sequence[tuple],
         output_dtypes: Sequence[mx.Dtype],
     ) -> list[mx.array]:
+        plan = self.plan(template, grid, threadgroup, output_shapes, output_dtypes)
+        return self.launch(inputs, plan)
+
+    def plan(
+        self,
+        template: dict,
+        grid: tuple[int, int, int],
+        threadgroup: tuple[int, int, int],
+        output_shapes: Sequence[tuple],
+        output_dtypes: Sequence[mx.Dtype],
+    ) -> dict:
+        """A launch's settings, checked and in MLX's form, for :meth:`launch`: a caller that
+        keeps one per shape spares each call the work (microseconds of host time, which a
+        small call's chain waits on)."""
         if any(g > _MAX_GRID for g in grid):
             raise ValueError(f"[{self.name}] a grid of {grid} threads is over MLX's 32-bit limit")
-        return self._kernel(
-            inputs=list(inputs),
-            template=list(template.items()),
-            grid=grid,
-            threadgroup=threadgroup,
-            output_shapes=list(output_shapes),
-            output_dtypes=list(output_dtypes),
-            init_value=_POISON.get(),
-        )
+        return {
+            "template": list(template.items()),
+            "grid": grid,
+            "threadgroup": threadgroup,
+            "output_shapes": list(output_shapes),
+            "output_dtypes": list(output_dtypes),
+        }
+
+    def launch(self, inputs: list[mx.array], plan: dict) -> list[mx.array]:
+        """The kernel on ``inputs`` with the settings of a :meth:`plan`."""
+        return self._kernel(inputs=inputs, init_value=_POISON.get(), **plan)
 
 
 @contextlib.contextmanager

@@ -195,6 +195,31 @@ def _mma_tiles(n: int, tiles: int) -> int:
     return -(-n // (8 * tiles))
 
 
+def _planned(
+    kernel: GpuKernel, arrays: Callable, plan: Callable, reduce: Callable | None = None
+) -> Callable:
+    """A forward of ``kernel`` over x as (rows, K), launched with the settings
+    ``plan(x, n, group_size, bits)`` gives (x's 2-D shape, the :meth:`GpuKernel.plan`, the
+    output's shape), made once per x's shape and dtype, n, group size and bits; the kernel's
+    output goes through ``reduce(y, x)`` where given."""
+    plans: dict[tuple, tuple] = {}
+
+    def forward(*args):
+        x, w, scales, biases, group_size, bits = arrays(*args)
+        key = (x.shape, x.dtype, w.shape[0], group_size, bits)
+        made = plans.get(key)
+        if made is None:
+            made = plans[key] = plan(x, w.shape[0], group_size, bits)
+        flat, launch, shape = made
+        two_d = len(shape) == 2  # x as it comes: no reshape either way
+        (y,) = kernel.launch([x if two_d else x.reshape(flat), w, scales, biases], launch)
+        if reduce is not None:
+            y = reduce(y, x)
+        return y if two_d else y.reshape(shape)
+
+    return forward
+
+
 def _gather_forward(kernel: GpuKernel, arrays: Callable, sort: bool, warps: int, template,
                     groups) -> Callable:  # fmt: skip
     """A gather kernel's forward: a threadgroup of ``warps`` warps per pair and group of
@@ -225,21 +250,19 @@ def qmv_variant(reference: Callable, arrays: Callable) -> Variant:
     call's ``(x, w, scales, biases, group_size, bits)``."""
 
     def factory(**q):
-        def forward(*args):
-            x, w, scales, biases, group_size, bits = arrays(*args)
-            k, n = x.shape[-1], w.shape[0]
-            x2 = x.reshape(x.size // k, k)
-            threads = 32 * q["warps"]
-            (y,) = QMV(
-                [x2, w, scales, biases],
-                template=_template(x, k, n, group_size, bits, q),
+        def plan(x, n: int, group_size: int, bits: int) -> tuple:
+            k = x.shape[-1]
+            rows, threads = x.size // k, 32 * q["warps"]
+            launch = QMV.plan(
+                _template(x, k, n, group_size, bits, q),
                 grid=(_column_groups(n, q) * threads, 1, 1),
                 threadgroup=(threads, 1, 1),
-                output_shapes=[(x2.shape[0], n)],
+                output_shapes=[(rows, n)],
                 output_dtypes=[x.dtype],
             )
-            return y.reshape(*x.shape[:-1], n)
+            return (rows, k), launch, (*x.shape[:-1], n)
 
+        forward = _planned(QMV, arrays, plan)
         return with_reference_transforms(forward, reference)
 
     return Variant(
@@ -259,24 +282,23 @@ def mma_variant(reference: Callable, arrays: Callable) -> Variant:
     gives a call's ``(x, w, scales, biases, group_size, bits)``."""
 
     def factory(tiles: int, warps: int, split: int):
-        def forward(*args):
-            x, w, scales, biases, group_size, bits = arrays(*args)
-            k, n = x.shape[-1], w.shape[0]
-            x2 = x.reshape(x.size // k, k)
-            rows = x2.shape[0]
+        def plan(x, n: int, group_size: int, bits: int) -> tuple:
+            k = x.shape[-1]
+            rows, threads = x.size // k, 32 * warps
             out = x.dtype if split == 1 else mx.float32
-            threads = 32 * warps
-            (y,) = MMA(
-                [x2, w, scales, biases],
-                template=_mma_template(x, out, n, group_size, bits, tiles, rows, warps, split),
+            launch = MMA.plan(
+                _mma_template(x, out, n, group_size, bits, tiles, rows, warps, split),
                 grid=(_mma_tiles(n, tiles) * split * threads, 1, 1),
                 threadgroup=(threads, 1, 1),
-                output_shapes=[(split, rows, n)],
+                output_shapes=[(rows, n) if split == 1 else (split, rows, n)],
                 output_dtypes=[out],
             )
-            y = y.reshape(rows, n) if split == 1 else y.sum(axis=0).astype(x.dtype)
-            return y.reshape(*x.shape[:-1], n)
+            return (rows, k), launch, (*x.shape[:-1], n)
 
+        def summed(y, x):  # the split's float32 partial sums, added
+            return y.sum(axis=0).astype(x.dtype)
+
+        forward = _planned(MMA, arrays, plan, None if split == 1 else summed)
         return with_reference_transforms(forward, reference)
 
     return Variant(
