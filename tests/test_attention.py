@@ -459,3 +459,31 @@ def test_flash_kernel_gradients_go_through_the_blocked_composition(window):
     )
     for g, w in zip(mine, want):
         ref.assert_close(g, ref.f64(w), mx.float32, atol=1e-5, rtol=1e-4, label="flash vjp")
+
+
+@pytest.mark.parametrize("layout", ["BHSD", "BSHD"])
+def test_a_decode_kernel_launch_follows_the_growing_kv_cache(monkeypatch, layout):
+    """The split-KV decode kernels keep their templates per query shape; the splits (grid and
+    partial outputs) follow each call's KV length, as a decoding step's cache grows."""
+    from mlx_primitives.dialect.kernel import GpuKernel
+
+    launches = []
+
+    def launch(self, inputs, plan):
+        launches.append((self.name, dict(plan["template"]), plan["grid"], plan["output_shapes"]))
+        return [mx.zeros(s, d) for s, d in zip(plan["output_shapes"], plan["output_dtypes"])]
+
+    monkeypatch.setattr(GpuKernel, "launch", launch)
+    o = op("flash_attention")
+    fn = o.variant("decode_mma").build(split=256, warps=4)
+    for b, lk in ((2, 100), (2, 3000), (1, 257)):  # and a new batch: a new query shape
+        q, k, v, *rest = o.example(
+            att.qkv_shapes(b, 8, 2, 1, lk, 64, layout), mx.float16, mx.random.key(lk),
+            causal=True, layout=layout,
+        )  # fmt: skip
+        assert fn(q, k, v, *rest).shape == q.shape
+        (_, main, grid, parts), (_, combine, _, out) = launches[-2:]
+        splits = -(-lk // 256)
+        assert parts == [(b * 2, splits, 4, 64), (b * 2, splits, 4, 2)]
+        assert grid == (b * 2 * splits * 128, 1, 1) and out == [q.shape]
+        assert main["G"] == combine["G"] == 4 and main["LQ"] == 1 and main["WARPS"] == 4

@@ -37,7 +37,7 @@ def poisoned():
 KERNEL_DTYPES = ("float32", "float16", "bfloat16")
 _FLOAT32_MAX = 3.4028234663852886e38
 # MLX passes grid sizes (in threads) as 32-bit ints.
-_MAX_GRID = 2**31 - 1
+MAX_GRID = 2**31 - 1
 # Threadgroup memory a kernel may take without opting in, by back-end (a CUDA body compiled
 # for both alignments declares its $shared arrays twice).
 SHARED = {"cuda": 49152, "metal": 32768}
@@ -222,7 +222,7 @@ class GpuKernel:
         """A launch's settings, checked and in MLX's form, for :meth:`launch`: a caller that
         keeps one per shape spares each call the work (microseconds of host time, which a
         small call's chain waits on)."""
-        if any(g > _MAX_GRID for g in grid):
+        if any(g > MAX_GRID for g in grid):
             raise ValueError(f"[{self.name}] a grid of {grid} threads is over MLX's 32-bit limit")
         return {
             "template": list(template.items()),

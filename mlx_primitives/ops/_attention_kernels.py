@@ -17,7 +17,14 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-from ..dialect.kernel import SHARED, GpuKernel, float_bits, itemsize, with_reference_transforms
+from ..dialect.kernel import (
+    MAX_GRID,
+    SHARED,
+    GpuKernel,
+    float_bits,
+    itemsize,
+    with_reference_transforms,
+)
 from ..hardware import current_backend, detect_chip
 from ..registry import GPU_BACKENDS, Variant
 from . import _attention as att
@@ -115,49 +122,50 @@ def mma_supports(problem: dict, p: dict) -> bool:
     )
 
 
-def _decode_template(q, k, causal, scale, layout, window, split):
-    """``(template, grid groups, output shapes)`` shared by both decode kernels."""
-    bshd = layout == "BSHD"
-    if bshd:
-        (b, lq, hq, d), (lk, hkv) = q.shape, k.shape[1:3]
-    else:
-        (b, hq, lq, d), (hkv, lk) = q.shape, k.shape[1:3]
-    g = hq // hkv
-    lo, hi = att.key_range(0, lq, lq, lk, causal, window or None)
-    splits = max(1, -(-(hi - lo) // split))
-    template = {**_template(q, causal, scale, bshd, window), "G": g, "LQ": lq}
-    shapes = [(b * hkv, splits, g * lq, d), (b * hkv, splits, g * lq, 2)]
-    return template, b * hkv * splits, shapes
-
-
-def _combine(part, stats, q, template) -> mx.array:
-    total = q.size
-    (out,) = COMBINE(
-        [part, stats, q],
-        template={key: template[key] for key in ("T", "D", "G", "LQ", "BSHD")},
-        grid=(-(-total // _COMBINE_THREADS) * _COMBINE_THREADS, 1, 1),
-        threadgroup=(_COMBINE_THREADS, 1, 1),
-        output_shapes=[q.shape],
-        output_dtypes=[q.dtype],
-    )
-    return out
-
-
 def _split_kv(kernel: GpuKernel, split: int, warps: int, extra: dict) -> Callable:
-    """A decode kernel's forward: ``kernel`` over the splits, then :data:`COMBINE`."""
+    """A decode kernel's forward: ``kernel`` over the splits, then :data:`COMBINE`. What does
+    not change as the KV cache grows (the templates, the combine's launch) is kept per query
+    shape and dtype, KV heads and flags: a decoding step's host time is mostly this."""
+    threads = warps * 32
+    plans: dict[tuple, tuple] = {}
+
+    def plan(q, hkv: int, causal, scale, bshd: bool, window) -> tuple:
+        b, lq, hq, d = q.shape if bshd else (q.shape[0], q.shape[2], q.shape[1], q.shape[3])
+        g = hq // hkv
+        template = {**_template(q, causal, scale, bshd, window), "G": g, "LQ": lq}
+        main = list({**template, **extra, "WARPS": warps}.items())
+        combine = COMBINE.plan(
+            {key: template[key] for key in ("T", "D", "G", "LQ", "BSHD")},
+            grid=(-(-q.size // _COMBINE_THREADS) * _COMBINE_THREADS, 1, 1),
+            threadgroup=(_COMBINE_THREADS, 1, 1),
+            output_shapes=[q.shape],
+            output_dtypes=[q.dtype],
+        )
+        return main, combine, b * hkv, g * lq, d, lq
 
     def forward(q, k, v, causal, scale, layout, window):
-        template, groups, shapes = _decode_template(q, k, causal, scale, layout, window, split)
-        threads = warps * 32
-        part, stats = kernel(
+        bshd = layout == "BSHD"
+        hkv, lk = (k.shape[2], k.shape[1]) if bshd else (k.shape[1], k.shape[2])
+        key = (q.shape, q.dtype, hkv, causal, scale, bshd, window)
+        made = plans.get(key)
+        if made is None:
+            made = plans[key] = plan(q, hkv, causal, scale, bshd, window)
+        main, combine, heads, rows, d, lq = made
+        lo, hi = att.key_range(0, lq, lq, lk, causal, window or None)
+        splits = max(1, -(-(hi - lo) // split))
+        if heads * splits * threads > MAX_GRID:
+            raise ValueError(f"[{kernel.name}] {heads * splits} threadgroups are over MLX's limit")
+        part, stats = kernel.launch(
             [q, k, v],
-            template={**template, **extra, "WARPS": warps},
-            grid=(groups * threads, 1, 1),
-            threadgroup=(threads, 1, 1),
-            output_shapes=shapes,
-            output_dtypes=[mx.float32, mx.float32],
+            {
+                "template": main,
+                "grid": (heads * splits * threads, 1, 1),
+                "threadgroup": (threads, 1, 1),
+                "output_shapes": [(heads, splits, rows, d), (heads, splits, rows, 2)],
+                "output_dtypes": [mx.float32, mx.float32],
+            },
         )
-        return _combine(part, stats, q, template)
+        return COMBINE.launch([part, stats, q], combine)[0]
 
     return with_reference_transforms(forward, _reference)
 

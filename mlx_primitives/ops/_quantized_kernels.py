@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-from ..dialect.kernel import SHARED, GpuKernel, itemsize, with_reference_transforms
+from ..dialect.kernel import MAX_GRID, SHARED, GpuKernel, itemsize, with_reference_transforms
 from ..registry import GPU_BACKENDS, Variant
 
 QMV = GpuKernel(
@@ -80,8 +80,6 @@ MMA_MAX_TILES = 8
 # gather_qmm's: the rows of an expert's run taken per pass (one or two tiles), and the sort.
 GATHER_MMA_SPACE = {"tiles": (4, 2, 1, 8), "warps": (4, 8, 2), "rows": (16, 32),
                     "sort": (True, False)}  # fmt: skip
-# MLX launches a grid of at most this many threads (a threadgroup per pair and column tile).
-MAX_THREADS = 2**31 - 1
 # gather_qmm's: the rows of one expert taken per pass (few at decoding), and whether the pairs
 # are sorted by expert first (each expert read once) or taken as given (no sort and no
 # gathers before the launch; an expert repeated apart is read again).
@@ -317,7 +315,7 @@ def _gather_mma_supports(p: dict, q: dict) -> bool:
     threads = p["pairs"] * _mma_tiles(p["out_features"], q["tiles"]) * 32 * q["warps"]
     return (
         (q["rows"] == 16 or p["pairs"] > 16)
-        and threads <= MAX_THREADS
+        and threads <= MAX_GRID  # a threadgroup per pair and column tile
         and _mma_fits(p, q, q["rows"] // 16, 1)
     )
 
