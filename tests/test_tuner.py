@@ -95,6 +95,28 @@ def test_tuning_rejects_faulty_candidates_with_reasons(db):
     assert db.records()[0].problem == "toy|float32|rows=64,cols=256"
 
 
+def _host_heavy():
+    def call(x):
+        end = time.perf_counter() + 5e-4  # the host's work of building a call
+        while time.perf_counter() < end:
+            pass
+        return x * 2
+
+    return call
+
+
+def test_a_winner_on_the_device_alone_must_not_lose_built_and_run_a_call_at_a_time(db):
+    """Chained, a call whose build is slow on the host looks fast (chains are built before the
+    clock starts); a model's small calls pay the build. Such a winner is not recorded."""
+    one_pass = Variant("one_pass", lambda: lambda x: mx.sin(x) * 0 + x * 2)
+    op = make_op([one_pass, Variant("host_heavy", _host_heavy)])
+    op.variants = op.variants[-2:]
+    op._default = lambda p, backend: ("one_pass", {})
+    outcome = Tuner(db, FAST).tune(op, EX)
+    assert outcome.record.variant == "one_pass", outcome.note
+    assert "a call built and run at a time" in outcome.note
+
+
 def test_candidate_far_slower_than_default_is_abandoned(db, monkeypatch):
     monkeypatch.setattr(tuner_mod, "ABANDON_FACTOR", 2.0)
     Tuner(db, FAST).tune(make_op(), EX)

@@ -58,6 +58,9 @@ NOISY_REPS = 60
 # A confirmed gain (speedup - 1) and the one measured before it must agree within this factor:
 # rounds further apart timed a machine that changed under them.
 ROUNDS_AGREE = 2.0
+# A winner must also be built and run a call at a time within this fraction of the default's
+# time (the host's graph building counted, as a small call's model step pays it).
+BUILD_TIE = 0.1
 # A candidate slower than this many times the default is abandoned mid-measurement.
 ABANDON_FACTOR = 100.0
 # Where the space exceeds the trials, at most this many of them are drawn at random before TPE
@@ -124,6 +127,7 @@ class Result:
     spread_s: float | None = None
     error: float | None = None
     stderr_s: float = 0.0
+    build_eval_s: float | None = None  # a call built and evaluated alone, in a round
 
     def trial(self, op: str, problem: str) -> dict:
         return {
@@ -542,7 +546,8 @@ class Tuner:
     def _decide(self, op: Op, results: list[Result], default: Result, order, args):
         """The winner, confirmed: the finalists' choice is timed once more against the default
         alone, in a round of its own, and must beat it again, by a gain within a factor
-        ``ROUNDS_AGREE`` of the finalists' round's. Returns (winner, default, note, noisy), the
+        ``ROUNDS_AGREE`` of the finalists' round's, and must not be slower beyond ``BUILD_TIE``
+        built and evaluated a call at a time. Returns (winner, default, note, noisy), the
         two as last timed. ``noisy`` where the machine was too noisy to decide (a round whose
         spread hides the answer even with more samples, or rounds that disagree): the default
         is kept, and ``note`` says why."""
@@ -570,6 +575,16 @@ class Tuner:
                 d,
                 f"the default kept: {winner.candidate.label()} was {first:.2f}x in the "
                 f"{before} but {then:.2f}x confirming",
+                False,
+            )
+        if w.build_eval_s > (1 + BUILD_TIE) * d.build_eval_s:
+            # A model's step waits on the host where its calls are small: what wins on the
+            # device alone but loses a call built and run at a time would slow it down.
+            return (
+                d,
+                d,
+                f"the default kept: {winner.candidate.label()} was {then:.2f}x chained but "
+                f"{d.build_eval_s / w.build_eval_s:.2f}x a call built and run at a time",
                 False,
             )
         # A search time is one measurement, far less sure than a round's: only rounds compare.
@@ -650,7 +665,9 @@ class Tuner:
             )
         )
         return [
-            Result(r.candidate, "ok", "", t.median_s, t.spread_s, r.error, t.stderr_s)
+            Result(
+                r.candidate, "ok", "", t.median_s, t.spread_s, r.error, t.stderr_s, t.build_eval_s
+            )  # fmt: skip
             for r, t in zip(finalists, timed)
         ]
 
