@@ -163,3 +163,36 @@ def test_gated_delta_chunks_hold_forget_gates(chunk):
     got = o.variant("chunked").positional(chunk=chunk)(*args)
     for x, w in zip(got, want):
         assert mx.allclose(x.astype(mx.float64), w, atol=1e-5, rtol=1e-4).item()
+
+
+@pytest.mark.parametrize("name", ["selective_scan", "gated_delta"])
+def test_a_recurrent_kernel_launch_follows_each_call(monkeypatch, name):
+    """The recurrent kernels keep their launch settings per shape, dtype and optional input:
+    calls with and without a state and of other lengths get their own, and an input not given
+    is a constant made once (no fill launched per call)."""
+    from mlx_primitives.dialect.kernel import GpuKernel
+    from mlx_primitives.registry import op
+
+    launches = []
+
+    def launch(self, inputs, plan):
+        launches.append((inputs, dict(plan["template"]), plan["output_shapes"]))
+        return [mx.zeros(s, d) for s, d in zip(plan["output_shapes"], plan["output_dtypes"])]
+
+    monkeypatch.setattr(GpuKernel, "launch", launch)
+    o = op(name)
+    fn = o.variant("recurrent").build(lanes=4, warps=2)
+    width = (16,) if name == "selective_scan" else (2, 32)
+    extra = {} if name == "selective_scan" else {"heads_v": 4}
+    at = o.params.index("state")
+    absent = []
+    for length, carried in ((5, False), (5, True), (1, True), (5, False)):
+        args = list(o.example(((2, length, *width),), mx.float32, mx.random.key(length),
+                              state="float32", **extra))  # fmt: skip
+        if not carried:
+            args[at] = None
+        fn(*args)
+        inputs, template, shapes = launches[-1]
+        assert template["HAS_STATE"] is carried and shapes[0][:2] == (2, length)
+        absent.append(inputs[-1] if name == "selective_scan" else inputs[5])
+    assert absent[0] is absent[3]  # the same constant, not a new zeros array per call

@@ -19,6 +19,10 @@ RECURRENT = GpuKernel(
     ["q", "k", "v", "g", "beta", "state", "mask"],
     ["y", "state_out"],
 )
+# What the kernel gets for a state or mask not given (it never reads them): made once, and as
+# data rather than an op, so that no call launches a fill for them.
+_NO_STATE = mx.array([0.0], mx.float32)
+_NO_MASK = mx.array([False])
 # Key dims a lane may hold (twice: the state and the next state) before the kernel spills.
 MAX_PER_LANE = 64
 
@@ -27,7 +31,9 @@ def recurrent_variant(reference: Callable) -> Variant:
     """The ``recurrent`` variant; ``reference`` gives it gradients."""
 
     def factory(lanes, warps):
-        def forward(q, k, v, g, beta, state, mask):
+        plans: dict[tuple, dict] = {}
+
+        def plan(q, v, g, state, mask) -> dict:
             batch, tokens, hk, dk = q.shape
             hv, dv = v.shape[2:]
             out_state = mx.float32 if state is None else state.dtype
@@ -45,19 +51,26 @@ def recurrent_variant(reference: Callable) -> Variant:
                 "MASK": mask is not None,
                 "HAS_STATE": state is not None,
             }
-            groups = batch * hv * -(-dv // rows)
-            y, s = RECURRENT(
-                [
-                    q, k, v, g, beta,
-                    mx.zeros((1,), out_state) if state is None else state,
-                    mx.zeros((1,), mx.bool_) if mask is None else mask,
-                ],
-                template=template,
-                grid=(groups * 32 * warps, 1, 1),
+            return RECURRENT.plan(
+                template,
+                grid=(batch * hv * -(-dv // rows) * 32 * warps, 1, 1),
                 threadgroup=(32 * warps, 1, 1),
                 output_shapes=[(batch, tokens, hv, dv), (batch, hv, dv, dk)],
                 output_dtypes=[q.dtype, out_state],
-            )  # fmt: skip
+            )
+
+        def forward(q, k, v, g, beta, state, mask):
+            key = (q.shape, q.dtype, v.shape, g.ndim, None if state is None else state.dtype,
+                   mask is None)  # fmt: skip
+            launch = plans.get(key)
+            if launch is None:
+                launch = plans[key] = plan(q, v, g, state, mask)
+            inputs = [
+                q, k, v, g, beta,
+                _NO_STATE if state is None else state,
+                _NO_MASK if mask is None else mask,
+            ]  # fmt: skip
+            y, s = RECURRENT.launch(inputs, launch)
             return y, s
 
         return with_reference_transforms(forward, reference)

@@ -64,15 +64,21 @@ def serial_variant(reference: Callable) -> Variant:
     )
 
 
+# What the kernel gets for an argument not given (it never reads it): made once, and as data
+# rather than an op, so that no call launches a fill for it.
+_ABSENT = mx.array([0.0], mx.float32)
+
+
 def selective_variant(reference: Callable) -> Variant:
     """The ``recurrent`` variant of selective_scan; ``reference`` gives it gradients."""
 
     def factory(lanes, warps):
-        def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_state, state):
+        plans: dict[tuple, dict] = {}
+
+        def plan(u, delta, A, B, D, z, delta_bias, delta_softplus, state) -> dict:
             batch, length, channels = u.shape
             n = B.shape[-1]
             out_state = mx.float32 if state is None else state.dtype
-            placeholder = mx.zeros((1,), mx.float32)
             template = {
                 "T": u.dtype,
                 "S": out_state,
@@ -90,15 +96,23 @@ def selective_variant(reference: Callable) -> Variant:
                 "HAS_STATE": state is not None,
             }
             rows = warps * 32 // lanes
-            inputs = [u, delta, A, B, C, D, z, delta_bias, state]
-            return SELECTIVE(
-                [placeholder if a is None else a for a in inputs],
-                template=template,
+            return SELECTIVE.plan(
+                template,
                 grid=(-(-batch * channels // rows) * 32 * warps, 1, 1),
                 threadgroup=(32 * warps, 1, 1),
                 output_shapes=[(batch, length, channels), (batch, channels, n)],
                 output_dtypes=[u.dtype, out_state],
             )
+
+        def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_state, state):
+            absent = (D is None, z is None, delta_bias is None)
+            key = (u.shape, u.dtype, delta.shape[-1], B.shape, A.ndim, absent, delta_softplus,
+                   None if state is None else state.dtype)  # fmt: skip
+            launch = plans.get(key)
+            if launch is None:
+                launch = plans[key] = plan(u, delta, A, B, D, z, delta_bias, delta_softplus, state)
+            inputs = [u, delta, A, B, C, D, z, delta_bias, state]
+            return SELECTIVE.launch([_ABSENT if a is None else a for a in inputs], launch)
 
         return with_reference_transforms(forward, reference)
 
