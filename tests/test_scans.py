@@ -196,3 +196,32 @@ def test_a_recurrent_kernel_launch_follows_each_call(monkeypatch, name):
         assert template["HAS_STATE"] is carried and shapes[0][:2] == (2, length)
         absent.append(inputs[-1] if name == "selective_scan" else inputs[5])
     assert absent[0] is absent[3]  # the same constant, not a new zeros array per call
+
+
+def test_the_serial_scan_launch_follows_each_call(monkeypatch):
+    """linear_scan's serial kernel keeps its launch settings per shape, axis, direction and
+    initial state; without one it gets a constant made once."""
+    from mlx_primitives.dialect.kernel import GpuKernel
+    from mlx_primitives.registry import op
+
+    launches = []
+
+    def launch(self, inputs, plan):
+        launches.append((inputs, dict(plan["template"]), plan["output_shapes"]))
+        return [mx.zeros(s, d) for s, d in zip(plan["output_shapes"], plan["output_dtypes"])]
+
+    monkeypatch.setattr(GpuKernel, "launch", launch)
+    fn = op("linear_scan").variant("serial").build(threads=128, unroll=4)
+    a, b = mx.ones((2, 5, 3)), mx.ones((2, 5, 3))
+    for h0, axis, reverse, three in (
+        (None, 1, False, (2, 5, 3)),
+        (mx.zeros((2, 3)), 1, False, (2, 5, 3)),
+        (None, 1, True, (2, 5, 3)),
+        (None, -1, True, (10, 3, 1)),
+        (None, 1, False, (2, 5, 3)),
+    ):
+        assert fn(a, b, h0, axis, reverse).shape == b.shape
+        inputs, template, shapes = launches[-1]
+        assert shapes == [three] and [x.shape for x in inputs[:2]] == [three, three]
+        assert template["H0"] is (h0 is not None) and template["REVERSE"] is reverse
+    assert launches[0][0][2] is launches[4][0][2]  # the same constant, not a zeros op per call

@@ -237,6 +237,12 @@ class GpuKernel:
         return self._kernel(inputs=inputs, init_value=_POISON.get(), **plan)
 
 
+def absent(dtype: mx.Dtype) -> mx.array:
+    """What a kernel gets for an optional input not given (it never reads it): one element,
+    made as data rather than as an op, so that no call launches a fill for it. Keep it."""
+    return mx.array([0], dtype)
+
+
 @contextlib.contextmanager
 def inference_mode():
     """Run the custom kernels called in this block without their ``mx.custom_function``.

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-from ..dialect.kernel import GpuKernel, lanes_hold, with_reference_transforms
+from ..dialect.kernel import GpuKernel, absent, lanes_hold, with_reference_transforms
 from ..registry import GPU_BACKENDS, Variant
 
 RECURRENT = GpuKernel(
@@ -19,10 +19,7 @@ RECURRENT = GpuKernel(
     ["q", "k", "v", "g", "beta", "state", "mask"],
     ["y", "state_out"],
 )
-# What the kernel gets for a state or mask not given (it never reads them): made once, and as
-# data rather than an op, so that no call launches a fill for them.
-_NO_STATE = mx.array([0.0], mx.float32)
-_NO_MASK = mx.array([False])
+_NO_STATE, _NO_MASK = absent(mx.float32), absent(mx.bool_)
 # Key dims a lane may hold (twice: the state and the next state) before the kernel spills.
 MAX_PER_LANE = 64
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-from ..dialect.kernel import GpuKernel, itemsize, lanes_hold, with_reference_transforms
+from ..dialect.kernel import GpuKernel, absent, itemsize, lanes_hold, with_reference_transforms
 from ..registry import GPU_BACKENDS, Variant
 
 SERIAL = GpuKernel("scan/serial.k", ["a", "b", "h0"], ["y"])
@@ -28,28 +28,39 @@ SELECTIVE = GpuKernel(
 )
 # States a lane may hold (with their decays) before the kernel spills.
 MAX_PER_LANE = 32
+_ABSENT = absent(mx.float32)
 
 
 def serial_variant(reference: Callable) -> Variant:
     """The ``serial`` variant of linear_scan; ``reference`` gives it gradients."""
 
     def factory(threads, unroll):
-        def forward(a, b, h0, axis, reverse):
+        plans: dict[tuple, tuple] = {}
+
+        def plan(b, axis: int, reverse: bool, given: bool) -> tuple:
             shape = b.shape
-            axis = axis % len(shape)
             outer, inner = math.prod(shape[:axis]), math.prod(shape[axis + 1 :])
-            states = outer * inner
             three = (outer, shape[axis], inner)
-            given = h0 is not None
-            (y,) = SERIAL(
-                [a.reshape(three), b.reshape(three), h0.reshape(-1) if given else mx.zeros((1,))],
-                template={"T": b.dtype, "REVERSE": reverse, "H0": given, "UNROLL": unroll},
-                grid=(-(-states // threads) * threads, 1, 1),
+            launch = SERIAL.plan(
+                {"T": b.dtype, "REVERSE": reverse, "H0": given, "UNROLL": unroll},
+                grid=(-(-outer * inner // threads) * threads, 1, 1),
                 threadgroup=(threads, 1, 1),
                 output_shapes=[three],
                 output_dtypes=[b.dtype],
             )
-            return y.reshape(shape)
+            return three, launch
+
+        def forward(a, b, h0, axis, reverse):
+            axis = axis % b.ndim
+            given = h0 is not None
+            key = (b.shape, b.dtype, axis, reverse, given)
+            made = plans.get(key)
+            if made is None:
+                made = plans[key] = plan(b, axis, reverse, given)
+            three, launch = made
+            inputs = [a.reshape(three), b.reshape(three), h0.reshape(-1) if given else _ABSENT]
+            (y,) = SERIAL.launch(inputs, launch)
+            return y.reshape(b.shape)
 
         return with_reference_transforms(forward, reference)
 
@@ -62,11 +73,6 @@ def serial_variant(reference: Callable) -> Variant:
         sources=SERIAL.files,
         description="custom kernel: a thread per state, stepping along the axis",
     )
-
-
-# What the kernel gets for an argument not given (it never reads it): made once, and as data
-# rather than an op, so that no call launches a fill for it.
-_ABSENT = mx.array([0.0], mx.float32)
 
 
 def selective_variant(reference: Callable) -> Variant:
@@ -105,8 +111,8 @@ def selective_variant(reference: Callable) -> Variant:
             )
 
         def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_state, state):
-            absent = (D is None, z is None, delta_bias is None)
-            key = (u.shape, u.dtype, delta.shape[-1], B.shape, A.ndim, absent, delta_softplus,
+            missing = (D is None, z is None, delta_bias is None)
+            key = (u.shape, u.dtype, delta.shape[-1], B.shape, A.ndim, missing, delta_softplus,
                    None if state is None else state.dtype)  # fmt: skip
             launch = plans.get(key)
             if launch is None:
