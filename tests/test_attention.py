@@ -487,3 +487,28 @@ def test_a_decode_kernel_launch_follows_the_growing_kv_cache(monkeypatch, layout
         assert parts == [(b * 2, splits, 4, 64), (b * 2, splits, 4, 2)]
         assert grid == (b * 2 * splits * 128, 1, 1) and out == [q.shape]
         assert main["G"] == combine["G"] == 4 and main["LQ"] == 1 and main["WARPS"] == 4
+
+
+def test_a_flash_kernel_launch_follows_each_call(monkeypatch):
+    """The flash kernel keeps its launch settings per query shape and flags: another query
+    length or mask kind gets its own grid and template."""
+    from mlx_primitives.dialect.kernel import GpuKernel
+
+    launches = []
+
+    def launch(self, inputs, plan):
+        launches.append((dict(plan["template"]), plan["grid"], plan["output_shapes"]))
+        return [mx.zeros(s, d) for s, d in zip(plan["output_shapes"], plan["output_dtypes"])]
+
+    monkeypatch.setattr(GpuKernel, "launch", launch)
+    o = op("flash_attention")
+    fn = o.variant("flash").build(warps=2, rows=2, keys=1)
+    for lq, lk, causal in ((5, 5, True), (64, 64, True), (64, 64, False), (5, 9, True)):
+        q, k, v, _, *rest = o.example(
+            att.qkv_shapes(1, 4, 2, lq, lk, 64, "BHSD"), mx.float32, mx.random.key(lq),
+            causal=causal,
+        )  # fmt: skip
+        assert fn(q, k, v, causal, *rest).shape == q.shape
+        template, grid, shapes = launches[-1]
+        assert grid == (4 * -(-lq // 4) * 64, 1, 1) and shapes == [q.shape]
+        assert template["CAUSAL"] is causal

@@ -213,8 +213,10 @@ def flash_supports(problem: dict, p: dict) -> bool:
 
 
 def _flash(warps: int, rows: int, keys: int) -> Callable:
-    def forward(q, k, v, causal, scale, layout, window):
-        bshd = layout == "BSHD"
+    threads = warps * 32
+    plans: dict[tuple, dict] = {}
+
+    def plan(q, causal, scale, bshd: bool, window) -> dict:
         b, lq, hq = (q.shape[0], *q.shape[1:3]) if bshd else (q.shape[0], q.shape[2], q.shape[1])
         template = {
             **_template(q, causal, scale, bshd, window),
@@ -222,17 +224,21 @@ def _flash(warps: int, rows: int, keys: int) -> Callable:
             "RPW": rows,
             "KPL": keys,
         }
-        threads = warps * 32
-        groups = b * hq * -(-lq // (warps * rows))
-        (out,) = FLASH(
-            [q, k, v],
-            template=template,
-            grid=(groups * threads, 1, 1),
+        return FLASH.plan(
+            template,
+            grid=(b * hq * -(-lq // (warps * rows)) * threads, 1, 1),
             threadgroup=(threads, 1, 1),
             output_shapes=[q.shape],
             output_dtypes=[q.dtype],
         )
-        return out
+
+    def forward(q, k, v, causal, scale, layout, window):
+        bshd = layout == "BSHD"
+        key = (q.shape, q.dtype, causal, scale, bshd, window)  # it reads the keys' length from k
+        launch = plans.get(key)
+        if launch is None:
+            launch = plans[key] = plan(q, causal, scale, bshd, window)
+        return FLASH.launch([q, k, v], launch)[0]
 
     return with_reference_transforms(forward, _blocked_reference)
 
