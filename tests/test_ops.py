@@ -265,3 +265,36 @@ def test_every_op_has_several_variants_on_this_backend():
     backend = current_backend()
     for o in mp.registry.ops():
         assert len([v for v in o.variants if v.available(backend)]) >= 2, o.name
+
+
+@pytest.mark.parametrize("kernel", ["row", "looped"])
+def test_a_norm_kernel_launch_follows_each_call(monkeypatch, kernel):
+    """The norm kernels keep their launch settings per shape, dtypes, eps and vectors given:
+    each of these calls gets its own template and grid."""
+    from mlx_primitives.dialect.kernel import GpuKernel, float_bits
+    from mlx_primitives.registry import op
+
+    launches = []
+
+    def launch(self, inputs, plan):
+        launches.append((inputs, dict(plan["template"]), plan["output_shapes"]))
+        return [mx.zeros(s, d) for s, d in zip(plan["output_shapes"], plan["output_dtypes"])]
+
+    monkeypatch.setattr(GpuKernel, "launch", launch)
+    config = {"threads_per_row": 128, "vec": 1} | ({"rows_per_group": 1} if kernel == "row" else {})
+    fn = op("layer_norm").variant(kernel).build(**config)
+    w, b = mx.ones((64,)), mx.zeros((64,), mx.float16)
+    for shape, weight, bias, eps in (
+        ((2, 3, 64), w, b, 1e-5),
+        ((2, 3, 64), w, b, 1e-3),
+        ((2, 3, 64), None, b, 1e-5),
+        ((2, 3, 64), w, None, 1e-6),
+        ((7, 64), w, b, 1e-5),
+    ):
+        x = mx.ones(shape)
+        assert fn(x, weight, bias, eps).shape == shape
+        inputs, template, shapes = launches[-1]
+        assert shapes == [(shape[0] * (shape[1] if len(shape) == 3 else 1), 64)]
+        assert template["HAS_W"] is (weight is not None) and template["HAS_B"] is (bias is not None)
+        assert template["EPS_BITS"] == float_bits(eps)
+        assert template["B_"] == (mx.float16 if bias is not None else mx.float32)

@@ -64,34 +64,41 @@ def norm_variants(op: str, reference: Callable, names: tuple[str, ...]) -> list[
     looped = GpuKernel(f"{op}/looped.k", ["x", *names], ["y"], aligned=arrays)
 
     def launcher(kernel: GpuKernel, tpr: int, rpg: int, vec: int) -> Callable:
-        def forward(x, *rest):
-            *vectors, eps = rest
+        plans: dict[tuple, tuple] = {}
+
+        def plan(x, vectors, eps) -> tuple:
             d = x.shape[-1]
-            # Explicit sizes make this a no-op for 2-D x (a -1 always adds a graph node).
-            x2 = x.reshape(x.size // d, d)
+            rows = x.size // d
             present = [v for v in vectors if v is not None]
             out_dtype = mx.result_type(x, *present) if present else x.dtype
             template = {"T": x.dtype}
-            inputs = [x2]
             for name, v in zip(names, vectors):
-                arg = x2 if v is None else v  # a placeholder the kernel never reads
-                inputs.append(arg)
-                template[_VECTORS[name][0]] = arg.dtype
+                template[_VECTORS[name][0]] = x.dtype if v is None else v.dtype
             template.update(O=out_dtype, D=d, TPR=tpr, VEC=vec)
             if kernel is row:
                 template["RPG"] = rpg
             for name, v in zip(names, vectors):
                 template[_VECTORS[name][1]] = v is not None
             template["EPS_BITS"] = float_bits(eps)
-            groups = -(-x2.shape[0] // rpg)
-            (y,) = kernel(
-                inputs,
-                template=template,
-                grid=(groups * tpr * rpg, 1, 1),
+            launch = kernel.plan(
+                template,
+                grid=(-(-rows // rpg) * tpr * rpg, 1, 1),
                 threadgroup=(tpr * rpg, 1, 1),
-                output_shapes=[x2.shape],
+                output_shapes=[(rows, d)],
                 output_dtypes=[out_dtype],
             )
+            return (rows, d), launch
+
+        def forward(x, *rest):
+            *vectors, eps = rest
+            key = (x.shape, x.dtype, eps, *(None if v is None else v.dtype for v in vectors))
+            made = plans.get(key)
+            if made is None:
+                made = plans[key] = plan(x, vectors, eps)
+            flat, launch = made
+            x2 = x.reshape(flat)
+            # An absent vector's slot takes x: a placeholder the kernel never reads.
+            (y,) = kernel.launch([x2, *(x2 if v is None else v for v in vectors)], launch)
             return y.reshape(x.shape)
 
         return with_reference_transforms(forward, reference)
