@@ -298,3 +298,33 @@ def test_a_norm_kernel_launch_follows_each_call(monkeypatch, kernel):
         assert template["HAS_W"] is (weight is not None) and template["HAS_B"] is (bias is not None)
         assert template["EPS_BITS"] == float_bits(eps)
         assert template["B_"] == (mx.float16 if bias is not None else mx.float32)
+
+
+@pytest.mark.parametrize("kernel", ["blocked", "strided"])
+def test_a_gated_kernel_launch_follows_each_call(monkeypatch, kernel):
+    """The gated kernels keep their launch settings per size, dtype and activation."""
+    from mlx_primitives.dialect.kernel import GpuKernel
+    from mlx_primitives.registry import op
+
+    launches = []
+
+    def launch(self, inputs, plan):
+        launches.append((dict(plan["template"]), plan["output_shapes"], plan["output_dtypes"]))
+        return [mx.zeros(s, d) for s, d in zip(plan["output_shapes"], plan["output_dtypes"])]
+
+    monkeypatch.setattr(GpuKernel, "launch", launch)
+    space = {"unroll": 1} if kernel == "blocked" else {"waves": 1}
+    fn = op("geglu").variant(kernel).build(vec=2, threads=256, fast_math=False, **space)
+    acts = set()
+    for shape, dtype, approximate in (
+        ((3, 64), mx.float32, "none"),
+        ((3, 64), mx.float32, "tanh"),
+        ((5, 64), mx.float32, "none"),
+        ((3, 64), mx.float16, "none"),
+    ):
+        gate = mx.ones(shape, dtype)
+        assert fn(gate, gate, approximate).shape == shape
+        template, shapes, dtypes = launches[-1]
+        assert shapes == [(gate.size,)] and dtypes == [dtype] and template["T"] == dtype
+        acts.add(template["ACT"])
+    assert len(acts) == 2

@@ -21,19 +21,25 @@ _DEFAULT_SMS = 128
 
 
 def _launch(kernel: GpuKernel, vec: int, threads: int, groups, fast: bool, extra: dict):
-    """``forward(gate, up, act)`` running ``kernel``; ``act`` names the activation."""
+    """``forward(gate, up, act)`` running ``kernel``; ``act`` names the activation. Its launch
+    settings are kept per size, dtype and activation."""
+    plans: dict[tuple, dict] = {}
 
-    def forward(gate, up, act):
-        flat = gate.reshape(-1)
-        template = {"T": gate.dtype, "VEC": vec, **extra, "ACT": _ACT[act], "FAST": fast}
-        (out,) = kernel(
-            [flat, up.reshape(-1)],
-            template=template,
-            grid=(groups(flat.size // vec) * threads, 1, 1),
+    def plan(gate, act) -> dict:
+        return kernel.plan(
+            {"T": gate.dtype, "VEC": vec, **extra, "ACT": _ACT[act], "FAST": fast},
+            grid=(groups(gate.size // vec) * threads, 1, 1),
             threadgroup=(threads, 1, 1),
-            output_shapes=[flat.shape],
+            output_shapes=[(gate.size,)],
             output_dtypes=[gate.dtype],
         )
+
+    def forward(gate, up, act):
+        key = (gate.size, gate.dtype, act)
+        launch = plans.get(key)
+        if launch is None:
+            launch = plans[key] = plan(gate, act)
+        (out,) = kernel.launch([gate.reshape(-1), up.reshape(-1)], launch)
         return out.reshape(gate.shape)
 
     return forward
