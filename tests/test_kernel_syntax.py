@@ -455,3 +455,15 @@ def test_every_kernel_variant_has_gpu_cases():
     for name in {name for name, _ in attention}:
         kernels = {v.name for v in registry.op(name).variants if v.is_kernel}
         assert kernels == {k for n, k in attention if n == name}, name
+
+
+def test_launch_plans_are_kept_up_to_a_bound(monkeypatch):
+    """A forward's launch plans, one per call shape, never grow past MAX_PLANS (a server sees
+    prompts of every length)."""
+    from mlx_primitives.dialect import kernel
+
+    monkeypatch.setattr(kernel, "MAX_PLANS", 3)
+    plans = kernel.Plans()
+    for length in range(10):
+        assert plans.keep(("x", length), length) == length
+        assert len(plans) <= 3 and plans[("x", length)] == length

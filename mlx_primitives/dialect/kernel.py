@@ -38,6 +38,8 @@ KERNEL_DTYPES = ("float32", "float16", "bfloat16")
 _FLOAT32_MAX = 3.4028234663852886e38
 # MLX passes grid sizes (in threads) as 32-bit ints.
 MAX_GRID = 2**31 - 1
+# The most launch plans a kernel forward keeps (Plans).
+MAX_PLANS = 256
 # Threadgroup memory a kernel may take without opting in, by back-end (a CUDA body compiled
 # for both alignments declares its $shared arrays twice).
 SHARED = {"cuda": 49152, "metal": 32768}
@@ -235,6 +237,19 @@ class GpuKernel:
     def launch(self, inputs: list[mx.array], plan: dict) -> list[mx.array]:
         """The kernel on ``inputs`` with the settings of a :meth:`plan`."""
         return self._kernel(inputs=inputs, init_value=_POISON.get(), **plan)
+
+
+class Plans(dict):
+    """A forward's launch plans (:meth:`GpuKernel.plan`), kept per call shape: at most
+    ``MAX_PLANS``, then started afresh (a server's prompts of every length would grow it
+    without end)."""
+
+    def keep(self, key, plan):
+        """``plan`` kept for ``key``, and returned."""
+        if len(self) >= MAX_PLANS:
+            self.clear()
+        self[key] = plan
+        return plan
 
 
 def absent(dtype: mx.Dtype) -> mx.array:

@@ -21,6 +21,7 @@ from ..dialect.kernel import (
     MAX_GRID,
     SHARED,
     GpuKernel,
+    Plans,
     float_bits,
     itemsize,
     with_reference_transforms,
@@ -127,7 +128,7 @@ def _split_kv(kernel: GpuKernel, split: int, warps: int, extra: dict) -> Callabl
     not change as the KV cache grows (the templates, the combine's launch) is kept per query
     shape and dtype, KV heads and flags: a decoding step's host time is mostly this."""
     threads = warps * 32
-    plans: dict[tuple, tuple] = {}
+    plans = Plans()
 
     def plan(q, hkv: int, causal, scale, bshd: bool, window) -> tuple:
         b, lq, hq, d = q.shape if bshd else (q.shape[0], q.shape[2], q.shape[1], q.shape[3])
@@ -149,7 +150,7 @@ def _split_kv(kernel: GpuKernel, split: int, warps: int, extra: dict) -> Callabl
         key = (q.shape, q.dtype, hkv, causal, scale, bshd, window)
         made = plans.get(key)
         if made is None:
-            made = plans[key] = plan(q, hkv, causal, scale, bshd, window)
+            made = plans.keep(key, plan(q, hkv, causal, scale, bshd, window))
         main, combine, heads, rows, d, lq = made
         lo, hi = att.key_range(0, lq, lq, lk, causal, window or None)
         splits = max(1, -(-(hi - lo) // split))
@@ -214,7 +215,7 @@ def flash_supports(problem: dict, p: dict) -> bool:
 
 def _flash(warps: int, rows: int, keys: int) -> Callable:
     threads = warps * 32
-    plans: dict[tuple, dict] = {}
+    plans = Plans()
 
     def plan(q, causal, scale, bshd: bool, window) -> dict:
         b, lq, hq = (q.shape[0], *q.shape[1:3]) if bshd else (q.shape[0], q.shape[2], q.shape[1])
@@ -237,7 +238,7 @@ def _flash(warps: int, rows: int, keys: int) -> Callable:
         key = (q.shape, q.dtype, causal, scale, bshd, window)  # it reads the keys' length from k
         launch = plans.get(key)
         if launch is None:
-            launch = plans[key] = plan(q, causal, scale, bshd, window)
+            launch = plans.keep(key, plan(q, causal, scale, bshd, window))
         return FLASH.launch([q, k, v], launch)[0]
 
     return with_reference_transforms(forward, _blocked_reference)

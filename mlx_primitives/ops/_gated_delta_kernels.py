@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-from ..dialect.kernel import GpuKernel, absent, lanes_hold, with_reference_transforms
+from ..dialect.kernel import GpuKernel, Plans, absent, lanes_hold, with_reference_transforms
 from ..registry import GPU_BACKENDS, Variant
 
 RECURRENT = GpuKernel(
@@ -28,7 +28,7 @@ def recurrent_variant(reference: Callable) -> Variant:
     """The ``recurrent`` variant; ``reference`` gives it gradients."""
 
     def factory(lanes, warps):
-        plans: dict[tuple, dict] = {}
+        plans = Plans()
 
         def plan(q, v, g, state, mask) -> dict:
             batch, tokens, hk, dk = q.shape
@@ -61,7 +61,7 @@ def recurrent_variant(reference: Callable) -> Variant:
                    mask is None)  # fmt: skip
             launch = plans.get(key)
             if launch is None:
-                launch = plans[key] = plan(q, v, g, state, mask)
+                launch = plans.keep(key, plan(q, v, g, state, mask))
             inputs = [
                 q, k, v, g, beta,
                 _NO_STATE if state is None else state,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..dialect.kernel import GpuKernel, itemsize
+from ..dialect.kernel import GpuKernel, Plans, itemsize
 from ..hardware import detect_chip
 from ..registry import GPU_BACKENDS, Variant
 
@@ -23,7 +23,7 @@ _DEFAULT_SMS = 128
 def _launch(kernel: GpuKernel, vec: int, threads: int, groups, fast: bool, extra: dict):
     """``forward(gate, up, act)`` running ``kernel``; ``act`` names the activation. Its launch
     settings are kept per size, dtype and activation."""
-    plans: dict[tuple, dict] = {}
+    plans = Plans()
 
     def plan(gate, act) -> dict:
         return kernel.plan(
@@ -38,7 +38,7 @@ def _launch(kernel: GpuKernel, vec: int, threads: int, groups, fast: bool, extra
         key = (gate.size, gate.dtype, act)
         launch = plans.get(key)
         if launch is None:
-            launch = plans[key] = plan(gate, act)
+            launch = plans.keep(key, plan(gate, act))
         (out,) = kernel.launch([gate.reshape(-1), up.reshape(-1)], launch)
         return out.reshape(gate.shape)
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-from ..dialect.kernel import GpuKernel, float_bits, itemsize, with_reference_transforms
+from ..dialect.kernel import GpuKernel, Plans, float_bits, itemsize, with_reference_transforms
 from ..registry import GPU_BACKENDS, Variant
 
 # Float registers a thread may hold for its part of a row before the row family spills.
@@ -64,7 +64,7 @@ def norm_variants(op: str, reference: Callable, names: tuple[str, ...]) -> list[
     looped = GpuKernel(f"{op}/looped.k", ["x", *names], ["y"], aligned=arrays)
 
     def launcher(kernel: GpuKernel, tpr: int, rpg: int, vec: int) -> Callable:
-        plans: dict[tuple, tuple] = {}
+        plans = Plans()
 
         def plan(x, vectors, eps) -> tuple:
             d = x.shape[-1]
@@ -94,7 +94,7 @@ def norm_variants(op: str, reference: Callable, names: tuple[str, ...]) -> list[
             key = (x.shape, x.dtype, eps, *(None if v is None else v.dtype for v in vectors))
             made = plans.get(key)
             if made is None:
-                made = plans[key] = plan(x, vectors, eps)
+                made = plans.keep(key, plan(x, vectors, eps))
             flat, launch = made
             x2 = x.reshape(flat)
             # An absent vector's slot takes x: a placeholder the kernel never reads.

@@ -29,7 +29,14 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-from ..dialect.kernel import MAX_GRID, SHARED, GpuKernel, itemsize, with_reference_transforms
+from ..dialect.kernel import (
+    MAX_GRID,
+    SHARED,
+    GpuKernel,
+    Plans,
+    itemsize,
+    with_reference_transforms,
+)
 from ..registry import GPU_BACKENDS, Variant
 
 QMV = GpuKernel(
@@ -200,14 +207,14 @@ def _planned(
     ``plan(x, n, group_size, bits)`` gives (x's 2-D shape, the :meth:`GpuKernel.plan`, the
     output's shape), made once per x's shape and dtype, n, group size and bits; the kernel's
     output goes through ``reduce(y, x)`` where given."""
-    plans: dict[tuple, tuple] = {}
+    plans = Plans()
 
     def forward(*args):
         x, w, scales, biases, group_size, bits = arrays(*args)
         key = (x.shape, x.dtype, w.shape[0], group_size, bits)
         made = plans.get(key)
         if made is None:
-            made = plans[key] = plan(x, w.shape[0], group_size, bits)
+            made = plans.keep(key, plan(x, w.shape[0], group_size, bits))
         flat, launch, shape = made
         two_d = len(shape) == 2  # x as it comes: no reshape either way
         (y,) = kernel.launch([x if two_d else x.reshape(flat), w, scales, biases], launch)

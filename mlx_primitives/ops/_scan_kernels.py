@@ -17,7 +17,14 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-from ..dialect.kernel import GpuKernel, absent, itemsize, lanes_hold, with_reference_transforms
+from ..dialect.kernel import (
+    GpuKernel,
+    Plans,
+    absent,
+    itemsize,
+    lanes_hold,
+    with_reference_transforms,
+)
 from ..registry import GPU_BACKENDS, Variant
 
 SERIAL = GpuKernel("scan/serial.k", ["a", "b", "h0"], ["y"])
@@ -35,7 +42,7 @@ def serial_variant(reference: Callable) -> Variant:
     """The ``serial`` variant of linear_scan; ``reference`` gives it gradients."""
 
     def factory(threads, unroll):
-        plans: dict[tuple, tuple] = {}
+        plans = Plans()
 
         def plan(b, axis: int, reverse: bool, given: bool) -> tuple:
             shape = b.shape
@@ -56,7 +63,7 @@ def serial_variant(reference: Callable) -> Variant:
             key = (b.shape, b.dtype, axis, reverse, given)
             made = plans.get(key)
             if made is None:
-                made = plans[key] = plan(b, axis, reverse, given)
+                made = plans.keep(key, plan(b, axis, reverse, given))
             three, launch = made
             inputs = [a.reshape(three), b.reshape(three), h0.reshape(-1) if given else _ABSENT]
             (y,) = SERIAL.launch(inputs, launch)
@@ -79,7 +86,7 @@ def selective_variant(reference: Callable) -> Variant:
     """The ``recurrent`` variant of selective_scan; ``reference`` gives it gradients."""
 
     def factory(lanes, warps):
-        plans: dict[tuple, dict] = {}
+        plans = Plans()
 
         def plan(u, delta, A, B, D, z, delta_bias, delta_softplus, state) -> dict:
             batch, length, channels = u.shape
@@ -116,7 +123,9 @@ def selective_variant(reference: Callable) -> Variant:
                    None if state is None else state.dtype)  # fmt: skip
             launch = plans.get(key)
             if launch is None:
-                launch = plans[key] = plan(u, delta, A, B, D, z, delta_bias, delta_softplus, state)
+                launch = plans.keep(
+                    key, plan(u, delta, A, B, D, z, delta_bias, delta_softplus, state)
+                )
             inputs = [u, delta, A, B, C, D, z, delta_bias, state]
             return SELECTIVE.launch([_ABSENT if a is None else a for a in inputs], launch)
 

@@ -483,8 +483,8 @@ class Tuner:
     def _warm(self, op: Op, problem: Problem, planned: list[Candidate]) -> None:
         """Compile the candidates the search is sure to run, in parallel, where the back-end
         keeps compiled kernels on disk (CUDA); kernels are specialized on dtype and exact dims,
-        so once per such group. What TPE picks later compiles as it runs: a space of hundreds
-        compiled ahead cost minutes."""
+        so once per such group. What TPE picks later compiles as it runs, rather than a whole
+        space of hundreds of which it measures a few."""
         group = (
             op.name,
             problem.dtype,
