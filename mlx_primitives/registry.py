@@ -22,6 +22,7 @@ from functools import cached_property
 import mlx.core as mx
 
 from . import _paths, dispatch
+from .dialect.traced import Traced
 from .hardware import current_backend
 from .problem import Dim, Problem
 
@@ -46,6 +47,9 @@ class Variant:
             problem (tile divides the hidden size, shared memory fits, ...).
         sources: kernel source files under ``kernel_variants/``; their hash goes into every
             tuning record so that an edited kernel invalidates its records.
+        traced: whether its callables are :class:`~mlx_primitives.dialect.traced.Traced`
+            (for kernel forwards whose calls keep their shapes from one step to the next;
+            not attention, whose keys grow each step, nor rope, whose offset does).
     """
 
     name: str
@@ -55,6 +59,7 @@ class Variant:
     supports: Callable[[dict, dict], bool] | None = None
     sources: tuple[str, ...] = ()
     description: str = ""
+    traced: bool = False
 
     def __post_init__(self):
         self._built: dict[tuple, Callable] = {}
@@ -103,7 +108,8 @@ class Variant:
         key = tuple(sorted(self.validate(params).items()))
         fn = self._built.get(key)
         if fn is None:
-            fn = self._built[key] = self.factory(**params)
+            fn = self.factory(**params)
+            fn = self._built[key] = Traced(fn) if self.traced else fn
         return fn
 
     def build(self, **params) -> Callable:

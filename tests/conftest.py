@@ -9,6 +9,7 @@ import mlx.core as mx
 import pytest
 
 from mlx_primitives import dispatch
+from mlx_primitives.dialect import traced
 from mlx_primitives.store.database import TuningDB
 
 GPU = mx.cuda.is_available() or mx.metal.is_available()
@@ -43,6 +44,16 @@ def user_db(tmp_path, monkeypatch):
     dispatch.reset()
     yield path
     dispatch.reset()
+    traced.forget_all()  # a kernel stood in for must not stay in a trace
+
+
+@pytest.fixture
+def untraced():
+    """Kernel forwards run their Python at every call, as ``mx.compile`` is off (a test of
+    what a forward launches per call)."""
+    mx.disable_compile()
+    yield
+    mx.enable_compile()
 
 
 @pytest.fixture

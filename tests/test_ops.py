@@ -268,7 +268,7 @@ def test_every_op_has_several_variants_on_this_backend():
 
 
 @pytest.mark.parametrize("kernel", ["row", "looped"])
-def test_a_norm_kernel_launch_follows_each_call(monkeypatch, kernel):
+def test_a_norm_kernel_launch_follows_each_call(untraced, monkeypatch, kernel):
     """The norm kernels keep their launch settings per shape, dtypes, eps and vectors given:
     each of these calls gets its own template and grid."""
     from mlx_primitives.dialect.kernel import GpuKernel, float_bits
@@ -301,7 +301,7 @@ def test_a_norm_kernel_launch_follows_each_call(monkeypatch, kernel):
 
 
 @pytest.mark.parametrize("kernel", ["blocked", "strided"])
-def test_a_gated_kernel_launch_follows_each_call(monkeypatch, kernel):
+def test_a_gated_kernel_launch_follows_each_call(untraced, monkeypatch, kernel):
     """The gated kernels keep their launch settings per size, dtype and activation."""
     from mlx_primitives.dialect.kernel import GpuKernel
     from mlx_primitives.registry import op

@@ -500,15 +500,23 @@ def _stand_in(*, inputs, template, grid, threadgroup, output_shapes, output_dtyp
 )
 def test_a_kernel_launch_shapes_what_it_takes_and_gives(monkeypatch, variant, config):
     """One built variant, called with x of one, two and three dims (its launch settings kept
-    per shape), gives the built-in's output in x's leading shape."""
+    per shape), gives the built-in's output in x's leading shape; a shape seen before is
+    replayed (the forward is traced once per shape), on the new values."""
+    launched = []
+
+    def stand_in(**kwargs):
+        launched.append(kwargs["inputs"][0].shape)
+        return _stand_in(**kwargs)
+
     for kernel in (kernels.QMV, kernels.MMA):  # in place of the MLX kernel it makes on first use
-        monkeypatch.setitem(kernel.__dict__, "_kernel", _stand_in)
+        monkeypatch.setitem(kernel.__dict__, "_kernel", stand_in)
     w, scales, biases = _packed(96, 256, dtype=mx.float16)
     fn = OP.variant(variant).build(**config)
-    for shape in [(256,), (3, 256), (2, 5, 256), (3, 256)]:
-        x = mx.random.normal(shape, key=mx.random.key(len(shape))).astype(mx.float16)
+    for i, shape in enumerate([(256,), (3, 256), (2, 5, 256), (3, 256)]):
+        x = mx.random.normal(shape, key=mx.random.key(i)).astype(mx.float16)
         got = fn(x, w, scales, biases, True, 64, 4, "affine")
         want = mx.quantized_matmul(x, w, scales, biases)
         assert got.shape == want.shape == (*shape[:-1], 96) and got.dtype == mx.float16
         np.testing.assert_allclose(np.array(got, np.float32), np.array(want, np.float32),
                                    rtol=1e-2, atol=1e-2)  # fmt: skip
+    assert launched == [(1, 256), (3, 256), (10, 256)]

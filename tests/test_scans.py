@@ -166,7 +166,7 @@ def test_gated_delta_chunks_hold_forget_gates(chunk):
 
 
 @pytest.mark.parametrize("name", ["selective_scan", "gated_delta"])
-def test_a_recurrent_kernel_launch_follows_each_call(monkeypatch, name):
+def test_a_recurrent_kernel_launch_follows_each_call(untraced, monkeypatch, name):
     """The recurrent kernels keep their launch settings per shape, dtype and optional input:
     calls with and without a state and of other lengths get their own, and an input not given
     is a constant made once (no fill launched per call)."""
@@ -198,7 +198,7 @@ def test_a_recurrent_kernel_launch_follows_each_call(monkeypatch, name):
     assert absent[0] is absent[3]  # the same constant, not a new zeros array per call
 
 
-def test_the_serial_scan_launch_follows_each_call(monkeypatch):
+def test_the_serial_scan_launch_follows_each_call(untraced, monkeypatch):
     """linear_scan's serial kernel keeps its launch settings per shape, axis, direction and
     initial state; without one it gets a constant made once."""
     from mlx_primitives.dialect.kernel import GpuKernel

@@ -79,5 +79,6 @@ def recurrent_variant(reference: Callable) -> Variant:
         space={"lanes": (4, 8, 2, 16), "warps": (4, 2, 1, 8)},
         supports=lanes_hold("k_dims", MAX_PER_LANE),
         sources=RECURRENT.files,
+        traced=True,
         description="custom kernel: each state row in registers of a few lanes for all tokens",
     )

@@ -82,6 +82,7 @@ def gated_variants(wrap: Callable[[Callable], Callable]) -> list[Variant]:
             },
             supports=supports,
             sources=_BLOCKED.files,
+            traced=True,
             description="custom kernel: unrolled vector loads, one block of vectors per group",
         ),
         Variant(
@@ -96,6 +97,7 @@ def gated_variants(wrap: Callable[[Callable], Callable]) -> list[Variant]:
             },
             supports=supports,
             sources=_STRIDED.files,
+            traced=True,
             description="custom kernel: a few waves of groups striding over the array",
         ),
     ]

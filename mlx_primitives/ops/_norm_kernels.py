@@ -113,6 +113,7 @@ def norm_variants(op: str, reference: Callable, names: tuple[str, ...]) -> list[
             space=ROW_SPACE,
             supports=_row_supports,
             sources=row.files,
+            traced=True,
             description="custom kernel: rows in registers, read once",
         ),
         Variant(
@@ -122,6 +123,7 @@ def norm_variants(op: str, reference: Callable, names: tuple[str, ...]) -> list[
             space=LOOPED_SPACE,
             supports=_looped_supports,
             sources=looped.files,
+            traced=True,
             description="custom kernel: one group per row, loops over it",
         ),
     ]

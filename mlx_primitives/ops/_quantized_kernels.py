@@ -277,6 +277,7 @@ def qmv_variant(reference: Callable, arrays: Callable) -> Variant:
         space=SPACE,
         supports=_supports,
         sources=QMV.files,
+        traced=True,
         description="custom kernel: 1-32 rows, each packed weight read once, dequantized in "
         "registers",
     )
@@ -313,6 +314,7 @@ def mma_variant(reference: Callable, arrays: Callable) -> Variant:
         space=MMA_SPACE,
         supports=_mma_supports,
         sources=MMA.files,
+        traced=True,
         description="custom kernel on tensor cores: 1-32 rows, each packed weight read once, "
         "dequantized two at a time in 16-bit registers",
     )
@@ -347,6 +349,7 @@ def gather_mma_variant(reference: Callable, arrays: Callable) -> Variant:
         space=GATHER_MMA_SPACE,
         supports=_gather_mma_supports,
         sources=GATHER_MMA.files,
+        traced=True,
         description="custom kernel on tensor cores: the pairs in expert order, each selected "
         "expert's packed weights read once a pass of 16 or 32 of its rows",
     )
@@ -378,6 +381,7 @@ def gather_qmv_variant(reference: Callable, arrays: Callable) -> Variant:
         space=GATHER_SPACE,
         supports=_gather_supports,
         sources=GATHER_QMV.files,
+        traced=True,
         description="custom kernel: the pairs in expert order, each selected expert's packed "
         "weights read once for all its rows, dequantized in registers",
     )

@@ -78,6 +78,7 @@ def serial_variant(reference: Callable) -> Variant:
         space={"threads": (128, 256, 64), "unroll": (4, 1, 8)},
         supports=lambda p, q: itemsize(p["dtype"]) is not None,
         sources=SERIAL.files,
+        traced=True,
         description="custom kernel: a thread per state, stepping along the axis",
     )
 
@@ -138,5 +139,6 @@ def selective_variant(reference: Callable) -> Variant:
         space={"lanes": (4, 8, 2, 16, 1, 32), "warps": (4, 2, 1, 8)},
         supports=lanes_hold("states", MAX_PER_LANE),
         sources=SELECTIVE.files,
+        traced=True,
         description="custom kernel: each row's states in registers of a few lanes",
     )
