@@ -27,6 +27,8 @@ from .problem import Problem, Unmodelled, parse_dtype
 from .store import shipped
 from .tuning_record import RecordError, TuningRecord
 
+_GPU = mx.DeviceType.gpu
+
 if TYPE_CHECKING:
     from .registry import Op
 
@@ -46,6 +48,8 @@ MAX_CALLS = 4096
 _entries: dict[tuple[str, str], list[tuple[Problem, TuningRecord, str]]] = {}
 _disabled: set[tuple[str, str]] = set()
 _warned: set[str] = set()
+# Whether an op's calls of a dtype all go to its default, by (op, dtype, on a GPU): idle().
+_idle: dict[tuple[str, mx.Dtype, bool], bool] = {}
 
 
 class Decision(NamedTuple):
@@ -71,11 +75,50 @@ def reset() -> None:
     _entries.clear()
     _disabled.clear()
     _warned.clear()
+    _idle.clear()
 
 
 def forget_calls() -> None:
     """Forget the decisions kept per argument marks (each is checked again at its next call)."""
     _calls.clear()
+    _idle.clear()
+
+
+def idle(op_name: str, dtype: mx.Dtype) -> bool:
+    """Whether every call of op ``op_name`` in ``dtype`` on the default device goes to the
+    op's default: no record on this chip could route one elsewhere (each usable record of
+    the dtype kept the default, or dispatch is ``MLXP_DISPATCH=default``) and nothing records
+    calls. Where it holds, what the patches put in a program's way
+    (:func:`mlx_primitives.patch_mlx`, :func:`mlx_primitives.lm.patch`) hands calls to what
+    they replaced, at the cost of this lookup.
+
+    Args:
+        op_name: the op's name (``rms_norm``).
+        dtype: the dtype of the call's first array.
+    """
+    key = (op_name, dtype, mx.default_device().type is _GPU)
+    found = _idle.get(key)
+    if found is None:
+        found = _idle[key] = _compute_idle(op_name, dtype)
+    return found
+
+
+def _compute_idle(op_name: str, dtype: mx.Dtype) -> bool:
+    if recording.active():
+        return False
+    if mode() == "default":
+        return True
+    from .registry import op as lookup  # the registry imports this module
+
+    op, backend = lookup(op_name), current_backend()
+    name = str(dtype).removeprefix("mlx.core.")
+    return not any(
+        p.dtype == name
+        and not rec.kept_default
+        and (op.name, rec.variant) not in _disabled
+        and rec.unusable(op, p, backend) is None
+        for p, rec, _ in entries(op, detect_chip(backend).slug)
+    )
 
 
 def warn_once(message: str) -> None:
@@ -198,6 +241,7 @@ def _disable(op: Op, name: str, error: Exception) -> None:
     _disabled.add((op.name, name))
     _cache.clear()
     _calls.clear()
+    _idle.clear()
     warn_once(
         f"[{op.name}] variant {name!r} failed on this machine ({type(error).__name__}: "
         f"{str(error)[:300]}); disabled for this process, using the default"

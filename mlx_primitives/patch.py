@@ -9,9 +9,20 @@ when this module was imported, so patching never makes them call themselves.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import mlx.core as mx
 
+from .dispatch import idle
+
 NAMES = ("rms_norm", "layer_norm", "rope", "scaled_dot_product_attention")
+# The op that serves each of them.
+OPS = {
+    "rms_norm": "rms_norm",
+    "layer_norm": "layer_norm",
+    "rope": "rope",
+    "scaled_dot_product_attention": "flash_attention",
+}
 
 
 def mlx_own(owner, name: str):
@@ -33,13 +44,47 @@ def mlx_own(owner, name: str):
 MLX_FAST = {name: mlx_own(mx.fast, name) for name in NAMES}
 
 
+def passing(ours: Callable, theirs: Callable, op_name: str) -> Callable:
+    """``ours`` in place of ``theirs`` (MLX's function that op ``op_name``'s default calls),
+    handing a call to ``theirs`` where no tuning record could route it elsewhere
+    (:func:`~mlx_primitives.dispatch.idle`, by the dtype of the first argument): a patched
+    program pays the dispatch only where it may gain.
+
+    Args:
+        ours: this library's function, with ``theirs``'s signature.
+        theirs: the function it replaces.
+        op_name: the op ``ours`` is served by.
+    """
+
+    def call(*args, **kwargs):
+        if args and args[0].__class__ is _ARRAY and idle(op_name, args[0].dtype):
+            return theirs(*args, **kwargs)
+        return ours(*args, **kwargs)
+
+    call.__name__, call.__qualname__, call.__doc__ = ours.__name__, ours.__name__, ours.__doc__
+    call.__wrapped__ = ours
+    return call
+
+
+_ARRAY = mx.array
+
+
 def patch_mlx() -> list[str]:
-    """Install the tuned ops in ``mx.fast``; returns the names replaced. Idempotent."""
+    """Install the tuned ops in ``mx.fast``; returns the names replaced. Idempotent. Each
+    hands its calls to MLX's own function where no tuning record could change them
+    (:func:`passing`)."""
     import mlx_primitives as mp
 
     for name in NAMES:
-        setattr(mx.fast, name, getattr(mp, name))
+        ours = _INSTALLED.get(name)
+        if ours is None:
+            ours = _INSTALLED[name] = passing(getattr(mp, name), MLX_FAST[name], OPS[name])
+        setattr(mx.fast, name, ours)
     return list(NAMES)
+
+
+# What patch_mlx installs, made once (a program may hold on to one).
+_INSTALLED: dict[str, Callable] = {}
 
 
 def unpatch_mlx() -> None:

@@ -57,6 +57,17 @@ def untraced():
 
 
 @pytest.fixture
+def served(monkeypatch):
+    """The patches route every call through the dispatch, as where a tuning record could
+    change it (without one they hand calls to what they replaced: dispatch.idle)."""
+    import mlx_primitives.nn.quantized
+    import mlx_primitives.patch
+
+    for module in (mlx_primitives.patch, mlx_primitives.nn.quantized):
+        monkeypatch.setattr(module, "idle", lambda op_name, dtype: False)
+
+
+@pytest.fixture
 def open_db(tmp_path):
     """``open_db(path=None, create=True)``: a TuningDB (the test's user database by default),
     closed after the test."""

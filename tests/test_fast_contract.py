@@ -22,10 +22,12 @@ from .toy import record
 
 @pytest.fixture(params=["direct", "patched"])
 def fast(request):
-    """The functions under test: this library's, or ``mx.fast``'s after ``patch_mlx()``."""
+    """The functions under test: this library's, or ``mx.fast``'s after ``patch_mlx()`` (each
+    call through the dispatch)."""
     if request.param == "direct":
         yield {name: getattr(mp, name) for name in NAMES}
         return
+    request.getfixturevalue("served")
     mp.patch_mlx()
     try:
         assert patched()
@@ -43,7 +45,8 @@ def _close(a, b, atol=1e-5):
 def test_patch_installs_and_removes_the_tuned_ops():
     mp.patch_mlx()
     try:
-        assert mx.fast.rms_norm is mp.rms_norm and mx.fast.rope is mp.rope
+        assert mx.fast.rms_norm.__wrapped__ is mp.rms_norm
+        assert mx.fast.rope.__wrapped__ is mp.rope
         # The built-in variants call MLX's own functions: no recursion through mx.fast.
         x = mx.random.normal((3, 16))
         _close(mx.fast.rms_norm(x, None, 1e-5), MLX_FAST["rms_norm"](x, None, 1e-5))
@@ -75,6 +78,39 @@ def test_a_patched_program_is_served_by_the_tuned_variant(db, monkeypatch):
     finally:
         mp.unpatch_mlx()
     assert any(args[0] is x for args in served)  # the probe runs it too, on its own input
+
+
+def test_a_patched_function_hands_to_mlx_the_calls_no_record_could_change(db, monkeypatch):
+    """Through mx.fast, a call reaches the dispatch only where a usable record of its op and
+    dtype chose another variant than the default, or where calls are recorded."""
+    o = mp.registry.op("rms_norm")
+    reached = []
+    serve = o.serve
+    monkeypatch.setattr(o, "serve", lambda *args: reached.append(args) or serve(*args))
+    x, w = mx.random.normal((8, 64)), mx.ones((64,))
+    x16, w16 = x.astype(mx.float16), w.astype(mx.float16)
+
+    def dispatched(args=None, variant=None) -> bool:
+        if args is not None:  # a record for args' problem, the built-in its default
+            db.put(record(o, args, variant, default_variant="builtin"))
+            dispatch.reset()
+        reached.clear()
+        _close(mx.fast.rms_norm(x, w, 1e-5), MLX_FAST["rms_norm"](x, w, 1e-5))
+        return bool(reached)
+
+    mp.patch_mlx()
+    try:
+        assert not dispatched()  # nothing tuned
+        assert not dispatched((x, w, 1e-5), "builtin")  # one that kept the default
+        assert not dispatched((x16, w16, 1e-5), "compiled")  # a win in another dtype
+        with mp.record():
+            assert dispatched()
+        assert dispatched((x, w, 1e-5), "compiled")
+        monkeypatch.setenv("MLXP_DISPATCH", "default")
+        dispatch.reset()
+        assert not dispatched()
+    finally:
+        mp.unpatch_mlx()
 
 
 # rms_norm and layer_norm

@@ -104,13 +104,13 @@ def _nothing_left_patched():
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["float32", "4-bit"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_patched_model_gives_stock_logits_and_tokens(family, quantized):
+def test_patched_model_gives_stock_logits_and_tokens(served, family, quantized):
     _check_patched_model(family, quantized)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe", "qwen3_next", "gpt_oss", "mamba2"])
-def test_patched_model_on_the_gpu(family):
+def test_patched_model_on_the_gpu(served, family):
     # On CUDA the patched layers run custom kernels where records name them; every one of
     # them must give the stock logits and tokens there too.
     _check_patched_model(family, quantized=True)

@@ -251,7 +251,7 @@ def test_calls_the_variants_do_not_model_are_unmodelled_and_kept_as_mlxs():
 @pytest.mark.parametrize(
     "bias,group_size,bits", [(True, None, None), (False, 32, 8), (True, 128, 2)]
 )
-def test_quantized_linear_is_a_drop_in(bias, group_size, bits):
+def test_quantized_linear_is_a_drop_in(served, bias, group_size, bits):
     theirs = nn.QuantizedLinear(256, 40, bias, group_size, bits)
     if bias:
         theirs.bias = mx.random.normal((40,))
@@ -274,7 +274,7 @@ def _flat(params):
 
 
 @pytest.mark.parametrize("mode", ["affine", "mxfp4"])
-def test_quantized_linear_from_linear(mode):
+def test_quantized_linear_from_linear(served, mode):
     linear = nn.Linear(128, 24)
     theirs = nn.QuantizedLinear.from_linear(linear, mode=mode)
     ours = mp.QuantizedLinear.from_linear(linear, mode=mode)
@@ -285,6 +285,20 @@ def test_quantized_linear_from_linear(mode):
     # The input's gradient flows (the layer's own parameters are frozen).
     g = mx.grad(lambda x: ours(x).sum())(x)
     assert mx.allclose(g, mx.grad(lambda x: theirs(x).sum())(x), atol=1e-5).item()
+
+
+def test_quantized_linear_hands_to_mlx_the_calls_no_record_could_change(db, monkeypatch):
+    layer = mp.QuantizedLinear(256, 40, bias=False)
+    reached = []
+    serve = OP.serve
+    monkeypatch.setattr(OP, "serve", lambda *args: reached.append(args) or serve(*args))
+    x = _x((1, 256))
+    args = (x, layer.weight, layer.scales, layer.biases, True, 64, 4, "affine")
+    layer(x)
+    assert not reached
+    db.put(record(OP, args, "dequantize", default_variant="builtin"))
+    dispatch.reset()
+    assert mx.allclose(layer(x), mx.quantized_matmul(*args[:4]), atol=1e-4).item() and reached
 
 
 def test_quantized_linear_rejects_an_unknown_mode():

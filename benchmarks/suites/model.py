@@ -7,10 +7,11 @@ own generation loop and KV cache, in one run:
   (``mp.record``) and tuned (``mlxp-tune tune --recorded``, into a scratch database).
 
 Sections: ``decode``, tokens per second of ``generate_step`` after a short prompt (its prefill
-left out); ``prefill``, tokens per second of one forward pass of a long prompt. Rounds of the
-three modes are interleaved. On the CPU small models (Qwen3-Next's hybrid among them); on a
-GPU the per-layer shapes of Llama-3-8B, Qwen3-30B-A3B and Mamba-2 2.7B with the layers cut
-(``layers`` in the result).
+left out); ``prefill``, tokens per second of one forward pass of a long prompt; ``build``, the
+host time to build one decode step's graph (what a GPU's decode waits on where the host is
+the slower). Rounds of the three modes are interleaved. On the CPU small models (Qwen3-Next's
+hybrid among them); on a GPU the per-layer shapes of Llama-3-8B, Qwen3-30B-A3B and Mamba-2
+2.7B with the layers cut (``layers`` in the result).
 Needs mlx-lm (``pip install -e ".[lm]"``).
 """
 
@@ -31,7 +32,7 @@ from mlx_primitives.hardware import current_backend
 
 from ..common import header
 
-SECTIONS = ("decode", "prefill")
+SECTIONS = ("decode", "prefill", "build")
 MODES = ("stock", "patched", "tuned")
 _SMALL = {"vocab_size": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
 _MOE = {"decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
@@ -108,6 +109,22 @@ def _decode_s(model, prompt: mx.array, tokens: int) -> float:
     for _ in steps:
         pass
     return (time.perf_counter() - start) / tokens
+
+
+def _build_s(model, prompt: mx.array, steps: int) -> float:
+    """Host seconds to build one decode step's graph after ``prompt``: the model's forward
+    with its KV cache, each step evaluated after its build is timed (median of ``steps``)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    mx.eval(model(prompt[None], cache=cache))
+    token, built = prompt[None, -1:], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        out = model(token, cache=cache)
+        built.append(time.perf_counter() - start)
+        mx.eval(out)
+    return statistics.median(built)
 
 
 def _prefill_s(model, prompt: mx.array) -> float:
@@ -201,6 +218,7 @@ def _run_model(name, model_type, config, dtype, quantized, chosen, tokens, budge
     measures = {
         "decode": lambda: _decode_s(model, prompt, decode_tokens),
         "prefill": lambda: _prefill_s(model, long),
+        "build": lambda: _build_s(model, prompt, decode_tokens),
     }
     db = os.path.join(tempfile.mkdtemp(prefix="mlxp-model-"), "tuning.sqlite")
     report = str(lm.patch(model))
@@ -209,7 +227,7 @@ def _run_model(name, model_type, config, dtype, quantized, chosen, tokens, budge
     rows = []
     for section in chosen:
         row = _compare(_Modes(model, db), MODES, measures[section], rounds=9)
-        count = decode_tokens if section == "decode" else prefill_tokens
+        count = prefill_tokens if section == "prefill" else decode_tokens
         rows.append({"section": section, "tokens": count, **row})
         print(
             f"[model] {name} {section}: patched {row['patched_vs_stock']:.3f}x, "
@@ -236,7 +254,9 @@ def run(args) -> dict:
     result["method"] = (
         "mlx-lm models with random weights; decode: seconds per token of "
         "mlx_lm.generate.generate_step after a 32-token prompt (greedy), prefill: one forward "
-        "pass of a long prompt with a fresh KV cache; stock, patched (mlx_primitives.lm.patch) "
+        "pass of a long prompt with a fresh KV cache; build: host seconds to build one decode "
+        "step's graph (the model's forward with its KV cache, median of the steps, each "
+        "evaluated after it is timed); stock, patched (mlx_primitives.lm.patch) "
         "and tuned (patched, after mp.record of one decode and one prefill and mlxp-tune tune "
         f"--recorded, preset {'quick' if kind == 'cpu' else 'default'}, into a scratch "
         "database), rounds interleaved after a warm-up round; tokens/s from the medians, "

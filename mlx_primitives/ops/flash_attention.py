@@ -47,7 +47,9 @@ def _check_slices(args):
 
 
 def _builtin(q, k, v, causal, scale, layout, mask, sinks):
-    q, k, v = (att.to_bhsd(a, layout) for a in (q, k, v))
+    bshd = layout == "BSHD"  # MLX's op takes BHSD: the other layout is swapped around it
+    if bshd:
+        q, k, v = q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if causal and mask is not None:  # the fused kernel takes one mask
         keep = att.visible(q.shape[2], k.shape[2], (0, q.shape[2]), (0, k.shape[2]), True, None)
@@ -55,7 +57,7 @@ def _builtin(q, k, v, causal, scale, layout, mask, sinks):
     elif causal:
         mask = "causal"
     out = MLX_FAST["scaled_dot_product_attention"](q, k, v, scale=scale, mask=mask, sinks=sinks)
-    return att.to_bhsd(out, layout)
+    return out.swapaxes(1, 2) if bshd else out
 
 
 def _blocked(block_q: int, block_k: int):
