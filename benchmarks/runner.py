@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {
             **common.MEASURED["header"],
             "results": rows,
-            "stopped": f"{how} after {len({r['problem'] for r in rows})} problems",
+            "stopped": f"{how} after {_done(rows)}",
         }
         print(f"[{args.suite}] {result['stopped']}: writing what it measured", flush=True)
         status = 130
@@ -75,6 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(text)
     return status
+
+
+def _done(rows: list[dict]) -> str:
+    """How far a stopped run got: its problems (a model's rows: its sections)."""
+    if all("problem" in r for r in rows):
+        return f"{len({r['problem'] for r in rows})} problems"
+    return f"{len(rows)} sections of {len({r['model'] for r in rows})} models"
 
 
 def _stop(signum, frame):

@@ -28,6 +28,8 @@ from .store import shipped
 from .tuning_record import RecordError, TuningRecord
 
 _GPU = mx.DeviceType.gpu
+# Without a GPU back-end every call runs on the CPU: no device to read per call.
+_HAS_GPU = mx.cuda.is_available() or mx.metal.is_available()
 
 if TYPE_CHECKING:
     from .registry import Op
@@ -96,11 +98,40 @@ def idle(op_name: str, dtype: mx.Dtype) -> bool:
         op_name: the op's name (``rms_norm``).
         dtype: the dtype of the call's first array.
     """
-    key = (op_name, dtype, mx.default_device().type is _GPU)
+    key = (op_name, dtype, _HAS_GPU and mx.default_device().type is _GPU)
     found = _idle.get(key)
     if found is None:
         found = _idle[key] = _compute_idle(op_name, dtype)
     return found
+
+
+def passing(ours: Callable, theirs: Callable, op_name: str) -> Callable:
+    """``ours`` in place of ``theirs`` (MLX's function that op ``op_name``'s default calls),
+    handing a call to ``theirs`` where no tuning record could route it elsewhere
+    (:func:`idle`, by the dtype of the first argument): a patched program pays the dispatch
+    only where it may gain.
+
+    Args:
+        ours: this library's function, with ``theirs``'s signature.
+        theirs: the function it replaces.
+        op_name: the op ``ours`` is served by.
+    """
+
+    array, device = mx.array, mx.default_device
+
+    def call(*args, **kwargs):
+        if args:
+            a = args[0]
+            if a.__class__ is array:
+                # idle()'s own lookup, inlined: this runs at every call of a patched program.
+                found = _idle.get((op_name, a.dtype, _HAS_GPU and device().type is _GPU))
+                if found or (found is None and idle(op_name, a.dtype)):
+                    return theirs(*args, **kwargs)
+        return ours(*args, **kwargs)
+
+    call.__name__, call.__qualname__, call.__doc__ = ours.__name__, ours.__name__, ours.__doc__
+    call.__wrapped__ = ours
+    return call
 
 
 def _compute_idle(op_name: str, dtype: mx.Dtype) -> bool:

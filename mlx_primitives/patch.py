@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-from .dispatch import idle
+from .dispatch import passing
 
 NAMES = ("rms_norm", "layer_norm", "rope", "scaled_dot_product_attention")
 # The op that serves each of them.
@@ -42,31 +42,6 @@ def mlx_own(owner, name: str):
 
 # MLX's own functions, as they were before anything was patched.
 MLX_FAST = {name: mlx_own(mx.fast, name) for name in NAMES}
-
-
-def passing(ours: Callable, theirs: Callable, op_name: str) -> Callable:
-    """``ours`` in place of ``theirs`` (MLX's function that op ``op_name``'s default calls),
-    handing a call to ``theirs`` where no tuning record could route it elsewhere
-    (:func:`~mlx_primitives.dispatch.idle`, by the dtype of the first argument): a patched
-    program pays the dispatch only where it may gain.
-
-    Args:
-        ours: this library's function, with ``theirs``'s signature.
-        theirs: the function it replaces.
-        op_name: the op ``ours`` is served by.
-    """
-
-    def call(*args, **kwargs):
-        if args and args[0].__class__ is _ARRAY and idle(op_name, args[0].dtype):
-            return theirs(*args, **kwargs)
-        return ours(*args, **kwargs)
-
-    call.__name__, call.__qualname__, call.__doc__ = ours.__name__, ours.__name__, ours.__doc__
-    call.__wrapped__ = ours
-    return call
-
-
-_ARRAY = mx.array
 
 
 def patch_mlx() -> list[str]:

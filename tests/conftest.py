@@ -60,11 +60,8 @@ def untraced():
 def served(monkeypatch):
     """The patches route every call through the dispatch, as where a tuning record could
     change it (without one they hand calls to what they replaced: dispatch.idle)."""
-    import mlx_primitives.nn.quantized
-    import mlx_primitives.patch
-
-    for module in (mlx_primitives.patch, mlx_primitives.nn.quantized):
-        monkeypatch.setattr(module, "idle", lambda op_name, dtype: False)
+    monkeypatch.setattr(dispatch, "_compute_idle", lambda op_name, dtype: False)
+    dispatch.forget_calls()  # what was found idle before
 
 
 @pytest.fixture

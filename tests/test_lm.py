@@ -201,7 +201,7 @@ def test_swiglu_is_served_where_models_call_it_and_mx_fast_left_as_the_user_had_
     mp.patch_mlx()  # the user's own
     lm.patch(model)
     assert activations.swiglu is lm.patch.__globals__["GLOBALS"]["swiglu"][0]  # home unchanged
-    assert switch_layers.swiglu is mp.swiglu
+    assert switch_layers.swiglu.__wrapped__ is mp.swiglu
     lm.unpatch(model)
     assert patched() and switch_layers.swiglu is activations.swiglu
     assert qwen3.swiglu is activations.swiglu

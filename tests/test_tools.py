@@ -339,3 +339,40 @@ def test_a_benchmark_run_stopped_midway_keeps_what_it_measured(tmp_path):
     assert data["stopped"].startswith("stopped by SIGTERM after ")
     problems = {r["problem"] for r in data["results"]}
     assert 1 <= len(problems) < 20 and data["suite"] == "norms" and data["device"]
+
+
+def test_a_model_run_stopped_midway_keeps_the_sections_it_measured(tmp_path, monkeypatch):
+    """The model suite stopped in its second model: the first model's sections are written,
+    with the model they belong to, marked as stopped."""
+    pytest.importorskip("mlx_lm")
+    from benchmarks import runner
+    from benchmarks.suites import model as suite
+
+    tiny = {**suite.SMALL_LLAMA, "num_hidden_layers": 1, "hidden_size": 64,
+            "intermediate_size": 128, "num_attention_heads": 2,
+            "num_key_value_heads": 1}  # fmt: skip
+    specs = (
+        ("first", "llama", tiny, "float32", False),
+        ("second", "llama", tiny, "float32", False),
+    )
+    monkeypatch.setitem(suite.MODELS, "cpu", specs)
+    monkeypatch.setitem(suite.TOKENS, "cpu", (3, 8))
+    monkeypatch.setattr(suite, "_tune_recorded", lambda *args: 0)
+    compare = suite._compare
+
+    def stop_in_the_second(modes, names, measure, rounds):
+        if len(suite.MEASURED["rows"]) == 2:
+            raise KeyboardInterrupt("stopped by SIGTERM")
+        return compare(modes, names, measure, rounds=1)
+
+    monkeypatch.setattr(suite, "_compare", stop_in_the_second)
+    monkeypatch.setenv("MLXP_TUNING_DB", str(tmp_path / "none.sqlite"))
+    out = tmp_path / "model.json"
+    argv = ["--suite", "model", "--section", "decode", "--section", "build", "-o", str(out)]
+    assert runner.main(argv) == 130
+    data = json.loads(out.read_text())
+    assert data["stopped"] == "stopped by SIGTERM after 2 sections of 1 models"
+    assert [m["name"] for m in data["models"]] == ["first", "second"]
+    assert [r["section"] for r in data["models"][0]["results"]] == ["decode", "build"]
+    assert [(r["model"], r["section"]) for r in data["results"]] == [
+        ("first", "decode"), ("first", "build")]  # fmt: skip

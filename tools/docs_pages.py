@@ -329,7 +329,11 @@ def model_page(results: dict[str, dict], names: list[str]) -> str:
             f"MLX {data['mlx_version']}, mlx-lm {data['mlx_lm_version']}, {data['date'][:10]}, "
             f"[`{name}`](../../benchmarks/results/{name}). {data['method']}.",
         ]
+        if data.get("stopped"):
+            lines += ["", f"**Stopped** before its end ({data['stopped']}): the rows it measured."]
         for m in data["models"]:
+            if not m["results"]:  # a stopped run's model that measured nothing
+                continue
             c = m["config"]
             shape = f"hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, "
             heads = f"{c.get('num_attention_heads')}/{c.get('num_key_value_heads')} heads"

@@ -30,7 +30,7 @@ import mlx_primitives as mp
 from mlx_primitives import dispatch, lm
 from mlx_primitives.hardware import current_backend
 
-from ..common import header
+from ..common import MEASURED, header
 
 SECTIONS = ("decode", "prefill", "build")
 MODES = ("stock", "patched", "tuned")
@@ -208,8 +208,11 @@ def _tune_recorded(model, work, db: str, budget_s: float | None) -> int:
         found.close()
 
 
-def _run_model(name, model_type, config, dtype, quantized, chosen, tokens, budget_s) -> dict:
-    """One model's rows in every mode, after its recorded problems were tuned."""
+def _run_model(name, model_type, config, dtype, quantized, chosen, tokens, budget_s,
+               models: list) -> None:  # fmt: skip
+    """One model's rows in every mode, after its recorded problems were tuned, appended to
+    ``models`` (its rows to the suite's measured rows, section by section, so that a run
+    stopped before its end keeps them)."""
     decode_tokens, prefill_tokens = tokens
     model = _model(model_type, config, dtype, quantized)
     vocab = config["vocab_size"]
@@ -225,16 +228,7 @@ def _run_model(name, model_type, config, dtype, quantized, chosen, tokens, budge
     lm.unpatch(model)
     recorded = _tune_recorded(model, lambda: [measures[s]() for s in chosen], db, budget_s)
     rows = []
-    for section in chosen:
-        row = _compare(_Modes(model, db), MODES, measures[section], rounds=9)
-        count = prefill_tokens if section == "prefill" else decode_tokens
-        rows.append({"section": section, "tokens": count, **row})
-        print(
-            f"[model] {name} {section}: patched {row['patched_vs_stock']:.3f}x, "
-            f"tuned {row['tuned_vs_stock']:.3f}x stock",
-            flush=True,
-        )
-    return {
+    models.append({
         "name": name,
         "model_type": model_type,
         "config": config,
@@ -243,7 +237,17 @@ def _run_model(name, model_type, config, dtype, quantized, chosen, tokens, budge
         "patch_report": report,
         "recorded_problems": recorded,
         "results": rows,
-    }
+    })  # fmt: skip
+    for section in chosen:
+        row = _compare(_Modes(model, db), MODES, measures[section], rounds=9)
+        count = prefill_tokens if section == "prefill" else decode_tokens
+        rows.append({"section": section, "tokens": count, **row})
+        MEASURED["rows"].append({"model": name, **rows[-1]})
+        print(
+            f"[model] {name} {section}: patched {row['patched_vs_stock']:.3f}x, "
+            f"tuned {row['tuned_vs_stock']:.3f}x stock",
+            flush=True,
+        )
 
 
 def run(args) -> dict:
@@ -264,7 +268,8 @@ def run(args) -> dict:
     )
     if args.tune_budget is not None:
         result["method"] += f"; each model's tuning cut at {args.tune_budget:g} s"
-    models = [_run_model(*spec, chosen, TOKENS[kind], args.tune_budget) for spec in MODELS[kind]]
-    result["models"] = models
-    result["results"] = [{"model": m["name"], **r} for m in models for r in m["results"]]
+    result["models"] = models = []  # in the header too: a stopped run writes what it has
+    for spec in MODELS[kind]:
+        _run_model(*spec, chosen, TOKENS[kind], args.tune_budget, models)
+    result["results"] = MEASURED["rows"]
     return result

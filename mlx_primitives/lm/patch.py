@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import mlx.nn as nn
 
 from .. import patch as fast
+from ..dispatch import passing
 from ..nn import switch
 from ..nn.quantized import QuantizedLinear
 from ..ops.gated import swiglu
@@ -45,7 +46,9 @@ DROP_INS = {
 # ours. The modules that define them are never patched (models imported later would take the
 # replacement from them).
 GLOBALS = {
-    "swiglu": (lm_activations.swiglu, swiglu),
+    # Its default is mlx-lm's own compiled composition: where no record could change a call,
+    # the call goes to mlx-lm's (dispatch.passing).
+    "swiglu": (lm_activations.swiglu, passing(swiglu, lm_activations.swiglu, "swiglu")),
     "gated_delta_update": (lm_gated_delta.gated_delta_update, gated_delta_update),
     "ssm_update": (lm_ssm.ssm_update, ssm_update),
 }
