@@ -97,3 +97,19 @@ def test_poison_is_read_as_the_value_poisoned_sets():
     # Traces are told apart by identity: poisoned() must set this one NaN object.
     with poisoned():
         assert _POISON.get() is math.nan
+
+
+def test_a_traced_kernel_forward_keeps_its_reference_jvp_and_vmap():
+    def forward(x, w, eps):
+        return mx.stop_gradient(x * w + eps)
+
+    def reference(x, w, eps):
+        return mx.sin(x) * w + eps
+
+    fn = Traced(with_reference_transforms(forward, reference))
+    x, w, t = _x(3, 5), _x(5, seed=1), _x(3, 5, seed=2)
+    for _ in range(2):  # traced, then replayed
+        _, (tangent,) = mx.jvp(lambda x: fn(x, w, 0.5), [x], [t])
+        np.testing.assert_allclose(tangent, mx.cos(x) * w * t, rtol=1e-5, atol=1e-6)
+        mapped = mx.vmap(lambda x: fn(x, w, 0.5))(x)
+        np.testing.assert_allclose(mapped, mx.sin(x) * w + 0.5, rtol=1e-5, atol=1e-6)
