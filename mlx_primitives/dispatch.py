@@ -52,6 +52,8 @@ _disabled: set[tuple[str, str]] = set()
 _warned: set[str] = set()
 # Whether an op's calls of a dtype all go to its default, by (op, dtype, on a GPU): idle().
 _idle: dict[tuple[str, mx.Dtype, bool], bool] = {}
+# Counts the times kept decisions were forgotten: Routes compare it with their own.
+_generation = 0
 
 
 class Decision(NamedTuple):
@@ -77,13 +79,40 @@ def reset() -> None:
     _entries.clear()
     _disabled.clear()
     _warned.clear()
-    _idle.clear()
+    forget_calls()
 
 
 def forget_calls() -> None:
     """Forget the decisions kept per argument marks (each is checked again at its next call)."""
+    global _generation
     _calls.clear()
     _idle.clear()
+    _generation += 1
+
+
+class Routes:
+    """The callables serving one caller's calls of an op, by a key the caller makes from what
+    may change between its calls (a layer's input shape, where its weights stay): a shorter
+    key than the dispatch's own marks of every argument. Forgotten with the dispatch's kept
+    decisions (:func:`forget_calls`, :func:`reset`, a variant disabled)."""
+
+    __slots__ = ("_fns", "_generation")
+
+    def __init__(self):
+        self._fns: dict = {}
+        self._generation = -1
+
+    def serving(self, key: tuple, op: Op, args: tuple) -> Callable:
+        """The callable serving ``args`` (``op``'s canonical arguments), kept under ``key``
+        and the default device."""
+        if self._generation != _generation or len(self._fns) >= MAX_CALLS:
+            self._fns.clear()
+            self._generation = _generation
+        key = (key, _HAS_GPU and mx.default_device().type is _GPU)
+        fn = self._fns.get(key)
+        if fn is None:
+            fn = self._fns[key] = _first(op, args, None)
+        return fn
 
 
 def idle(op_name: str, dtype: mx.Dtype) -> bool:
@@ -271,8 +300,7 @@ def route(op: Op, dtype: str, values: tuple) -> Callable:
 def _disable(op: Op, name: str, error: Exception) -> None:
     _disabled.add((op.name, name))
     _cache.clear()
-    _calls.clear()
-    _idle.clear()
+    forget_calls()
     warn_once(
         f"[{op.name}] variant {name!r} failed on this machine ({type(error).__name__}: "
         f"{str(error)[:300]}); disabled for this process, using the default"

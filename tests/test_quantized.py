@@ -287,18 +287,34 @@ def test_quantized_linear_from_linear(served, mode):
     assert mx.allclose(g, mx.grad(lambda x: theirs(x).sum())(x), atol=1e-5).item()
 
 
-def test_quantized_linear_hands_to_mlx_the_calls_no_record_could_change(db, monkeypatch):
+def test_quantized_linear_keeps_its_routes_until_the_dispatch_forgets_them(db, monkeypatch):
+    """A layer's calls go to MLX's op until a record of theirs chooses another variant, then
+    to it (its route kept), and to the next choice once the record changes and the dispatch
+    is reset."""
     layer = mp.QuantizedLinear(256, 40, bias=False)
-    reached = []
-    serve = OP.serve
-    monkeypatch.setattr(OP, "serve", lambda *args: reached.append(args) or serve(*args))
     x = _x((1, 256))
     args = (x, layer.weight, layer.scales, layer.biases, True, 64, 4, "affine")
+    variant, served = OP.variant("dequantize"), []
+    factory = variant.factory
+
+    def spy():
+        fn = factory()
+        return lambda *a: served.append(a[0].shape) or fn(*a)
+
+    monkeypatch.setattr(variant, "factory", spy)
+    monkeypatch.setattr(variant, "_built", {})
     layer(x)
-    assert not reached
+    assert not served
     db.put(record(OP, args, "dequantize", default_variant="builtin"))
     dispatch.reset()
-    assert mx.allclose(layer(x), mx.quantized_matmul(*args[:4]), atol=1e-4).item() and reached
+    for _ in range(3):
+        np.testing.assert_allclose(layer(x), mx.quantized_matmul(*args[:4]), atol=1e-4)
+    assert served == [(1, 256)] * 4  # the probe's case, then the three calls
+    db.put(record(OP, args, "compiled", default_variant="builtin"))  # another choice
+    dispatch.reset()
+    served.clear()
+    layer(x)
+    assert not served
 
 
 def test_quantized_linear_rejects_an_unknown_mode():

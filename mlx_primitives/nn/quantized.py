@@ -7,8 +7,11 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..dispatch import idle
-from ..ops.quantized_matmul import MLX_QUANTIZED_MATMUL, MODES, quantized_matmul
+from ..dispatch import Routes, idle
+from ..ops.quantized_matmul import MLX_QUANTIZED_MATMUL, MODES, OP, quantized_matmul
+
+# The layers' calls routed, shared: a route depends on the problem alone.
+_ROUTES = Routes()
 
 
 class QuantizedLinear(nn.Module):
@@ -59,22 +62,15 @@ class QuantizedLinear(nn.Module):
         )
 
     def __call__(self, x: mx.array) -> mx.array:
-        # Where no tuning record could route the call elsewhere, MLX's op takes it directly.
-        serve = (
-            MLX_QUANTIZED_MATMUL
-            if x.__class__ is mx.array and idle("quantized_matmul", x.dtype)
-            else quantized_matmul
-        )
-        y = serve(
-            x,
-            self["weight"],
-            self["scales"],
-            self.get("biases"),
-            True,
-            self.group_size,
-            self.bits,
-            self.mode,
-        )
+        weight, scales, biases = self["weight"], self["scales"], self.get("biases")
+        args = (x, weight, scales, biases, True, self.group_size, self.bits, self.mode)
+        if x.__class__ is not mx.array:
+            y = quantized_matmul(*args)  # the op's own error
+        elif idle("quantized_matmul", x.dtype):  # no record could route it: MLX's op
+            y = MLX_QUANTIZED_MATMUL(*args)
+        else:  # what changes between a layer's calls: the input (and any weights loaded)
+            key = (x.shape, x.dtype, weight.shape, self.group_size, self.bits, self.mode)
+            y = _ROUTES.serving(key, OP, args)(*args)
         return y + self["bias"] if "bias" in self else y
 
     @classmethod
