@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 
 import mlx.core as mx
@@ -12,8 +11,6 @@ from .kernel import _INFERENCE, _POISON
 # The most traces a forward keeps before it drops them all: MLX looks a call up among its
 # function's traces one by one, and a server's prompts of every length would grow them.
 MAX_TRACES = 16
-
-_ALL: weakref.WeakSet[Traced] = weakref.WeakSet()
 
 
 class Traced:
@@ -37,7 +34,6 @@ class Traced:
         self._fn = fn
         self._compiled: list[tuple] = []  # (poison, inference mode, compiled fn)
         self.traces = 0
-        _ALL.add(self)
 
     def _trace(self, *args):
         self.traces += 1
@@ -62,10 +58,3 @@ class Traced:
         if self.traces > MAX_TRACES:
             self.forget()
         return out
-
-
-def forget_all() -> None:
-    """Drop the traces of every traced forward (a test that stood a kernel in must not leave
-    its stand-in in a trace)."""
-    for t in list(_ALL):
-        t.forget()
