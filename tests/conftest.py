@@ -35,6 +35,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_runtest_logreport(report):
+    """With ``MLXP_FAILURES`` set (tools/gpu_tests.sh sets it per shard), each failure's report
+    is appended to that file as it happens: a run cut by a time limit still tells why."""
+    path = os.environ.get("MLXP_FAILURES")
+    if path and report.failed:
+        with open(path, "a") as f:
+            f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
+
+
 @pytest.fixture(autouse=True)
 def user_db(tmp_path, monkeypatch):
     """The path of this test's user database (not created until something writes to it)."""

@@ -3,10 +3,11 @@
 # `gpu`, split into SHARDS runs of pytest at once. NVRTC compiles on the CPU dominate them, so
 # 8 shards on 16 cores take minutes where one run takes over twenty.
 #   [SHARDS=8] bash tools/gpu_tests.sh [DIR] [pytest args that select tests...]
-# DIR (default ./gpu-tests) gets the test ids, one log per shard, a status line per shard and
-# summary.json (device, MLX version, date, commit, counts: tools/test_summary.py; commit it as
-# tests/results/gpu-<chip>.json); the exit status is 1 when the collection or any shard
-# failed, or no test was collected.
+# DIR (default ./gpu-tests) gets the test ids, one log per shard (each failure's report also in
+# shard.NN.failures as it happens), a status line per shard and summary.json (device, MLX
+# version, date, commit, counts: tools/test_summary.py; commit it as
+# tests/results/gpu-<chip>.json); the exit status is 1 when the collection or any shard failed,
+# or no test was collected.
 set -uo pipefail
 shopt -s nullglob
 out=${1:-gpu-tests}
@@ -33,7 +34,8 @@ split -l $(((count + shards - 1) / shards)) -d "$out/ids" "$out/shard."
 for ids in "$out"/shard.??; do
   (
     mapfile -t args <"$ids"
-    python3 -m pytest -m gpu -q -p no:cacheprovider -rf "${args[@]}" >"$ids.log" 2>&1
+    MLXP_FAILURES="$ids.failures" python3 -m pytest -m gpu -q -p no:cacheprovider -rf \
+      "${args[@]}" >"$ids.log" 2>&1
     rc=$?
     echo "${ids##*/}: exit $rc $(tail -n 1 "$ids.log")" >>"$out/status"
   ) &

@@ -7,11 +7,12 @@ own generation loop and KV cache, in one run:
   (``mp.record``) and tuned (``mlxp-tune tune --recorded``, into a scratch database).
 
 Sections: ``decode``, tokens per second of ``generate_step`` after a short prompt (its prefill
-left out); ``prefill``, tokens per second of one forward pass of a long prompt; ``build``, the
-host time to build one decode step's graph (what a GPU's decode waits on where the host is
-the slower). Rounds of the three modes are interleaved. On the CPU small models (Qwen3-Next's
-hybrid among them); on a GPU the per-layer shapes of Llama-3-8B, Qwen3-30B-A3B and Mamba-2
-2.7B with the layers cut (``layers`` in the result).
+left out); ``prefill``, tokens per second of a forward pass of a long prompt (after one untimed
+pass in the same mode); ``build``, the host time to build one decode step's graph (what a
+GPU's decode waits on where the host is the slower). Rounds of the three modes are
+interleaved. On the CPU small models (Qwen3-Next's hybrid among them); on a GPU the per-layer
+shapes of Llama-3-8B, Qwen3-30B-A3B and Mamba-2 2.7B with the layers cut (``layers`` in the
+result).
 Needs mlx-lm (``pip install -e ".[lm]"``).
 """
 
@@ -128,9 +129,11 @@ def _build_s(model, prompt: mx.array, steps: int) -> float:
 
 
 def _prefill_s(model, prompt: mx.array) -> float:
-    """Seconds per prompt token of one forward pass with a fresh KV cache."""
+    """Seconds per prompt token of a forward pass with a fresh KV cache, after one untimed
+    pass: a mode's first call after it was entered makes its decisions (and probes)."""
     from mlx_lm.models.cache import make_prompt_cache
 
+    mx.eval(model(prompt[None], cache=make_prompt_cache(model)))
     cache = make_prompt_cache(model)
     start = time.perf_counter()
     mx.eval(model(prompt[None], cache=cache))
@@ -257,11 +260,12 @@ def run(args) -> dict:
     result["mlx_lm_version"] = importlib.import_module("mlx_lm").__version__
     result["method"] = (
         "mlx-lm models with random weights; decode: seconds per token of "
-        "mlx_lm.generate.generate_step after a 32-token prompt (greedy), prefill: one forward "
-        "pass of a long prompt with a fresh KV cache; build: host seconds to build one decode "
-        "step's graph (the model's forward with its KV cache, median of the steps, each "
-        "evaluated after it is timed); stock, patched (mlx_primitives.lm.patch) "
-        "and tuned (patched, after mp.record of one decode and one prefill and mlxp-tune tune "
+        "mlx_lm.generate.generate_step after a 32-token prompt (greedy), prefill: a forward "
+        "pass of a long prompt with a fresh KV cache, after one untimed pass in the mode; "
+        "build: host seconds to build one decode step's graph (the model's forward with its "
+        "KV cache, median of the steps, each evaluated after it is timed); stock, patched "
+        "(mlx_primitives.lm.patch) and tuned (patched, after mp.record of one decode and one "
+        "prefill and mlxp-tune tune "
         f"--recorded, preset {'quick' if kind == 'cpu' else 'default'}, into a scratch "
         "database), rounds interleaved after a warm-up round; tokens/s from the medians, "
         "the ratios the median of each round's own ratio to stock"
