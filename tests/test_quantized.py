@@ -317,6 +317,23 @@ def test_quantized_linear_keeps_its_routes_until_the_dispatch_forgets_them(db, m
     assert not served
 
 
+def test_quantized_linear_hands_to_mlx_the_calls_no_record_could_change(monkeypatch):
+    """Where no record of quantized_matmul in the input's dtype chose another variant than the
+    default, a layer's route is MLX's op itself: its calls skip the dispatch, until calls are
+    recorded (then they go through it, to be counted)."""
+    layer = mp.QuantizedLinear(256, 40, bias=True)
+    x = _x((2, 256))
+    reached = []
+    first = dispatch._first
+    monkeypatch.setattr(dispatch, "_first", lambda *a: reached.append(a[0].name) or first(*a))
+    want = mx.quantized_matmul(x, layer.weight, layer.scales, layer.biases) + layer.bias
+    np.testing.assert_allclose(layer(x), want, atol=1e-5)
+    assert not reached
+    with mp.record():
+        np.testing.assert_allclose(layer(x), want, atol=1e-5)
+    assert reached == ["quantized_matmul"]
+
+
 def test_quantized_linear_rejects_an_unknown_mode():
     with pytest.raises(ValueError, match=r"\[QuantizedLinear\] mode must be one of"):
         mp.QuantizedLinear(64, 8, mode="int4")

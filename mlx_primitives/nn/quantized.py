@@ -7,11 +7,12 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..dispatch import Routes, idle
+from ..dispatch import Routes
 from ..ops.quantized_matmul import MLX_QUANTIZED_MATMUL, MODES, OP, quantized_matmul
 
-# The layers' calls routed, shared: a route depends on the problem alone.
-_ROUTES = Routes()
+# The layers' calls routed, shared: a route depends on the problem alone (MLX's op where no
+# record could route the dtype's calls elsewhere).
+_ROUTES = Routes(MLX_QUANTIZED_MATMUL)
 
 
 class QuantizedLinear(nn.Module):
@@ -64,13 +65,11 @@ class QuantizedLinear(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         weight, scales, biases = self["weight"], self["scales"], self.get("biases")
         args = (x, weight, scales, biases, True, self.group_size, self.bits, self.mode)
-        if x.__class__ is not mx.array:
-            y = quantized_matmul(*args)  # the op's own error
-        elif idle("quantized_matmul", x.dtype):  # no record could route it: MLX's op
-            y = MLX_QUANTIZED_MATMUL(*args)
-        else:  # what changes between a layer's calls: the input (and any weights loaded)
+        if x.__class__ is mx.array:  # what changes between a layer's calls: the input
             key = (x.shape, x.dtype, weight.shape, self.group_size, self.bits, self.mode)
             y = _ROUTES.serving(key, OP, args)(*args)
+        else:
+            y = quantized_matmul(*args)  # the op's own error
         return y + self["bias"] if "bias" in self else y
 
     @classmethod

@@ -127,10 +127,6 @@ def dequantized(x, w, scales, biases, transpose, group_size, bits, mode):
     return x @ (wf.T if transpose else wf)
 
 
-def _builtin(x, w, scales, biases, transpose, group_size, bits, mode):
-    return MLX_QUANTIZED_MATMUL(x, w, scales, biases, transpose, group_size, bits, mode)
-
-
 def _check_slices(args):
     x, *rest = args
     k = x.shape[-1]
@@ -279,7 +275,8 @@ OP = register(
         case=_case,
         default=_default,
         variants=[
-            Variant("builtin", lambda: _builtin, description="mx.quantized_matmul"),
+            # MLX's op takes the op's arguments in its canonical order: no wrapper to call.
+            Variant("builtin", lambda: MLX_QUANTIZED_MATMUL, description="mx.quantized_matmul"),
             Variant("dequantize", lambda: dequantized, description="mx.dequantize, then a matmul"),
             Variant(
                 "compiled",
