@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten
 pytest.importorskip("mlx_lm")
 
 import mlx_primitives as mp  # noqa: E402
-from mlx_primitives import lm  # noqa: E402
+from mlx_primitives import dispatch, lm  # noqa: E402
 from mlx_primitives.patch import patched  # noqa: E402
 
 from . import references as ref  # noqa: E402
@@ -144,6 +144,24 @@ def _check_patched_model(family: str, quantized: bool) -> None:
         type(m).__module__.startswith("mlx_primitives") for _, m in model.named_modules()
     )
     np.testing.assert_array_equal(np.array(model(prompt[None])), np.array(stock_logits))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe", "qwen3_next", "mamba2"])
+def test_a_patched_models_forward_decides_nothing_the_second_time(served, family, monkeypatch):
+    """Once a patched model's calls were routed, a forward over the same shapes (a prefill of
+    the same length, with a fresh KV cache) reaches no decision again: every call hits a kept
+    route, so nothing is chosen, probed or built per forward."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model = _model(family, quantized=True)
+    lm.patch(model)
+    prompt = mx.array([[5, 17, 3, 88, 41, 2, 9, 60, 33, 71, 12]])
+    mx.eval(model(prompt, cache=make_prompt_cache(model)))
+    missed = []  # calls that found no kept route and were checked and routed again
+    route = dispatch.route
+    monkeypatch.setattr(dispatch, "route", lambda *a: missed.append(a[0].name) or route(*a))
+    mx.eval(model(prompt, cache=make_prompt_cache(model)))
+    assert missed == []
 
 
 def test_report_says_what_was_left_and_why():
