@@ -164,6 +164,26 @@ def test_a_patched_models_forward_decides_nothing_the_second_time(served, family
     assert missed == []
 
 
+def test_the_gated_mlp_is_swapped_where_its_forward_is_mlx_lms():
+    """mlx-lm's gated MLP becomes mp.SwiGLU (and comes back); a subclass with a forward of its
+    own is left as it is."""
+    from mlx_lm.models import llama
+
+    class Scaled(llama.MLP):
+        def __call__(self, x):
+            return 2 * super().__call__(x)
+
+    Scaled.__module__ = llama.__name__  # as if mlx-lm defined it
+
+    model = _model("llama", quantized=True)
+    model.model.layers[0].mlp = Scaled(model.args)
+    report = lm.patch(model)
+    assert report.swapped["MLP"] == 1
+    assert [type(layer.mlp) for layer in model.model.layers] == [Scaled, mp.SwiGLU]
+    lm.unpatch(model)
+    assert [type(layer.mlp) for layer in model.model.layers] == [Scaled, llama.MLP]
+
+
 def test_report_says_what_was_left_and_why():
     model = _model("gpt_oss", quantized=False)
     report = lm.patch(model)

@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 import mlx_primitives as mp
 from mlx_primitives import dispatch
@@ -332,6 +333,94 @@ def test_quantized_linear_hands_to_mlx_the_calls_no_record_could_change(monkeypa
     with mp.record():
         np.testing.assert_allclose(layer(x), want, atol=1e-5)
     assert reached == ["quantized_matmul"]
+
+
+# --- SwiGLU blocks of quantized layers -------------------------------------------------------
+
+
+def _block(kind: str, bias: bool = False) -> mp.SwiGLU:
+    """A SwiGLU block of float layers, MLX's quantized ones or this library's (as lm.patch
+    leaves a model's)."""
+    block = mp.SwiGLU(128, 192, bias=bias)
+    if kind != "float":
+        nn.quantize(block, 64, 4)
+    if kind == "ours":
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            layer, ours = block[name], mp.QuantizedLinear.__new__(mp.QuantizedLinear)
+            ours.__dict__.update(layer.__dict__)
+            dict.update(ours, layer)
+            block[name] = ours
+    mx.eval(block.parameters())
+    return block
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
+@pytest.mark.parametrize("kind", ["float", "mlx", "ours"])
+def test_a_decoding_swiglu_block_is_one_compiled_call(monkeypatch, kind, bias):
+    """Up to FUSED_MAX_ROWS rows a SwiGLU block of three float or three quantized layers runs as
+    one compiled call of its arrays, traced once per input shape: the numbers (and gradients)
+    of its layers called one by one; longer inputs go layer by layer."""
+    from mlx_primitives.nn import feed_forward
+
+    block = _block(kind, bias)
+    traced = []
+    make = feed_forward._block
+
+    def spy(kind):
+        forward = make(kind)
+        return lambda x, *arrays: traced.append(x.shape[1]) or forward(x, *arrays)
+
+    monkeypatch.setattr(feed_forward, "_block", spy)
+    monkeypatch.setattr(feed_forward, "_compiled", {})
+
+    def layer_by_layer(x):
+        g, u, d = block.gate_proj, block.up_proj, block.down_proj
+        return d(nn.silu(g(x)) * u(x))
+
+    most = feed_forward.FUSED_MAX_ROWS
+    for rows in (1, 3, most, most + 1, 1):
+        x = _x((1, rows, 128))
+        np.testing.assert_allclose(block(x), layer_by_layer(x), rtol=1e-5, atol=1e-5)
+    assert traced == [1, 3, most]
+    x = _x((2, 1, 128))
+    if kind == "float":  # the weights' gradients through the compiled call
+        grads = nn.value_and_grad(block, lambda m, x: m(x).sum())(block, x)[1]
+        monkeypatch.setattr(feed_forward, "FUSED_MAX_ROWS", 0)
+        want = nn.value_and_grad(block, lambda m, x: m(x).sum())(block, x)[1]
+        for (_, g), (_, w) in zip(tree_flatten(grads), tree_flatten(want)):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+        monkeypatch.undo()
+    g = mx.grad(lambda x: block(x).sum())(x)
+    np.testing.assert_allclose(g, mx.grad(lambda x: layer_by_layer(x).sum())(x), atol=1e-5)
+
+
+def test_a_compiled_swiglu_block_follows_the_dispatchs_decisions(db, monkeypatch):
+    """A compiled block keeps the variants it traced only while the dispatch keeps its
+    decisions: a new record serves it after a reset; while calls are recorded each projection
+    is counted."""
+    block = _block("ours")
+    x = _x((1, 1, 128))
+    variant, served = OP.variant("dequantize"), []
+    factory = variant.factory
+
+    def spy():
+        fn = factory()
+        return lambda *a: served.append(a[0].shape) or fn(*a)
+
+    monkeypatch.setattr(variant, "factory", spy)
+    monkeypatch.setattr(variant, "_built", {})
+    want = block(x)
+    assert not served
+    layer = block.gate_proj
+    args = (x, layer.weight, layer.scales, layer.biases, True, 64, 4, "affine")
+    db.put(record(OP, args, "dequantize", default_variant="builtin"))
+    dispatch.reset()
+    np.testing.assert_allclose(block(x), want, rtol=1e-5, atol=1e-5)
+    assert (1, 1, 128) in served  # traced again: the gate and up projections' new variant
+    with mp.record():
+        block(x), block(x)
+        counted = dict(mp.recording.counts())
+    assert sum(n for (name, _), n in counted.items() if name == "quantized_matmul") == 2 * 3
 
 
 def test_quantized_linear_rejects_an_unknown_mode():

@@ -2,8 +2,9 @@
 
 :func:`patch` swaps, in the model's module tree, each layer this library has a drop-in for
 (``nn.QuantizedLinear`` in the affine mode, mlx-lm's ``SwitchGLU``, ``SwitchMLP``,
-``SwitchLinear`` and ``QuantizedSwitchLinear``) for the drop-in, holding the same arrays (no
-weight is copied or changed). What a model reaches through functions is served where the
+``SwitchLinear`` and ``QuantizedSwitchLinear``, and the gated MLP of most of its models, which
+becomes :class:`mlx_primitives.SwiGLU`) for the drop-in, holding the same arrays (no weight is
+copied or changed). What a model reaches through functions is served where the
 functions live: ``mx.fast``'s norms, RoPE and attention (:func:`mlx_primitives.patch_mlx`, which
 mlx-lm's ``scaled_dot_product_attention`` calls) and the ``swiglu``, ``gated_delta_update``
 and ``ssm_update`` (Mamba-2's SSM) of mlx-lm's model modules;
@@ -13,7 +14,10 @@ back.
 
 from __future__ import annotations
 
+import ast
+import inspect
 import sys
+import textwrap
 from dataclasses import dataclass, field
 
 import mlx.nn as nn
@@ -21,6 +25,7 @@ import mlx.nn as nn
 from .. import patch as fast
 from ..dispatch import passing
 from ..nn import switch
+from ..nn.feed_forward import SwiGLU
 from ..nn.quantized import QuantizedLinear
 from ..ops.gated import swiglu
 from ..ssm import gated_delta_update, ssm_update
@@ -93,11 +98,42 @@ def _adopt(cls: type, old: nn.Module) -> nn.Module:
     return new
 
 
+# The gated MLP of most mlx-lm models (llama.MLP, qwen3.MLP, ...), recognised by its forward.
+GATED_MLP = "self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))"
+_gated_mlps: dict[type, bool] = {}
+
+
+def _is_gated_mlp(kind: type) -> bool:
+    """Whether ``kind``, an mlx-lm class, computes exactly ``GATED_MLP`` with mlx-lm's swiglu:
+    then :class:`mlx_primitives.SwiGLU` computes what it does."""
+    found = _gated_mlps.get(kind)
+    if found is None:
+        found = False
+        module = sys.modules.get(kind.__module__)
+        call = vars(kind).get("__call__")
+        if module and call and getattr(module, "swiglu", None) in GLOBALS["swiglu"]:
+            try:
+                tree = ast.parse(textwrap.dedent(inspect.getsource(call))).body[0]
+            except (OSError, TypeError, SyntaxError):
+                tree = None
+            found = (
+                isinstance(tree, ast.FunctionDef)
+                and [a.arg for a in tree.args.args] == ["self", "x"]
+                and len(tree.body) == 1
+                and isinstance(tree.body[0], ast.Return)
+                and ast.unparse(tree.body[0].value) == GATED_MLP
+            )
+        _gated_mlps[kind] = found
+    return found
+
+
 def _served(module: nn.Module) -> tuple[type | None, str]:
     """The drop-in class for ``module``, or None and why not."""
     kind = type(module)
     if kind in DROP_INS:  # other modes than affine go on to MLX's gather_qmm inside
         return DROP_INS[kind], ""
+    if kind.__module__.startswith("mlx_lm.") and _is_gated_mlp(kind):
+        return SwiGLU, ""
     if kind is nn.QuantizedLinear:
         if module.mode != "affine":
             return None, f"mode {module.mode!r}: mx.quantized_matmul serves it as before"
