@@ -288,13 +288,8 @@ def test_quantized_linear_from_linear(served, mode):
     assert mx.allclose(g, mx.grad(lambda x: theirs(x).sum())(x), atol=1e-5).item()
 
 
-def test_quantized_linear_keeps_its_routes_until_the_dispatch_forgets_them(db, monkeypatch):
-    """A layer's calls go to MLX's op until a record of theirs chooses another variant, then
-    to it (its route kept), and to the next choice once the record changes and the dispatch
-    is reset."""
-    layer = mp.QuantizedLinear(256, 40, bias=False)
-    x = _x((1, 256))
-    args = (x, layer.weight, layer.scales, layer.biases, True, 64, 4, "affine")
+def _spy_dequantize(monkeypatch) -> list:
+    """The input shapes the ``dequantize`` variant serves from now on, as they come."""
     variant, served = OP.variant("dequantize"), []
     factory = variant.factory
 
@@ -304,6 +299,17 @@ def test_quantized_linear_keeps_its_routes_until_the_dispatch_forgets_them(db, m
 
     monkeypatch.setattr(variant, "factory", spy)
     monkeypatch.setattr(variant, "_built", {})
+    return served
+
+
+def test_quantized_linear_keeps_its_routes_until_the_dispatch_forgets_them(db, monkeypatch):
+    """A layer's calls go to MLX's op until a record of theirs chooses another variant, then
+    to it (its route kept), and to the next choice once the record changes and the dispatch
+    is reset."""
+    layer = mp.QuantizedLinear(256, 40, bias=False)
+    x = _x((1, 256))
+    args = (x, layer.weight, layer.scales, layer.biases, True, 64, 4, "affine")
+    served = _spy_dequantize(monkeypatch)
     layer(x)
     assert not served
     db.put(record(OP, args, "dequantize", default_variant="builtin"))
@@ -400,15 +406,7 @@ def test_a_compiled_swiglu_block_follows_the_dispatchs_decisions(db, monkeypatch
     is counted."""
     block = _block("ours")
     x = _x((1, 1, 128))
-    variant, served = OP.variant("dequantize"), []
-    factory = variant.factory
-
-    def spy():
-        fn = factory()
-        return lambda *a: served.append(a[0].shape) or fn(*a)
-
-    monkeypatch.setattr(variant, "factory", spy)
-    monkeypatch.setattr(variant, "_built", {})
+    served = _spy_dequantize(monkeypatch)
     want = block(x)
     assert not served
     layer = block.gate_proj
