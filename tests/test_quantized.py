@@ -17,6 +17,7 @@ from mlx.utils import tree_flatten
 import mlx_primitives as mp
 from mlx_primitives import dispatch
 from mlx_primitives.dialect import poisoned
+from mlx_primitives.hardware import current_backend
 from mlx_primitives.ops import _quantized_kernels as kernels
 from mlx_primitives.problem import Unmodelled
 from mlx_primitives.registry import op as get_op
@@ -419,6 +420,41 @@ def test_a_compiled_swiglu_block_follows_the_dispatchs_decisions(db, monkeypatch
         block(x), block(x)
         counted = dict(mp.recording.counts())
     assert sum(n for (name, _), n in counted.items() if name == "quantized_matmul") == 2 * 3
+
+
+def test_a_compiled_swiglu_block_traces_a_kernel_variant_once(db, monkeypatch):
+    """The variants a compiled block traces may be custom kernels (here qmv, its launch stood
+    in by MLX ops so that it runs on any machine): the block gives its layers' numbers, and
+    each kernel is launched while the block is traced, not at its later calls."""
+    launched = []
+
+    def stand_in(**kwargs):
+        launched.append(kwargs["inputs"][0].shape)
+        return _stand_in(**kwargs)
+
+    monkeypatch.setitem(kernels.QMV.__dict__, "_kernel", stand_in)
+    qmv = OP.variant("qmv")
+    monkeypatch.setattr(qmv, "backends", qmv.backends | {current_backend()})
+    monkeypatch.setattr(qmv, "_built", {})
+    block = _block("ours")
+    config = {"lanes_k": 32, "cols": 4, "warps": 1, "vec": 4, "rows": 1, "scale": "after"}
+    x, h = _x((1, 1, 128)), _x((1, 1, 192))
+    for layer, into in ((block.gate_proj, x), (block.down_proj, h)):
+        args = (into, layer.weight, layer.scales, layer.biases, True, 64, 4, "affine")
+        db.put(record(OP, args, "qmv", config, default_variant="builtin"))
+    dispatch.reset()
+    g, u, d = (
+        (layer.weight, layer.scales, layer.biases)
+        for layer in (block.gate_proj, block.up_proj, block.down_proj)
+    )
+    want = mx.quantized_matmul(nn.silu(mx.quantized_matmul(x, *g)) * mx.quantized_matmul(x, *u), *d)
+    np.testing.assert_allclose(block(x), want, rtol=1e-5, atol=1e-5)
+    # The trace: each problem's probe (on its small case), then its projections.
+    traced = [(1, 128)] * 3 + [(1, 192)] * 2
+    assert launched == traced
+    for _ in range(3):
+        np.testing.assert_allclose(block(x), want, rtol=1e-5, atol=1e-5)
+    assert launched == traced
 
 
 def test_quantized_linear_rejects_an_unknown_mode():
