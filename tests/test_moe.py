@@ -321,3 +321,34 @@ def test_inverse_permutation_on_both_sides_of_its_switch(n):
 
     order = np.random.default_rng(n).permutation(n).astype(np.uint32)
     np.testing.assert_array_equal(order[np.array(inverse(mx.array(order)))], np.arange(n))
+
+
+def test_quantized_switch_linear_keeps_its_routes_until_the_dispatch_forgets_them(db, monkeypatch):
+    """A layer's calls are checked and routed once per shape and order (then kept), and
+    routed again once the dispatch forgets its decisions: a new record then serves them."""
+    from mlx_primitives import dispatch
+    from mlx_primitives.ops.gather_qmm import OP
+
+    from .toy import record
+
+    layer = mp.QuantizedSwitchLinear(128, 64, 4, bias=False)
+    x = mx.expand_dims(mx.random.normal((3, 128), key=mx.random.key(1)), (-2, -3))
+    idx = mx.array([[0, 1], [1, 2], [2, 3]], mx.uint32)  # sorted, as the sorted calls say
+    want = mx.gather_qmm(x, layer.weight, layer.scales, layer.biases, rhs_indices=idx)
+    routed, served = [], []
+    route = dispatch.route
+    monkeypatch.setattr(dispatch, "route", lambda *a: routed.append(a[0].name) or route(*a))
+    take = OP.variant("take")
+    factory = take.factory
+    monkeypatch.setattr(take, "factory", lambda: lambda *a: served.append(1) or factory()(*a))
+    monkeypatch.setattr(take, "_built", {})
+    for sort in (False, False, True, True):
+        np.testing.assert_allclose(layer(x, idx, sorted_indices=sort), want, atol=1e-5)
+    assert routed == ["gather_qmm"] * 2 and not served  # once per order, then kept
+    args = (x, layer.weight, layer.scales, layer.biases, None, idx, True, 64, 4, "affine", None,
+            False)  # fmt: skip
+    db.put(record(OP, args, "take", default_variant="builtin"))
+    dispatch.reset()
+    for _ in range(2):
+        np.testing.assert_allclose(layer(x, idx), want, atol=1e-5)
+    assert routed == ["gather_qmm"] * 3 and served

@@ -10,13 +10,17 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..dispatch import Routes
 from ..moe import compute_load_balancing_loss
 from ..ops._gather import inverse
 from ..ops.gated import swiglu
 from ..ops.gather_mm import gather_mm
+from ..ops.gather_qmm import OP as GATHER_QMM
 from ..ops.gather_qmm import gather_qmm
 from ..ops.quantized_matmul import MODES
 
+# The quantized experts' calls routed, shared: a route depends on the problem alone.
+_ROUTES = Routes()
 # From this many (token, expert) pairs a block sorts them by expert once for its three
 # projections, as mlx-lm's SwitchGLU does; below it each tuned op decides (its ``sort``
 # variant sorts where that wins).
@@ -145,19 +149,27 @@ class QuantizedSwitchLinear(nn.Module):
         return self.weight.shape[0]
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        y = gather_qmm(
-            x,
-            self["weight"],
-            self["scales"],
-            self.get("biases"),
-            rhs_indices=indices,
-            transpose=True,
-            group_size=self.group_size,
-            bits=self.bits,
-            mode=self.mode,
-            global_scale=self.get("global_scale"),
-            sorted_indices=sorted_indices,
-        )
+        weight, scales, scale = self["weight"], self["scales"], self.get("global_scale")
+        args = (x, weight, scales, self.get("biases"), None, indices, True, self.group_size,
+                self.bits, self.mode, scale, sorted_indices)  # fmt: skip
+        if x.__class__ is mx.array and indices.__class__ is mx.array:
+            # What changes between a layer's calls: the tokens, their experts, the order.
+            key = (
+                x.shape,
+                x.dtype,
+                indices.shape,
+                indices.dtype,
+                weight.shape,
+                scales.dtype,
+                self.group_size,
+                self.bits,
+                self.mode,
+                scale is None,
+                sorted_indices,
+            )
+            y = _ROUTES.serving(key, GATHER_QMM, args)(*args)
+        else:
+            y = gather_qmm(*args[:11], sorted_indices=sorted_indices)  # the op's own error
         return y + mx.expand_dims(self["bias"][indices], -2) if "bias" in self else y
 
 
