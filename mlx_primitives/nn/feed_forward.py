@@ -46,15 +46,16 @@ class SwiGLU(_GatedFeedForward):
             and not recording.active()  # each projection's call counted
         ):
             # The compiled call for these layers, kept until a layer or a decision changes.
-            fused = self.__dict__.get("_fused")
+            generation, fused = dispatch._generation, self.__dict__.get("_fused")
             if (
                 fused is None
-                or fused[3] != dispatch._generation
+                or fused[3] != generation
                 or fused[0] is not gate
                 or fused[1] is not up
                 or fused[2] is not down
             ):
-                fused = self.__dict__["_fused"] = (gate, up, down, *_fused(gate, up, down))
+                fused = self.__dict__["_fused"] = (gate, up, down, generation,
+                                                   *_fused(gate, up, down, generation))  # fmt: skip
             fn, names = fused[4], fused[5]
             if fn is not None:
                 return fn(x, *[layer[name] for layer in (gate, up, down) for name in names])
@@ -67,14 +68,13 @@ _compiled: dict[tuple, Callable] = {}
 _generation = [-1]
 
 
-def _fused(*layers: nn.Module) -> tuple:
-    """The dispatch's generation, the compiled call serving a block of ``layers`` (gate, up,
-    down) and the names of the arrays it takes from each after the input; no call where the
-    layers are not three of one kind."""
-    generation = dispatch._generation
-    kinds = {_kind(layer) for layer in layers}
+def _fused(gate: nn.Module, up: nn.Module, down: nn.Module, generation: int) -> tuple:
+    """The compiled call serving a block of these layers while the dispatch's decisions are of
+    ``generation``, and the names of the arrays it takes from each layer after the input; no
+    call where the layers are not three of one kind."""
+    kinds = {_kind(gate), _kind(up), _kind(down)}
     if len(kinds) != 1 or None in kinds:
-        return generation, None, ()
+        return None, ()
     (kind,) = kinds
     if _generation[0] != generation:
         _compiled.clear()
@@ -83,7 +83,7 @@ def _fused(*layers: nn.Module) -> tuple:
     if fn is None:
         fn = _compiled[kind] = mx.compile(_block(kind))
     names = ("weight", "scales", "biases") if kind[0] == "quantized" else ("weight",)
-    return generation, fn, names + ("bias",) * kind[-1]
+    return fn, names + ("bias",) * kind[-1]
 
 
 def _kind(layer: nn.Module) -> tuple | None:
