@@ -367,7 +367,7 @@ def test_a_decoding_swiglu_block_is_one_compiled_call(monkeypatch, kind, bias):
     """Up to FUSED_MAX_ROWS rows a SwiGLU block of three float or three quantized layers runs as
     one compiled call of its arrays, traced once per input shape: the numbers (and gradients)
     of its layers called one by one; longer inputs go layer by layer."""
-    from mlx_primitives.nn import feed_forward
+    from mlx_primitives.nn import _fused, feed_forward
 
     block = _block(kind, bias)
     traced = []
@@ -378,7 +378,7 @@ def test_a_decoding_swiglu_block_is_one_compiled_call(monkeypatch, kind, bias):
         return lambda x, *arrays: traced.append(x.shape[1]) or forward(x, *arrays)
 
     monkeypatch.setattr(feed_forward, "_block", spy)
-    monkeypatch.setattr(feed_forward, "_compiled", {})
+    monkeypatch.setattr(_fused, "_compiled", {})
 
     def layer_by_layer(x):
         g, u, d = block.gate_proj, block.up_proj, block.down_proj

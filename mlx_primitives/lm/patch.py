@@ -46,6 +46,7 @@ DROP_INS = {
     lm_switch.QuantizedSwitchLinear: switch.QuantizedSwitchLinear,
     lm_switch.SwitchGLU: switch.SwitchGLU,
     lm_switch.SwitchMLP: switch.SwitchMLP,
+    lm_switch.SwiGLU: switch._SwiGLU,  # then a decoding SwitchGLU runs as one compiled call
 }
 # The functions mlx-lm's model modules import by name: mlx-lm's own (as imported here) and
 # ours. The modules that define them are never patched (models imported later would take the

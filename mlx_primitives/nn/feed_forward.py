@@ -7,16 +7,19 @@ from collections.abc import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import dispatch, recording
+from .. import recording
 from ..ops import geglu, quantized_matmul, swiglu
 from ..ops._common import check_int
 from ..ops.gated import APPROXIMATIONS
+from . import _fused
 from .quantized import QuantizedLinear
 
 # Up to this many rows (decoding) a SwiGLU block of three quantized or three float layers runs
 # as one compiled call: its three projections and gate, with the variants the dispatch chose
 # for them, built as one graph node instead of four.
 FUSED_MAX_ROWS = 64
+# A SwiGLU block's layers, in the order its compiled call takes their arrays.
+LAYERS = ("gate_proj", "up_proj", "down_proj")
 
 
 class _GatedFeedForward(nn.Module):
@@ -39,51 +42,15 @@ class SwiGLU(_GatedFeedForward):
     """
 
     def __call__(self, x: mx.array) -> mx.array:
-        gate, up, down = self["gate_proj"], self["up_proj"], self["down_proj"]
         if (
             x.__class__ is mx.array
             and x.size <= FUSED_MAX_ROWS * x.shape[-1]
             and not recording.active()  # each projection's call counted
         ):
-            # The compiled call for these layers, kept until a layer or a decision changes.
-            generation, fused = dispatch._generation, self.__dict__.get("_fused")
-            if (
-                fused is None
-                or fused[3] != generation
-                or fused[0] is not gate
-                or fused[1] is not up
-                or fused[2] is not down
-            ):
-                fused = self.__dict__["_fused"] = (gate, up, down, generation,
-                                                   *_fused(gate, up, down, generation))  # fmt: skip
-            fn, names = fused[4], fused[5]
-            if fn is not None:
-                return fn(x, *[layer[name] for layer in (gate, up, down) for name in names])
-        return down(swiglu(gate(x), up(x)))
-
-
-# The compiled blocks by the kind of their layers, for one generation of the dispatch's
-# decisions (a compiled block keeps the variants it traced).
-_compiled: dict[tuple, Callable] = {}
-_generation = [-1]
-
-
-def _fused(gate: nn.Module, up: nn.Module, down: nn.Module, generation: int) -> tuple:
-    """The compiled call serving a block of these layers while the dispatch's decisions are of
-    ``generation``, and the names of the arrays it takes from each layer after the input; no
-    call where the layers are not three of one kind."""
-    kinds = {_kind(gate), _kind(up), _kind(down)}
-    if len(kinds) != 1 or None in kinds:
-        return None, ()
-    (kind,) = kinds
-    if _generation[0] != generation:
-        _compiled.clear()
-        _generation[0] = generation
-    fn = _compiled.get(kind)
-    if fn is None:
-        fn = _compiled[kind] = mx.compile(_block(kind))
-    names = ("weight", "scales", "biases") if kind[0] == "quantized" else ("weight",)
-    return fn, names + ("bias",) * kind[-1]
+            fused = _fused.serving(self, LAYERS, _kind, _block)
+            if fused is not None:
+                return fused[0](x, *fused[1])
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 def _kind(layer: nn.Module) -> tuple | None:

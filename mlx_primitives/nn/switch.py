@@ -6,10 +6,12 @@ trees, so a model's weights load as they are), routed through the tuned gather o
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import recording
 from ..dispatch import Routes
 from ..moe import compute_load_balancing_loss
 from ..ops._gather import inverse
@@ -18,6 +20,7 @@ from ..ops.gather_mm import gather_mm
 from ..ops.gather_qmm import OP as GATHER_QMM
 from ..ops.gather_qmm import gather_qmm
 from ..ops.quantized_matmul import MODES
+from . import _fused
 
 # The quantized experts' calls routed, shared: a route depends on the problem alone.
 _ROUTES = Routes()
@@ -25,6 +28,9 @@ _ROUTES = Routes()
 # projections, as mlx-lm's SwitchGLU does; below it each tuned op decides (its ``sort``
 # variant sorts where that wins).
 SORT_PAIRS = 64
+# A SwitchGLU's layers, in the order its compiled call takes their arrays: below SORT_PAIRS
+# pairs (decoding) its three projections and gate run as one compiled call.
+LAYERS = ("gate_proj", "up_proj", "down_proj")
 
 
 class SwitchLinear(nn.Module):
@@ -228,12 +234,71 @@ class SwitchGLU(nn.Module):
         self.activation = _SwiGLU() if activation is None else activation
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        if (
+            x.__class__ is mx.array
+            and indices.__class__ is mx.array
+            and indices.size < SORT_PAIRS
+            and self.activation.__class__ is _SwiGLU
+            and not recording.active()  # each projection's call counted
+        ):
+            fused = _fused.serving(self, LAYERS, _kind, _block)
+            if fused is not None:
+                return fused[0](x, indices, *fused[1])
+
         def layers(x, idx, is_sorted):
             up = self.up_proj(x, idx, sorted_indices=is_sorted)
             gate = self.gate_proj(x, idx, sorted_indices=is_sorted)
             return self.down_proj(self.activation(up, gate), idx, sorted_indices=is_sorted)
 
         return _through_experts(layers, x, indices)
+
+
+def _kind(layer: nn.Module) -> tuple | None:
+    """What a compiled block needs to know of ``layer``: its kind, quantization and bias."""
+    bias = "bias" in layer
+    if type(layer) is SwitchLinear:
+        return ("linear", bias)
+    if (
+        type(layer) is QuantizedSwitchLinear
+        and layer.mode == "affine"
+        and layer.get("global_scale") is None
+    ):
+        return ("quantized", layer.group_size, layer.bits, bias)
+    return None
+
+
+def _block(kind: tuple) -> Callable:
+    """A SwitchGLU's forward, unsorted, as a function of its input, experts and arrays, for
+    layers of ``kind``; each projection as its layer computes it."""
+    if kind[0] == "linear":
+
+        def gather(x, indices, weight):
+            return gather_mm(x, weight.swapaxes(-1, -2), rhs_indices=indices)
+
+        width = 2
+    else:
+        _, group_size, bits, _ = kind
+
+        def gather(x, indices, weight, scales, biases):
+            return gather_qmm(x, weight, scales, biases, None, indices, True, group_size, bits,
+                              "affine", None)  # fmt: skip
+
+        width = 4
+
+    def project(x, indices, *arrays):
+        if not kind[-1]:
+            return gather(x, indices, *arrays)
+        return gather(x, indices, *arrays[:-1]) + mx.expand_dims(arrays[-1][indices], -2)
+
+    width -= not kind[-1]
+
+    def forward(x, indices, *arrays):
+        gate, up, down = (arrays[i : i + width] for i in range(0, 3 * width, width))
+        x = mx.expand_dims(x, (-2, -3))
+        h = swiglu(project(x, indices, *gate), project(x, indices, *up))
+        return project(h, indices, *down).squeeze(-2)
+
+    return forward
 
 
 class SwitchMLP(nn.Module):
