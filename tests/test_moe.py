@@ -54,6 +54,62 @@ def test_switch_layers_are_drop_ins_for_mlx_lms(kind, quantized, tokens):
     ref.assert_close(got, ref.f64(want), mx.float32, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "4-bit"])
+def test_a_decoding_switch_glu_is_one_compiled_call(monkeypatch, quantized, bias):
+    """Below SORT_PAIRS pairs a SwitchGLU of three float or three quantized layers runs as one
+    compiled call of its arrays, traced once per input shape: the numbers (and gradients) of
+    its layers called one by one; more pairs, or calls being recorded, go layer by layer."""
+    from mlx_primitives.nn import _fused
+
+    mx.random.seed(4)
+    block = mp.SwitchGLU(128, 192, 8, bias=bias)
+    if quantized:
+        nn.quantize(block, 64, 4, class_predicate=_is_switch)
+    if bias:  # not zeros, so that a bias left out shows
+        for layer in (block.gate_proj, block.up_proj, block.down_proj):
+            layer.bias = mx.random.normal(layer.bias.shape)
+    mx.eval(block.parameters())
+    traced = []
+    make = switch._block
+
+    def spy(kind):
+        forward = make(kind)
+        return lambda x, idx, *arrays: traced.append(idx.shape) or forward(x, idx, *arrays)
+
+    monkeypatch.setattr(switch, "_block", spy)
+    monkeypatch.setattr(_fused, "_compiled", {})
+
+    def layer_by_layer(x, indices):
+        x = mx.expand_dims(x, (-2, -3))
+        g, u, d = block.gate_proj, block.up_proj, block.down_proj
+        return d(nn.silu(g(x, indices)) * u(x, indices), indices).squeeze(-2)
+
+    most = (switch.SORT_PAIRS - 1) // 2  # tokens of two experts each below SORT_PAIRS pairs
+    for tokens in (1, 3, most, most + 1, 1):
+        x, indices = mx.random.normal((tokens, 128)), _routes(tokens, 8, 2)
+        ref.assert_close(block(x, indices), ref.f64(layer_by_layer(x, indices)), mx.float32,
+                         atol=1e-5, rtol=1e-5)  # fmt: skip
+    assert traced == [(1, 2), (3, 2), (most, 2)]
+    x, indices = mx.random.normal((2, 128)), _routes(2, 8, 2)
+    if not quantized:  # the weights' gradients through the compiled call
+        loss = nn.value_and_grad(block, lambda m, x: m(x, indices).sum())
+        grads = loss(block, x)[1]
+        monkeypatch.setattr(switch, "SORT_PAIRS", 0)
+        want = loss(block, x)[1]
+        for (_, g), (_, w) in zip(tree_flatten(grads), tree_flatten(want)):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+        monkeypatch.undo()
+    g = mx.grad(lambda x: block(x, indices).sum())(x)
+    np.testing.assert_allclose(g, mx.grad(lambda x: layer_by_layer(x, indices).sum())(x),
+                               atol=1e-5)  # fmt: skip
+    with mp.record():
+        block(x, indices), block(x, indices)
+        counted = dict(mp.recording.counts())
+    op = "gather_qmm" if quantized else "gather_mm"
+    assert sum(n for (name, _), n in counted.items() if name == op) == 2 * 3
+
+
 def test_sorted_path_matches_each_pair_computed_alone(monkeypatch):
     # The block's sorted path (many pairs) against a per-pair NumPy product: a wrong inverse
     # permutation puts rows back in the wrong place.

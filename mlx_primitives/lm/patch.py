@@ -2,8 +2,8 @@
 
 :func:`patch` swaps, in the model's module tree, each layer this library has a drop-in for
 (``nn.QuantizedLinear`` in the affine mode, mlx-lm's ``SwitchGLU``, ``SwitchMLP``,
-``SwitchLinear`` and ``QuantizedSwitchLinear``, and the gated MLP of most of its models, which
-becomes :class:`mlx_primitives.SwiGLU`) for the drop-in, holding the same arrays (no weight is
+``SwitchLinear``, ``QuantizedSwitchLinear`` and ``SwiGLU`` activation, and the gated MLP of
+most of its models, which becomes :class:`mlx_primitives.SwiGLU`) for the drop-in, holding the same arrays (no weight is
 copied or changed). What a model reaches through functions is served where the
 functions live: ``mx.fast``'s norms, RoPE and attention (:func:`mlx_primitives.patch_mlx`, which
 mlx-lm's ``scaled_dot_product_attention`` calls) and the ``swiglu``, ``gated_delta_update``
