@@ -3,13 +3,13 @@
 :func:`patch` swaps, in the model's module tree, each layer this library has a drop-in for
 (``nn.QuantizedLinear`` in the affine mode, mlx-lm's ``SwitchGLU``, ``SwitchMLP``,
 ``SwitchLinear``, ``QuantizedSwitchLinear`` and ``SwiGLU`` activation, and the gated MLP of
-most of its models, which becomes :class:`mlx_primitives.SwiGLU`) for the drop-in, holding the same arrays (no weight is
-copied or changed). What a model reaches through functions is served where the
-functions live: ``mx.fast``'s norms, RoPE and attention (:func:`mlx_primitives.patch_mlx`, which
-mlx-lm's ``scaled_dot_product_attention`` calls) and the ``swiglu``, ``gated_delta_update``
-and ``ssm_update`` (Mamba-2's SSM) of mlx-lm's model modules;
-those stay in place while any patched model lives patched. :func:`unpatch` puts everything
-back.
+most of its models, which becomes :class:`mlx_primitives.SwiGLU`) for the drop-in, holding
+the same arrays (no weight is copied or changed). What a model reaches through functions is
+served where the functions live: ``mx.fast``'s norms, RoPE and attention
+(:func:`mlx_primitives.patch_mlx`, which mlx-lm's ``scaled_dot_product_attention`` calls) and
+the ``swiglu``, ``gated_delta_update`` and ``ssm_update`` (Mamba-2's SSM) of mlx-lm's model
+modules; those stay in place while any patched model lives patched. :func:`unpatch` puts
+everything back.
 """
 
 from __future__ import annotations
