@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -376,3 +377,32 @@ def test_a_model_run_stopped_midway_keeps_the_sections_it_measured(tmp_path, mon
     assert [r["section"] for r in data["models"][0]["results"]] == ["decode", "build"]
     assert [(r["model"], r["section"]) for r in data["results"]] == [
         ("first", "decode"), ("first", "build")]  # fmt: skip
+
+
+@pytest.mark.parametrize("section", ["decode", "prefill"])
+def test_a_models_timed_calls_make_no_decision(section, served, monkeypatch):
+    """The model suite's clock starts once the mode's first calls made their decisions (and
+    probes): in the timed calls of a freshly patched model nothing is decided."""
+    pytest.importorskip("mlx_lm")
+    from benchmarks.suites import model as suite
+    from mlx_primitives import dispatch, lm
+
+    tiny = {**suite.SMALL_LLAMA, "num_hidden_layers": 1, "hidden_size": 64,
+            "intermediate_size": 128, "num_attention_heads": 2,
+            "num_key_value_heads": 1}  # fmt: skip
+    model = suite._model("llama", tiny, "float32", True)
+    prompt = mx.random.randint(0, tiny["vocab_size"], (16,), key=mx.random.key(0))
+    events = []
+    resolve = dispatch._resolve  # a problem's decision made (and its variant probed)
+    monkeypatch.setattr(dispatch, "_resolve", lambda *a: events.append("decided") or resolve(*a))
+    clock = time.perf_counter
+    monkeypatch.setattr(suite.time, "perf_counter", lambda: events.append("clock") or clock())
+    lm.patch(model)
+    try:
+        if section == "decode":
+            suite._decode_s(model, prompt, 40)  # its KV cache past 32, then 64 positions
+        else:
+            suite._prefill_s(model, prompt)
+    finally:
+        lm.unpatch(model)
+    assert "decided" in events and "decided" not in events[events.index("clock") :]

@@ -7,9 +7,10 @@ own generation loop and KV cache, in one run:
   (``mp.record``) and tuned (``mlxp-tune tune --recorded``, into a scratch database).
 
 Sections: ``decode``, tokens per second of ``generate_step`` after a short prompt (its prefill
-left out); ``prefill``, tokens per second of a forward pass of a long prompt (after one untimed
-pass in the same mode); ``build``, the host time to build one decode step's graph (what a
-GPU's decode waits on where the host is the slower). Rounds of the three modes are
+left out, after the same decoding untimed in the same mode); ``prefill``, tokens per second of
+a forward pass of a long prompt (after one untimed pass in the same mode); ``build``, the host
+time to build one decode step's graph (what a GPU's decode waits on where the host is the
+slower). Rounds of the three modes are
 interleaved. On the CPU small models (Qwen3-Next's hybrid among them); on a GPU the per-layer
 shapes of Llama-3-8B, Qwen3-30B-A3B and Mamba-2 2.7B with the layers cut (``layers`` in the
 result).
@@ -102,8 +103,12 @@ def _model(model_type: str, config: dict, dtype: str, quantized: bool) -> nn.Mod
 
 
 def _decode_s(model, prompt: mx.array, tokens: int) -> float:
-    """Seconds per decoded token through mlx-lm's generate_step (first token: the prefill)."""
+    """Seconds per decoded token through mlx-lm's generate_step (first token: the prefill),
+    after the same decoding untimed: a mode's first steps at each length of the KV cache make
+    their decisions (and probes)."""
     generate = importlib.import_module("mlx_lm.generate")
+    for _ in generate.generate_step(prompt, model, max_tokens=tokens + 1):
+        pass
     steps = generate.generate_step(prompt, model, max_tokens=tokens + 1)
     next(steps)
     start = time.perf_counter()
@@ -260,7 +265,8 @@ def run(args) -> dict:
     result["mlx_lm_version"] = importlib.import_module("mlx_lm").__version__
     result["method"] = (
         "mlx-lm models with random weights; decode: seconds per token of "
-        "mlx_lm.generate.generate_step after a 32-token prompt (greedy), prefill: a forward "
+        "mlx_lm.generate.generate_step after a 32-token prompt (greedy), after the same "
+        "decoding untimed in the mode, prefill: a forward "
         "pass of a long prompt with a fresh KV cache, after one untimed pass in the mode; "
         "build: host seconds to build one decode step's graph (the model's forward with its "
         "KV cache, median of the steps, each evaluated after it is timed); stock, patched "
