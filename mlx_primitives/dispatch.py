@@ -54,6 +54,8 @@ _warned: set[str] = set()
 _idle: dict[tuple[str, mx.Dtype, bool], bool] = {}
 # Counts the times kept decisions were forgotten: Routes compare it with their own.
 _generation = 0
+# Called each time kept decisions are forgotten: what holds state derived from them.
+_on_forget: list[Callable[[], None]] = []
 
 
 class Decision(NamedTuple):
@@ -88,6 +90,8 @@ def forget_calls() -> None:
     _calls.clear()
     _idle.clear()
     _generation += 1
+    for fn in _on_forget:
+        fn()
 
 
 class Routes:
@@ -164,6 +168,29 @@ def passing(ours: Callable, theirs: Callable, op_name: str) -> Callable:
     call.__name__, call.__qualname__, call.__doc__ = ours.__name__, ours.__name__, ours.__doc__
     call.__wrapped__ = ours
     return call
+
+
+def unused(op_name: str) -> bool:
+    """Whether no call of op ``op_name``, of any dtype on any device of this machine, could go
+    elsewhere than the op's default: :func:`idle` everywhere. Where it holds, a patch may put
+    MLX's own function back in the program's way (until decisions are forgotten)."""
+    if recording.active():
+        return False
+    if mode() == "default":
+        return True
+    from .registry import op as lookup
+
+    op = lookup(op_name)
+    backends = ["cpu"] + [
+        b for b, on in (("cuda", mx.cuda), ("metal", mx.metal)) if on.is_available()
+    ]
+    return not any(
+        not rec.kept_default
+        and (op.name, rec.variant) not in _disabled
+        and rec.unusable(op, p, backend) is None
+        for backend in backends
+        for p, rec, _ in entries(op, detect_chip(backend).slug)
+    )
 
 
 def _compute_idle(op_name: str, dtype: mx.Dtype) -> bool:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
+from . import dispatch
 from .dispatch import passing
 
 NAMES = ("rms_norm", "layer_norm", "rope", "scaled_dot_product_attention")
@@ -47,27 +48,44 @@ MLX_FAST = {name: mlx_own(mx.fast, name) for name in NAMES}
 def patch_mlx() -> list[str]:
     """Install the tuned ops in ``mx.fast``; returns the names replaced. Idempotent. Each
     hands its calls to MLX's own function where no tuning record could change them
-    (:func:`passing`)."""
+    (:func:`passing`); an op whose calls no record of this machine could change leaves MLX's
+    own function in ``mx.fast`` until the dispatch forgets its decisions (``dispatch.reset``,
+    ``mp.record``), so that a patched program pays nothing for it."""
     import mlx_primitives as mp
 
     for name in NAMES:
-        ours = _INSTALLED.get(name)
-        if ours is None:
-            ours = _INSTALLED[name] = passing(getattr(mp, name), MLX_FAST[name], OPS[name])
-        setattr(mx.fast, name, ours)
+        if name not in _INSTALLED:
+            _INSTALLED[name] = passing(getattr(mp, name), MLX_FAST[name], OPS[name])
+    _ACTIVE[0] = True
+    _refresh()
     return list(NAMES)
 
 
-# What patch_mlx installs, made once (a program may hold on to one).
+# What patch_mlx installs, made once (a program may hold on to one); whether it is in effect.
 _INSTALLED: dict[str, Callable] = {}
+_ACTIVE = [False]
+
+
+def _refresh() -> None:
+    """While patched, each op's function in ``mx.fast``: ours, or MLX's own where no call
+    could go elsewhere (``dispatch.unused``)."""
+    if _ACTIVE[0]:
+        for name in NAMES:
+            fn = MLX_FAST[name] if dispatch.unused(OPS[name]) else _INSTALLED[name]
+            setattr(mx.fast, name, fn)
+
+
+dispatch._on_forget.append(_refresh)
 
 
 def unpatch_mlx() -> None:
     """Put MLX's own functions back in ``mx.fast``."""
+    _ACTIVE[0] = False
     for name, fn in MLX_FAST.items():
         setattr(mx.fast, name, fn)
 
 
 def patched() -> bool:
-    """Whether ``mx.fast`` holds this library's functions now."""
-    return any(getattr(mx.fast, name) is not fn for name, fn in MLX_FAST.items())
+    """Whether ``mx.fast`` is patched (:func:`patch_mlx`): it holds this library's functions
+    where they may gain."""
+    return _ACTIVE[0]

@@ -73,7 +73,8 @@ def served(monkeypatch):
     """The patches route every call through the dispatch, as where a tuning record could
     change it (without one they hand calls to what they replaced: dispatch.idle)."""
     monkeypatch.setattr(dispatch, "_compute_idle", lambda op_name, dtype: False)
-    dispatch.forget_calls()  # what was found idle before
+    monkeypatch.setattr(dispatch, "unused", lambda op_name: False)
+    dispatch.forget_calls()  # what was found idle before (and mx.fast, where patched)
 
 
 @pytest.fixture

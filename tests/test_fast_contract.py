@@ -15,7 +15,7 @@ import pytest
 
 import mlx_primitives as mp
 from mlx_primitives import dispatch
-from mlx_primitives.patch import MLX_FAST, NAMES, patched
+from mlx_primitives.patch import _INSTALLED, MLX_FAST, NAMES, patched
 
 from .toy import record
 
@@ -42,17 +42,30 @@ def _close(a, b, atol=1e-5):
     assert np.allclose(a, b, atol=atol, rtol=1e-4, equal_nan=True), np.nanmax(np.abs(a - b))
 
 
-def test_patch_installs_and_removes_the_tuned_ops():
+def test_patch_installs_the_tuned_ops_where_they_may_gain_and_removes_them(db):
+    """patch_mlx() puts an op's function in mx.fast where a record of this machine could route
+    a call elsewhere, or while calls are recorded; MLX's own stays where none could (then a
+    patched program pays nothing for it), until the dispatch forgets its decisions."""
     mp.patch_mlx()
     try:
+        assert patched()
+        assert all(getattr(mx.fast, n) is MLX_FAST[n] for n in NAMES)  # nothing tuned
+        with mp.record():
+            assert all(getattr(mx.fast, n) is _INSTALLED[n] for n in NAMES)
+        assert mx.fast.rms_norm is MLX_FAST["rms_norm"]
+        x, w = mx.random.normal((3, 16)), mx.ones((16,))
+        o = mp.registry.op("rms_norm")
+        db.put(record(o, (x.astype(mx.float16), w, 1e-5), "compiled", default_variant="builtin"))
+        dispatch.reset()
         assert mx.fast.rms_norm.__wrapped__ is mp.rms_norm
-        assert mx.fast.rope.__wrapped__ is mp.rope
+        assert mx.fast.rope is MLX_FAST["rope"]
         # The built-in variants call MLX's own functions: no recursion through mx.fast.
-        x = mx.random.normal((3, 16))
         _close(mx.fast.rms_norm(x, None, 1e-5), MLX_FAST["rms_norm"](x, None, 1e-5))
     finally:
         mp.unpatch_mlx()
     assert not patched()
+    assert all(getattr(mx.fast, n) is MLX_FAST[n] for n in NAMES)
+    dispatch.reset()  # forgetting again while unpatched puts nothing back
     assert all(getattr(mx.fast, n) is MLX_FAST[n] for n in NAMES)
 
 
