@@ -2,8 +2,9 @@
 
 ``patch_mlx()`` replaces ``mx.fast.rms_norm``, ``layer_norm``, ``rope`` and
 ``scaled_dot_product_attention`` with this library's functions, which take every argument
-MLX's take, so that models calling MLX (mlx-lm, mlx-vlm, anyone's) get the tuned variants;
-``unpatch_mlx()`` puts MLX's back. The built-in variants call MLX's functions as they were
+MLX's take, so that models calling MLX (mlx-lm, mlx-vlm, anyone's) get the tuned variants
+(an op no record of the machine could route elsewhere keeps MLX's function until that
+changes); ``unpatch_mlx()`` puts MLX's back. The built-in variants call MLX's functions as they were
 when this module was imported, so patching never makes them call themselves.
 """
 
@@ -46,7 +47,7 @@ MLX_FAST = {name: mlx_own(mx.fast, name) for name in NAMES}
 
 
 def patch_mlx() -> list[str]:
-    """Install the tuned ops in ``mx.fast``; returns the names replaced. Idempotent. Each
+    """Install the tuned ops in ``mx.fast``; returns the names it serves. Idempotent. Each
     hands its calls to MLX's own function where no tuning record could change them
     (:func:`passing`); an op whose calls no record of this machine could change leaves MLX's
     own function in ``mx.fast`` until the dispatch forgets its decisions (``dispatch.reset``,
@@ -61,18 +62,19 @@ def patch_mlx() -> list[str]:
     return list(NAMES)
 
 
-# What patch_mlx installs, made once (a program may hold on to one); whether it is in effect.
+# What patch_mlx installs, made once; whether it is in effect.
 _INSTALLED: dict[str, Callable] = {}
 _ACTIVE = [False]
 
 
 def _refresh() -> None:
     """While patched, each op's function in ``mx.fast``: ours, or MLX's own where no call
-    could go elsewhere (``dispatch.unused``)."""
+    could go elsewhere (``dispatch.unused``); one that a program put there since is left."""
     if _ACTIVE[0]:
         for name in NAMES:
-            fn = MLX_FAST[name] if dispatch.unused(OPS[name]) else _INSTALLED[name]
-            setattr(mx.fast, name, fn)
+            if getattr(mx.fast, name) in (MLX_FAST[name], _INSTALLED[name]):
+                fn = MLX_FAST[name] if dispatch.unused(OPS[name]) else _INSTALLED[name]
+                setattr(mx.fast, name, fn)
 
 
 dispatch._on_forget.append(_refresh)

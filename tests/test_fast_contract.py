@@ -42,10 +42,13 @@ def _close(a, b, atol=1e-5):
     assert np.allclose(a, b, atol=atol, rtol=1e-4, equal_nan=True), np.nanmax(np.abs(a - b))
 
 
-def test_patch_installs_the_tuned_ops_where_they_may_gain_and_removes_them(db):
+def test_patch_installs_the_tuned_ops_where_they_may_gain_and_removes_them(db, monkeypatch):
     """patch_mlx() puts an op's function in mx.fast where a record of this machine could route
     a call elsewhere, or while calls are recorded; MLX's own stays where none could (then a
-    patched program pays nothing for it), until the dispatch forgets its decisions."""
+    patched program pays nothing for it), until the dispatch forgets its decisions. A function
+    a program put in mx.fast since is left there."""
+    monkeypatch.setattr(dispatch, "_shipped_records", lambda chip, op_name: [])
+    dispatch.reset()
     mp.patch_mlx()
     try:
         assert patched()
@@ -61,6 +64,9 @@ def test_patch_installs_the_tuned_ops_where_they_may_gain_and_removes_them(db):
         assert mx.fast.rope is MLX_FAST["rope"]
         # The built-in variants call MLX's own functions: no recursion through mx.fast.
         _close(mx.fast.rms_norm(x, None, 1e-5), MLX_FAST["rms_norm"](x, None, 1e-5))
+        theirs = mx.fast.layer_norm = lambda *args, **kwargs: MLX_FAST["layer_norm"](*args)
+        with mp.record():
+            assert mx.fast.layer_norm is theirs
     finally:
         mp.unpatch_mlx()
     assert not patched()
