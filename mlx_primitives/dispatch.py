@@ -174,39 +174,30 @@ def unused(op_name: str) -> bool:
     """Whether no call of op ``op_name``, of any dtype on any device of this machine, could go
     elsewhere than the op's default: :func:`idle` everywhere. Where it holds, a patch may put
     MLX's own function back in the program's way (until decisions are forgotten)."""
-    if recording.active():
-        return False
-    if mode() == "default":
-        return True
-    from .registry import op as lookup
-
-    op = lookup(op_name)
-    backends = ["cpu"] + [
-        b for b, on in (("cuda", mx.cuda), ("metal", mx.metal)) if on.is_available()
-    ]
-    return not any(
-        not rec.kept_default
-        and (op.name, rec.variant) not in _disabled
-        and rec.unusable(op, p, backend) is None
-        for backend in backends
-        for p, rec, _ in entries(op, detect_chip(backend).slug)
-    )
+    gpus = [name for name, on in (("cuda", mx.cuda), ("metal", mx.metal)) if on.is_available()]
+    return _defaults_serve(op_name, ["cpu", *gpus], None)
 
 
 def _compute_idle(op_name: str, dtype: mx.Dtype) -> bool:
+    return _defaults_serve(op_name, [current_backend()], str(dtype).removeprefix("mlx.core."))
+
+
+def _defaults_serve(op_name: str, backends: list[str], dtype: str | None) -> bool:
+    """Whether nothing records calls and no usable record of op ``op_name`` on ``backends``
+    (of ``dtype``, or any) chose another variant than the default."""
     if recording.active():
         return False
     if mode() == "default":
         return True
     from .registry import op as lookup  # the registry imports this module
 
-    op, backend = lookup(op_name), current_backend()
-    name = str(dtype).removeprefix("mlx.core.")
+    op = lookup(op_name)
     return not any(
-        p.dtype == name
+        (dtype is None or p.dtype == dtype)
         and not rec.kept_default
         and (op.name, rec.variant) not in _disabled
         and rec.unusable(op, p, backend) is None
+        for backend in backends
         for p, rec, _ in entries(op, detect_chip(backend).slug)
     )
 

@@ -4,8 +4,8 @@
 ``scaled_dot_product_attention`` with this library's functions, which take every argument
 MLX's take, so that models calling MLX (mlx-lm, mlx-vlm, anyone's) get the tuned variants
 (an op no record of the machine could route elsewhere keeps MLX's function until that
-changes); ``unpatch_mlx()`` puts MLX's back. The built-in variants call MLX's functions as they were
-when this module was imported, so patching never makes them call themselves.
+changes); ``unpatch_mlx()`` puts MLX's back. The built-in variants call MLX's functions as
+they were when this module was imported, so patching never makes them call themselves.
 """
 
 from __future__ import annotations

@@ -10,10 +10,9 @@ Sections: ``decode``, tokens per second of ``generate_step`` after a short promp
 left out, after the same decoding untimed in the same mode); ``prefill``, tokens per second of
 a forward pass of a long prompt (after one untimed pass in the same mode); ``build``, the host
 time to build one decode step's graph (what a GPU's decode waits on where the host is the
-slower). Rounds of the three modes are
-interleaved. On the CPU small models (Qwen3-Next's hybrid among them); on a GPU the per-layer
-shapes of Llama-3-8B, Qwen3-30B-A3B and Mamba-2 2.7B with the layers cut (``layers`` in the
-result).
+slower). Rounds of the three modes are interleaved. On the CPU small models (Qwen3-Next's
+hybrid among them); on a GPU the per-layer shapes of Llama-3-8B, Qwen3-30B-A3B and Mamba-2
+2.7B with the layers cut (``layers`` in the result).
 Needs mlx-lm (``pip install -e ".[lm]"``).
 """
 

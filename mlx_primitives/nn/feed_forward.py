@@ -16,10 +16,8 @@ from .quantized import QuantizedLinear
 
 # Up to this many rows (decoding) a SwiGLU block of three quantized or three float layers runs
 # as one compiled call: its three projections and gate, with the variants the dispatch chose
-# for them, built as one graph node instead of four.
+# for them (nn/_fused.py).
 FUSED_MAX_ROWS = 64
-# A SwiGLU block's layers, in the order its compiled call takes their arrays.
-LAYERS = ("gate_proj", "up_proj", "down_proj")
 
 
 class _GatedFeedForward(nn.Module):
@@ -47,20 +45,14 @@ class SwiGLU(_GatedFeedForward):
             and x.size <= FUSED_MAX_ROWS * x.shape[-1]
             and not recording.active()  # each projection's call counted
         ):
-            fused = _fused.serving(self, LAYERS, _kind, _block)
+            fused = _fused.serving(self, _kind, _block)
             if fused is not None:
                 return fused[0](x, *fused[1])
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 def _kind(layer: nn.Module) -> tuple | None:
-    """What a compiled block needs to know of ``layer``: its kind, quantization and bias."""
-    bias = "bias" in layer
-    if type(layer) is nn.Linear:
-        return ("linear", bias)
-    if type(layer) in (QuantizedLinear, nn.QuantizedLinear) and layer.mode == "affine":
-        return ("quantized", layer.group_size, layer.bits, bias)
-    return None
+    return _fused.layer_kind(layer, nn.Linear, (QuantizedLinear, nn.QuantizedLinear))
 
 
 def _block(kind: tuple) -> Callable:
@@ -71,7 +63,6 @@ def _block(kind: tuple) -> Callable:
         def project(x, weight, bias=None):
             return x @ weight.T if bias is None else mx.addmm(bias, x, weight.T)
 
-        width = 2
     else:
         _, group_size, bits, _ = kind
 
@@ -79,11 +70,8 @@ def _block(kind: tuple) -> Callable:
             y = quantized_matmul(x, weight, scales, biases, True, group_size, bits, "affine")
             return y if bias is None else y + bias
 
-        width = 4
-    width -= not kind[-1]
-
     def forward(x, *arrays):
-        gate, up, down = (arrays[i : i + width] for i in range(0, 3 * width, width))
+        gate, up, down = _fused.per_layer(kind, arrays)
         return project(swiglu(project(x, *gate), project(x, *up)), *down)
 
     return forward

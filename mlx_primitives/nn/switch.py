@@ -28,9 +28,6 @@ _ROUTES = Routes()
 # projections, as mlx-lm's SwitchGLU does; below it each tuned op decides (its ``sort``
 # variant sorts where that wins).
 SORT_PAIRS = 64
-# A SwitchGLU's layers, in the order its compiled call takes their arrays: below SORT_PAIRS
-# pairs (decoding) its three projections and gate run as one compiled call.
-LAYERS = ("gate_proj", "up_proj", "down_proj")
 
 
 class SwitchLinear(nn.Module):
@@ -241,7 +238,8 @@ class SwitchGLU(nn.Module):
             and self.activation.__class__ is _SwiGLU
             and not recording.active()  # each projection's call counted
         ):
-            fused = _fused.serving(self, LAYERS, _kind, _block)
+            # Decoding: the three projections and gate as one compiled call.
+            fused = _fused.serving(self, _kind, _block)
             if fused is not None:
                 return fused[0](x, indices, *fused[1])
 
@@ -254,17 +252,7 @@ class SwitchGLU(nn.Module):
 
 
 def _kind(layer: nn.Module) -> tuple | None:
-    """What a compiled block needs to know of ``layer``: its kind, quantization and bias."""
-    bias = "bias" in layer
-    if type(layer) is SwitchLinear:
-        return ("linear", bias)
-    if (
-        type(layer) is QuantizedSwitchLinear
-        and layer.mode == "affine"
-        and layer.get("global_scale") is None
-    ):
-        return ("quantized", layer.group_size, layer.bits, bias)
-    return None
+    return _fused.layer_kind(layer, SwitchLinear, (QuantizedSwitchLinear,))
 
 
 def _block(kind: tuple) -> Callable:
@@ -275,7 +263,6 @@ def _block(kind: tuple) -> Callable:
         def gather(x, indices, weight):
             return gather_mm(x, weight.swapaxes(-1, -2), rhs_indices=indices)
 
-        width = 2
     else:
         _, group_size, bits, _ = kind
 
@@ -283,17 +270,13 @@ def _block(kind: tuple) -> Callable:
             return gather_qmm(x, weight, scales, biases, None, indices, True, group_size, bits,
                               "affine", None)  # fmt: skip
 
-        width = 4
-
     def project(x, indices, *arrays):
         if not kind[-1]:
             return gather(x, indices, *arrays)
         return gather(x, indices, *arrays[:-1]) + mx.expand_dims(arrays[-1][indices], -2)
 
-    width -= not kind[-1]
-
     def forward(x, indices, *arrays):
-        gate, up, down = (arrays[i : i + width] for i in range(0, 3 * width, width))
+        gate, up, down = _fused.per_layer(kind, arrays)
         x = mx.expand_dims(x, (-2, -3))
         h = swiglu(project(x, indices, *gate), project(x, indices, *up))
         return project(h, indices, *down).squeeze(-2)
