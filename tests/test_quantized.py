@@ -401,6 +401,31 @@ def test_a_decoding_swiglu_block_is_one_compiled_call(monkeypatch, kind, bias):
     np.testing.assert_allclose(g, mx.grad(lambda x: layer_by_layer(x).sum())(x), atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["float", "ours"])
+def test_a_compiled_swiglu_block_follows_its_layers(kind):
+    """A compiled block serves the layers its module has now: a bias added to a layer after
+    the block was traced is added, a replaced layer's numbers are used and the old layer is
+    not kept alive by the block."""
+    import gc
+    import weakref
+
+    block = _block(kind)
+    x = _x((1, 1, 128))
+
+    def layer_by_layer(x):
+        g, u, d = block.gate_proj, block.up_proj, block.down_proj
+        return d(nn.silu(g(x)) * u(x))
+
+    np.testing.assert_allclose(block(x), layer_by_layer(x), rtol=1e-5, atol=1e-5)
+    block.down_proj.bias = mx.random.normal((128,))
+    np.testing.assert_allclose(block(x), layer_by_layer(x), rtol=1e-5, atol=1e-5)
+    old = weakref.ref(block.up_proj)
+    block.up_proj = _block(kind).up_proj
+    gc.collect()
+    assert old() is None
+    np.testing.assert_allclose(block(x), layer_by_layer(x), rtol=1e-5, atol=1e-5)
+
+
 def test_a_compiled_swiglu_block_follows_the_dispatchs_decisions(db, monkeypatch):
     """A compiled block keeps the variants it traced only while the dispatch keeps its
     decisions: a new record serves it after a reset; while calls are recorded each projection

@@ -4,6 +4,7 @@ a block's variants launch built once, when it is traced, not at every call."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import mlx.core as mx
@@ -25,8 +26,8 @@ def serving(module: nn.Module, kind: Callable, block: Callable):
     the block's inputs, or None where the layers are not all of one kind.
 
     Args:
-        module: the block; its compiled call is kept in it until a layer or a decision of the
-            dispatch changes.
+        module: the block; its compiled call is kept in it until a layer is replaced, gains
+            or loses an array (a bias), or a decision of the dispatch changes.
         kind: ``kind(layer)``, what a compiled call must know of a layer (see
             :func:`layer_kind`), or None for a layer it cannot serve.
         block: ``block(kind)``, the block's forward as a function of its inputs and arrays
@@ -35,7 +36,8 @@ def serving(module: nn.Module, kind: Callable, block: Callable):
     layers = [module[name] for name in LAYERS]
     generation, kept = dispatch._generation, module.__dict__.get("_fused")
     if kept is None or kept[0] != generation or any(map(_changed, kept[1], layers)):
-        kept = module.__dict__["_fused"] = (generation, layers, *_make(layers, kind, block))
+        marks = [(weakref.ref(layer), len(layer)) for layer in layers]
+        kept = module.__dict__["_fused"] = (generation, marks, *_make(layers, kind, block))
     fn, arrays = kept[2], kept[3]
     if fn is None:
         return None
@@ -60,8 +62,10 @@ def per_layer(kind: tuple, arrays: tuple) -> list[tuple]:
     return [arrays[i : i + width] for i in range(0, len(arrays), width)]
 
 
-def _changed(kept: nn.Module, layer: nn.Module) -> bool:
-    return kept is not layer
+def _changed(mark: tuple, layer: nn.Module) -> bool:
+    # Weakly held, so that a replaced layer's weights go with it; its entry count changes
+    # where an array (a bias) is added or deleted.
+    return mark[0]() is not layer or mark[1] != len(layer)
 
 
 def _make(layers: list, kind: Callable, block: Callable) -> tuple:
