@@ -23,7 +23,7 @@ import mlx.core as mx
 
 from . import recording, store
 from .hardware import current_backend, detect_chip
-from .problem import Problem, Unmodelled, parse_dtype
+from .problem import DTYPES, Problem, Unmodelled, parse_dtype
 from .store import shipped
 from .tuning_record import RecordError, TuningRecord
 
@@ -130,12 +130,13 @@ class Routes:
 
 
 def idle(op_name: str, dtype: mx.Dtype) -> bool:
-    """Whether every call of op ``op_name`` in ``dtype`` on the default device goes to the
-    op's default: no record on this chip could route one elsewhere (each usable record of
-    the dtype kept the default, or dispatch is ``MLXP_DISPATCH=default``) and nothing records
-    calls. Where it holds, what the patches put in a program's way
-    (:func:`mlx_primitives.patch_mlx`, :func:`mlx_primitives.lm.patch`) hands calls to what
-    they replaced, at the cost of this lookup.
+    """Whether every call of op ``op_name`` in ``dtype`` on the default device goes to MLX's
+    own function: the op's default calls it there (:attr:`Op.mlx_default`), no record on this
+    chip could route a call elsewhere (each usable record of the dtype kept the default, or
+    dispatch is ``MLXP_DISPATCH=default``) and nothing records calls. Where it holds, what the
+    patches put in a program's way (:func:`mlx_primitives.patch_mlx`,
+    :func:`mlx_primitives.lm.patch`) hands calls to what they replaced, at the cost of this
+    lookup.
 
     Args:
         op_name: the op's name (``rms_norm``).
@@ -171,8 +172,8 @@ def passing(ours: Callable, theirs: Callable, op_name: str) -> Callable:
 
 
 def unused(op_name: str) -> bool:
-    """Whether no call of op ``op_name``, of any dtype on any device of this machine, could go
-    elsewhere than the op's default: :func:`idle` everywhere. Where it holds, a patch may put
+    """Whether every call of op ``op_name``, of any dtype on any device of this machine, goes
+    to MLX's own function: :func:`idle` everywhere. Where it holds, a patch may put
     MLX's own function back in the program's way (until decisions are forgotten)."""
     gpus = [name for name, on in (("cuda", mx.cuda), ("metal", mx.metal)) if on.is_available()]
     return _defaults_serve(op_name, ["cpu", *gpus], None)
@@ -183,15 +184,19 @@ def _compute_idle(op_name: str, dtype: mx.Dtype) -> bool:
 
 
 def _defaults_serve(op_name: str, backends: list[str], dtype: str | None) -> bool:
-    """Whether nothing records calls and no usable record of op ``op_name`` on ``backends``
-    (of ``dtype``, or any) chose another variant than the default."""
+    """Whether nothing records calls, the op's default calls MLX's own function for every
+    problem (of ``dtype``, or any) on ``backends``, and no usable record of op ``op_name``
+    there chose another variant than the default."""
     if recording.active():
         return False
-    if mode() == "default":
-        return True
     from .registry import op as lookup  # the registry imports this module
 
     op = lookup(op_name)
+    dtypes = [dtype] if dtype is not None else list(DTYPES)
+    if not all(op.mlx_default(d, backend) for d in dtypes for backend in backends):
+        return False
+    if mode() == "default":
+        return True
     return not any(
         (dtype is None or p.dtype == dtype)
         and not rec.kept_default

@@ -176,6 +176,10 @@ class Op:
             with ``check`` (which raises on a bad one) instead of the whole problem.
         outside: serves, given the canonical arguments, the calls for which ``problem``
             raises :class:`~mlx_primitives.problem.Unmodelled` (MLX's own op, with its errors).
+        mlx_default: ``mlx_default(dtype, backend)``, whether the default of every problem of
+            a dtype's name on a back-end calls MLX's own function (what the patches hand a
+            call to where no record could change it, :func:`~mlx_primitives.dispatch.idle`);
+            None where it always does.
     """
 
     def __init__(
@@ -197,6 +201,7 @@ class Op:
         feed: int | None = 0,
         volatile: dict[int, Callable] | None = None,
         outside: Callable | None = None,
+        mlx_default: Callable[[str, str], bool] | None = None,
     ):
         self.name = name
         self.signature = inspect.signature(signature)
@@ -220,6 +225,7 @@ class Op:
         self.feed = feed
         self.volatile = volatile or {}
         self.outside = outside
+        self.mlx_default = mlx_default or (lambda dtype, backend: True)
         # The call with the canonical arguments, all given, and an optional stream: what the
         # public functions call.
         self.serve = dispatch.fast_path(self)

@@ -111,17 +111,47 @@ def test_patched_model_gives_stock_logits_and_tokens(served, family, quantized):
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe", "qwen3_next", "gpt_oss", "mamba2"])
 def test_patched_model_on_the_gpu(served, family):
-    # On CUDA the patched layers run custom kernels where records name them; every one of
-    # them must give the stock logits and tokens there too.
-    _check_patched_model(family, quantized=True)
+    """On a GPU the patched layers run custom kernels where records name them: the patched
+    model gives the stock model's logits and tokens, computed on the CPU (MLX's own float32
+    quantized matmul gave NaN on CUDA: docs/notes/2026-12-08-cuda-first-calls-and-float32-qmm.md),
+    within the precision of MLX's float32 matmuls there (TF32 on CUDA)."""
+    _check_patched_model(family, quantized=True, stock_on=mx.cpu)
 
 
-def _check_patched_model(family: str, quantized: bool) -> None:
+# Where the stock model runs on the CPU and the patched one on a GPU: the logits' tolerance
+# (MLX's float32 matmuls run at TF32 on CUDA), and the gap between the stock model's two best
+# tokens below which a greedy step may pick either.
+DEVICES_TOLERANCE = {"atol": 1e-2, "rtol": 1e-2}
+TIE = 2e-2
+
+
+def _stock_on(device, model, prompt: mx.array, tokens: int) -> tuple:
+    """The stock model's logits of ``prompt`` and greedy tokens on ``device``, each token with
+    its margin over the next best (mlx-lm's loop keeps a stream of the default device)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    with mx.stream(device):
+        logits = model(prompt[None])
+        cache = make_prompt_cache(model)
+        last = model(prompt[None], cache=cache)[0, -1]
+        out = []
+        for _ in range(tokens):
+            top = mx.sort(last)[-2:]
+            out.append((int(mx.argmax(last).item()), (top[1] - top[0]).item()))
+            last = model(mx.array([[out[-1][0]]]), cache=cache)[0, -1]
+        mx.eval(logits)
+    return logits, out
+
+
+def _check_patched_model(family: str, quantized: bool, stock_on=None) -> None:
     model = _model(family, quantized)
     before = dict(tree_flatten(model.parameters()))
     prompt = mx.array([5, 17, 3, 88, 41, 2, 9, 60, 33, 71, 12])
-    stock_logits = model(prompt[None])
-    stock_tokens = _greedy(model, prompt, 12)
+    if stock_on is None:
+        stock_logits = model(prompt[None])
+        stock_tokens = _greedy(model, prompt, 12)
+    else:
+        stock_logits, margins = _stock_on(stock_on, model, prompt, 12)
     report = lm.patch(model)
     assert patched()
     after = dict(tree_flatten(model.parameters()))
@@ -140,14 +170,24 @@ def _check_patched_model(family: str, quantized: bool) -> None:
         swiglus = 0 if family == "gpt_oss" else CONFIG["num_hidden_layers"]
         assert report.swapped.get("SwiGLU", 0) == swiglus
         assert any(isinstance(m, mp.SwitchGLU) for _, m in model.named_modules())
-    ref.assert_close(model(prompt[None]), ref.f64(stock_logits), mx.float32, atol=2e-4,
-                     rtol=1e-3)  # fmt: skip
-    assert _greedy(model, prompt, 12) == stock_tokens
+    if stock_on is None:
+        ref.assert_close(model(prompt[None]), ref.f64(stock_logits), mx.float32, atol=2e-4,
+                         rtol=1e-3)  # fmt: skip
+        assert _greedy(model, prompt, 12) == stock_tokens
+    else:
+        ref.assert_close(model(prompt[None]), ref.f64(stock_logits), mx.float32,
+                         **DEVICES_TOLERANCE)  # fmt: skip
+        # The same tokens up to the first the stock model nearly tied (either may follow).
+        for got, (want, margin) in zip(_greedy(model, prompt, 12), margins):
+            if margin < TIE:
+                break
+            assert got == want
     lm.unpatch(model)
     assert not any(
         type(m).__module__.startswith("mlx_primitives") for _, m in model.named_modules()
     )
-    np.testing.assert_array_equal(np.array(model(prompt[None])), np.array(stock_logits))
+    if stock_on is None:
+        np.testing.assert_array_equal(np.array(model(prompt[None])), np.array(stock_logits))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe", "qwen3_next", "mamba2"])

@@ -107,15 +107,49 @@ def test_problem_key():
 
 
 def test_float64_is_served_where_mlx_raises():
-    """MLX's own op takes no float64 (it raises when evaluated): the composition serves it."""
+    """MLX's own op takes no float64 (it raises when evaluated): the composition serves it,
+    called or through a layer (which hands to MLX's op only what its default would)."""
     w, scales, biases = _packed(8, 128, 64, 4, mx.float64)
     x = _x((3, 128), mx.float64)
+    layer = mp.QuantizedLinear(128, 8, bias=False)
+    layer.weight, layer.scales, layer.biases = w, scales, biases
     with mx.stream(mx.cpu):
-        got = mp.quantized_matmul(x, w, scales, biases)
         want = ref.quantized_matmul(x, w, scales, biases)
-        assert np.allclose(np.array(got), want, atol=1e-12, rtol=1e-12)
+        for got in (mp.quantized_matmul(x, w, scales, biases), layer(x)):
+            assert np.allclose(np.array(got), want, atol=1e-12, rtol=1e-12)
         with pytest.raises(RuntimeError):
             mx.eval(mx.quantized_matmul(x, w, scales, biases))
+
+
+def test_cuda_float32_of_many_rows_is_not_mlxs(monkeypatch):
+    """On CUDA, MLX's op serves float32 calls of 8 rows or more with a kernel that gave NaN
+    and unrepeatable outputs (docs/notes/2026-12-08-cuda-first-calls-and-float32-qmm.md):
+    there the default is the composition, and a layer's float32 calls never skip to MLX's
+    op; other dtypes, fewer rows and other back-ends stay MLX's."""
+    gather = get_op("gather_qmm")
+
+    def defaults(o, dtype, sizes, backend):
+        out = []
+        for n in sizes:
+            case = {**dict(zip([d.name for d in o.dims], [n, 8, 256, 64, 4, 64, True])),
+                    "dtype": dtype}  # fmt: skip
+            out.append(o._default({**case, "mode": "affine", "sorted": False}, backend)[0])
+        return out
+
+    assert defaults(OP, "float32", (1, 4, 8, 2048), "cuda") == ["builtin"] * 2 + ["dequantize"] * 2
+    assert defaults(OP, "float16", (8, 2048), "cuda") == ["builtin"] * 2
+    assert defaults(OP, "float32", (8, 2048), "cpu") == ["builtin"] * 2
+    assert defaults(gather, "float32", (4, 8), "cuda") == ["builtin", "take"]
+    assert defaults(gather, "bfloat16", (8,), "cuda") == ["builtin"]
+    for o in (OP, gather):
+        assert not o.mlx_default("float32", "cuda") and o.mlx_default("float32", "metal")
+    monkeypatch.setattr(dispatch, "current_backend", lambda: "cuda")
+    dispatch.forget_calls()
+    try:
+        assert not dispatch.idle("quantized_matmul", mx.float32)
+    finally:
+        monkeypatch.undo()
+        dispatch.forget_calls()  # what it found, kept for this (CPU) device
 
 
 def test_gradient_wrt_x_matches_mlx():
@@ -670,6 +704,38 @@ def test_kernel_at_layer_sizes_matches_the_reference(dtype, kernel):
             with poisoned():
                 got = v.build(**cfg)(*args)
             ref.assert_close(got, want, dtype, label=f"{kernel} {cfg}", **_tolerance(dtype))
+
+
+@pytest.mark.gpu
+def test_float32_of_every_row_count_is_served_right():
+    """float32 calls through the dispatch's defaults (no record) at the tiny models' layer (64
+    features, where MLX's CUDA op gave NaN and unrepeatable outputs from 8 rows) and a real
+    one: the reference's numbers, the same at every call, through the op and the layer.
+    Where MLX's float32 matmuls run at TF32 (CUDA), at its precision."""
+    tf32 = current_backend() == "cuda"
+    tol = {"atol": 5e-3, "rtol": 5e-3} if tf32 else _tolerance(mx.float32)
+    for out, k in ((64, 64), (1024, 4096)):
+        w, scales, biases = _packed(out, k)
+        layer = mp.QuantizedLinear(k, out, bias=False)
+        layer.weight, layer.scales, layer.biases = w, scales, biases
+        for rows in (1, 2, 7, 8, 11, 16, 64):
+            x = _x((rows, k), seed=rows)
+            want = ref.quantized_matmul(x, w, scales, biases)
+            first = mp.quantized_matmul(x, w, scales, biases)
+            for got in (first, mp.quantized_matmul(x, w, scales, biases), layer(x)):
+                ref.assert_close(got, want, mx.float32, label=f"{out}x{k} {rows} rows", **tol)
+                assert mx.array_equal(got, first).item(), f"{out}x{k} {rows} rows"
+    # The experts' product: one row per (token, expert) pair, 1 to 16 pairs.
+    w, scales, biases = (mx.stack(a) for a in zip(*(_packed(64, 64, seed=e) for e in range(4))))
+    for tokens in (1, 4, 5, 8):
+        x = _x((tokens, 1, 1, 64), seed=tokens)
+        experts = mx.array([[e % 4, (e + 1) % 4] for e in range(tokens)], mx.uint32)
+        args = (x, w, scales, biases, None, experts)
+        want = ref.gather_qmm(*args)
+        first = mp.gather_qmm(*args)
+        for got in (first, mp.gather_qmm(*args)):
+            ref.assert_close(got, want, mx.float32, label=f"{2 * tokens} pairs", **tol)
+            assert mx.array_equal(got, first).item(), f"{2 * tokens} pairs"
 
 
 def _stand_in(*, inputs, template, grid, threadgroup, output_shapes, output_dtypes, init_value):

@@ -22,7 +22,14 @@ from ._gather import (
     unsort,
 )
 from ._quantized_kernels import gather_mma_variant, gather_qmv_variant
-from .quantized_matmul import MODES, TOLERANCES, check_packed, sizes
+from .quantized_matmul import (
+    CUDA_FLOAT32_ROWS,
+    MODES,
+    TOLERANCES,
+    check_packed,
+    mlx_default,
+    sizes,
+)
 
 NAME = "gather_qmm"
 
@@ -179,8 +186,14 @@ def _kernel_args(
 
 
 def _default(problem, backend):
-    # MLX's op takes no float64: a composition serves it.
-    return ("take" if problem["dtype"] == "float64" else "builtin"), {}
+    # Where MLX's op cannot serve (mlx_default): float64 by the composition that takes it; on
+    # CUDA, float32 calls of as many pairs as MLX serves with its float32 qmm kernel.
+    dtype = problem["dtype"]
+    if dtype == "float64":
+        return "take", {}
+    if (backend, dtype) == ("cuda", "float32") and problem["pairs"] >= CUDA_FLOAT32_ROWS:
+        return ("take" if take_fits(problem, {}) else "dequantize"), {}
+    return "builtin", {}
 
 
 def _routes(tokens: int, experts: int, top_k: int, key: mx.array) -> mx.array:
@@ -332,6 +345,7 @@ OP = register(
         dims=DIMS,
         problem=_problem,
         outside=_served_by_mlx,
+        mlx_default=mlx_default,
         reference=reference,
         example=_example,
         case=_case,

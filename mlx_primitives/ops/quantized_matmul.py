@@ -166,9 +166,23 @@ def _case(p):
     return ((p["rows"], k), packed), options
 
 
+# From this many rows MLX's CUDA op serves float32 with a kernel whose outputs we found wrong
+# (NaN, or two identical calls differing): docs/notes/2026-12-08-cuda-first-calls-and-float32-qmm.md
+CUDA_FLOAT32_ROWS = 8
+
+
+def mlx_default(dtype: str, backend: str) -> bool:
+    """Whether MLX's own op is the default of every problem of ``dtype`` on ``backend``: not
+    in float64, which it does not take, nor in float32 on CUDA (:data:`CUDA_FLOAT32_ROWS`)."""
+    return dtype != "float64" and not (backend == "cuda" and dtype == "float32")
+
+
 def _default(problem, backend):
-    # MLX's own op takes no float64 (it raises when evaluated): the composition serves it.
-    return ("dequantize" if problem["dtype"] == "float64" else "builtin"), {}
+    # Where MLX's own op cannot serve, the composition does.
+    dtype, rows = problem["dtype"], problem["rows"]
+    if dtype == "float64" or (backend, dtype) == ("cuda", "float32") and rows >= CUDA_FLOAT32_ROWS:
+        return "dequantize", {}
+    return "builtin", {}
 
 
 def _example_of(rows: int, k: int, n: int, dtype: str, bits: int = 4, group_size: int = 64):
@@ -270,6 +284,7 @@ OP = register(
         dims=DIMS,
         problem=_problem,
         outside=_served_by_mlx,
+        mlx_default=mlx_default,
         reference=reference,
         example=_example,
         case=_case,
