@@ -1,22 +1,72 @@
 """Tune the same problems twice on this machine and report how often the winners differ.
 
-    python tools/agreement.py [--preset quick] [--op OP]... [--json]
+    python tools/agreement.py [--preset quick] [--op OP]... [--load N] [--json] [-o FILE]
 
 Where candidates tie (within noise of each other) the tuner's fixed order picks, so the runs
 agree; a disagreement means two candidates were apart by more than noise in one run and not
 in the other. Each disagreement is listed with both runs' winner and default latencies and
 how each was decided. Problems a run found the machine too noisy to decide (a win it could
 not confirm is not recorded; a finalists' round that could not tell keeps the default) are
-counted apart: the agreement is over the problems both runs decided.
+counted apart: the agreement is over the problems both runs decided. ``--load N`` runs N busy
+processes beside the two runs (a loaded machine); ``-o`` writes the report as a result file
+naming the device, MLX version and date (``benchmarks/results/agreement-<chip>.json`` makes
+``docs/benchmarks/agreement.md``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import multiprocessing
+import platform
 import sys
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
+
+
+def _busy() -> None:
+    while True:
+        pass
+
+
+@contextlib.contextmanager
+def loaded(processes: int):
+    """``processes`` busy processes running while the block runs."""
+    busy = [multiprocessing.Process(target=_busy, daemon=True) for _ in range(processes)]
+    for proc in busy:
+        proc.start()
+    try:
+        yield
+    finally:
+        for proc in busy:
+            proc.terminate()
+            proc.join()
+
+
+def header(preset: str, load: int) -> dict:
+    """What the result file says of the run: the device, the versions, the date, the load."""
+    import mlx.core as mx
+
+    import mlx_primitives as mp
+    from mlx_primitives.hardware import current_backend, detect_chip
+
+    backend = current_backend()
+    chip = detect_chip(backend)
+    return {
+        "suite": "agreement",
+        "about": __doc__.strip().splitlines()[0],
+        "device": chip.name,
+        "chip": chip.to_dict(),
+        "backend": backend,
+        "mlx_version": mx.__version__,
+        "package_version": mp.__version__,
+        "python": platform.python_version(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "preset": preset,
+        "load": load,
+    }
 
 
 def run_twice(preset: str, op_names: list[str] | None) -> dict:
@@ -74,11 +124,18 @@ def run_twice(preset: str, op_names: list[str] | None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--preset", default="quick", choices=("quick", "default", "full"))
-    p.add_argument("--op", action="append")
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--preset", default="quick", choices=("quick", "default", "full"), help="what to tune"
+    )
+    p.add_argument("--op", action="append", help="only these ops (default: every op)")
+    p.add_argument("--load", type=int, default=0, help="busy processes beside the runs")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("-o", "--output", type=Path, help="write the report as a result file")
     args = p.parse_args(argv)
-    report = run_twice(args.preset, args.op)
+    with loaded(args.load):
+        report = run_twice(args.preset, args.op)
+    if args.output:
+        args.output.write_text(json.dumps({**header(args.preset, args.load), **report}, indent=1))
     if args.json:
         print(json.dumps(report, indent=1))
         return 0

@@ -217,12 +217,17 @@ def _latest(results: dict[str, dict], suite: str, where=lambda data: True) -> li
 
 def summaries(results: dict[str, dict]) -> dict[str, list[str]]:
     """The pages that gather one measurement across devices, and the files each is made of:
-    the host suite's dispatch overhead (with the cost of recording) and the model suite."""
+    the host suite's dispatch overhead (with the cost of recording), the model suite and the
+    agreement of two tuning runs (tools/agreement.py)."""
     overhead, record = (
         _latest(results, "host", lambda d, s=s: any(r.get("section") == s for r in d["results"]))
         for s in ("overhead", "record")
     )
-    return {"overhead": overhead + record, "model": _latest(results, "model")}
+    return {
+        "overhead": overhead + record,
+        "model": _latest(results, "model"),
+        "agreement": _latest(results, "agreement"),
+    }
 
 
 def _us(seconds: float) -> str:
@@ -303,6 +308,56 @@ def overhead_page(results: dict[str, dict], names: list[str]) -> str:
                 f"| `{r['op']}` | {_us(r['off_s'])} | {_us(r['on_s'])} "
                 f"| {_us(r['record_cost_s'])} |"
             )
+    return "\n".join(lines) + "\n"
+
+
+# The least share of decisions two tuning runs on a loaded machine must agree on (issue #26).
+AGREEMENT_GOAL = 0.95
+
+
+def _decision(run: dict) -> str:
+    params = ",".join(f"{k}={v}" for k, v in run["params"].items())
+    return (
+        f"`{run['variant']}`{f' ({params})' if params else ''}: "
+        f"{_us(run['median_s'])} vs the default's {_us(run['default_median_s'])}"
+    )
+
+
+def agreement_page(results: dict[str, dict], names: list[str]) -> str:
+    """How often two tuning runs of one preset on one machine, under load, pick one winner."""
+    lines = [
+        "# Agreement of two tuning runs",
+        "",
+        GENERATED,
+        "",
+        "Every problem of a preset tuned twice on one machine (seeds 0 and 1), with busy "
+        "processes running beside both runs, and the winners compared over the problems both "
+        "runs decided (a run that found the machine too noisy to decide a problem records no "
+        "win there: counted apart). From `python tools/agreement.py --preset quick --load 1 "
+        f"-o FILE`; goal: at least {100 * AGREEMENT_GOAL:.0f}% agree.",
+    ]
+    for name in names:
+        data = results[name]
+        same = data["problems"] - data["disagreements"]
+        lines += [
+            "",
+            f"## {_device(data)}",
+            "",
+            f"MLX {data['mlx_version']}, {data['date'][:10]}, "
+            f"[`{name}`](../../benchmarks/results/{name}); preset `{data['preset']}`, "
+            f"{data['load']} busy process{'es' if data['load'] != 1 else ''} beside.",
+            "",
+            f"**{same} of {data['problems']} problems decided by both runs got the same winner "
+            f"({100 * data['agreement']:.1f}%).** Too noisy to decide: "
+            f"{data['undecided'][0]} problems in the first run, {data['undecided'][1]} in the "
+            "second.",
+        ]
+        if data["details"]:
+            lines += ["", "| problem | first run | second run |", "|---|---|---|"]
+            for d in data["details"]:
+                a, b = d["runs"]
+                problem = d["problem"].replace("|", "\\|")  # a cell's pipes, code or not
+                lines.append(f"| `{problem}` | {_decision(a)} | {_decision(b)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -572,7 +627,7 @@ def render(root: Path) -> dict[Path, str]:
         for n in pages
     }
     gathered = summaries(results)
-    makers = {"overhead": overhead_page, "model": model_page}
+    makers = {"overhead": overhead_page, "model": model_page, "agreement": agreement_page}
     for stem, names in gathered.items():
         if names:
             out[root / "docs" / "benchmarks" / f"{stem}.md"] = makers[stem](results, names)
