@@ -134,14 +134,20 @@ def tolerance(op, dtype: str) -> tuple[float, float]:
 
 
 def run_checked(op, fn: Callable, args: tuple, dtype: str, want: list | None = None) -> CheckResult:
-    """Run ``fn(*args)`` with poisoned outputs and compare with ``op``'s reference in float64
-    (``want``: :func:`expected` of ``args``, where already made); ``dtype`` names the inputs'
-    dtype. A failure to run is a failed check."""
+    """Run ``fn(*args)`` with poisoned outputs and compare with ``op``'s reference: the
+    outputs' dtypes with the reference's on the same arguments, their values with the
+    reference in float64 (``want``: :func:`expected` of ``args``, where already made);
+    ``dtype`` names the inputs' dtype. A failure to run is a failed check."""
     try:
         with poisoned():
             out = as_list(fn(*args))
             mx.eval(out)
     except Exception as e:  # any failure of a candidate is a rejection, not a crash
         return CheckResult(False, float("inf"), f"{type(e).__name__}: {e}")
+    # The reference's graph in the call's own dtypes, never evaluated: its outputs' dtypes.
+    dtypes = [o.dtype for o in as_list(op.reference(*args))]
+    for i, (o, d) in enumerate(zip(out, dtypes)):
+        if o.dtype != d:
+            return CheckResult(False, float("inf"), f"output {i} has dtype {o.dtype}, expected {d}")
     want = expected(op, args) if want is None else want
     return check_outputs(out, want, tolerance(op, dtype))

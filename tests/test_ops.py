@@ -222,6 +222,37 @@ def test_rope_tiled_configs_fit_threadgroup_memory():
     assert tiled.allows({**problem, "freqs": True}, {**cfg, "positions": 16, "angles": "table"})
 
 
+@pytest.mark.parametrize("name", ["rms_norm", "layer_norm"])
+def test_norm_variants_give_mlxs_output_dtype(name):
+    """Every variant of a norm gives the dtype MLX's gives, for every mix of x's, the weight's
+    and the bias's dtypes (without a weight, MLX keeps x's dtype whatever the bias's)."""
+    o = get_op(name)
+    mlx = getattr(mx.fast, name)
+    x = mx.random.normal((3, 8)).astype(mx.float16)
+    kinds = (None, mx.float16, mx.float32, mx.bfloat16)
+    vectors = (
+        [(w,) for w in kinds] if name == "rms_norm" else [(w, b) for w in kinds for b in kinds]
+    )
+    for dtypes in vectors:
+        args = (x, *(None if d is None else mx.ones((8,), d) for d in dtypes), 1e-5)
+        want = mlx(*args).dtype
+        assert o.reference(*args).dtype == want, dtypes
+        for v, cfg in _variants(name):
+            assert v.build(**cfg)(*args).dtype == want, (v.name, dtypes)
+
+
+def test_a_candidate_of_another_output_dtype_fails_its_check():
+    """The tuner's check compares a candidate's output dtype with the reference's, whatever
+    its values."""
+    from mlx_primitives.check import run_checked
+
+    o = get_op("layer_norm")
+    args = (mx.random.normal((4, 64)).astype(mx.float16), None, mx.zeros((64,)), 1e-5)
+    assert run_checked(o, o.reference, args, "float16").ok
+    verdict = run_checked(o, lambda *a: o.reference(*a).astype(mx.float32), args, "float16")
+    assert not verdict.ok and "dtype mlx.core.float32, expected mlx.core.float16" in verdict.reason
+
+
 @pytest.mark.parametrize("dims", [7, 64])
 def test_rms_norm_module_is_a_drop_in(dims):
     ours, theirs = mp.RMSNorm(dims, eps=1e-6), nn.RMSNorm(dims, eps=1e-6)

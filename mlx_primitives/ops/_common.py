@@ -17,6 +17,14 @@ from ..problem import DTYPES
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
+def norm_dtype(x: mx.array, weight: mx.array | None, bias: mx.array | None = None) -> mx.Dtype:
+    """The output dtype of MLX's norms: x's, promoted with the weight's and, where a weight
+    is given, the bias's (without a weight MLX keeps x's dtype whatever the bias's)."""
+    if weight is None:
+        return x.dtype
+    return mx.result_type(x, weight, *(() if bias is None else (bias,)))
+
+
 def check_array(op: str, name: str, x, *, min_ndim: int = 1) -> tuple[str, tuple]:
     """``x`` is a non-empty floating mx.array with at least ``min_ndim`` dims; returns the
     name of its dtype and its shape (each attribute of an mx.array is fetched once, here and

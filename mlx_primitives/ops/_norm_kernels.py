@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import mlx.core as mx
-
 from ..dialect.kernel import GpuKernel, Plans, float_bits, itemsize, with_reference_transforms
 from ..registry import GPU_BACKENDS, Variant
+from ._common import norm_dtype
 
 # Float registers a thread may hold for its part of a row before the row family spills.
 MAX_REGISTERS = 64
@@ -69,8 +68,7 @@ def norm_variants(op: str, reference: Callable, names: tuple[str, ...]) -> list[
         def plan(x, vectors, eps) -> tuple:
             d = x.shape[-1]
             rows = x.size // d
-            present = [v for v in vectors if v is not None]
-            out_dtype = mx.result_type(x, *present) if present else x.dtype
+            out_dtype = norm_dtype(x, *vectors)
             template = {"T": x.dtype}
             for name, v in zip(names, vectors):
                 template[_VECTORS[name][0]] = x.dtype if v is None else v.dtype

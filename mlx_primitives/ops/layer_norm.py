@@ -13,6 +13,7 @@ from ._common import (
     check_real,
     check_vector,
     mlx_variants,
+    norm_dtype,
     random,
     row_presets,
     vector_example,
@@ -34,7 +35,7 @@ def _problem(x, weight, bias, eps):
 
 def reference(x: mx.array, weight: mx.array | None, bias: mx.array | None, eps: float) -> mx.array:
     """The composition: mean and variance in float32 (float64 for float64 inputs)."""
-    out_dtype = mx.result_type(*(a for a in (x, weight, bias) if a is not None))
+    out_dtype = norm_dtype(x, weight, bias)
     acc = accumulator(out_dtype)
     xf = x.astype(acc)
     mean = mx.mean(xf, axis=-1, keepdims=True)

@@ -13,6 +13,7 @@ from ._common import (
     check_real,
     check_vector,
     mlx_variants,
+    norm_dtype,
     random,
     row_presets,
     vector_example,
@@ -33,7 +34,7 @@ def _problem(x, weight, eps):
 
 def reference(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
     """The composition: statistics and scaling in float32 (float64 for float64 inputs)."""
-    out_dtype = x.dtype if weight is None else mx.result_type(x, weight)
+    out_dtype = norm_dtype(x, weight)
     acc = accumulator(out_dtype)
     xf = x.astype(acc)
     y = xf * mx.rsqrt(mx.mean(mx.square(xf), axis=-1, keepdims=True) + eps)
