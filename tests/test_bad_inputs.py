@@ -30,19 +30,9 @@ CASES = [
         ValueError,
         "[rms_norm] x must have a floating",
     ),
-    (
-        mp.rms_norm,
-        (x, mx.ones((8,), mx.int32)),
-        {},
-        ValueError,
-        "[rms_norm] weight must have a floating",
-    ),
     (mp.rms_norm, (mx.ones((0, 8)), w), {}, ValueError, "[rms_norm] x has a zero-size dim"),
     (mp.rms_norm, (mx.array(1.0), None), {}, ValueError, "[rms_norm] x must have at least 1 dims"),
-    (mp.rms_norm, (x, w, -1.0), {}, ValueError, "[rms_norm] eps must be a finite non-negative"),
-    (mp.rms_norm, (x, w, float("nan")), {}, ValueError, "[rms_norm] eps"),
     (mp.rms_norm, (x, w, "1e-5"), {}, TypeError, "[rms_norm] eps must be a real number"),
-    (mp.rms_norm, (x, w, True), {}, TypeError, "[rms_norm] eps must be a real number"),
     # layer_norm
     (
         mp.layer_norm,
@@ -53,7 +43,7 @@ CASES = [
     ),
     (mp.layer_norm, (x, mx.ones((9,)), None), {}, ValueError, "[layer_norm] weight has shape (9,)"),
     (mp.layer_norm, ([1.0], None, None), {}, TypeError, "[layer_norm] x must be an mlx.core.array"),
-    (mp.layer_norm, (x, w, w, float("inf")), {}, ValueError, "[layer_norm] eps"),
+    (mp.layer_norm, (x, w, w, "1e-5"), {}, TypeError, "[layer_norm] eps must be a real number"),
     (
         mp.layer_norm,
         (mx.ones((3, 0)), None, None),
@@ -91,7 +81,6 @@ CASES = [
         ValueError,
         "[rope] freqs has shape (3,)",
     ),
-    (mp.rope, (h, 8), {"base": -1.0}, ValueError, "[rope] base must be a finite positive"),
     (mp.rope, (h, 8), {"offset": 1.5}, ValueError, "[rope] offset must be an integer"),
     (mp.rope, (h, 8), {"offset": 2**31}, ValueError, "[rope] offset must fit in int32"),
     (
@@ -122,9 +111,9 @@ CASES = [
         (x, mx.ones((4, 7))),
         {},
         ValueError,
-        "[swiglu] up has shape (4, 7), expected (4, 8)",
+        "[swiglu] up has shape (4, 7), which does not broadcast with gate's (4, 8)",
     ),
-    (mp.swiglu, (x, x.astype(mx.float16)), {}, TypeError, "[swiglu] up has dtype mlx.core.float16"),
+    (mp.swiglu, (x, mx.ones((4, 8), mx.int32)), {}, ValueError, "[swiglu] up must have a floating"),
     (mp.swiglu, (x, None), {}, TypeError, "[swiglu] up must be an mlx.core.array"),
     (
         mp.swiglu,
@@ -135,6 +124,14 @@ CASES = [
     ),
     (mp.geglu, (x, x, "erf"), {}, ValueError, "[geglu] approximate must be one of"),
     (mp.geglu, (x, mx.ones((8, 4))), {}, ValueError, "[geglu] up has shape (8, 4)"),
+    # attention sinks: a dtype that promotes to q's, as MLX requires (at every size)
+    (
+        mp.flash_attention,
+        (*(mx.ones((1, 2, 3, 8), mx.float16),) * 3,),
+        {"sinks": mx.zeros((2,))},
+        ValueError,
+        "[flash_attention] sinks has dtype mlx.core.float32, which does not promote to float16",
+    ),
 ]
 
 

@@ -412,8 +412,8 @@ def test_the_fast_path_reuses_only_what_was_checked():
     checked again, and rope's new offsets are checked by their own check."""
     x, w = mx.ones((2, 8)), mx.ones((8,))
     mp.rms_norm(x, w, 1e-5)
-    with pytest.raises(ValueError, match=r"\[rms_norm\] eps"):
-        mp.rms_norm(x, w, -1.0)
+    with pytest.raises(TypeError, match=r"\[rms_norm\] eps must be a real number"):
+        mp.rms_norm(x, w, "1e-5")
     with pytest.raises(ValueError, match=r"\[rms_norm\] weight has shape"):
         mp.rms_norm(x, mx.ones((4,)), 1e-5)
     h = mx.ones((1, 2, 3, 8))

@@ -172,6 +172,25 @@ def test_norm_gradients_match_mlx(fast):
 
 
 @pytest.mark.parametrize(
+    "name,args",
+    [
+        ("rms_norm", (mx.ones((8,), mx.int32), -1e-5)),
+        ("rms_norm", (mx.ones((8,)), float("inf"))),
+        ("rms_norm", (None, True)),
+        ("layer_norm", (mx.ones((8,), mx.int32), None, 1e-5)),
+        ("layer_norm", (None, mx.ones((8,), mx.int32), -1.0)),
+    ],
+)
+def test_norms_take_what_mlx_takes(fast, name, args):
+    """Values the variants do not model but MLX's norms take (an integer weight or bias, a
+    negative, infinite or boolean eps) give MLX's results."""
+    x = mx.random.normal((2, 8)).astype(mx.float16)
+    got, want = fast[name](x, *args), MLX_FAST[name](x, *args)
+    assert got.dtype == want.dtype
+    _close(got, want)
+
+
+@pytest.mark.parametrize(
     "call",
     [
         lambda f: f["rms_norm"](mx.ones((2, 8)), mx.ones((4,)), 1e-5),
@@ -211,6 +230,22 @@ def _rope(f, x, dims, **kwargs):
 def test_rope_matches_mlx(fast, shape, dims, options):
     x = mx.random.normal(shape)
     _close(_rope(fast, x, dims, **options), _rope(MLX_FAST, x, dims, **options), 1e-4)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"base": -10000.0},
+        {"scale": -1.0},
+        {"scale": float("inf")},
+        {"base": None, "freqs": mx.array([1, 2, 4, 8], mx.int32)},
+    ],
+)
+def test_rope_takes_what_mlx_takes(fast, options):
+    """A negative or non-finite base or scale, or integer frequencies, which the variants do
+    not model: MLX's results."""
+    x = mx.random.normal((1, 2, 4, 8))
+    _close(_rope(fast, x, 8, **options), _rope(MLX_FAST, x, 8, **options), 1e-4)
 
 
 def test_rope_on_a_transposed_input_and_a_stream(fast):

@@ -290,6 +290,23 @@ def test_swiglu_is_served_where_models_call_it_and_mx_fast_left_as_the_user_had_
     mp.unpatch_mlx()
 
 
+def test_a_patched_swiglu_takes_what_mlx_lms_takes(served):
+    """mlx-lm's swiglu broadcasts and promotes: Mamba-2's gated norm multiplies a float32
+    output (its skip weights kept in float32) by a bfloat16 gate. Patched, with the calls
+    going through the dispatch (served) and while they are recorded, the model gives the
+    stock logits."""
+    model = _model("mamba2", quantized=False)
+    model.set_dtype(mx.bfloat16)
+    for layer in model.layers:
+        layer.mixer.D = layer.mixer.D.astype(mx.float32)
+    prompt = mx.array([[5, 17, 3, 88, 41]])
+    want = ref.f64(model(prompt))
+    lm.patch(model)
+    ref.assert_close(model(prompt), want, mx.bfloat16)
+    with mp.record():
+        ref.assert_close(model(prompt), want, mx.bfloat16)
+
+
 @pytest.mark.parametrize("use_kernel", [False, True])
 def test_gated_delta_update_keeps_a_float64_state(use_kernel):
     """float64 in, float64 arithmetic throughout, as mlx-lm's own steps (use_kernel=False

@@ -379,6 +379,24 @@ def test_inverse_permutation_on_both_sides_of_its_switch(n):
     np.testing.assert_array_equal(order[np.array(inverse(mx.array(order)))], np.arange(n))
 
 
+def test_quantized_switch_layers_share_routes_only_where_their_arrays_agree():
+    """The layers' routes are shared: a route made for one layer is never another's whose
+    biases have another dtype; that layer gives what mp.gather_qmm gives for its arrays (MLX's
+    call, which raises in float64)."""
+    a, b = (mp.QuantizedSwitchLinear(128, 64, 4, bias=False) for _ in range(2))
+    a.set_dtype(mx.float64)
+    b.set_dtype(mx.float64)
+    b.biases = b.biases.astype(mx.float32)
+    x = mx.random.normal((2, 1, 1, 128)).astype(mx.float64)
+    idx = mx.array([[0, 1], [2, 3]], mx.uint32)
+    with mx.stream(mx.cpu):
+        mx.eval(a(x, idx))
+        with pytest.raises(RuntimeError):
+            mx.eval(mp.gather_qmm(x, b.weight, b.scales, b.biases, rhs_indices=idx))
+        with pytest.raises(RuntimeError):
+            mx.eval(b(x, idx))
+
+
 def test_quantized_switch_linear_keeps_its_routes_until_the_dispatch_forgets_them(db, monkeypatch):
     """A layer's calls are checked and routed once per shape and order (then kept), and
     routed again once the dispatch forgets its decisions: a new record then serves them."""

@@ -241,6 +241,19 @@ def test_norm_variants_give_mlxs_output_dtype(name):
             assert v.build(**cfg)(*args).dtype == want, (v.name, dtypes)
 
 
+def test_gated_activations_broadcast_and_promote_as_mlx_multiplies():
+    """A gate and an up of other shapes that broadcast, or of other dtypes, are computed as
+    MLX's arithmetic computes them (mlx-lm's swiglu takes them)."""
+    gate = mx.random.normal((3, 1, 8)).astype(mx.bfloat16)
+    for up in (mx.random.normal((4, 8)), mx.random.normal((3, 1, 8)).astype(mx.float16)):
+        want = nn.silu(gate) * up
+        got = mp.swiglu(gate, up)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-6)
+        want = nn.gelu_approx(gate) * up
+        np.testing.assert_allclose(np.array(mp.geglu(gate, up, "tanh")), np.array(want), rtol=1e-2)
+
+
 def test_a_candidate_of_another_output_dtype_fails_its_check():
     """The tuner's check compares a candidate's output dtype with the reference's, whatever
     its values."""

@@ -376,6 +376,23 @@ def test_quantized_linear_hands_to_mlx_the_calls_no_record_could_change(monkeypa
     assert reached == ["quantized_matmul"]
 
 
+def test_quantized_layers_share_routes_only_where_their_arrays_agree():
+    """The layers' routes are shared: a route made for one layer's scales is never another's
+    whose scales have another dtype (a float64 input: the composition serves the first, and
+    the second, of float32 scales, is MLX's call, which raises as mp.quantized_matmul's
+    does)."""
+    a, b = mp.QuantizedLinear(128, 64, bias=False), mp.QuantizedLinear(128, 64, bias=False)
+    a.set_dtype(mx.float64)
+    x = _x((2, 128), mx.float64)
+    with mx.stream(mx.cpu):
+        want = ref.quantized_matmul(x, a.weight, a.scales, a.biases)
+        assert np.allclose(np.array(a(x)), want, atol=1e-12)
+        with pytest.raises(RuntimeError):
+            mx.eval(mp.quantized_matmul(x, b.weight, b.scales, b.biases))
+        with pytest.raises(RuntimeError):
+            mx.eval(b(x))
+
+
 # --- SwiGLU blocks of quantized layers -------------------------------------------------------
 
 

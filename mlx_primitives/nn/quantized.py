@@ -65,8 +65,20 @@ class QuantizedLinear(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         weight, scales, biases = self["weight"], self["scales"], self.get("biases")
         args = (x, weight, scales, biases, True, self.group_size, self.bits, self.mode)
-        if x.__class__ is mx.array:  # what changes between a layer's calls: the input
-            key = (x.shape, x.dtype, weight.shape, self.group_size, self.bits, self.mode)
+        if x.__class__ is mx.array:
+            # What changes between a layer's calls (the input) and between layers: the
+            # routes are shared, and a route is checked for one layer's dtypes and shapes.
+            key = (
+                x.shape,
+                x.dtype,
+                weight.shape,
+                scales.shape,
+                scales.dtype,
+                None if biases is None else biases.dtype,
+                self.group_size,
+                self.bits,
+                self.mode,
+            )
             y = _ROUTES.serving(key, OP, args)(*args)
         else:
             y = quantized_matmul(*args)  # the op's own error

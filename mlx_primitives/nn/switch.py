@@ -153,17 +153,21 @@ class QuantizedSwitchLinear(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         weight, scales, scale = self["weight"], self["scales"], self.get("global_scale")
-        args = (x, weight, scales, self.get("biases"), None, indices, True, self.group_size,
+        biases = self.get("biases")
+        args = (x, weight, scales, biases, None, indices, True, self.group_size,
                 self.bits, self.mode, scale, sorted_indices)  # fmt: skip
         if x.__class__ is mx.array and indices.__class__ is mx.array:
-            # What changes between a layer's calls: the tokens, their experts, the order.
+            # What changes between a layer's calls (the tokens, their experts, the order) and
+            # between layers: the routes are shared, each checked for one layer's arrays.
             key = (
                 x.shape,
                 x.dtype,
                 indices.shape,
                 indices.dtype,
                 weight.shape,
+                scales.shape,
                 scales.dtype,
+                None if biases is None else biases.dtype,
                 self.group_size,
                 self.bits,
                 self.mode,

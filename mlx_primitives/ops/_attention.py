@@ -95,14 +95,17 @@ def check_mask(op: str, mask, shape: tuple[int, int, int, int], dtype: str) -> s
     return "additive"
 
 
-def check_sinks(op: str, sinks, heads: int) -> bool:
-    """``sinks`` is None or a floating vector of one logit per query head."""
+def check_sinks(op: str, sinks, heads: int, dtype: str) -> bool:
+    """``sinks`` is None or a floating vector of one logit per query head, of a dtype that
+    promotes to the inputs' ``dtype`` (as MLX requires)."""
     if sinks is None:
         return False
     if not isinstance(sinks, mx.array) or not mx.issubdtype(sinks.dtype, mx.floating):
         raise TypeError(f"[{op}] sinks must be a floating mlx.core.array or None")
     if sinks.shape != (heads,):
         raise ValueError(f"[{op}] sinks has shape {sinks.shape}, expected ({heads},)")
+    if mx.result_type(sinks.dtype, getattr(mx, dtype)) != getattr(mx, dtype):
+        raise ValueError(f"[{op}] sinks has dtype {sinks.dtype}, which does not promote to {dtype}")
     return True
 
 

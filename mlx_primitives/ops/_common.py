@@ -11,7 +11,7 @@ from numbers import Integral, Real
 
 import mlx.core as mx
 
-from ..problem import DTYPES
+from ..problem import DTYPES, Unmodelled
 
 # The floating dtypes, by the name a problem key gives them.
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -42,12 +42,17 @@ def check_array(op: str, name: str, x, *, min_ndim: int = 1) -> tuple[str, tuple
     return dtype, shape
 
 
-def check_vector(op: str, name: str, v, size: int) -> str:
+def check_vector(op: str, name: str, v, size: int, *, mlx_takes_any: bool = False) -> str:
     """``v`` is None or a floating vector of ``size`` elements; returns its dtype's name, or
     "none": a problem value where kernels are built per dtype of each argument and per
-    argument present (selective_scan keeps only whether it is present)."""
+    argument present (selective_scan keeps only whether it is present). With
+    ``mlx_takes_any``, a vector of another dtype is :class:`Unmodelled` (MLX's op takes it)."""
     if v is None:
         return "none"
+    if mlx_takes_any and isinstance(v, mx.array) and v.dtype not in _NAMES:
+        if v.shape != (size,):
+            raise ValueError(f"[{op}] {name} has shape {v.shape}, expected ({size},)")
+        raise Unmodelled(f"[{op}] the variants model a floating {name}, got {v.dtype}")
     dtype, shape = check_array(op, name, v)
     if shape != (size,):
         raise ValueError(f"[{op}] {name} has shape {shape}, expected ({size},)")
@@ -66,17 +71,23 @@ def check_same(op: str, a_name: str, a, b_name: str, b) -> tuple[str, tuple]:
     return dtype, shape
 
 
-def check_real(op: str, name: str, value, *, positive: bool = False) -> float:
-    """A finite real number (not a bool), >= 0 (or > 0 when ``positive``)."""
+def check_real(
+    op: str, name: str, value, *, positive: bool = False, mlx_takes_any: bool = False
+) -> float:
+    """A finite real number (not a bool), >= 0 (or > 0 when ``positive``). With
+    ``mlx_takes_any``, another real number is :class:`Unmodelled` (MLX's op takes it)."""
     # float and int first: the ABC check below costs more than the rest of a call's checks.
     if type(value) is float and 0 <= value < math.inf and (value > 0 or not positive):
         return value
-    if isinstance(value, bool) or not isinstance(value, Real):
+    if not isinstance(value, Real) or (isinstance(value, bool) and not mlx_takes_any):
         raise TypeError(f"[{op}] {name} must be a real number, got {type(value).__name__}")
+    kind = "positive" if positive else "non-negative"
+    if isinstance(value, bool):  # MLX takes it as a number
+        raise Unmodelled(f"[{op}] {name} must be a finite {kind} number, got {value}")
     value = float(value)
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        kind = "positive" if positive else "non-negative"
-        raise ValueError(f"[{op}] {name} must be a finite {kind} number, got {value}")
+        error = Unmodelled if mlx_takes_any else ValueError
+        raise error(f"[{op}] {name} must be a finite {kind} number, got {value}")
     return value
 
 

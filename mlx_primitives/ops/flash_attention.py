@@ -28,7 +28,7 @@ def _problem(q, k, v, causal, scale, layout, mask, sinks):
     dtype, (b, hq, hkv, lq, lk, d) = att.check_qkv(NAME, q, k, v, layout, scale)
     check_bool(NAME, "causal", causal)
     mask_kind = att.check_mask(NAME, mask, (b, hq, lq, lk), dtype)
-    has_sinks = att.check_sinks(NAME, sinks, hq)
+    has_sinks = att.check_sinks(NAME, sinks, hq, dtype)
     values = att.problem_values(b, hq, hkv, lq, lk, d, layout)
     return dtype, (*values, causal, mask_kind, has_sinks)
 

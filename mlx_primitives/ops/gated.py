@@ -8,9 +8,9 @@ import math
 import mlx.core as mx
 
 from ..dialect.kernel import with_reference_transforms
-from ..problem import EXACT, Dim, bucket
+from ..problem import EXACT, Dim, Unmodelled, bucket
 from ..registry import Op, register
-from ._common import accumulator, check_choice, check_same, mlx_variants, random, row_presets
+from ._common import accumulator, check_array, check_choice, mlx_variants, random, row_presets
 from ._gated_kernels import gated_variants
 
 APPROXIMATIONS = ("none", "tanh", "fast")
@@ -19,8 +19,27 @@ GELU_DIMS = (*DIMS, Dim("approximate", EXACT))
 
 
 def _rows(name: str, gate, up) -> tuple[str, tuple]:
-    dtype, shape = check_same(name, "gate", gate, "up", up)
+    dtype, shape = check_array(name, "gate", gate)
+    up_dtype, up_shape = check_array(name, "up", up)
+    if up_shape != shape or up_dtype != dtype:
+        try:
+            mx.broadcast_shapes(shape, up_shape)
+        except ValueError:
+            raise ValueError(
+                f"[{name}] up has shape {up_shape}, which does not broadcast with gate's {shape}"
+            ) from None
+        raise Unmodelled(f"[{name}] the variants model a gate and up of one shape and dtype")
     return dtype, (bucket(gate.size // shape[-1]), shape[-1])
+
+
+def _swiglu_outside(gate, up):
+    """Gates and ups that broadcast or differ in dtype: MLX's arithmetic, as mlx-lm's swiglu
+    computes them."""
+    return gate * mx.sigmoid(gate) * up
+
+
+def _geglu_outside(gate, up, approximate):
+    return gelu(gate, approximate) * up
 
 
 def _swiglu_problem(gate, up):
@@ -94,7 +113,8 @@ def swiglu(gate: mx.array, up: mx.array, *, stream: mx.Stream | None = None) -> 
 
     Args:
         gate: the gate projection's output.
-        up: the up projection's output, same shape and dtype as ``gate``.
+        up: the up projection's output: ``gate``'s shape and dtype, or else any that
+            broadcasts with it (then computed as MLX multiplies, promoting the dtypes).
         stream: the stream or device to run on (default: the default stream).
     """
     return SWIGLU.serve(gate, up, stream)
@@ -111,7 +131,8 @@ def geglu(
 
     Args:
         gate: the gate projection's output.
-        up: the up projection's output, same shape and dtype as ``gate``.
+        up: the up projection's output: ``gate``'s shape and dtype, or else any that
+            broadcasts with it (then computed as MLX multiplies, promoting the dtypes).
         approximate: ``"none"`` for the exact erf GELU (like ``mlx.nn.gelu``), ``"tanh"``
             (like ``mlx.nn.gelu_approx``) or ``"fast"`` (like ``mlx.nn.gelu_fast_approx``).
         stream: the stream or device to run on (default: the default stream).
@@ -128,6 +149,7 @@ SWIGLU = register(
         signature=swiglu,
         dims=DIMS,
         problem=_swiglu_problem,
+        outside=_swiglu_outside,
         reference=swiglu_reference,
         example=_example,
         case=_case,
@@ -145,6 +167,7 @@ GEGLU = register(
         signature=geglu,
         dims=GELU_DIMS,
         problem=_geglu_problem,
+        outside=_geglu_outside,
         reference=geglu_reference,
         example=_example,
         case=_case,

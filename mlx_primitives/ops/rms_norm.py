@@ -27,8 +27,8 @@ DIMS = (Dim("rows"), Dim("dims", EXACT), Dim("weight", EXACT))
 def _problem(x, weight, eps):
     dtype, shape = check_array(NAME, "x", x)
     n = shape[-1]
-    weight_dtype = check_vector(NAME, "weight", weight, n)
-    check_real(NAME, "eps", eps)
+    weight_dtype = check_vector(NAME, "weight", weight, n, mlx_takes_any=True)
+    check_real(NAME, "eps", eps, mlx_takes_any=True)
     return dtype, (bucket(x.size // n), n, weight_dtype)
 
 
@@ -81,6 +81,8 @@ OP = register(
         signature=rms_norm,
         dims=DIMS,
         problem=_problem,
+        # What the variants do not model (an integer weight, a negative eps): MLX's op.
+        outside=MLX_FAST["rms_norm"],
         reference=reference,
         example=_example,
         case=_case,

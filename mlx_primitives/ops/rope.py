@@ -79,12 +79,12 @@ def _problem(x, dims, traditional, base, scale, offset, freqs, layout):
     if dims % 2 or dims > head_dim:
         raise ValueError(f"[{NAME}] dims must be even and at most {head_dim}, got {dims}")
     check_bool(NAME, "traditional", traditional)
-    check_real(NAME, "scale", scale)
+    check_real(NAME, "scale", scale, mlx_takes_any=True)
     if (base is None) == (freqs is None):
         raise ValueError(f"[{NAME}] give exactly one of base and freqs")
     if base is not None:
-        check_real(NAME, "base", base, positive=True)
-    check_vector(NAME, "freqs", freqs, dims // 2)
+        check_real(NAME, "base", base, positive=True, mlx_takes_any=True)
+    check_vector(NAME, "freqs", freqs, dims // 2, mlx_takes_any=True)
     _check_offset(offset, shape[0])
     if layout == "BHSD":
         seq, heads = shape[-2], math.prod(shape[1:-2])
@@ -246,6 +246,8 @@ OP = register(
         signature=rope,
         dims=DIMS,
         problem=_problem,
+        # What the variants do not model (a negative base or scale, integer freqs): MLX's op.
+        outside=_builtin,
         reference=reference,
         example=_example,
         case=_case,

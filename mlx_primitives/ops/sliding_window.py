@@ -30,7 +30,7 @@ def _problem(q, k, v, window_size, scale, layout, mask, sinks):
     if lq > lk:
         raise ValueError(f"[{NAME}] needs q_len <= kv_len, got {lq} > {lk}")
     mask_kind = att.check_mask(NAME, mask, (b, hq, lq, lk), dtype)
-    has_sinks = att.check_sinks(NAME, sinks, hq)
+    has_sinks = att.check_sinks(NAME, sinks, hq, dtype)
     window = min(window_size, lk)  # a window past the start is the causal mask
     values = att.problem_values(b, hq, hkv, lq, lk, d, layout)
     return dtype, (*values, bucket(window), mask_kind, has_sinks)
