@@ -400,9 +400,10 @@ def choose(op: Op, problem: Problem) -> Decision:
             if src == source and p == problem:
                 why = unusable(rec, problem)
                 if why is None:
-                    return decision(
-                        rec.variant, rec.params, source, f"tuned for this problem on {chip}"
-                    )
+                    reason = f"tuned for this problem on {chip}"
+                    if rec.kept_default:  # the default serves: the op's own, as it is now
+                        return decision(*op.default(problem, backend), source, reason)
+                    return decision(rec.variant, rec.params, source, reason)
                 skipped.append(f"{source} record skipped: {why}")
     near = nearest(problem, found, lambda rec: unusable(rec, problem))
     if near.record is not None:

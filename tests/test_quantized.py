@@ -143,13 +143,27 @@ def test_cuda_float32_of_many_rows_is_not_mlxs(monkeypatch):
     assert defaults(gather, "bfloat16", (8,), "cuda") == ["builtin"]
     for o in (OP, gather):
         assert not o.mlx_default("float32", "cuda") and o.mlx_default("float32", "metal")
-    monkeypatch.setattr(dispatch, "current_backend", lambda: "cuda")
-    dispatch.forget_calls()
-    try:
-        assert not dispatch.idle("quantized_matmul", mx.float32)
-    finally:
-        monkeypatch.undo()
-        dispatch.forget_calls()  # what it found, kept for this (CPU) device
+    with monkeypatch.context() as on_cuda:
+        on_cuda.setattr(dispatch, "current_backend", lambda: "cuda")
+        dispatch.forget_calls()
+        try:
+            assert not dispatch.idle("quantized_matmul", mx.float32)
+        finally:
+            on_cuda.undo()
+            dispatch.forget_calls()  # what it found, kept for this (CPU) device
+
+
+def test_a_record_that_kept_the_default_serves_the_default_of_now(db, monkeypatch):
+    """A record that kept the default says the default serves: the op's default as it is now
+    (one made before CUDA's float32 calls left MLX's op keeps them off it)."""
+    w, scales, biases = _packed(64, 256)
+    args = (_x((16, 256)), w, scales, biases, True, 64, 4, "affine")
+    db.put(record(OP, args, "builtin", default_variant="builtin"))
+    dispatch.reset()
+    assert dispatch.choose(OP, OP.problem(*args)).variant == "builtin"
+    monkeypatch.setattr(OP, "_default", lambda problem, backend: ("dequantize", {}))
+    decision = dispatch.choose(OP, OP.problem(*args))
+    assert (decision.variant, decision.source) == ("dequantize", "user")
 
 
 def test_gradient_wrt_x_matches_mlx():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import time
@@ -125,33 +126,33 @@ def test_dispatch_overhead_reports_its_parts():
 def test_agreement_runs_under_load_and_makes_a_page(tmp_path, monkeypatch):
     """tools/agreement.py runs its busy processes for the runs' length only and writes a result
     file naming the device; its page says how many decisions agree and lists the others."""
-    import multiprocessing
-
     tool = _load("agreement")
-    seen = []
+    with tool.loaded(2) as busy:
+        assert len(busy) == 2 and all(p.poll() is None for p in busy)
+    assert all(p.returncode is not None for p in busy)
     report = {"problems": 20, "disagreements": 1, "rate": 0.05, "agreement": 0.95,
               "undecided": [0, 2], "undecided_details": [],
               "details": [{"problem": "toy|float32|rows=64", "runs": [
                   {"variant": "tiled", "params": {"block": 32}, "median_s": 1e-6,
-                   "default_median_s": 2e-6, "note": ""},
+                   "default_median_s": 2e-6, "note": "2.00x confirming"},
                   {"variant": "default", "params": {}, "median_s": 2e-6,
-                   "default_median_s": 2e-6, "note": ""}]}]}  # fmt: skip
-
-    def run_twice(preset, ops):
-        seen.append(len(multiprocessing.active_children()))
-        return report
-
-    monkeypatch.setattr(tool, "run_twice", run_twice)
+                   "default_median_s": 2e-6, "note": "the default kept"}]}]}  # fmt: skip
+    loads = []
+    monkeypatch.setattr(tool, "loaded", lambda n: loads.append(n) or contextlib.nullcontext())
+    monkeypatch.setattr(tool, "run_twice", lambda preset, ops: report)
     out = tmp_path / "agreement-x.json"
     assert tool.main(["--load", "2", "-o", str(out)]) == 0
-    assert seen == [2] and not multiprocessing.active_children()
+    assert loads == [2]
     data = json.loads(out.read_text())
     assert data["suite"] == "agreement" and data["load"] == 2 and data["mlx_version"]
     page = _load("docs_pages").agreement_page({out.name: data}, [out.name])
     assert "**19 of 20 problems decided by both runs got the same winner (95.0%).**" in page
     assert "Too noisy to decide: 0 problems in the first run, 2 in the second." in page
     # The key's pipes escaped, so that they do not split the table's cell.
-    want = "| `toy\\|float32\\|rows=64` | `tiled` (block=32): 1.00 us vs the default's 2.00 us |"
+    want = (
+        "| `toy\\|float32\\|rows=64` | `tiled` (block=32): 1.00 us vs the default's 2.00 us "
+        "(2.00x confirming) | `default`: 2.00 us vs the default's 2.00 us (the default kept) |"
+    )
     assert want in page
 
 

@@ -18,31 +18,29 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import multiprocessing
 import platform
+import subprocess
 import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-
-def _busy() -> None:
-    while True:
-        pass
+# A busy process: spins until its parent is gone (a killed tool leaves none behind).
+BUSY = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    sum(range(10000))\n"
 
 
 @contextlib.contextmanager
 def loaded(processes: int):
-    """``processes`` busy processes running while the block runs."""
-    busy = [multiprocessing.Process(target=_busy, daemon=True) for _ in range(processes)]
-    for proc in busy:
-        proc.start()
+    """``processes`` busy processes running while the block runs; yields them."""
+    busy: list[subprocess.Popen] = []
     try:
-        yield
+        for _ in range(processes):
+            busy.append(subprocess.Popen([sys.executable, "-c", BUSY]))
+        yield busy
     finally:
         for proc in busy:
-            proc.terminate()
-            proc.join()
+            proc.kill()
+            proc.wait()
 
 
 def header(preset: str, load: int) -> dict:

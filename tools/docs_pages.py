@@ -319,7 +319,8 @@ def _decision(run: dict) -> str:
     params = ",".join(f"{k}={v}" for k, v in run["params"].items())
     return (
         f"`{run['variant']}`{f' ({params})' if params else ''}: "
-        f"{_us(run['median_s'])} vs the default's {_us(run['default_median_s'])}"
+        f"{_us(run['median_s'])} vs the default's {_us(run['default_median_s'])} "
+        f"({run['note']})"
     )
 
 

@@ -357,6 +357,12 @@ LONG_BLOCKS = {"block_q": 128, "block_k": 128}
 LONG_MAX_BLOCKS = {"block_q": 512, "block_k": 128}
 
 
+def mlx_default(dtype: str, backend: str) -> bool:
+    """Whether MLX's attention is the default of every problem on ``backend`` (not on the CPU,
+    where :func:`untuned` serves long calls with the blocked composition)."""
+    return backend != "cpu"
+
+
 def untuned(problem: dict, backend: str, builtin: str) -> tuple[str, dict]:
     """An attention op's default: ``builtin``, or on the CPU from LONG_SCORES scores on the
     blocked composition."""

@@ -219,6 +219,7 @@ OP = register(
         example=_example,
         case=_case,
         default=lambda problem, backend: att.untuned(problem, backend, "builtin"),
+        mlx_default=att.mlx_default,
         variants=[
             Variant(
                 "builtin", lambda: _builtin, description="mx.fast.scaled_dot_product_attention"

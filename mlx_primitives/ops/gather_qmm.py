@@ -23,11 +23,11 @@ from ._gather import (
 )
 from ._quantized_kernels import gather_mma_variant, gather_qmv_variant
 from .quantized_matmul import (
-    CUDA_FLOAT32_ROWS,
     MODES,
     TOLERANCES,
     check_packed,
     mlx_default,
+    mlx_serves,
     sizes,
 )
 
@@ -186,14 +186,13 @@ def _kernel_args(
 
 
 def _default(problem, backend):
-    # Where MLX's op cannot serve (mlx_default): float64 by the composition that takes it; on
-    # CUDA, float32 calls of as many pairs as MLX serves with its float32 qmm kernel.
-    dtype = problem["dtype"]
-    if dtype == "float64":
+    # Where MLX's op cannot serve, a composition: float64 (only on the CPU) by the one that
+    # takes it, float32 on CUDA by either.
+    if mlx_serves(problem["dtype"], backend, problem["pairs"]):
+        return "builtin", {}
+    if problem["dtype"] == "float64" or take_fits(problem, {}):
         return "take", {}
-    if (backend, dtype) == ("cuda", "float32") and problem["pairs"] >= CUDA_FLOAT32_ROWS:
-        return ("take" if take_fits(problem, {}) else "dequantize"), {}
-    return "builtin", {}
+    return "dequantize", {}
 
 
 def _routes(tokens: int, experts: int, top_k: int, key: mx.array) -> mx.array:

@@ -171,18 +171,24 @@ def _case(p):
 CUDA_FLOAT32_ROWS = 8
 
 
+def mlx_serves(dtype: str, backend: str, rows: int) -> bool:
+    """Whether MLX's own op may serve a problem of ``rows`` (bucketed: rows or pairs) in
+    ``dtype`` on ``backend``: not in float64, which it does not take, nor in float32 on CUDA
+    from :data:`CUDA_FLOAT32_ROWS`."""
+    cuda_float32 = (backend, dtype) == ("cuda", "float32")
+    return dtype != "float64" and not (cuda_float32 and rows >= CUDA_FLOAT32_ROWS)
+
+
 def mlx_default(dtype: str, backend: str) -> bool:
-    """Whether MLX's own op is the default of every problem of ``dtype`` on ``backend``: not
-    in float64, which it does not take, nor in float32 on CUDA (:data:`CUDA_FLOAT32_ROWS`)."""
-    return dtype != "float64" and not (backend == "cuda" and dtype == "float32")
+    """Whether MLX's own op is the default of every problem of ``dtype`` on ``backend``."""
+    return mlx_serves(dtype, backend, CUDA_FLOAT32_ROWS)
 
 
 def _default(problem, backend):
     # Where MLX's own op cannot serve, the composition does.
-    dtype, rows = problem["dtype"], problem["rows"]
-    if dtype == "float64" or (backend, dtype) == ("cuda", "float32") and rows >= CUDA_FLOAT32_ROWS:
-        return "dequantize", {}
-    return "builtin", {}
+    if mlx_serves(problem["dtype"], backend, problem["rows"]):
+        return "builtin", {}
+    return "dequantize", {}
 
 
 def _example_of(rows: int, k: int, n: int, dtype: str, bits: int = 4, group_size: int = 64):

@@ -168,6 +168,7 @@ OP = register(
         example=_window_example,
         case=_window_case,
         default=lambda problem, backend: att.untuned(problem, backend, "builtin_masked"),
+        mlx_default=att.mlx_default,
         variants=[
             Variant(
                 "builtin_masked",
