@@ -13,7 +13,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-import sys
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -100,15 +99,20 @@ def record(db: str | None = None) -> Iterator[None]:
     finally:
         _stack.remove(recorder)
         _forget()
-        if sys.exc_info()[0] is None:
-            recorder.flush()
-        else:  # the block's own error goes on; a failure to store is only reported
-            try:
-                recorder.flush()
-            except Exception as e:
-                warnings.warn(
-                    f"[record] the counts were not stored: {e}", RuntimeWarning, stacklevel=3
-                )
+        _store(recorder)
+
+
+def _store(recorder: _Recorder) -> None:
+    """Store ``recorder``'s counts; a database that cannot take them (unreadable, read-only) is
+    reported, never raised into the program that recorded."""
+    try:
+        recorder.flush()
+    except Exception as e:
+        warnings.warn(
+            f"[record] the counts were not stored: {e}. Run `mlxp-tune doctor` for how to recover.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 def _from_environment() -> None:
@@ -118,4 +122,4 @@ def _from_environment() -> None:
         recorder = _Recorder(None)
         _stack.insert(0, recorder)
         _forget()
-        atexit.register(recorder.flush)
+        atexit.register(_store, recorder)

@@ -11,6 +11,7 @@ import pytest
 from mlx_primitives.hardware import current_backend, detect_chip
 from mlx_primitives.store import shipped
 from mlx_primitives.tuning.cli import main
+from mlx_primitives.tuning_record import TuningRecord
 
 from .cli_run import run, run_json
 from .toy import record
@@ -110,6 +111,10 @@ def test_explain_default_text(capsys):
         (["tune", "--shape", "8x64", "--dtype", "float32"], "one problem of one --op"),
         (["tune", "--op", "rms_norm", "--trials", "0"], "--trials must be at least 1"),
         (["tune", "--preset", "huge"], "invalid choice"),
+        (["tune", "--seed", "-3"], "argument --seed: must be at least 0, got -3"),
+        (["tune", "--candidate-timeout", "-1"], "must be a positive number of seconds, got -1"),
+        (["tune", "--time-budget", "-5"], "argument --time-budget: must be at least 0 seconds"),
+        (["tune", "--recorded", "--top", "-2"], "argument --top: must be at least 0, got -2"),
         (
             ["explain", "rms_norm", "--shape", "8x64", "--shape", "63", "--dtype", "float32"],
             "[rms_norm] weight has shape (63,), expected (64,)",
@@ -125,6 +130,40 @@ def test_usage_errors_exit_2(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+def test_a_path_that_cannot_be_written_is_an_error_not_a_traceback(capsys, tmp_path):
+    """export to a missing folder or onto a directory: an error line, exit 1, and no
+    temporary file left beside the destination."""
+    run(capsys, *TUNE)
+    for dest in (tmp_path / "missing" / "x.json", tmp_path):
+        code, _, err = run(capsys, "export", str(dest))
+        assert code == 1 and err.startswith("error: "), err
+    assert not list(tmp_path.parent.glob(f"{tmp_path.name}.tmp*"))
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does():
+    """What timeout(1) and job schedulers send interrupts a run as Ctrl-C does (the tuner then
+    marks its candidate interrupted); the program's own handler is put back after. In a
+    process of its own: without the handler SIGTERM ends the process."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal, time\n"
+        "from mlx_primitives.tuning import cli\n"
+        "def terminated(args):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(5)\n"
+        "cli.HANDLERS['list'] = terminated\n"
+        "before = signal.getsignal(signal.SIGTERM)\n"
+        "code = cli.main(['list'])\n"
+        "assert signal.getsignal(signal.SIGTERM) is before\n"
+        "raise SystemExit(code)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 1, (done.returncode, done.stderr)
+    assert "interrupted: finished problems are saved" in done.stderr
+
+
 def test_export_import(capsys, tmp_path, open_db):
     run(capsys, *TUNE)
     path = tmp_path / "out.json"
@@ -134,6 +173,23 @@ def test_export_import(capsys, tmp_path, open_db):
     code, out, _ = run(capsys, "import", str(path), "--db", str(other))
     assert code == 0 and "imported 1 records" in out
     assert open_db(other).records() == open_db().records()
+
+
+def test_import_keeps_a_record_that_ranks_higher(capsys, tmp_path, open_db):
+    """An export's stale record of a problem the database holds a current record of does not
+    replace it (merge's rule): nothing is lost by importing an old file."""
+    run(capsys, *TUNE)
+    (current,) = open_db().records()
+    stale = {
+        **current.to_dict(),
+        "mlx_version": "0.20.0",
+        "created_at": "2020-01-01T00:00:00+00:00",
+    }
+    path = tmp_path / "old.json"
+    shipped.write(path, [TuningRecord.from_dict(stale)])
+    code, out, err = run(capsys, "import", str(path))
+    assert code == 0 and "1 kept the database's own" in out, out + err
+    assert open_db().records() == [current]
 
 
 def test_import_of_a_bad_file_fails_cleanly(capsys, tmp_path):
@@ -158,15 +214,24 @@ def test_doctor(capsys, user_db):
 def test_clear(capsys, user_db):
     run(capsys, *TUNE)
     code, out, _ = run(capsys, "clear", "--op", "layer_norm")
-    assert "cleared 0 records" in out
+    assert "cleared 0 records of layer_norm" in out
+    for command in ("clear", "show"):
+        with pytest.raises(SystemExit):
+            run(capsys, command, "--op", "nosuch")
+        assert "unknown op 'nosuch'" in capsys.readouterr().err
+    code, out, _ = run(capsys, "clear", "--op", "layer_norm", "--op", TUNE[TUNE.index("--op") + 1])
+    assert code == 0 and "cleared 1 records" in out
+    run(capsys, *TUNE)
     code, out, _ = run(capsys, "clear")
     assert code == 0 and "cleared 1 records" in out
     assert user_rows(capsys) == []
 
 
-def test_clear_moves_an_unusable_database_aside(capsys, user_db):
+@pytest.mark.parametrize("given", ["environment", "--db"])
+def test_clear_moves_an_unusable_database_aside(capsys, user_db, given):
+    """The database named by MLXP_TUNING_DB or by --db as a path: the same."""
     user_db.write_bytes(b"garbage" * 200)
-    code, out, _ = run(capsys, "clear")
+    code, out, _ = run(capsys, "clear", *(["--db", str(user_db)] if given == "--db" else []))
     assert code == 0 and "moved it to" in out
     assert not user_db.exists()
     (aside,) = user_db.parent.glob("tuning.sqlite.unusable-*")

@@ -130,3 +130,18 @@ def test_a_failure_inside_the_block_is_not_replaced_by_the_store(tmp_path):
 
     with pytest.raises(KeyError, match="the block's own"), pytest.warns(RuntimeWarning):
         run()
+
+
+def test_a_database_that_cannot_store_the_counts_never_stops_the_program(tmp_path):
+    """An unreadable database is reported with a warning when a block ends (the dispatch
+    ignores it the same way), and when a process recording under MLXP_RECORD exits."""
+    corrupt = tmp_path / "corrupt.sqlite"
+    corrupt.write_text("garbage")
+    stored = pytest.warns(RuntimeWarning, match=r"\[record\] the counts were not stored")
+    with stored, mp.record(str(corrupt)):
+        _norm()
+    script = "import mlx.core as mx, mlx_primitives as mp\nmp.rms_norm(mx.ones((2, 8)), None)"
+    env = {**os.environ, "MLXP_RECORD": "1", "MLXP_TUNING_DB": str(corrupt)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert "the counts were not stored" in done.stderr

@@ -22,10 +22,15 @@ def default_user_url() -> str:
     """``MLXP_TUNING_DB`` as a URL, else the platformdirs user data location."""
     value = os.environ.get("MLXP_TUNING_DB", "").strip()
     if value:
-        return value if "://" in value else path_url(value)
+        return as_url(value)
     from platformdirs import user_data_dir
 
     return path_url(Path(user_data_dir("mlx-primitives")) / "tuning.sqlite")
+
+
+def as_url(value: str) -> str:
+    """A database given as a path or a URL, as a URL."""
+    return value if "://" in value else path_url(value)
 
 
 def shown_url(url: str) -> str:

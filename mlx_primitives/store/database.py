@@ -46,6 +46,7 @@ from . import (  # noqa: F401 (the store's light names, also used from here)
     SCHEMA_VERSION,
     DatabaseError,
     EmptyDatabaseError,
+    as_url,
     default_user_url,
     exists,
     path_url,
@@ -268,7 +269,7 @@ class TuningDB:
     """
 
     def __init__(self, url: str, *, create: bool = True):
-        self.url = url if "://" in url else path_url(url)
+        self.url = as_url(url)
         self.shown = shown_url(self.url)
         path = url_path(self.url)
         try:

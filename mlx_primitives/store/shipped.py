@@ -35,8 +35,11 @@ def write(dest, records: list[TuningRecord]) -> None:
     lines = ",\n".join("  " + json.dumps(r, sort_keys=True) for r in rows)
     body = f'{{"format": "{FORMAT}", "schema": {SCHEMA_VERSION}, "records": [\n{lines}\n]}}\n'
     tmp = Path(f"{dest}.tmp{os.getpid()}")
-    tmp.write_text(body)
-    os.replace(tmp, dest)
+    try:
+        tmp.write_text(body)
+        os.replace(tmp, dest)
+    finally:  # a destination that cannot be written leaves nothing behind
+        tmp.unlink(missing_ok=True)
 
 
 def read(src) -> list:

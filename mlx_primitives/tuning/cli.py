@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from ..hardware import current_backend, detect_chip
 from ..problem import Problem, parse_dtype
 from ..registry import Example, Op, ops
 from ..registry import op as get_op
-from ..store import shipped
+from ..store import as_url, shipped
 from ..store.database import (
     DatabaseError,
     TuningDB,
@@ -45,6 +46,30 @@ COMMANDS = (
 
 class UsageError(Exception):
     """Bad arguments: exit code 2."""
+
+
+def _count(text: str) -> int:
+    """An argument that counts something: an integer of at least 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """An argument in seconds: a finite number above 0."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _budget(text: str) -> float:
+    """A time budget in seconds: a finite number, at least 0 (0: start nothing)."""
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be at least 0 seconds, got {text}")
+    return value
 
 
 def _console(stderr: bool = False):
@@ -98,8 +123,13 @@ def _example(args) -> Example:
     return Example(tuple(_parse_shape(s) for s in args.shape), args.dtype, options)
 
 
+def _url(args) -> str:
+    """The database a command works on: ``--db`` (a path or URL), else the user's."""
+    return as_url(args.db) if args.db else default_user_url()
+
+
 def _open(args, *, create: bool) -> TuningDB:
-    url = args.db if args.db else default_user_url()
+    url = _url(args)
     return TuningDB(url, create=create)
 
 
@@ -471,9 +501,10 @@ def cmd_list(args) -> int:
 
 
 def cmd_show(args) -> int:
+    _ops(args.op)  # an unknown op is a usage error
     chip = args.chip or detect_chip().slug
     user = []
-    url = args.db or default_user_url()
+    url = _url(args)
     if exists(url):
         db = TuningDB(url, create=False)
         user = db.records(chip=None if chip == "all" else chip)
@@ -544,7 +575,7 @@ def cmd_report(args) -> int:
 
     selected = _ops(args.op)
     chip = args.chip or detect_chip().slug
-    url = args.db or default_user_url()
+    url = _url(args)
     if args.png:
         os.makedirs(args.png, exist_ok=True)
     try:
@@ -570,18 +601,26 @@ def cmd_export(args) -> int:
 
 
 def cmd_import(args) -> int:
+    from .merge import fold
+
     valid, skipped = [], []
     for entry in shipped.read(args.path):
         rec, why = _checked(entry)
         if rec is None:
             skipped.append(why)
         else:
-            valid.append(rec)
+            valid.append((rec, str(args.path)))
     db = _open(args, create=True)
-    for rec in valid:
-        db.put(rec)
+    try:
+        merge = fold(db, valid)  # a record of a problem the database holds: merge's rule
+    finally:
+        db.close()
     dispatch.reset()
-    print(f"imported {len(valid)} records into {db.shown}")
+    print(
+        f"imported {merge.count('added') + merge.count('replaced')} records into {db.shown} "
+        f"({merge.count('added')} added, {merge.count('replaced')} replaced, "
+        f"{merge.count('kept')} kept the database's own, which ranks higher)"
+    )
     if skipped:
         print(f"skipped {len(skipped)} malformed records, e.g.: {skipped[0]}", file=sys.stderr)
     return 0
@@ -625,7 +664,7 @@ def cmd_merge(args) -> int:
 def cmd_doctor(args) -> int:
     backend = current_backend()
     chip = detect_chip(backend)
-    url = args.db or default_user_url()
+    url = _url(args)
     report = {
         "mlx_primitives": __version__,
         "mlx": mx.__version__,
@@ -696,7 +735,7 @@ def _doctor_text(report: dict) -> str:
 
 
 def cmd_clear(args) -> int:
-    url = args.db or default_user_url()
+    url = _url(args)
     if not exists(url):
         print(f"nothing to clear: no database at {shown_url(url)}")
         return 0
@@ -715,9 +754,11 @@ def cmd_clear(args) -> int:
         print(f"{path} was unusable ({e}); moved it to {aside}")
         return 0
     chip = None if args.chip == "all" else (args.chip or detect_chip().slug)
-    n = db.clear(op=args.op, chip=chip)
+    names = [o.name for o in _ops(args.op)] if args.op else [None]
+    n = sum(db.clear(op=name, chip=chip) for name in names)
     dispatch.reset()
-    print(f"cleared {n} records" + (f" of {chip}" if chip else "") + f" from {db.shown}")
+    of = " and ".join(filter(None, (", ".join(args.op or []), chip)))
+    print(f"cleared {n} records" + (f" of {of}" if of else "") + f" from {db.shown}")
     return 0
 
 
@@ -753,13 +794,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--trials",
-        type=int,
+        type=_count,
         help="most candidates measured per problem (the default and each variant's first "
         "configuration always are)",
     )
     t.add_argument(
         "--time-budget",
-        type=float,
+        type=_budget,
         metavar="SECONDS",
         help="start no problem after this many seconds (one running ends)",
     )
@@ -782,11 +823,11 @@ def _parser() -> argparse.ArgumentParser:
         help="tune the problems recorded on this chip (mp.record, MLXP_RECORD=1) that no "
         "record of their own serves, the most costly first (calls x the default's time)",
     )
-    t.add_argument("--top", type=int, metavar="N", help="with --recorded: only the N costliest")
+    t.add_argument("--top", type=_count, metavar="N", help="with --recorded: only the N costliest")
     t.add_argument("--force", action="store_true", help="re-tune problems already tuned")
     t.add_argument(
         "--candidate-timeout",
-        type=float,
+        type=_seconds,
         default=CANDIDATE_TIMEOUT_S,
         metavar="SECONDS",
         help="seconds after which a candidate is recorded as hung and tuning stops "
@@ -794,13 +835,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--seed",
-        type=int,
+        type=_count,
         default=0,
         help="seed of the search and of the timing inputs (default 0)",
     )
     t.add_argument(
         "--lease",
-        type=float,
+        type=_seconds,
         default=DEFAULT_LEASE_S,
         metavar="SECONDS",
         help="how long this worker's claim on a problem holds without its heartbeat: workers "
@@ -845,7 +886,11 @@ def _parser() -> argparse.ArgumentParser:
     ep.add_argument("path", help="the JSON file to write")
     ep.add_argument("--chip", help="only this chip slug (default: all)")
 
-    ip = add("import", "add the records of a JSON export to the database")
+    ip = add(
+        "import",
+        "add the records of a JSON export to the database; of two records of one problem "
+        "the one merge's rule ranks higher stays",
+    )
     ip.add_argument("path", help="a JSON export (mlxp-tune export, or tuning_db/<chip>.json)")
 
     mg = add(
@@ -859,7 +904,7 @@ def _parser() -> argparse.ArgumentParser:
     as_json(dr, "the report")
 
     cl = add("clear", "delete tuning records (this chip's unless --chip says otherwise)")
-    cl.add_argument("--op", help="only this op's records")
+    cl.add_argument("--op", action="append", help="only this op's records (repeatable)")
     cl.add_argument("--chip", help="a chip slug, or 'all' (default: this chip)")
     return p
 
@@ -885,6 +930,9 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "tune")
     parser = _parser()
     args = parser.parse_args(argv)
+    # What timeout(1) and job schedulers send stops a run as Ctrl-C does: the candidate being
+    # measured is marked interrupted (tried again next time), its lease released.
+    terminated = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return HANDLERS[args.command](args)
     except UsageError as e:
@@ -895,6 +943,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished problems are saved; run again to resume", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader left (| head): nothing more to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as e:  # a path to write that cannot be (a missing folder, a directory)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, terminated)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 if __name__ == "__main__":
