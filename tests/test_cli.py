@@ -107,7 +107,7 @@ def test_explain_default_text(capsys):
         (["tune", "--op", "rms_norm", "--shape", "8x64"], "--shape needs --dtype"),
         (["tune", "--op", "rms_norm", "--shape", "8by64", "--dtype", "float32"], "not of the form"),
         (["tune", "--op", "rms_norm", "--shape", "8x0", "--dtype", "float32"], "positive sizes"),
-        (["tune", "--op", "rms_norm", "--shape", "8x64", "--dtype", "int4"], "unknown dtype"),
+        (["tune", "--op", "rms_norm", "--shape", "8x64", "--dtype", "int4"], "int4: tuning covers"),
         (["tune", "--shape", "8x64", "--dtype", "float32"], "one problem of one --op"),
         (["tune", "--op", "rms_norm", "--trials", "0"], "--trials must be at least 1"),
         (["tune", "--preset", "huge"], "invalid choice"),
@@ -120,6 +120,34 @@ def test_explain_default_text(capsys):
             "[rms_norm] weight has shape (63,), expected (64,)",
         ),
         (["explain", "rms_norm", "--dtype", "float32"], "explain needs --shape"),
+        (
+            ["explain", "swiglu", "--shape", "4x256", "--shape", "4x128", "--dtype", "float32"],
+            "[swiglu] --shape 4x128 does not fit its array argument 2",
+        ),
+        (
+            [
+                "explain",
+                "rms_norm",
+                *["--shape", "8x64", "--shape", "64"] * 2,
+                "--dtype",
+                "float32",
+            ],
+            "[rms_norm] takes 2 arrays, got 4 shapes",
+        ),
+        (
+            [
+                "tune",
+                "--op",
+                "rms_norm",
+                "--shape",
+                "8x64",
+                "--dtype",
+                "float32",
+                "--option",
+                "a=1",
+            ],
+            "[rms_norm] no option 'a'; it takes weight",
+        ),
         (["frobnicate"], "unrecognized arguments: frobnicate"),
     ],
 )
@@ -376,7 +404,7 @@ def test_show_reports_a_broken_database(capsys, user_db):
                 "--option",
                 "foo=1",
             ],
-            "unexpected keyword argument",
+            "[rms_norm] no option 'foo'; it takes weight",
         ),
         (
             ["tune", "--op", "rms_norm", "--shape", "4x8", "--dtype", "float64"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import os
 import signal
@@ -113,14 +114,34 @@ def _ops(names: list[str] | None) -> list[Op]:
 def _example(args) -> Example:
     if not args.dtype:
         raise UsageError("--shape needs --dtype")
-    try:
-        parse_dtype(args.dtype)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     if args.dtype not in TUNED_DTYPES:
         raise UsageError(f"--dtype {args.dtype}: tuning covers {', '.join(TUNED_DTYPES)}")
     options = tuple(sorted(_parse_option(o) for o in args.option or []))
     return Example(tuple(_parse_shape(s) for s in args.shape), args.dtype, options)
+
+
+def _call(o: Op, ex: Example) -> tuple:
+    """The arguments of the call ``ex`` describes, checked by the op: each shape given is the
+    shape of the array argument in its place, and each option one the op takes."""
+    takes = list(inspect.signature(o._example).parameters)[3:]  # after shapes, dtype, key
+    unknown = [k for k, _ in ex.options if k not in takes]
+    if unknown:
+        raise UsageError(f"[{o.name}] no option {unknown[0]!r}; it takes {', '.join(takes)}")
+    try:
+        call = o.example(ex.shapes, parse_dtype(ex.dtype), mx.random.key(0), **dict(ex.options))
+        arrays = [a for a in call if isinstance(a, mx.array)]
+        if len(ex.shapes) > len(arrays):
+            raise ValueError(f"[{o.name}] takes {len(arrays)} arrays, got {len(ex.shapes)} shapes")
+        for i, (shape, a) in enumerate(zip(ex.shapes, arrays)):
+            if tuple(a.shape) != tuple(shape):
+                raise ValueError(
+                    f"[{o.name}] --shape {'x'.join(map(str, shape))} does not fit its array "
+                    f"argument {i + 1}, which the op makes {'x'.join(map(str, a.shape))}"
+                )
+        o.problem(*call)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    return call
 
 
 def _url(args) -> str:
@@ -345,6 +366,7 @@ def cmd_tune(args) -> int:
         if len(selected) != 1 or not args.op:
             raise UsageError("--shape tunes one problem of one --op")
         work = [(selected[0], _example(args))]
+        _call(*work[0])
     elif args.recorded:
         with_hits = _open(args, create=True)
         try:
@@ -553,13 +575,9 @@ def cmd_explain(args) -> int:
     o = _ops([args.op_name])[0]
     if not args.shape:
         raise UsageError("explain needs --shape for each array argument")
-    ex = _example(args)
-    try:
-        call = o.example(ex.shapes, parse_dtype(ex.dtype), mx.random.key(0), **dict(ex.options))
-        with _user_database(args.db):
-            decision = dispatch.choose(o, o.problem(*call))
-    except (ValueError, TypeError) as e:
-        raise UsageError(str(e)) from None
+    call = _call(o, _example(args))
+    with _user_database(args.db):
+        decision = dispatch.choose(o, o.problem(*call))
     if args.json:
         print(json.dumps(decision.to_dict(), sort_keys=True))
     else:
