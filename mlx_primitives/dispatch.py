@@ -23,6 +23,7 @@ import mlx.core as mx
 
 from . import recording, store
 from .hardware import current_backend, detect_chip
+from .hardware.chip import slug_backend
 from .problem import DTYPES, Problem, Unmodelled, parse_dtype
 from .store import shipped
 from .tuning_record import RecordError, TuningRecord
@@ -374,10 +375,14 @@ def _probe(op: Op, problem: Problem, fn: Callable) -> None:
         raise RuntimeError(f"probe failed: {result.reason}")
 
 
-def choose(op: Op, problem: Problem) -> Decision:
-    """Decide which variant serves ``problem`` on the current back-end."""
-    backend = current_backend()
-    chip = detect_chip(backend).slug
+def choose(op: Op, problem: Problem, chip: str | None = None) -> Decision:
+    """Decide which variant serves ``problem`` on the current back-end, or on ``chip`` (a
+    slug: what its records decide there, as ``mlxp-tune hits --chip`` shows)."""
+    if chip is None:
+        backend = current_backend()
+        chip = detect_chip(backend).slug
+    else:
+        backend = slug_backend(chip)
 
     def decision(variant: str, params: dict, source: str, reason: str) -> Decision:
         return Decision(op.name, problem.key, variant, params, source, reason, chip)

@@ -145,3 +145,15 @@ def test_a_database_that_cannot_store_the_counts_never_stops_the_program(tmp_pat
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     assert "the counts were not stored" in done.stderr
+
+
+def test_hits_of_another_chip_show_that_chips_decision(user_db, open_db, capsys):
+    """`hits --chip` lists what that chip's records decide (here the shipped H200 database's
+    kernel for a bfloat16 gate), not this machine's."""
+    problem = "swiglu|bfloat16|rows=16384,dims=14336"
+    db = open_db()
+    db.add_hits("nvidia-h200", {("swiglu", problem): 3})
+    db.close()
+    assert cli(["hits", "--chip", "nvidia-h200", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert (row["problem"], row["variant"], row["source"]) == (problem, "blocked", "pretuned")

@@ -261,8 +261,9 @@ def _result(outcome: Outcome, seconds: float) -> str:
 
 
 def _hits(db: TuningDB, chip: str) -> list[dict]:
-    """The chip's recorded problems, each with its op, problem and current decision (with
-    ``db`` as the user database); problems of ops or dims this version lacks left out."""
+    """The chip's recorded problems, each with its op, problem and current decision on that
+    chip (with ``db`` as the user database); problems of ops or dims this version lacks left
+    out."""
     rows = []
     with _user_database(db.url):
         for hit in db.hits(chip):
@@ -271,9 +272,8 @@ def _hits(db: TuningDB, chip: str) -> list[dict]:
                 problem = Problem.parse(hit["problem"], o.dims)
             except (KeyError, ValueError):
                 continue
-            rows.append(
-                {**hit, "op_": o, "problem_": problem, "decision": dispatch.choose(o, problem)}
-            )
+            decision = dispatch.choose(o, problem, chip)
+            rows.append({**hit, "op_": o, "problem_": problem, "decision": decision})
     return rows
 
 
