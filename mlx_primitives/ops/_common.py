@@ -42,17 +42,22 @@ def check_array(op: str, name: str, x, *, min_ndim: int = 1) -> tuple[str, tuple
     return dtype, shape
 
 
+# What check_vector and check_real return for a value MLX's op takes and the variants do not
+# model: the problem function then raises Unmodelled, once every argument passed its checks.
+MLX_ONLY = "mlx only"
+
+
 def check_vector(op: str, name: str, v, size: int, *, mlx_takes_any: bool = False) -> str:
     """``v`` is None or a floating vector of ``size`` elements; returns its dtype's name, or
     "none": a problem value where kernels are built per dtype of each argument and per
     argument present (selective_scan keeps only whether it is present). With
-    ``mlx_takes_any``, a vector of another dtype is :class:`Unmodelled` (MLX's op takes it)."""
+    ``mlx_takes_any``, a vector of another dtype gives :data:`MLX_ONLY`."""
     if v is None:
         return "none"
     if mlx_takes_any and isinstance(v, mx.array) and v.dtype not in _NAMES:
         if v.shape != (size,):
             raise ValueError(f"[{op}] {name} has shape {v.shape}, expected ({size},)")
-        raise Unmodelled(f"[{op}] the variants model a floating {name}, got {v.dtype}")
+        return MLX_ONLY
     dtype, shape = check_array(op, name, v)
     if shape != (size,):
         raise ValueError(f"[{op}] {name} has shape {shape}, expected ({size},)")
@@ -73,22 +78,30 @@ def check_same(op: str, a_name: str, a, b_name: str, b) -> tuple[str, tuple]:
 
 def check_real(
     op: str, name: str, value, *, positive: bool = False, mlx_takes_any: bool = False
-) -> float:
+) -> float | str:
     """A finite real number (not a bool), >= 0 (or > 0 when ``positive``). With
-    ``mlx_takes_any``, another real number is :class:`Unmodelled` (MLX's op takes it)."""
+    ``mlx_takes_any``, another real number (a bool too) gives :data:`MLX_ONLY`."""
     # float and int first: the ABC check below costs more than the rest of a call's checks.
     if type(value) is float and 0 <= value < math.inf and (value > 0 or not positive):
         return value
     if not isinstance(value, Real) or (isinstance(value, bool) and not mlx_takes_any):
         raise TypeError(f"[{op}] {name} must be a real number, got {type(value).__name__}")
-    kind = "positive" if positive else "non-negative"
     if isinstance(value, bool):  # MLX takes it as a number
-        raise Unmodelled(f"[{op}] {name} must be a finite {kind} number, got {value}")
+        return MLX_ONLY
     value = float(value)
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        error = Unmodelled if mlx_takes_any else ValueError
-        raise error(f"[{op}] {name} must be a finite {kind} number, got {value}")
+        if mlx_takes_any:
+            return MLX_ONLY
+        kind = "positive" if positive else "non-negative"
+        raise ValueError(f"[{op}] {name} must be a finite {kind} number, got {value}")
     return value
+
+
+def mlx_only(op: str, *checked) -> None:
+    """Raise :class:`Unmodelled` where a check gave :data:`MLX_ONLY` (MLX's op serves the
+    call)."""
+    if MLX_ONLY in checked:
+        raise Unmodelled(f"[{op}] a value the variants do not model: MLX's op serves it")
 
 
 def check_int(op: str, name: str, value, *, minimum: int | None = None) -> int:

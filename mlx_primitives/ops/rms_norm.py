@@ -12,6 +12,7 @@ from ._common import (
     check_array,
     check_real,
     check_vector,
+    mlx_only,
     mlx_variants,
     norm_dtype,
     random,
@@ -28,7 +29,7 @@ def _problem(x, weight, eps):
     dtype, shape = check_array(NAME, "x", x)
     n = shape[-1]
     weight_dtype = check_vector(NAME, "weight", weight, n, mlx_takes_any=True)
-    check_real(NAME, "eps", eps, mlx_takes_any=True)
+    mlx_only(NAME, weight_dtype, check_real(NAME, "eps", eps, mlx_takes_any=True))
     return dtype, (bucket(x.size // n), n, weight_dtype)
 
 

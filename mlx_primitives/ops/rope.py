@@ -23,6 +23,7 @@ from ._common import (
     check_int,
     check_real,
     check_vector,
+    mlx_only,
     mlx_variants,
     random,
 )
@@ -79,13 +80,14 @@ def _problem(x, dims, traditional, base, scale, offset, freqs, layout):
     if dims % 2 or dims > head_dim:
         raise ValueError(f"[{NAME}] dims must be even and at most {head_dim}, got {dims}")
     check_bool(NAME, "traditional", traditional)
-    check_real(NAME, "scale", scale, mlx_takes_any=True)
+    checked = [check_real(NAME, "scale", scale, mlx_takes_any=True)]
     if (base is None) == (freqs is None):
         raise ValueError(f"[{NAME}] give exactly one of base and freqs")
     if base is not None:
-        check_real(NAME, "base", base, positive=True, mlx_takes_any=True)
-    check_vector(NAME, "freqs", freqs, dims // 2, mlx_takes_any=True)
+        checked.append(check_real(NAME, "base", base, positive=True, mlx_takes_any=True))
+    checked.append(check_vector(NAME, "freqs", freqs, dims // 2, mlx_takes_any=True))
     _check_offset(offset, shape[0])
+    mlx_only(NAME, *checked)
     if layout == "BHSD":
         seq, heads = shape[-2], math.prod(shape[1:-2])
     else:
