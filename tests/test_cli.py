@@ -155,7 +155,10 @@ def test_usage_errors_exit_2(capsys, argv, message):
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    if argv[0] != "frobnicate":  # the command's own usage line
+        assert err.startswith(f"usage: mlxp-tune {argv[0]} "), err
 
 
 def test_a_path_that_cannot_be_written_is_an_error_not_a_traceback(capsys, tmp_path):

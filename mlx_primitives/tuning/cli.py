@@ -788,6 +788,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"mlx-primitives {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", help="one of: " + ", ".join(COMMANDS))
+    p.commands = sub.choices  # each command's parser: its usage goes with its errors
 
     def add(name, help_, db=True):
         sp = sub.add_parser(name, help=help_, description=help_)
@@ -954,7 +955,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return HANDLERS[args.command](args)
     except UsageError as e:
-        parser.error(str(e))
+        parser.commands.get(args.command, parser).error(str(e))
     except DatabaseError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
