@@ -248,3 +248,32 @@ def test_url_env(monkeypatch, tmp_path):
     assert database.url_path("sqlite://") is None
     assert database.exists("postgresql://fleet/db")  # another engine: may be there
     assert not database.exists(database.path_url(tmp_path / "none.sqlite"))
+
+
+def test_a_database_in_a_folder_this_user_cannot_write_is_read(tmp_path):
+    """A shared install, its folder read-only to the user: `show` reads its records (SQLite's
+    WAL would need to make files beside it). As root, run without the capabilities that let
+    root write anywhere."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    db = database.TuningDB(str(folder / "t.sqlite"))
+    db.put(_rec())
+    db.close()
+    folder.chmod(0o555)
+    command = [sys.executable, "-m", "mlx_primitives.tuning.cli", "show", "--chip", "all"]
+    if os.geteuid() == 0:
+        assert shutil.which("setpriv"), "setpriv (util-linux) drops root's capabilities here"
+        caps = "-dac_override,-dac_read_search"
+        command = ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", *command]
+    env = {**os.environ, "MLXP_TUNING_DB": str(folder / "t.sqlite")}
+    try:
+        done = subprocess.run([*command, "--json"], env=env, capture_output=True, text=True)
+    finally:
+        folder.chmod(0o755)
+    assert done.returncode == 0, done.stderr
+    assert _rec().problem in done.stdout

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sqlite3
 import time
 import warnings
@@ -190,6 +191,10 @@ def _writer_begin(conn):
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def _writable(folder) -> bool:
+    return os.access(folder, os.W_OK)
+
+
 def _guard(method):
     """Turn any SQLAlchemy or sqlite error of ``method`` into a DatabaseError with advice."""
 
@@ -272,13 +277,19 @@ class TuningDB:
         self.url = as_url(url)
         self.shown = shown_url(self.url)
         path = url_path(self.url)
+        # A file in a folder this process cannot write (a shared install) is read as it is:
+        # SQLite's WAL would need to make files beside it. Its writes fail.
+        self.read_only = (
+            not create and path is not None and path.exists() and not _writable(path.parent)
+        )
         try:
             if path is not None and not path.exists():
                 if not create:
                     raise DatabaseError(f"no tuning database at {path}")
                 path.parent.mkdir(parents=True, exist_ok=True)
             args = connect_args(make_url(self.url).get_backend_name())
-            self.engine = self._writer = create_engine(self.url, connect_args=args)
+            read = f"sqlite:///file:{path}?immutable=1&uri=true" if self.read_only else self.url
+            self.engine = self._writer = create_engine(read, connect_args=args)
         except ImportError as e:  # the URL's driver is not installed
             raise DatabaseError(
                 f"cannot open a tuning database at {self.shown}: {e} (PostgreSQL needs the fleet "
@@ -286,7 +297,7 @@ class TuningDB:
             ) from e
         except (OSError, SQLAlchemyError) as e:
             raise DatabaseError(f"cannot open a tuning database at {self.shown}: {e}") from e
-        if self.engine.dialect.name == "sqlite" and path is not None:
+        if self.engine.dialect.name == "sqlite" and path is not None and not self.read_only:
             event.listen(self.engine, "connect", _on_connect)
             self._writer = create_engine(self.url, connect_args=args)
             event.listen(self._writer, "connect", _writer_connect)
