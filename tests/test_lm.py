@@ -291,6 +291,39 @@ def test_swiglu_is_served_where_models_call_it_and_mx_fast_left_as_the_user_had_
     mp.unpatch_mlx()
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "llama"])
+def test_layers_replaced_while_patched_are_unpatched_to_mlx_lms(family):
+    """nn.quantize on a patched model makes quantized layers of this library's from its
+    swapped-in ones: unpatch makes them mlx-lm's and MLX's (not the float originals, holding
+    packed weights), and the model gives the same logits."""
+    model = _model(family, quantized=False)
+    lm.patch(model)
+    nn.quantize(model, 64, 4)
+    prompt = mx.array([[5, 17, 3]])
+    want = model(prompt)
+    lm.unpatch(model)
+    assert not any(
+        type(m).__module__.startswith("mlx_primitives") for _, m in model.named_modules()
+    )
+    np.testing.assert_allclose(np.array(model(prompt)), np.array(want), atol=1e-5)
+
+
+def test_lora_takes_a_patched_quantized_model():
+    """mp.QuantizedLinear is an nn.QuantizedLinear, so mlx-lm's LoRA converts it; a LoRA
+    wrapper put in while patched stays after unpatch, and the model still runs."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model = _model("llama", quantized=True)
+    lm.patch(model)
+    linear_to_lora_layers(model, 2, {"rank": 4, "scale": 10.0, "dropout": 0.0,
+                                     "keys": ["self_attn.q_proj"]})  # fmt: skip
+    prompt = mx.array([[5, 17, 3]])
+    want = model(prompt)
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "LoRALinear"
+    lm.unpatch(model)
+    np.testing.assert_allclose(np.array(model(prompt)), np.array(want), atol=1e-5)
+
+
 def test_a_patched_swiglu_takes_what_mlx_lms_takes(served):
     """mlx-lm's swiglu broadcasts and promotes: Mamba-2's gated norm multiplies a float32
     output (its skip weights kept in float32) by a bfloat16 gate. Patched, with the calls

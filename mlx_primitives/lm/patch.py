@@ -48,6 +48,9 @@ DROP_INS = {
     lm_switch.SwitchMLP: switch.SwitchMLP,
     lm_switch.SwiGLU: switch._SwiGLU,  # then a decoding SwitchGLU runs as one compiled call
 }
+# The mlx-lm or MLX class each of this library's layers is a drop-in for: what unpatch makes of a
+# layer of ours that replaced a swapped one while patched (nn.quantize makes ours from ours).
+THEIRS = {ours: theirs for theirs, ours in DROP_INS.items()} | {QuantizedLinear: nn.QuantizedLinear}
 # The functions mlx-lm's model modules import by name: mlx-lm's own (as imported here) and
 # ours. The modules that define them are never patched (models imported later would take the
 # replacement from them).
@@ -154,7 +157,7 @@ def _swap_in(holder, slot, value, swaps: list, report: PatchReport) -> None:
                 report.left[name] = why
             return
         holder[slot] = _adopt(cls, value)
-        swaps.append((holder, slot, value))
+        swaps.append((holder, slot, value, holder[slot]))
         report.swapped[name] = report.swapped.get(name, 0) + 1
     elif isinstance(value, dict):
         for key, item in list(value.items()):
@@ -205,7 +208,7 @@ def patch(model: nn.Module) -> PatchReport:
             _GLOBALS[key] = (original, count + 1)
             setattr(mod, attr, ours)
             report.functions.append(f"{name}.{attr}")
-            swaps.append((None, key, None))
+            swaps.append((None, key, None, None))
     if any(type(m) is nn.Linear for _, m in model.named_modules()):
         report.left["Linear"] = "float weights: MLX's matmul serves them"
     report.left["quantized KV cache"] = (
@@ -224,13 +227,15 @@ def patch(model: nn.Module) -> PatchReport:
 
 def unpatch(model: nn.Module) -> None:
     """Undo :func:`patch`: the original layers back in ``model``, holding the arrays the
-    swapped-in ones hold now; the functions back to mlx-lm's and MLX's once no patched model
-    is left (``mx.fast`` stays patched if it was before the first :func:`patch`). A model
-    never patched is left as is. A patched model is referenced until it is unpatched."""
+    swapped-in ones hold now (a layer of this library's that replaced one while patched, as
+    ``nn.quantize`` makes them, becomes mlx-lm's or MLX's class; anything else put there
+    stays); the functions back to mlx-lm's and MLX's once no patched model is left
+    (``mx.fast`` stays patched if it was before the first :func:`patch`). A model never
+    patched is left as is. A patched model is referenced until it is unpatched."""
     entry = _PATCHED.pop(id(model), None)
     if entry is None:
         return
-    for holder, slot, original in reversed(entry[1]):
+    for holder, slot, original, installed in reversed(entry[1]):
         if holder is None:  # a module's function
             fn, count = _GLOBALS[slot]
             if count == 1:
@@ -239,8 +244,12 @@ def unpatch(model: nn.Module) -> None:
             else:
                 _GLOBALS[slot] = (fn, count - 1)
             continue
-        # What changed while patched (loaded or trained weights) stays.
-        dict.update(original, holder[slot])
-        holder[slot] = original
+        now = holder[slot]
+        if now is installed:  # what changed while patched (loaded or trained weights) stays
+            dict.update(original, now)
+            holder[slot] = original
+        elif type(now) in THEIRS:  # replaced while patched by another of ours (nn.quantize)
+            holder[slot] = _adopt(THEIRS[type(now)], now)
+        # Anything else put there while patched (a LoRA wrapper) is the program's: it stays.
     if not _PATCHED and _FAST["ours"]:
         fast.unpatch_mlx()

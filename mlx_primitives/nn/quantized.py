@@ -15,11 +15,12 @@ from ..ops.quantized_matmul import MLX_QUANTIZED_MATMUL, MODES, OP, quantized_ma
 _ROUTES = Routes(MLX_QUANTIZED_MATMUL)
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(nn.QuantizedLinear):
     """An affine map with a quantized weight matrix, ``x @ W.T + bias``, ``W`` packed as by
     ``mx.quantize``. Its parameters have the names and shapes of ``mlx.nn.QuantizedLinear``'s
     (``weight``, ``scales``, ``biases``, ``bias``), so that weights saved from one load into
-    the other; like it, the layer is frozen.
+    the other; like it, the layer is frozen. A subclass of it, so that code that asks whether
+    a layer is quantized (mlx-lm's LoRA) finds it is.
 
     Args:
         input_dims: the input's features.
@@ -39,7 +40,7 @@ class QuantizedLinear(nn.Module):
         bits: int | None = None,
         mode: str = "affine",
     ):
-        super().__init__()
+        nn.Module.__init__(self)  # the parameters as nn.QuantizedLinear makes them, our errors
         if mode not in MODES:
             raise ValueError(f"[QuantizedLinear] mode must be one of {list(MODES)}, got {mode!r}")
         default_group_size, default_bits = MODES[mode]
