@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import platform
-from datetime import datetime, timezone
 
 import mlx.core as mx
 
-import mlx_primitives as mp
 from mlx_primitives import dispatch
 from mlx_primitives.dialect import inference_mode
-from mlx_primitives.hardware import current_backend, detect_chip
 from mlx_primitives.problem import parse_dtype
 from mlx_primitives.registry import Example, ops
 from mlx_primitives.store.database import TuningDB, default_user_url, exists
@@ -59,21 +55,13 @@ MEASURED: dict = {}
 def header(suite: str) -> dict:
     """What every result file starts with: the suite and what it measures (its docstring), the
     device, the versions, the date and the timing method."""
-    backend = current_backend()
-    chip = detect_chip(backend)
     about = importlib.import_module(f"benchmarks.suites.{suite}").__doc__ or ""
     MEASURED.clear()
     MEASURED.update(rows=[])
     MEASURED["header"] = {
         "suite": suite,
         "about": inspect.cleandoc(about),
-        "device": chip.name,
-        "chip": chip.to_dict(),
-        "backend": backend,
-        "mlx_version": mx.__version__,
-        "package_version": mp.__version__,
-        "python": platform.python_version(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **timing.measured_on(),
         "method": METHOD,
     }
     return MEASURED["header"]  # the same dict: what a suite adds to it (a ceiling) is kept

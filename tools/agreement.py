@@ -18,11 +18,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import subprocess
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
 # A busy process: spins until its parent is gone (a killed tool leaves none behind).
@@ -45,23 +43,12 @@ def loaded(processes: int):
 
 def header(preset: str, load: int) -> dict:
     """What the result file says of the run: the device, the versions, the date, the load."""
-    import mlx.core as mx
+    from mlx_primitives.tuning.timing import measured_on
 
-    import mlx_primitives as mp
-    from mlx_primitives.hardware import current_backend, detect_chip
-
-    backend = current_backend()
-    chip = detect_chip(backend)
     return {
         "suite": "agreement",
         "about": __doc__.strip().splitlines()[0],
-        "device": chip.name,
-        "chip": chip.to_dict(),
-        "backend": backend,
-        "mlx_version": mx.__version__,
-        "package_version": mp.__version__,
-        "python": platform.python_version(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **measured_on(),
         "preset": preset,
         "load": load,
     }

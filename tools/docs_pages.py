@@ -234,6 +234,13 @@ def _us(seconds: float) -> str:
     return f"{seconds * 1e6:.2f} us"
 
 
+def _source(name: str, data: dict, *versions: str) -> str:
+    """Where a page's figures come from: MLX's version (and ``versions``), the date and the
+    result file, linked."""
+    made = ", ".join([f"MLX {data['mlx_version']}", *versions, data["date"][:10]])
+    return f"{made}, [`{name}`](../../benchmarks/results/{name})"
+
+
 def _host_parts(data: dict) -> str:
     if "device_read_s" not in data:
         return ""
@@ -267,9 +274,7 @@ def overhead_page(results: dict[str, dict], names: list[str]) -> str:
             "",
             f"## {_device(data)}",
             "",
-            f"MLX {data['mlx_version']}, {data['date'][:10]}, "
-            f"[`{name}`](../../benchmarks/results/{name}); goal: at most "
-            f"{_us(rows[0]['goal_s'])}.{_host_parts(data)}",
+            f"{_source(name, data)}; goal: at most {_us(rows[0]['goal_s'])}.{_host_parts(data)}",
             "",
             "| op | call | served by | through the library | the variant alone | overhead |",
             "|---|---|---|---|---|---|",
@@ -296,9 +301,7 @@ def overhead_page(results: dict[str, dict], names: list[str]) -> str:
             "",
             f"### {_device(data)}",
             "",
-            f"MLX {data['mlx_version']}, {data['date'][:10]}, "
-            f"[`{name}`](../../benchmarks/results/{name}); goal: at most "
-            f"{_us(rows[0]['goal_s'])}.",
+            f"{_source(name, data)}; goal: at most {_us(rows[0]['goal_s'])}.",
             "",
             "| op | off | on | recording |",
             "|---|---|---|---|",
@@ -344,8 +347,7 @@ def agreement_page(results: dict[str, dict], names: list[str]) -> str:
             "",
             f"## {_device(data)}",
             "",
-            f"MLX {data['mlx_version']}, {data['date'][:10]}, "
-            f"[`{name}`](../../benchmarks/results/{name}); preset `{data['preset']}`, "
+            f"{_source(name, data)}; preset `{data['preset']}`, "
             f"{data['load']} busy process{'es' if data['load'] != 1 else ''} beside.",
             "",
             f"**{same} of {data['problems']} problems decided by both runs got the same winner "
@@ -382,8 +384,7 @@ def model_page(results: dict[str, dict], names: list[str]) -> str:
             "",
             f"## {_device(data)}",
             "",
-            f"MLX {data['mlx_version']}, mlx-lm {data['mlx_lm_version']}, {data['date'][:10]}, "
-            f"[`{name}`](../../benchmarks/results/{name}). {data['method']}.",
+            _source(name, data, f"mlx-lm {data['mlx_lm_version']}") + f". {data['method']}.",
         ]
         if data.get("stopped"):
             lines += ["", f"**Stopped** before its end ({data['stopped']}): the rows it measured."]

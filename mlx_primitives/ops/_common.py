@@ -65,7 +65,7 @@ def check_vector(op: str, name: str, v, size: int, *, mlx_takes_any: bool = Fals
 
 
 def check_same(op: str, a_name: str, a, b_name: str, b) -> tuple[str, tuple]:
-    """Two arrays of one shape and dtype (gated activations); returns the dtype's name and
+    """Two arrays of one shape and dtype (a linear scan's); returns the dtype's name and
     the shape."""
     dtype, shape = check_array(op, a_name, a)
     b_dtype, b_shape = check_array(op, b_name, b)

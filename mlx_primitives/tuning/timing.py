@@ -14,11 +14,14 @@ runs.
 
 from __future__ import annotations
 
+import platform
 import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Any
 
 import mlx.core as mx
 
@@ -264,3 +267,22 @@ def paired(timings: Sequence[Timing]) -> list[Timing]:
 def bench(fn: Callable, args: tuple, kwargs: dict | None = None, **options) -> Timing:
     """Time ``fn(*args, **kwargs)`` alone; ``options`` as for :func:`bench_many`."""
     return bench_many([(fn, args, kwargs or {})], **options)[0]
+
+
+def measured_on() -> dict[str, Any]:
+    """What a result file says of where it was measured: the device and its chip on the
+    current back-end, the versions of MLX, this package and Python, and the time (UTC)."""
+    from .. import __version__
+    from ..hardware import current_backend, detect_chip
+
+    backend = current_backend()
+    chip = detect_chip(backend)
+    return {
+        "device": chip.name,
+        "chip": chip.to_dict(),
+        "backend": backend,
+        "mlx_version": mx.__version__,
+        "package_version": __version__,
+        "python": platform.python_version(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
